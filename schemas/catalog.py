@@ -1,0 +1,123 @@
+"""The topic catalog: the single source of truth for names, keys, partitions, retention,
+cleanup policy and the event types each topic carries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from schemas import events as ev
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    key: str
+    partitions: int
+    retention_ms: int  # -1: keep forever
+    cleanup: Literal["delete", "compact"]
+    events: tuple[type[ev.Event], ...]
+    description: str
+    extra_config: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> dict[str, str]:
+        return {
+            "cleanup.policy": self.cleanup,
+            "retention.ms": str(self.retention_ms),
+            **self.extra_config,
+        }
+
+
+# Event topics keep a year of history so auditors can replay; the request topic holds
+# encrypted images and lives one hour; DLQs live a week, long enough for an operator.
+_EVENT_RETENTION = 365 * DAY_MS
+
+PROBE_REQUESTS = Topic(
+    "frs.probe.requests", "request_id", 3, HOUR_MS, "delete", (ev.ProbeRequested,),
+    "Upstream submissions; the image is encrypted to the intake's key.",
+)
+PROBE_EVENTS = Topic(
+    "frs.probe.events", "probe_id", 3, _EVENT_RETENTION, "delete",
+    (ev.ProbeSubmitted, ev.ProbeRejected, ev.ImagePurged),
+    "Intake outcomes and image purges.",
+)
+POLICY_DECISIONS = Topic(
+    "frs.policy.decisions", "probe_id", 3, _EVENT_RETENTION, "delete",
+    (ev.PolicyCleared, ev.PolicyDenied, ev.SupervisorReviewRecorded, ev.ExigentReviewOverdue),
+    "Policy decisions per probe and provider, and exigent-path reviews.",
+)
+DISPATCH_EVENTS = Topic(
+    "frs.dispatch.events", "probe_id", 3, _EVENT_RETENTION, "delete",
+    (ev.ProviderDispatched, ev.DispatchFailed),
+    "Sends to providers and failed sends.",
+)
+PROVIDER_RESPONSES = Topic(
+    "frs.provider.responses", "probe_id", 3, 7 * DAY_MS, "delete", (ev.ProviderAnswered,),
+    "Raw provider answers from every inbound channel, before normalization.",
+)
+RESULTS_EVENTS = Topic(
+    "frs.results.events", "probe_id", 3, _EVENT_RETENTION, "delete",
+    (
+        ev.CandidatesReceived, ev.ProviderResponseRejected, ev.NoResponse, ev.ProbeSettled,
+        ev.ReviewRequested, ev.ReviewCompleted, ev.DeletionConfirmed, ev.DeletionOverdue,
+    ),
+    "Provider answers, settlement, examiner review and deletion receipts.",
+)
+AUDIT_CHECKPOINTS = Topic(
+    "frs.audit.checkpoints", "origin", 1, -1, "delete", (ev.CheckpointPublished,),
+    "Signed tree heads of the audit log (C2SP tlog-checkpoint).",
+)
+AUDIT_VIOLATIONS = Topic(
+    "frs.audit.violations", "probe_id", 1, -1, "delete", (ev.ComplianceViolation,),
+    "Compliance invariant violations found by the audit service.",
+)
+_COMPACT = {"min.compaction.lag.ms": "0", "segment.ms": str(HOUR_MS)}
+REGISTRY_CASES = Topic(
+    "frs.registry.cases", "case_id", 1, -1, "compact", (ev.CaseRecord,),
+    "Case management view: status and ROI references.", _COMPACT,
+)
+REGISTRY_AGENTS = Topic(
+    "frs.registry.agents", "agent_id", 1, -1, "compact", (ev.AgentRecord,),
+    "Agents, roles and training currency.", _COMPACT,
+)
+REGISTRY_PROVIDERS = Topic(
+    "frs.registry.providers", "provider_id", 1, -1, "compact", (ev.ProviderRecord,),
+    "Approved providers, jurisdictions, transports and status.", _COMPACT,
+)
+
+SERVICES = ("intake", "policy", "dispatch", "results", "audit")
+
+
+def dlq_topic(service: str) -> Topic:
+    return Topic(
+        f"frs.dlq.{service}", "original key", 1, 7 * DAY_MS, "delete", (),
+        f"Messages the {service} consumer could not process, with error headers.",
+    )
+
+
+DLQ_TOPICS: tuple[Topic, ...] = tuple(dlq_topic(s) for s in SERVICES)
+
+TOPICS: tuple[Topic, ...] = (
+    PROBE_REQUESTS,
+    PROBE_EVENTS,
+    POLICY_DECISIONS,
+    DISPATCH_EVENTS,
+    PROVIDER_RESPONSES,
+    RESULTS_EVENTS,
+    AUDIT_CHECKPOINTS,
+    AUDIT_VIOLATIONS,
+    REGISTRY_CASES,
+    REGISTRY_AGENTS,
+    REGISTRY_PROVIDERS,
+    *DLQ_TOPICS,
+)
+
+TOPIC_BY_NAME: dict[str, Topic] = {t.name: t for t in TOPICS}
+TOPIC_FOR_EVENT: dict[type[ev.Event], Topic] = {e: t for t in TOPICS for e in t.events}
+
+
+def topic_for(event: ev.Event) -> Topic:
+    return TOPIC_FOR_EVENT[type(event)]

@@ -1,0 +1,497 @@
+"""Every event on the bus, as frozen pydantic models.
+
+Each model's ``TYPE`` is its versioned CloudEvents type; the topic it travels on is in
+``schemas.catalog``. Events are keyed by probe id (``partition_key``) so one probe's
+events stay ordered on one partition. No event carries image bytes in clear: only
+``ProbeRequested`` carries an image, encrypted to the intake's public key.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.types import (
+    AgentId,
+    CaseId,
+    ImageSource,
+    NonEmptyText,
+    OutboundField,
+    ProbeId,
+    ProviderId,
+    ProviderKind,
+    Purpose,
+    RequestId,
+    RoiRef,
+    Score,
+    Sha256Hex,
+    StateCode,
+    Transport,
+    UtcDatetime,
+    utcnow,
+)
+
+LeadMarking = Literal["INVESTIGATIVE LEAD ONLY - NOT A POSITIVE IDENTIFICATION"]
+LEAD_MARKING: LeadMarking = "INVESTIGATIVE LEAD ONLY - NOT A POSITIVE IDENTIFICATION"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Event(Model):
+    """Base of every event: versioned, immutable, strict."""
+
+    TYPE: ClassVar[str]
+    schema_version: Literal[1] = 1
+
+    def partition_key(self) -> str:
+        return str(getattr(self, "probe_id"))  # noqa: B009 - every event but registries has one
+
+
+# --- intake -------------------------------------------------------------------------
+
+
+class EncryptedImage(Model):
+    """Hybrid encryption to the intake's X25519 key: HKDF-SHA256, then AES-256-GCM."""
+
+    scheme: Literal["x25519-hkdf-sha256-aes256gcm"] = "x25519-hkdf-sha256-aes256gcm"
+    key_id: str = Field(max_length=64)
+    ephemeral_public_key: str = Field(description="base64 raw X25519 public key")
+    nonce: str = Field(description="base64 12-byte GCM nonce")
+    ciphertext: str = Field(description="base64 AES-256-GCM ciphertext with tag")
+
+
+class ProbeRequested(Event):
+    TYPE: ClassVar[str] = "frs.probe.requested.v1"
+    request_id: RequestId
+    case_id: CaseId
+    agent_id: AgentId
+    purpose: Purpose
+    roi_refs: list[RoiRef] = Field(max_length=50)
+    image_source: ImageSource
+    nexus: list[StateCode] = Field(default_factory=list, max_length=60)
+    exigent: bool = False
+    exigent_justification: NonEmptyText | None = None
+    exigent_bypass: list[str] = Field(default_factory=list, max_length=20)
+    unedited_attestation: bool
+    review_required: bool = False
+    image: EncryptedImage
+    requested_at: UtcDatetime = Field(default_factory=utcnow)
+
+    def partition_key(self) -> str:
+        return self.request_id
+
+
+class QualityReport(Model):
+    width: int = Field(ge=0)
+    height: int = Field(ge=0)
+    faces_found: int = Field(ge=0)
+    largest_face_px: int = Field(ge=0)
+    sharpness: float = Field(ge=0.0, description="variance of the Laplacian")
+    exposure: float = Field(ge=0.0, le=1.0, description="mean luminance, 0..1")
+    passed: bool
+    failures: list[str] = Field(default_factory=list)
+
+
+class ProbeSubmitted(Event):
+    TYPE: ClassVar[str] = "frs.probe.submitted.v1"
+    probe_id: ProbeId
+    request_id: RequestId
+    case_id: CaseId
+    agent_id: AgentId
+    purpose: Purpose
+    roi_refs: list[RoiRef]
+    image_source: ImageSource
+    nexus: list[StateCode]
+    exigent: bool
+    exigent_justification: NonEmptyText | None = None
+    exigent_bypass: list[str] = Field(default_factory=list)
+    unedited_attestation: bool
+    review_required: bool = False
+    vault_ref: str
+    image_format: Literal["jpeg", "png"]
+    received_sha256: Sha256Hex
+    sanitized_sha256: Sha256Hex
+    quality: QualityReport | None = None
+    expires_at: UtcDatetime
+    submitted_at: UtcDatetime
+
+
+class RejectReason(StrEnum):
+    INVALID_FIELDS = "invalid_fields"
+    UNDECRYPTABLE = "undecryptable"
+    NOT_ATTESTED_UNEDITED = "not_attested_unedited"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    TOO_MANY_BYTES = "too_many_bytes"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    CORRUPT_IMAGE = "corrupt_image"
+    TRUNCATED_IMAGE = "truncated_image"
+    MULTI_FRAME = "multi_frame"
+    POLYGLOT = "polyglot"
+    EMPTY_IMAGE = "empty_image"
+    NO_FACE = "no_face"
+    MULTIPLE_FACES = "multiple_faces"
+    FACE_TOO_SMALL = "face_too_small"
+    TOO_BLURRED = "too_blurred"
+    BAD_EXPOSURE = "bad_exposure"
+
+
+class ProbeRejected(Event):
+    TYPE: ClassVar[str] = "frs.probe.rejected.v1"
+    probe_id: ProbeId
+    request_id: str = Field(max_length=256)
+    reason: RejectReason
+    detail: str = Field(max_length=2000)
+    rejected_at: UtcDatetime = Field(default_factory=utcnow)
+
+
+class PurgeReason(StrEnum):
+    EXPIRED = "expired"
+    CASE_CLOSED = "case_closed"
+
+
+class ImagePurged(Event):
+    TYPE: ClassVar[str] = "frs.image.purged.v1"
+    probe_id: ProbeId
+    vault_ref: str
+    object_kind: Literal["probe", "candidate"] = "probe"
+    reason: PurgeReason
+    expires_at: UtcDatetime
+    purged_at: UtcDatetime
+
+
+# --- policy --------------------------------------------------------------------------
+
+
+class RegistryVersions(Model):
+    """Offsets of the registry topics a decision read: enough to reproduce it."""
+
+    cases: int = -1
+    agents: int = -1
+    providers: int = -1
+
+
+class ClearedProvider(Model):
+    provider_id: ProviderId
+    transport: Transport
+    fields: list[OutboundField]
+
+
+class RuleDenial(Model):
+    rule_id: str
+    message: str
+
+
+class ProviderDenial(Model):
+    provider_id: ProviderId
+    rules: list[RuleDenial]
+
+
+class PolicyCleared(Event):
+    TYPE: ClassVar[str] = "frs.policy.cleared.v1"
+    probe_id: ProbeId
+    case_id: CaseId
+    cleared: list[ClearedProvider] = Field(min_length=1)
+    denied: list[ProviderDenial] = Field(default_factory=list)
+    exigent: bool = False
+    bypassed_rules: list[str] = Field(default_factory=list)
+    review_required: bool = False
+    policy_digest: Sha256Hex
+    registry_versions: RegistryVersions
+    decided_at: UtcDatetime
+
+
+class PolicyDenied(Event):
+    TYPE: ClassVar[str] = "frs.policy.denied.v1"
+    probe_id: ProbeId
+    case_id: CaseId
+    denied: list[ProviderDenial]
+    policy_digest: Sha256Hex
+    registry_versions: RegistryVersions
+    decided_at: UtcDatetime
+
+
+class SupervisorReviewRecorded(Event):
+    TYPE: ClassVar[str] = "frs.exigent.reviewed.v1"
+    probe_id: ProbeId
+    supervisor_id: AgentId
+    approved: bool
+    notes: str = Field(default="", max_length=2000)
+    reviewed_at: UtcDatetime
+
+
+class ExigentReviewOverdue(Event):
+    TYPE: ClassVar[str] = "frs.exigent.review_overdue.v1"
+    probe_id: ProbeId
+    due_at: UtcDatetime
+
+
+# --- dispatch ------------------------------------------------------------------------
+
+
+class ProviderDispatched(Event):
+    TYPE: ClassVar[str] = "frs.provider.dispatched.v1"
+    probe_id: ProbeId
+    provider_id: ProviderId
+    dispatch_id: str
+    transport: Transport
+    fields_sent: list[OutboundField]
+    request_ref: str = Field(description="opaque id the provider answers to")
+    sent_at: UtcDatetime
+    response_due_at: UtcDatetime
+    deletion_due_at: UtcDatetime
+
+
+class DispatchFailure(StrEnum):
+    SUSPENDED = "suspended"
+    UNKNOWN_PROVIDER = "unknown_provider"
+    IMAGE_PURGED = "image_purged"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    PERMANENT_ERROR = "permanent_error"
+    CIRCUIT_OPEN = "circuit_open"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+
+
+class DispatchFailed(Event):
+    TYPE: ClassVar[str] = "frs.dispatch.failed.v1"
+    probe_id: ProbeId
+    provider_id: ProviderId
+    reason: DispatchFailure
+    detail: str = Field(max_length=2000)
+    failed_at: UtcDatetime
+
+
+# --- results -------------------------------------------------------------------------
+
+
+class Candidate(Model):
+    rank: int = Field(ge=1)
+    score: Score
+    score_scale: str = Field(max_length=64)
+    gallery: str = Field(max_length=128)
+    candidate_ref: str = Field(max_length=256)
+    photo_vault_ref: str | None = None
+
+
+class CandidatesReceived(Event):
+    """REQ-LEADS-ONLY: a ranked candidate list is a lead, never an identification."""
+
+    TYPE: ClassVar[str] = "frs.candidates.received.v1"
+    probe_id: ProbeId
+    provider_id: ProviderId
+    channel: Literal["webhook", "email", "rekognition"]
+    candidates: list[Candidate] = Field(max_length=50)
+    threshold: float
+    list_size: int = Field(ge=0, le=50)
+    algorithm: str = Field(max_length=128)
+    algorithm_version: str = Field(max_length=64)
+    mode: Literal["investigative"] = "investigative"
+    lead_marking: LeadMarking = LEAD_MARKING
+    truncated_from: int | None = None
+    received_at: UtcDatetime
+
+    @model_validator(mode="after")
+    def _ranked(self) -> CandidatesReceived:
+        ranks = [c.rank for c in self.candidates]
+        if ranks != sorted(ranks) or len(set(ranks)) != len(ranks):
+            raise ValueError("candidates must be in strictly increasing rank order")
+        return self
+
+
+class ProviderAnswered(Event):
+    """A provider's raw answer, as received on any channel, before normalization.
+
+    Carries the provider's JSON (candidate references and scores), never image bytes:
+    candidate photos go to the vault first and are referenced here."""
+
+    TYPE: ClassVar[str] = "frs.provider.answered.v1"
+    probe_id: ProbeId
+    provider_id: ProviderId
+    channel: Literal["webhook", "email", "rekognition"]
+    payload: dict[str, Any]
+    received_at: UtcDatetime
+
+
+class ProviderResponseRejected(Event):
+    TYPE: ClassVar[str] = "frs.provider_response.rejected.v1"
+    probe_id: ProbeId
+    provider_id: ProviderId
+    reason: str = Field(max_length=64)
+    detail: str = Field(max_length=2000)
+    rejected_at: UtcDatetime
+
+
+class NoResponse(Event):
+    TYPE: ClassVar[str] = "frs.provider.no_response.v1"
+    probe_id: ProbeId
+    provider_id: ProviderId
+    deadline: UtcDatetime
+
+
+class ProbeSettled(Event):
+    TYPE: ClassVar[str] = "frs.probe.settled.v1"
+    probe_id: ProbeId
+    answered: list[ProviderId]
+    failed: list[ProviderId]
+    no_response: list[ProviderId]
+    settled_at: UtcDatetime
+
+
+class ReviewRequested(Event):
+    TYPE: ClassVar[str] = "frs.review.requested.v1"
+    probe_id: ProbeId
+    reason: str = Field(max_length=256)
+    requested_at: UtcDatetime
+
+
+class Conclusion(StrEnum):
+    """REQ-EXAMINER: morphological comparison outcome; still a lead, never an identity."""
+
+    LIKELY_SAME = "likely_same"
+    INCONCLUSIVE = "inconclusive"
+    LIKELY_DIFFERENT = "likely_different"
+
+
+class ExaminerConclusion(Model):
+    provider_id: ProviderId
+    candidate_ref: str
+    conclusion: Conclusion
+    notes: str = Field(default="", max_length=2000)
+
+
+class ReviewCompleted(Event):
+    TYPE: ClassVar[str] = "frs.review.completed.v1"
+    probe_id: ProbeId
+    examiner_id: AgentId
+    conclusions: list[ExaminerConclusion]
+    completed_at: UtcDatetime
+
+
+class DeletionConfirmed(Event):
+    TYPE: ClassVar[str] = "frs.deletion.confirmed.v1"
+    probe_id: ProbeId
+    provider_id: ProviderId
+    confirmed_at: UtcDatetime
+
+
+class DeletionOverdue(Event):
+    TYPE: ClassVar[str] = "frs.deletion.overdue.v1"
+    probe_id: ProbeId
+    provider_id: ProviderId
+    due_at: UtcDatetime
+    provider_suspended: bool = False
+
+
+# --- audit ---------------------------------------------------------------------------
+
+
+class CheckpointPublished(Event):
+    TYPE: ClassVar[str] = "frs.audit.checkpoint.v1"
+    origin: str
+    tree_size: int = Field(ge=0)
+    root_hash: str = Field(description="base64 SHA-256 Merkle root")
+    note: str = Field(description="C2SP signed-note text of the checkpoint")
+    published_at: UtcDatetime
+
+    def partition_key(self) -> str:
+        return self.origin
+
+
+class Invariant(StrEnum):
+    DISPATCH_WITHOUT_CLEARANCE = "dispatch_without_clearance"
+    DISPATCH_AFTER_PURGE = "dispatch_after_purge"
+    IMAGE_PAST_EXPIRY = "image_past_expiry"
+    EXTRA_FIELDS_SENT = "extra_fields_sent"
+    CANDIDATES_WITHOUT_LEAD_MARKING = "candidates_without_lead_marking"
+
+
+class ComplianceViolation(Event):
+    TYPE: ClassVar[str] = "frs.compliance.violation.v1"
+    probe_id: ProbeId
+    invariant: Invariant
+    detail: str = Field(max_length=2000)
+    offending_event_id: str
+    detected_at: UtcDatetime
+
+
+# --- registries (compacted topics, keyed by the entry's own id) ----------------------
+
+
+class CaseRecord(Event):
+    TYPE: ClassVar[str] = "frs.registry.case.v1"
+    case_id: CaseId
+    status: Literal["open", "closed"]
+    offense_category: Purpose
+    roi_refs: list[RoiRef] = Field(default_factory=list)
+    updated_at: UtcDatetime
+
+    def partition_key(self) -> str:
+        return self.case_id
+
+
+class AgentRecord(Event):
+    TYPE: ClassVar[str] = "frs.registry.agent.v1"
+    agent_id: AgentId
+    role: Literal["agent", "supervisor", "examiner"]
+    training_valid_until: UtcDatetime | None = None
+    supervisor_id: AgentId | None = None
+    updated_at: UtcDatetime
+
+    def partition_key(self) -> str:
+        return self.agent_id
+
+
+class ProviderRecord(Event):
+    TYPE: ClassVar[str] = "frs.registry.provider.v1"
+    provider_id: ProviderId
+    name: str = Field(max_length=200)
+    kind: ProviderKind
+    jurisdictions: list[StateCode] = Field(default_factory=list)
+    transport: Transport
+    endpoint: str = Field(max_length=500, description="URL, mailbox or Rekognition collection")
+    status: Literal["active", "suspended"] = "active"
+    attestation_valid_until: UtcDatetime | None = None
+    accuracy_evaluation_ref: str | None = None
+    max_candidates: int = Field(default=20, ge=2, le=50)
+    allowed_purposes: list[Purpose] = Field(default_factory=lambda: list(Purpose))
+    response_deadline_s: int = Field(default=3600, ge=1)
+    deletion_deadline_s: int = Field(default=86400, ge=1)
+    requires_review: bool = False
+    certificate_pem: str | None = Field(default=None, description="S/MIME recipient cert")
+    updated_at: UtcDatetime
+
+    def partition_key(self) -> str:
+        return self.provider_id
+
+
+ALL_EVENTS: tuple[type[Event], ...] = (
+    ProbeRequested,
+    ProbeSubmitted,
+    ProbeRejected,
+    ImagePurged,
+    PolicyCleared,
+    PolicyDenied,
+    SupervisorReviewRecorded,
+    ExigentReviewOverdue,
+    ProviderDispatched,
+    DispatchFailed,
+    ProviderAnswered,
+    CandidatesReceived,
+    ProviderResponseRejected,
+    NoResponse,
+    ProbeSettled,
+    ReviewRequested,
+    ReviewCompleted,
+    DeletionConfirmed,
+    DeletionOverdue,
+    CheckpointPublished,
+    ComplianceViolation,
+    CaseRecord,
+    AgentRecord,
+    ProviderRecord,
+)
+
+EVENTS_BY_TYPE: dict[str, type[Event]] = {e.TYPE: e for e in ALL_EVENTS}

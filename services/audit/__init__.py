@@ -1,0 +1,1 @@
+"""Audit: append-only log of every event, Merkle tree, checkpoints, verifier, replay."""

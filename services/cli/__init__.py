@@ -1,0 +1,1 @@
+"""The frs command-line tool and the client library for upstream systems."""

@@ -1,0 +1,272 @@
+"""The ``frs`` command. Exit codes: 0 success, 1 a finding, 2 misuse.
+
+``--json`` prints machine-readable output on stdout and nothing else; errors go to
+stderr in one line that says what to do."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas.catalog import TOPICS
+from schemas.envelope import Envelope
+from schemas.events import AgentRecord, CaseRecord, Event, ProviderRecord
+from schemas.types import ImageSource, Purpose, probe_id_for
+from services.cli.client import submit_probe
+from services.kit.bus import Publisher, read_topic
+from services.kit.settings import ServiceSettings
+from services.kit.topics import ensure_topics
+
+
+class CliSettings(ServiceSettings):
+    service: str = "cli"
+
+
+class Misuse(Exception):
+    """Wrong arguments or input: exit 2 with a one-line hint."""
+
+
+def _emit(args: argparse.Namespace, payload: Any, human: str) -> None:
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    else:
+        sys.stdout.write(human + "\n")
+
+
+# --- topics ---------------------------------------------------------------------------
+
+
+async def cmd_topics_create(args: argparse.Namespace, settings: CliSettings) -> int:
+    statuses = await ensure_topics(settings.kafka_bootstrap, replication=args.replication)
+    payload = [{"topic": s.name, "action": s.action, "detail": s.detail} for s in statuses]
+    lines = [f"{s.action:8} {s.name} {s.detail}".rstrip() for s in statuses]
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+# --- submit ---------------------------------------------------------------------------
+
+
+async def cmd_submit(args: argparse.Namespace, settings: CliSettings) -> int:
+    image = Path(args.image)
+    if not image.is_file():
+        raise Misuse(f"no such image file: {image}")
+    public_key = Path(args.intake_public_key)
+    if not public_key.is_file():
+        raise Misuse(f"intake public key not found at {public_key}: start the intake first "
+                     "or pass --intake-public-key")
+    try:
+        request = await submit_probe(
+            settings.kafka_bootstrap, public_key, image.read_bytes(),
+            request_id=args.request_id, case_id=args.case, agent_id=args.agent,
+            purpose=Purpose(args.purpose), roi_refs=args.roi, image_source=ImageSource(args.source),
+            nexus=args.nexus, exigent=args.exigent, exigent_justification=args.justification,
+            unedited_attestation=not args.not_unedited, review_required=args.review,
+        )
+    except ValidationError as exc:
+        raise Misuse(f"invalid request: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") \
+            from None
+    payload = {"request_id": request.request_id, "probe_id": probe_id_for(request.request_id)}
+    _emit(args, payload, f"submitted request {payload['request_id']} as probe "
+                         f"{payload['probe_id']}")
+    return 0
+
+
+# --- timeline -------------------------------------------------------------------------
+
+
+def _timeline(
+    records: Sequence[Any], probe_id: str, request_id: str | None
+) -> list[dict[str, Any]]:
+    out = []
+    for raw, decoded in records:
+        if not isinstance(decoded, Envelope):
+            continue
+        if decoded.subject not in {probe_id, request_id}:
+            continue
+        out.append({"time": decoded.time.isoformat(), "type": decoded.type, "topic": raw.topic,
+                    "partition": raw.partition, "offset": raw.offset, "id": decoded.id,
+                    "causationid": decoded.causation_id, "source": decoded.source})
+    return sorted(out, key=lambda e: e["time"])
+
+
+async def cmd_timeline(args: argparse.Namespace, settings: CliSettings) -> int:
+    probe_id = args.probe if args.probe.startswith("prb-") else probe_id_for(args.probe)
+    request_id = None if args.probe.startswith("prb-") else args.probe
+    topics = [t.name for t in TOPICS if not t.name.startswith("frs.registry.")]
+    deadline = asyncio.get_running_loop().time() + args.wait
+    while True:
+        events = _timeline(await read_topic(settings.kafka_bootstrap, topics), probe_id,
+                           request_id)
+        if not args.until or any(e["type"] == args.until for e in events):
+            break
+        if asyncio.get_running_loop().time() > deadline:
+            sys.stderr.write(f"frs: {args.until} not seen for {probe_id} within {args.wait}s\n")
+            _emit(args, events, "\n".join(_line(e) for e in events))
+            return 1
+        await asyncio.sleep(0.5)
+    _emit(args, events, "\n".join(_line(e) for e in events) or f"no events for {probe_id}")
+    return 0
+
+
+def _line(e: dict[str, Any]) -> str:
+    return (f"{e['time']}  {e['type']:<34} {e['topic']}[{e['partition']}]@{e['offset']}"
+            f"  from {e['source']}")
+
+
+# --- registry -------------------------------------------------------------------------
+
+_REGISTRY_MODELS: dict[str, type[Event]] = {
+    "case": CaseRecord, "agent": AgentRecord, "provider": ProviderRecord,
+}
+
+
+async def cmd_registry_put(args: argparse.Namespace, settings: CliSettings) -> int:
+    model = _REGISTRY_MODELS[args.kind]
+    text = Path(args.file).read_text() if args.file else args.json_entry
+    if not text:
+        raise Misuse("give the entry with --file FILE or --entry JSON")
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Misuse(f"entry is not JSON: {exc.msg} at line {exc.lineno}") from None
+    now = datetime.now(UTC).isoformat()
+    try:
+        records = [model.model_validate({"updated_at": now, **e})
+                   for e in (entries if isinstance(entries, list) else [entries])]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise Misuse(f"invalid {args.kind} entry: {'.'.join(map(str, err['loc']))}: "
+                     f"{err['msg']}") from None
+    async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
+        await publisher.publish(records)
+    payload = [r.model_dump(mode="json") for r in records]
+    _emit(args, payload, f"published {len(records)} {args.kind} entr"
+                         f"{'y' if len(records) == 1 else 'ies'}")
+    return 0
+
+
+async def cmd_registry_demo(args: argparse.Namespace, settings: CliSettings) -> int:
+    """Seed one open case, one trained agent and one active provider for the demo."""
+    now = datetime.now(UTC)
+    year = now + timedelta(days=365)
+    records: list[Event] = [
+        CaseRecord(case_id="CASE-1", status="open",
+                   offense_category=Purpose.HUMAN_TRAFFICKING, roi_refs=["ROI-1"],
+                   updated_at=now),
+        AgentRecord(agent_id="agent-7", role="agent", training_valid_until=year,
+                    supervisor_id="sup-1", updated_at=now),
+        AgentRecord(agent_id="sup-1", role="supervisor", training_valid_until=year,
+                    updated_at=now),
+        ProviderRecord(provider_id="fed-ngi", name="Federal 1:N gallery (simulated)",
+                       kind="federal", transport="https",
+                       endpoint="https://127.0.0.1:8443/search",
+                       attestation_valid_until=year, updated_at=now),
+    ]
+    async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
+        await publisher.publish(records)
+    _emit(args, {"published": len(records)}, f"published {len(records)} demo registry entries")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------
+
+Command = Callable[[argparse.Namespace, CliSettings], Any]
+
+
+def _sub(subparsers: Any, name: str, help_text: str, example: str, func: Command,
+         json_flag: bool = True) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="frs", description="frs-broker: compliance-first facial recognition broker",
+        epilog="example:\n  frs topics create\n  frs submit --image face.jpg --case CASE-1 ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    topics = commands.add_parser("topics", help="manage the catalog's Kafka topics")
+    topics_cmds = topics.add_subparsers(dest="topics_command", required=True)
+    create = _sub(topics_cmds, "create", "create or check every catalog topic (idempotent)",
+                  "frs topics create --json", cmd_topics_create)
+    create.add_argument("--replication", type=int, default=1, help="replication factor")
+
+    submit = _sub(commands, "submit", "encrypt a probe photo to the intake and submit it",
+                  "frs submit --image face.jpg --case CASE-1 --agent agent-7 "
+                  "--purpose human_trafficking --roi ROI-1 --source surveillance --nexus VA",
+                  cmd_submit)
+    submit.add_argument("--image", required=True, help="JPEG or PNG file")
+    submit.add_argument("--case", required=True)
+    submit.add_argument("--agent", required=True)
+    submit.add_argument("--purpose", required=True, choices=[p.value for p in Purpose])
+    submit.add_argument("--roi", action="append", default=[], help="ROI reference (repeat)")
+    submit.add_argument("--source", required=True, choices=[s.value for s in ImageSource])
+    submit.add_argument("--nexus", action="append", default=[], help="state code (repeat)")
+    submit.add_argument("--exigent", action="store_true")
+    submit.add_argument("--justification", default=None, help="required with --exigent")
+    submit.add_argument("--review", action="store_true", help="require examiner review")
+    submit.add_argument("--not-unedited", action="store_true",
+                        help="do not attest that the image is an unedited photo")
+    submit.add_argument("--request-id", default=None, help="idempotency key (default: new)")
+    submit.add_argument("--intake-public-key", default=".state/keys/intake.key.pub.pem")
+
+    timeline = _sub(commands, "timeline", "print a probe's events in order",
+                    "frs timeline prb-... --until frs.candidates.received.v1 --wait 30",
+                    cmd_timeline)
+    timeline.add_argument("probe", help="probe id (prb-...) or request id")
+    timeline.add_argument("--until", default=None, help="wait until this event type appears")
+    timeline.add_argument("--wait", type=float, default=30.0, help="seconds to wait")
+
+    registry = commands.add_parser("registry", help="publish registry entries")
+    registry_cmds = registry.add_subparsers(dest="registry_command", required=True)
+    put = _sub(registry_cmds, "put", "publish case, agent or provider entries",
+               "frs registry put case --entry '{\"case_id\":\"C-1\",\"status\":\"open\","
+               "\"offense_category\":\"financial_fraud\",\"roi_refs\":[\"ROI-1\"]}'",
+               cmd_registry_put)
+    put.add_argument("kind", choices=sorted(_REGISTRY_MODELS))
+    put.add_argument("--entry", dest="json_entry", default=None, help="JSON object or list")
+    put.add_argument("--file", default=None, help="file with a JSON object or list")
+    _sub(registry_cmds, "demo", "seed a demo case, agents and provider",
+         "frs registry demo", cmd_registry_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = CliSettings()
+    try:
+        result = asyncio.run(args.func(args, settings))
+    except Misuse as exc:
+        sys.stderr.write(f"frs: {exc}\n")
+        return 2
+    except LookupError as exc:
+        sys.stderr.write(f"frs: {exc.args[0]}\n")
+        return 2
+    except (ConnectionError, OSError) as exc:
+        sys.stderr.write(f"frs: cannot reach Kafka at {settings.kafka_bootstrap} "
+                         f"({type(exc).__name__}): start it with deploy/kafka/broker.sh start "
+                         "or set FRS_KAFKA_BOOTSTRAP\n")
+        return 2
+    return int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dispatch: provider registry view, dispatch ledger, transports."""

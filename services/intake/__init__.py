@@ -1,0 +1,1 @@
+"""Intake: submission gate, sanitizer and quality, vault, purge, and the policy gate."""

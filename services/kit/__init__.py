@@ -1,0 +1,1 @@
+"""Shared runtime: settings, Kafka bus, DLQ, registries, metrics, logging, lifecycle."""

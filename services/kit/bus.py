@@ -1,0 +1,339 @@
+"""The Kafka bus: an idempotent publisher and an at-least-once processor loop.
+
+The loop is the same for every service: fetch a batch, decode each record into its
+CloudEvent envelope and typed model, call the handler, publish what it returns, wait
+until every published record is acknowledged by all in-sync replicas, then commit. A
+record that cannot be decoded, or whose handler keeps failing, goes to the service's
+DLQ with its original headers plus error headers, and the partition moves on.
+Records with the same key are handled in order; different keys run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError
+
+from schemas.catalog import topic_for
+from schemas.envelope import DecodeError, Envelope, Headers, child_traceparent, decode, encode
+from schemas.events import Event
+from services.kit.metrics import processor_metrics
+
+log = logging.getLogger("frs.bus")
+
+Handler = Callable[[Any, Envelope], Awaitable[Sequence[Event]]]
+InvalidHandler = Callable[["RawRecord", DecodeError], Awaitable[Sequence[Event]]]
+# Sees every record, decodable or not (the audit log records everything, DLQs included).
+RecordHandler = Callable[["RawRecord", "Envelope | DecodeError"], Awaitable[Sequence[Event]]]
+BatchHook = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+
+
+class Publisher:
+    """Idempotent producer (acks=all): a retried send is never written twice."""
+
+    def __init__(self, bootstrap: str, source: str, **producer_options: Any) -> None:
+        self.source = source
+        options: dict[str, Any] = {
+            "bootstrap_servers": bootstrap,
+            "enable_idempotence": True,
+            "acks": "all",
+            "linger_ms": 2,
+            "max_batch_size": 256 * 1024,
+            "max_request_size": 16 * 1024 * 1024,
+        }
+        options.update(producer_options)
+        self._producer = AIOKafkaProducer(**options)
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def __aenter__(self) -> Publisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def send(
+        self, event: Event, cause: Envelope | None = None, *, topic: str | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue one event; the returned future resolves when the broker has it."""
+        record = encode(
+            event,
+            self.source,
+            causation_id=cause.id if cause else None,
+            traceparent=child_traceparent(cause.traceparent if cause else None),
+        )
+        return await self.send_raw(topic or topic_for(event).name, record.key, record.value,
+                                   record.headers)
+
+    async def send_raw(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
+    ) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = await self._producer.send(
+            topic, value=value, key=key, headers=headers
+        )
+        return fut
+
+    async def publish(self, events: Iterable[Event], cause: Envelope | None = None) -> None:
+        """Send and wait until every event is durable."""
+        futures = [await self.send(e, cause) for e in events]
+        if futures:
+            await asyncio.gather(*futures)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which topics feed which handlers, for one consumer group."""
+
+    service: str
+    group_id: str
+    topics: tuple[str, ...]
+    handlers: Mapping[type[Event], Handler]
+    dlq_topic: str
+    on_invalid: InvalidHandler | None = None
+    on_record: RecordHandler | None = None
+    # Runs after a batch's handlers and before its commit: make local effects durable.
+    before_commit: BatchHook | None = None
+    # Registry topics are read from the start by every instance; event topics by group.
+    auto_offset_reset: str = "earliest"
+    consumer_options: dict[str, Any] = field(default_factory=dict)
+
+
+class Processor:
+    """Runs one Route until ``stop()``: at-least-once, commit after durable effects."""
+
+    def __init__(
+        self,
+        route: Route,
+        publisher: Publisher,
+        bootstrap: str,
+        *,
+        max_retries: int = 3,
+        retry_backoff_s: float = 0.2,
+        batch_max: int = 500,
+        concurrency: int = 64,
+        kill_before_commit: bool = False,
+    ) -> None:
+        self.route = route
+        self.kill_before_commit = kill_before_commit
+        self.publisher = publisher
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.batch_max = batch_max
+        self._slots = asyncio.Semaphore(concurrency)
+        self._stopping = asyncio.Event()
+        self._metrics = processor_metrics(route.service)
+        options: dict[str, Any] = {
+            "bootstrap_servers": bootstrap,
+            "group_id": route.group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": route.auto_offset_reset,
+            "isolation_level": "read_committed",
+            "max_partition_fetch_bytes": 16 * 1024 * 1024,
+            "fetch_max_bytes": 64 * 1024 * 1024,
+        }
+        options.update(route.consumer_options)
+        self._consumer = AIOKafkaConsumer(*route.topics, **options)
+        self.processed = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await self._consumer.start()
+        log.info("consumer started", extra={"group": self.route.group_id,
+                                            "topics": ",".join(self.route.topics)})
+        try:
+            while not self._stopping.is_set():
+                batch = await self._consumer.getmany(timeout_ms=200, max_records=self.batch_max)
+                if batch:
+                    await self._handle_batch(batch)
+        finally:
+            await self._consumer.stop()
+            log.info("consumer stopped", extra={"group": self.route.group_id})
+
+    async def _handle_batch(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        by_key: dict[tuple[TopicPartition, bytes | None], list[ConsumerRecord]] = {}
+        for tp, records in batch.items():
+            for record in records:
+                by_key.setdefault((tp, record.key), []).append(record)
+        pending: list[asyncio.Future[Any]] = []
+        await asyncio.gather(*(self._handle_in_order(rs, pending) for rs in by_key.values()))
+        # Effects are durable before the offsets move: at-least-once, never at-most-once.
+        if pending:
+            await asyncio.gather(*pending)
+        if self.route.before_commit is not None:
+            await self.route.before_commit()
+        if self.kill_before_commit and pending:
+            # Fault injection for crash tests: effects are out, offsets are not.
+            log.warning("fault injection: SIGKILL before commit",
+                        extra={"group": self.route.group_id})
+            os.kill(os.getpid(), signal.SIGKILL)
+        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+        try:
+            await self._consumer.commit(offsets)
+        except CommitFailedError:
+            # A rebalance took the partitions; the next owner redelivers, handlers are
+            # idempotent, so this costs only repeated work.
+            log.warning("commit failed after rebalance", extra={"group": self.route.group_id})
+        self.processed += sum(len(r) for r in batch.values())
+        for tp, records in batch.items():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                self._metrics.consumer_lag.labels(tp.topic).set(
+                    max(0, highwater - records[-1].offset - 1)
+                )
+
+    async def _handle_in_order(
+        self, records: list[ConsumerRecord], pending: list[asyncio.Future[Any]]
+    ) -> None:
+        async with self._slots:
+            for record in records:
+                pending.extend(await self._handle_record(record))
+
+    async def _handle_record(self, record: ConsumerRecord) -> list[asyncio.Future[Any]]:
+        raw = RawRecord(
+            record.topic, record.partition, record.offset, record.key, record.value,
+            [(k, bytes(v)) for k, v in (record.headers or ())],
+        )
+        decoded: Envelope | DecodeError
+        try:
+            decoded = decode(raw.headers, raw.key, raw.value)
+        except DecodeError as err:
+            decoded = err
+        on_record = self.route.on_record
+        if on_record is not None:
+            etype = decoded.type if isinstance(decoded, Envelope) else "undecodable"
+
+            async def call() -> Sequence[Event]:
+                assert on_record is not None
+                return await on_record(raw, decoded)
+        else:
+            if isinstance(decoded, DecodeError):
+                return await self._invalid(raw, decoded)
+            handler = self.route.handlers.get(type(decoded.event))
+            if handler is None:
+                return []  # a type this service does not react to
+            etype = decoded.type
+            envelope_ = decoded
+
+            async def call() -> Sequence[Event]:
+                assert handler is not None
+                return await handler(envelope_.event, envelope_)
+
+        envelope = decoded if isinstance(decoded, Envelope) else None
+        self._metrics.events_in.labels(etype).inc()
+        delay = self.retry_backoff_s
+        for attempt in range(self.max_retries + 1):
+            started = time.perf_counter()
+            try:
+                outputs = await call()
+            except Exception as exc:
+                self._metrics.handler_failures.labels(etype).inc()
+                log.warning(
+                    "handler failed",
+                    extra={"type": etype, "offset": raw.offset, "attempt": attempt + 1,
+                           "error": type(exc).__name__},
+                )
+                if attempt == self.max_retries:
+                    return [await self._to_dlq(raw, "handler_failed", type(exc).__name__)]
+                await asyncio.sleep(delay)
+                delay *= 2
+                continue
+            self._metrics.handler_seconds.labels(etype).observe(time.perf_counter() - started)
+            futures = []
+            for out in outputs:
+                futures.append(await self.publisher.send(out, envelope))
+                self._metrics.events_out.labels(out.TYPE).inc()
+            return futures
+        return []
+
+    async def _invalid(self, raw: RawRecord, err: DecodeError) -> list[asyncio.Future[Any]]:
+        log.warning("undecodable record", extra={"topic": raw.topic, "partition": raw.partition,
+                                                 "offset": raw.offset, "code": err.code})
+        if self.route.on_invalid is not None:
+            outputs = await self.route.on_invalid(raw, err)
+            futures = [await self.publisher.send(out) for out in outputs]
+            for out in outputs:
+                self._metrics.events_out.labels(out.TYPE).inc()
+            return futures
+        return [await self._to_dlq(raw, err.code, err.message)]
+
+    async def _to_dlq(self, raw: RawRecord, code: str, message: str) -> asyncio.Future[Any]:
+        self._metrics.dlq.labels(code).inc()
+        headers = [
+            *raw.headers,
+            ("frs_error_code", code.encode()),
+            ("frs_error", message[:1000].encode()),
+            ("frs_error_service", self.route.service.encode()),
+            ("frs_source_topic", raw.topic.encode()),
+            ("frs_source_partition", str(raw.partition).encode()),
+            ("frs_source_offset", str(raw.offset).encode()),
+        ]
+        log.error("sent to DLQ", extra={"topic": raw.topic, "offset": raw.offset, "code": code})
+        return await self.publisher.send_raw(self.route.dlq_topic, raw.key, raw.value, headers)
+
+
+async def read_topic(
+    bootstrap: str, topics: Sequence[str], *, idle_s: float = 1.0, max_s: float = 30.0
+) -> list[tuple[RawRecord, Envelope | DecodeError]]:
+    """Read topics from the beginning to their current end (tools, tests, auditors)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    out: list[tuple[RawRecord, Envelope | DecodeError]] = []
+    try:
+        partitions = await all_partitions(consumer, topics)
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline:
+            positions = {tp: await consumer.position(tp) for tp in partitions}
+            if all(positions[tp] >= end[tp] for tp in partitions):
+                break
+            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000))
+            for records in batch.values():
+                for r in records:
+                    raw = RawRecord(r.topic, r.partition, r.offset, r.key, r.value,
+                                    [(k, bytes(v)) for k, v in (r.headers or ())])
+                    try:
+                        out.append((raw, decode(raw.headers, raw.key, raw.value)))
+                    except DecodeError as err:
+                        out.append((raw, err))
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def all_partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
+    """Every partition of the given topics, from fresh cluster metadata."""
+    cluster = await consumer._client.fetch_all_metadata()
+    missing = [t for t in topics if cluster.partitions_for_topic(t) is None]
+    if missing:
+        raise LookupError(f"topics not found: {', '.join(missing)}; run `frs topics create`")
+    return [TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t))]

@@ -1,0 +1,46 @@
+"""Settings shared by every service. Each service subclasses ``ServiceSettings`` with its
+own env prefix (``FRS_INTAKE_``, ...); the settings every service shares keep one name
+everywhere (``FRS_KAFKA_BOOTSTRAP``, ...). Settings are frozen once read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def shared(name: str, default: Any, description: str) -> Any:
+    """A setting with the same environment variable name in every service."""
+    return Field(default, validation_alias=AliasChoices(name), description=description)
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    service: str = "frs"
+    kafka_bootstrap: str = shared(
+        "FRS_KAFKA_BOOTSTRAP", "127.0.0.1:19092", "Kafka bootstrap servers, host:port[,...]"
+    )
+    local_mode: bool = shared(
+        "FRS_LOCAL_MODE", True, "Allow local-only defaults (key files on disk, plaintext bus)."
+    )
+    log_level: str = shared("FRS_LOG_LEVEL", "INFO", "Python log level name.")
+    state_dir: Path = shared("FRS_STATE_DIR", Path(".state"), "Where local state lives.")
+    metrics_host: str = shared("FRS_METRICS_HOST", "127.0.0.1", "Bind address for /metrics.")
+    metrics_port: int = Field(0, description="Port for /metrics; 0 picks a free one.")
+    max_retries: int = Field(3, ge=0, description="Handler retries before the DLQ.")
+    retry_backoff_s: float = Field(0.2, ge=0.0, description="First retry delay; doubles.")
+    batch_max: int = Field(500, ge=1, description="Records fetched per poll.")
+    concurrency: int = Field(64, ge=1, description="Probes handled at once (ordered per key).")
+    fault_kill_before_commit: bool = Field(
+        False, description="Tests only: SIGKILL itself after a batch's sends, before commit."
+    )
+
+    @model_validator(mode="after")
+    def _secure_outside_local(self) -> ServiceSettings:
+        # Outside local mode, nothing may silently fall back to a loopback dev broker.
+        if not self.local_mode and self.kafka_bootstrap.startswith("127.0.0.1:19092"):
+            raise ValueError("FRS_KAFKA_BOOTSTRAP must be set explicitly outside local mode")
+        return self

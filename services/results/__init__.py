@@ -1,0 +1,1 @@
+"""Results: inbound channels, normalization, per-probe tracking, examiner review."""

@@ -1,0 +1,142 @@
+"""Shared fixtures: a real Kafka broker for the session, service processes, test data.
+
+The broker is started with deploy/kafka/broker.sh on a free port unless
+FRS_KAFKA_BOOTSTRAP names one already running; either way every catalog topic exists."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER = ROOT / "deploy" / "kafka" / "broker.sh"
+
+
+def free_port_pair() -> int:
+    """A port p with p+1 also free (the broker's controller listens on p+1)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port >= 65000:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    existing = os.environ.get("FRS_KAFKA_BOOTSTRAP")
+    if existing:
+        bootstrap = existing
+        env = None
+    else:
+        port = free_port_pair()
+        state = tmp_path_factory.mktemp("kafka")
+        env = {**os.environ, "FRS_KAFKA_PORT": str(port), "FRS_KAFKA_STATE": str(state)}
+        subprocess.run([str(BROKER), "start"], env=env, check=True, timeout=300)
+        bootstrap = f"127.0.0.1:{port}"
+    from services.kit.topics import ensure_topics
+
+    asyncio.run(ensure_topics(bootstrap))
+    os.environ["FRS_KAFKA_BOOTSTRAP"] = bootstrap
+    try:
+        yield bootstrap
+    finally:
+        if env is not None:
+            subprocess.run([str(BROKER), "stop"], env=env, check=False, timeout=60)
+
+
+class ServiceProcess:
+    """One `python -m services.<name>` process, started and stopped by its pid."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, **extra_env: str) -> ServiceProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"], cwd=ROOT,
+            env={**self.env, **extra_env}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    def wait_log(self, text: str, timeout: float = 30.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log_path.read_text(errors="replace").count(text) >= count:
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name}: {text!r} not logged; log:\n"
+                             + self.log_path.read_text(errors="replace")[-3000:])
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def stop(self) -> int:
+        return self.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def service_env(kafka_bootstrap: str, tmp_path: Path) -> dict[str, str]:
+    keys = tmp_path / "keys"
+    return {
+        **os.environ,
+        "FRS_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "FRS_STATE_DIR": str(tmp_path / "state"),
+        "FRS_INTAKE_PRIVATE_KEY_FILE": str(keys / "intake.key.pem"),
+        "FRS_AUDIT_STORE_DIR": str(tmp_path / "audit"),
+        "FRS_INTAKE_METRICS_PORT": "0",
+        "FRS_DISPATCH_METRICS_PORT": "0",
+        "FRS_RESULTS_METRICS_PORT": "0",
+        "FRS_AUDIT_METRICS_PORT": "0",
+        "FRS_LOG_LEVEL": "INFO",
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+@pytest.fixture
+def services(service_env: dict[str, str], tmp_path: Path) -> Iterator[dict[str, ServiceProcess]]:
+    """Service processes by name; not started. Every one left running is killed after."""
+    procs = {n: ServiceProcess(n, service_env, tmp_path / f"{n}.log")
+             for n in ("intake", "dispatch", "results", "audit")}
+    yield procs
+    for p in procs.values():
+        if p.proc is not None and p.proc.poll() is None:
+            p.kill()
+
+
+@pytest.fixture(scope="session")
+def face_jpeg(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A real photo of a face (scikit-image's astronaut), as JPEG."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
