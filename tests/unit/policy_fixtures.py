@@ -55,8 +55,8 @@ def request(**over: Any) -> PolicyRequest:
     return PolicyRequest(**{**base, **over})
 
 
-def inputs(req: PolicyRequest | None = None, *, case_: CaseRecord | None | str = "default",
-           agent_: AgentRecord | None | str = "default",
+def inputs(req: PolicyRequest | None = None, *, case_: CaseRecord | str | None = "default",
+           agent_: AgentRecord | str | None = "default",
            providers: list[ProviderRecord] | None = None) -> DecisionInputs:
     return DecisionInputs(
         request=req or request(), evaluated_at=NOW,
