@@ -48,7 +48,7 @@ REGISTRY_SETTLE_S = 1.0
 def cli(bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "services.cli", *args], cwd=ROOT, capture_output=True,
-        text=True, timeout=120,
+        text=True, timeout=120, check=False,
         env={**os.environ, "FRS_KAFKA_BOOTSTRAP": bootstrap, "PYTHONPATH": str(ROOT)},
     )
 
@@ -108,15 +108,15 @@ async def publish(bootstrap: str, *events: Event) -> None:
 
 
 async def wait_for(bootstrap: str, probe_id: str, kind: type[Event] | tuple[type[Event], ...],
-                   timeout: float = 30.0) -> Event:
-    deadline = time.monotonic() + timeout
+                   within_s: float = 30.0) -> Event:
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         for _raw, decoded in await read_topic(bootstrap, [POLICY_DECISIONS.name]):
             if (isinstance(decoded, Envelope) and isinstance(decoded.event, kind)
                     and decoded.subject == probe_id):
                 return decoded.event
         await asyncio.sleep(0.3)
-    raise AssertionError(f"no {kind} for {probe_id} within {timeout}s")
+    raise AssertionError(f"no {kind} for {probe_id} within {within_s}s")
 
 
 async def decide(world: World, **over: Any) -> PolicyCleared | PolicyDenied:
@@ -269,7 +269,7 @@ async def test_exigent_clearance_is_flagged_until_reviewed(
     assert reviewed["approved"] is True
 
     overdue = await wait_for(kafka_bootstrap, late.probe_id, ExigentReviewOverdue,
-                             timeout=REVIEW_WINDOW_S + 30)
+                             within_s=REVIEW_WINDOW_S + 30)
     assert isinstance(overdue, ExigentReviewOverdue)
     assert overdue.due_at == late.decided_at + timedelta(seconds=REVIEW_WINDOW_S)
     assert _metric(intake.log_path, "frs_policy_exigent_reviews_overdue_total") >= 1
@@ -278,7 +278,7 @@ async def test_exigent_clearance_is_flagged_until_reviewed(
     await asyncio.sleep(max(0.0, (on_time.decided_at + timedelta(seconds=REVIEW_WINDOW_S)
                                   - datetime.now(UTC)).total_seconds()) + 2.0)
     with pytest.raises(AssertionError):
-        await wait_for(kafka_bootstrap, on_time.probe_id, ExigentReviewOverdue, timeout=1.0)
+        await wait_for(kafka_bootstrap, on_time.probe_id, ExigentReviewOverdue, within_s=1.0)
 
     done = cli(kafka_bootstrap, "exigent", "pending", "--json")
     pending = {p["probe_id"]: p for p in json.loads(done.stdout)}

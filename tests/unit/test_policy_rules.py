@@ -188,3 +188,16 @@ def test_bypassable_rules_are_declared_in_the_policy(engine: PolicyEngine) -> No
 
 def test_no_providers_no_decisions(engine: PolicyEngine) -> None:
     assert engine.decide(inputs(providers=[])) == []
+
+
+def test_inputs_the_schema_rejects_fail_closed() -> None:
+    # A permit-only set over a schema whose Provider.status is a Long: the registry's
+    # string no longer conforms, so evaluation errors, and the search is denied.
+    from services.intake.policy.engine import POLICY_DIR
+
+    schema = (POLICY_DIR / "frs.cedarschema").read_text().replace(
+        "  status: String,                    // \"active\"", "  status: Long, //")
+    permit_all = '@id("PERMIT-SEARCH")\npermit (principal, action == Action::"search", resource);\n'
+    [decision] = PolicyEngine(permit_all, schema, "0" * 64).decide(inputs())
+    assert not decision.allowed
+    assert [d.rule_id for d in decision.denials] == [EVAL_ERROR_RULE]

@@ -195,8 +195,13 @@ class PolicyEngine:
         requests = [{"principal": {"type": "Agent", "id": req.agent_id}, "action": ACTION,
                      "resource": {"type": "Provider", "id": p.provider_id},
                      "context": context} for p in inputs.providers]
-        results = cedarpy.is_authorized_batch(requests, self._policy_set, entities,
-                                              schema=self._schema)
+        try:
+            results = cedarpy.is_authorized_batch(requests, self._policy_set, entities,
+                                                  schema=self._schema)
+        except ValueError:
+            # Inputs the schema rejects as a whole: every provider denied, fail closed.
+            denial = (RuleDenial(rule_id=EVAL_ERROR_RULE, message=EVAL_ERROR_MESSAGE),)
+            return [ProviderDecision(p.provider_id, False, denial) for p in inputs.providers]
         return [self._decision(p.provider_id, r) for p, r in zip(inputs.providers, results,
                                                                    strict=True)]
 
