@@ -11,9 +11,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from schemas.catalog import POLICY_DECISIONS, REGISTRY_PROVIDERS
+from schemas.catalog import (
+    POLICY_DECISIONS,
+    REGISTRY_AGENTS,
+    REGISTRY_CASES,
+    REGISTRY_PROVIDERS,
+)
 from schemas.envelope import Envelope
 from schemas.events import (
+    AgentRecord,
+    CaseRecord,
     ExigentReviewOverdue,
     PolicyCleared,
     PolicyDenied,
@@ -31,7 +38,12 @@ from services.intake.policy.engine import (
     policy_digest,
     validate,
 )
-from services.intake.policy.handlers import outcome, replay
+from services.intake.policy.handlers import (
+    RegistryRecord,
+    check_inputs_against_registries,
+    outcome,
+    replay,
+)
 from services.kit.bus import Publisher, read_topic
 
 Decision = PolicyCleared | PolicyDenied
@@ -149,7 +161,9 @@ def _human(report: dict[str, Any]) -> str:
         r = report["replay"]
         lines.append(f"  replay with policy {r['policy_digest'][:12]}: "
                      + ("same result" if r["same"] else f"DIFFERENT ({r['outcome']})")
-                     + ("" if r["digest_matches"] else "; the policy files have changed"))
+                     + ("" if r["digest_matches"] else "; the policy files have changed")
+                     + ("" if r.get("registries_consistent", True) else
+                        "; the recorded inputs DISAGREE with the registry topics"))
     return "\n".join(lines)
 
 
@@ -167,6 +181,13 @@ async def cmd_policy_explain(args: argparse.Namespace, settings: CliSettings) ->
             engine = PolicyEngine.load(Path(args.dir))
         except PolicyLoadError as exc:
             raise Misuse(f"{exc}: fix the policy files or pass --dir") from None
+    history: list[tuple[int, RegistryRecord]] = []
+    if engine is not None:
+        topics = [t.name for t in (REGISTRY_CASES, REGISTRY_AGENTS, REGISTRY_PROVIDERS)]
+        history = [(raw.offset, d.event) for raw, d in
+                   await read_topic(settings.kafka_bootstrap, topics)
+                   if isinstance(d, Envelope)
+                   and isinstance(d.event, CaseRecord | AgentRecord | ProviderRecord)]
     reports = []
     differs = False
     for decision in decisions:  # redeliveries can record a probe's decision twice
@@ -179,10 +200,16 @@ async def cmd_policy_explain(args: argparse.Namespace, settings: CliSettings) ->
             else:
                 again = replay(engine, decision)
                 same = outcome(again) == outcome(decision)
-                differs = differs or not same
+                # The snapshot must agree with the registry topics at the versions it names.
+                registries = check_inputs_against_registries(
+                    decision.inputs, decision.registry_versions, history)
+                consistent = not ({"mismatch", "omitted"} & set(registries.values()))
+                differs = differs or not same or not consistent
                 report["replay"] = {"same": same, "outcome": outcome(again)["outcome"],
                                     "policy_digest": engine.digest,
                                     "digest_matches": engine.digest == decision.policy_digest,
+                                    "registries_consistent": consistent,
+                                    "registries": registries,
                                     "result": _explain(again)}
         reports.append(report)
     _emit(args, reports, "\n".join(_human(r) for r in reports))

@@ -193,7 +193,12 @@ async def test_replay_from_the_event_and_a_changed_policy(
     cli_ok(kafka_bootstrap, "registry", "suspend", world.fed)
     [report] = cli_ok(kafka_bootstrap, "policy", "explain", decision.probe_id, "--replay")
     assert report["policy_digest"] == decision.policy_digest
-    assert report["replay"] == {**report["replay"], "same": True, "digest_matches": True}
+    assert report["replay"] == {**report["replay"], "same": True, "digest_matches": True,
+                                "registries_consistent": True}
+    # The recorded inputs are exactly the registry entries at the recorded versions.
+    checked = report["replay"]["registries"]
+    assert checked[f"provider:{world.fed}"] == checked[f"case:{world.case}"] == "match"
+    assert set(checked.values()) == {"match"}
     assert report["registry_versions"] == decision.registry_versions.model_dump()
     by_provider = {p["provider_id"]: p for p in report["providers"]}
     assert [r["rule_id"] for r in by_provider[world.va]["rules"]] == ["REQ-NEXUS"]

@@ -218,3 +218,30 @@ async def test_review_flags_survive_a_restart(engine: PolicyEngine, tmp_path: Pa
     first.store.close()
     again = ReviewStore(path)
     assert [p for p, _ in again.overdue(NOW + timedelta(hours=2))] == ["prb-r"]
+
+
+async def test_inputs_cross_check_against_registry_history(engine: PolicyEngine) -> None:
+    from services.intake.policy.handlers import check_inputs_against_registries
+
+    history = [(0, case()), (0, agent()), (0, provider()), (1, state_provider()),
+               (1, agent(training_valid_until=PAST))]
+    reg = Registries()
+    for offset, record in history:
+        reg.apply(record, offset)
+    [event] = await on_probe_submitted(probe(), ports(engine, reg))
+    assert event.inputs is not None  # type: ignore[attr-defined]
+    inputs, versions = event.inputs, event.registry_versions  # type: ignore[attr-defined]
+    # Later updates (past the recorded versions) do not count against the snapshot.
+    later = [*history, (2, provider(status="suspended")), (5, case(status="closed"))]
+    assert check_inputs_against_registries(inputs, versions, later) == {
+        "case:CASE-1": "match", "agent:agent-7": "match",
+        "provider:fed-ngi": "match", "provider:va-state": "match"}
+    # A doctored snapshot is caught; so is a provider it left out.
+    doctored = inputs.model_copy(update={"providers": [provider(status="suspended")]})
+    assert check_inputs_against_registries(doctored, versions, later) == {
+        "case:CASE-1": "match", "agent:agent-7": "match",
+        "provider:fed-ngi": "mismatch", "provider:va-state": "omitted"}
+    # Compacted away: the topic keeps only a newer record of the case.
+    compacted = [r for r in later if not (r[0] == 0 and r[1] == case())]
+    assert check_inputs_against_registries(inputs, versions, compacted)[
+        "case:CASE-1"] == "compacted"

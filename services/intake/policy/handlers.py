@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from schemas.events import (
+    AgentRecord,
+    CaseRecord,
     ClearedProvider,
     DecisionInputs,
     Event,
@@ -21,6 +23,7 @@ from schemas.events import (
     PolicyRequest,
     ProbeSubmitted,
     ProviderDenial,
+    ProviderRecord,
     RegistryVersions,
     RuleDenial,
     SupervisorReviewRecorded,
@@ -170,3 +173,56 @@ def overdue_reviews(store: ReviewStore, now: datetime) -> list[ExigentReviewOver
     """Flags past their due time with no review, not yet reported."""
     return [ExigentReviewOverdue(probe_id=probe_id, due_at=due_at)
             for probe_id, due_at in store.overdue(now)]
+
+
+# --- registry cross-check for replays ----------------------------------------------
+
+RegistryRecord = CaseRecord | AgentRecord | ProviderRecord
+
+
+def check_inputs_against_registries(
+    inputs: DecisionInputs, versions: RegistryVersions,
+    history: list[tuple[int, RegistryRecord]],
+) -> dict[str, str]:
+    """Does the inputs snapshot match the registry topics at the recorded versions?
+
+    Per entry: "match", "mismatch", "absent" (no record at or before the version, and
+    the snapshot says none), "compacted" (the snapshot has an entry, the topic no
+    longer holds one at or before the version) or "omitted" (a provider registered at
+    the version that the snapshot left out). Compaction only drops records older
+    than a key's newest one, so the newest surviving record at or before the version is
+    the one the decision read."""
+    limits = {CaseRecord: versions.cases, AgentRecord: versions.agents,
+              ProviderRecord: versions.providers}
+    latest: dict[tuple[type[RegistryRecord], str], tuple[int, RegistryRecord]] = {}
+    for offset, record in history:
+        if offset > limits[type(record)]:
+            continue
+        key = (type(record), _registry_key(record))
+        if key not in latest or latest[key][0] < offset:
+            latest[key] = (offset, record)
+
+    def verdict(kind: type[RegistryRecord], key: str, snap: RegistryRecord | None) -> str:
+        found = latest.get((kind, key))
+        if found is None:
+            return "absent" if snap is None else "compacted"
+        return "match" if found[1] == snap else "mismatch"
+
+    req = inputs.request
+    out = {f"case:{req.case_id}": verdict(CaseRecord, req.case_id, inputs.case),
+           f"agent:{req.agent_id}": verdict(AgentRecord, req.agent_id, inputs.agent)}
+    for p in inputs.providers:
+        out[f"provider:{p.provider_id}"] = verdict(ProviderRecord, p.provider_id, p)
+    # Every registered provider is a candidate: one missing from the snapshot is a gap.
+    for kind, provider_id in latest:
+        if kind is ProviderRecord and f"provider:{provider_id}" not in out:
+            out[f"provider:{provider_id}"] = "omitted"
+    return out
+
+
+def _registry_key(record: RegistryRecord) -> str:
+    if isinstance(record, CaseRecord):
+        return record.case_id
+    if isinstance(record, AgentRecord):
+        return record.agent_id
+    return record.provider_id
