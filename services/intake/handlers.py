@@ -1,8 +1,8 @@
 """Intake handlers: plain functions of typed events and ports, returning events to emit.
 
 Foundation pass-through: the image is decrypted and digested but not yet sanitized,
-quality-checked or vaulted; policy clears every active provider. The intake and policy
-issues replace these bodies."""
+quality-checked or vaulted. The policy gate (``on_probe_submitted``, ``PolicyPorts``)
+lives in ``services.intake.policy`` and is re-exported here."""
 
 from __future__ import annotations
 
@@ -15,22 +15,18 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from schemas.envelope import DecodeError
 from schemas.events import (
-    ClearedProvider,
     Event,
-    PolicyCleared,
-    PolicyDenied,
     ProbeRejected,
     ProbeRequested,
     ProbeSubmitted,
-    ProviderDenial,
     RejectReason,
-    RuleDenial,
 )
-from schemas.types import MINIMAL_FIELDS, probe_id_for
+from schemas.types import probe_id_for
 from services.intake.crypto import DecryptError, decrypt_image
-from services.kit.registry import Registries
+from services.intake.policy.handlers import PolicyPorts, on_probe_submitted
 
-PASS_THROUGH_POLICY_DIGEST = "0" * 64
+__all__ = ["IntakePorts", "PolicyPorts", "on_probe_requested", "on_probe_submitted",
+           "reject_invalid_request"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +34,6 @@ class IntakePorts:
     private_key: X25519PrivateKey
     clock: Callable[[], datetime]
     image_ttl: timedelta
-
-
-@dataclass(frozen=True)
-class PolicyPorts:
-    registries: Registries
-    clock: Callable[[], datetime]
 
 
 async def on_probe_requested(event: ProbeRequested, ports: IntakePorts) -> list[Event]:
@@ -78,23 +68,3 @@ def reject_invalid_request(key: bytes | None, err: DecodeError) -> ProbeRejected
         reason=RejectReason.INVALID_FIELDS, detail=f"{err.code}: {err.message}"[:2000],
     )
 
-
-async def on_probe_submitted(event: ProbeSubmitted, ports: PolicyPorts) -> list[Event]:
-    registries = ports.registries
-    active = [p for p in registries.providers.values() if p.status == "active"]
-    if not active:
-        return [PolicyDenied(
-            probe_id=event.probe_id, case_id=event.case_id,
-            denied=[ProviderDenial(provider_id="none", rules=[
-                RuleDenial(rule_id="REQ-PROVIDER", message="no active provider is registered")
-            ])],
-            policy_digest=PASS_THROUGH_POLICY_DIGEST,
-            registry_versions=registries.versions, decided_at=ports.clock(),
-        )]
-    return [PolicyCleared(
-        probe_id=event.probe_id, case_id=event.case_id,
-        cleared=[ClearedProvider(provider_id=p.provider_id, transport=p.transport,
-                                 fields=list(MINIMAL_FIELDS)) for p in active],
-        policy_digest=PASS_THROUGH_POLICY_DIGEST,
-        registry_versions=registries.versions, decided_at=ports.clock(),
-    )]
