@@ -1,38 +1,185 @@
-"""Results service: builds ports from Settings and routes topics to handlers."""
+"""Results service: builds ports from Settings and routes topics to handlers.
+
+Two consumer groups run in one process:
+- ``frs-results`` normalizes ProviderAnswered (every inbound channel) into
+  CandidatesReceived or ProviderResponseRejected;
+- ``frs-results-tracker`` tracks each probe (dispatches, failures, answers, reviews,
+  deletion receipts) in a SQLite store committed before its offsets, and settles probes.
+Background jobs: the deadline timer (NoResponse, DeletionOverdue, suspensions), the HTTPS
+webhook and the SMTP inbox, each when configured.
+
+Why not faust: see services/results/README.md (faust-streaming 0.15.3 was tried on the
+pinned Kafka 4.1.1; it cannot order table state, outputs and offset commits the way
+"exactly one ProbeSettled across a SIGKILL" needs)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from schemas.catalog import PROVIDER_RESPONSES
+from schemas.catalog import (
+    DISPATCH_EVENTS,
+    POLICY_DECISIONS,
+    PROBE_EVENTS,
+    PROVIDER_RESPONSES,
+    RESULTS_EVENTS,
+)
 from schemas.envelope import Envelope
-from schemas.events import Event, ProviderAnswered
+from schemas.events import DeletionOverdue, Event, ProviderAnswered, ProviderRecord
 from schemas.types import utcnow
 from services.kit.bus import Processor, Publisher, Route
 from services.kit.registry import Registries
 from services.kit.service import dlq_for, processor
 from services.kit.settings import ServiceSettings
-from services.results import handlers
+from services.results import handlers, tracking
+from services.results.store import TrackerStore
+
+log = logging.getLogger("frs.results")
+
+Job = Callable[[], Coroutine[Any, Any, None]]
 
 
 class ResultsSettings(ServiceSettings):
+    """Every setting is FRS_RESULTS_<NAME> (e.g. FRS_RESULTS_WEBHOOK_PORT)."""
+
     model_config = SettingsConfigDict(env_prefix="FRS_RESULTS_", frozen=True, extra="ignore",
                                       populate_by_name=True)
     service: str = "results"
     metrics_port: int = Field(9303, description="Port for /metrics.")
+    tracker_db: Path | None = Field(
+        None, description="SQLite file of per-probe tracking state; default "
+                          "<FRS_STATE_DIR>/results/tracker.sqlite3.")
+    tick_s: float = Field(1.0, gt=0, description="How often deadlines are checked, seconds.")
+    suspend_on_deletion_overdue: bool = Field(
+        False, description="Suspend a provider (registry status 'suspended') when it misses "
+                           "a deletion deadline.")
+    # HTTPS webhook for API vendors (off unless a certificate is configured).
+    webhook_host: str = Field("127.0.0.1", description="Webhook bind address.")
+    webhook_port: int = Field(8444, ge=0, le=65535, description="Webhook TLS port.")
+    webhook_cert_file: Path | None = Field(
+        None, description="PEM certificate chain of the webhook; the webhook runs only when "
+                          "this is set.")
+    webhook_key_file: Path | None = Field(None, description="PEM private key of the webhook.")
+    webhook_secrets_file: Path | None = Field(
+        None, description='JSON {"provider_id": "shared secret", ...} for HMAC-SHA256.')
+    webhook_window_s: int = Field(
+        300, ge=1, description="Accepted clock skew of X-FRS-Timestamp, seconds; also how "
+                               "long accepted signatures are remembered against replay.")
+    webhook_max_body: int = Field(1_048_576, ge=1024, description="Largest body, bytes.")
+    nonce_db: Path | None = Field(
+        None, description="SQLite file of accepted webhook signatures; default "
+                          "<FRS_STATE_DIR>/results/nonces.sqlite3.")
+    # SMTP inbox for S/MIME replies (off unless the broker's S/MIME key is configured).
+    smtp_host: str = Field("127.0.0.1", description="SMTP inbox bind address.")
+    smtp_port: int = Field(8025, ge=0, le=65535, description="SMTP inbox port.")
+    smime_cert_file: Path | None = Field(
+        None, description="The broker's S/MIME certificate (PEM); the inbox runs only when "
+                          "this and the key are set.")
+    smime_key_file: Path | None = Field(
+        None, description="The broker's S/MIME RSA private key (PEM).")
+    smtp_require_signature: bool = Field(
+        True, description="Refuse replies not signed with the provider's registered "
+                          "certificate (ProviderRecord.certificate_pem).")
+    smtp_max_message: int = Field(4_194_304, ge=1024, description="Largest mail, bytes.")
+
+    def tracker_path(self) -> Path:
+        return self.tracker_db or self.state_dir / "results" / "tracker.sqlite3"
+
+    def nonce_path(self) -> Path:
+        return self.nonce_db or self.state_dir / "results" / "nonces.sqlite3"
 
 
-def build(settings: ResultsSettings, publisher: Publisher,
-          registries: Registries) -> list[Processor]:
+def build(settings: ResultsSettings, publisher: Publisher, registries: Registries,
+          stack: AsyncExitStack | None = None) -> list[Processor]:
+    processors, _jobs = build_all(settings, publisher, registries, stack or AsyncExitStack())
+    return processors
+
+
+def build_all(settings: ResultsSettings, publisher: Publisher, registries: Registries,
+              stack: AsyncExitStack) -> tuple[list[Processor], list[Job]]:
     ports = handlers.ResultsPorts(registries=registries, clock=utcnow)
 
     async def provider_answered(event: Any, _env: Envelope) -> list[Event]:
         assert isinstance(event, ProviderAnswered)
         return await handlers.on_provider_answered(event, ports)
 
-    route = Route("results", "frs-results", (PROVIDER_RESPONSES.name,),
-                  {ProviderAnswered: provider_answered}, dlq_for("results"))
-    return [processor(settings, route, publisher)]
+    normalizer = Route("results", "frs-results", (PROVIDER_RESPONSES.name,),
+                       {ProviderAnswered: provider_answered}, dlq_for("results"))
+
+    store = TrackerStore(settings.tracker_path())
+    stack.callback(store.close)
+
+    async def track(event: Any, _env: Envelope) -> list[Event]:
+        state = store.get(event.probe_id)
+        pid = getattr(event, "provider_id", None)
+        provider = registries.providers.get(pid) if pid else None
+        new, out = tracking.apply(state, event, provider, utcnow())
+        if new != state:
+            store.put(new)  # committed in before_commit, after `out` is acknowledged
+        return out
+
+    async def durable() -> None:
+        store.commit()
+
+    tracker = Route(
+        "results", "frs-results-tracker",
+        (PROBE_EVENTS.name, POLICY_DECISIONS.name, DISPATCH_EVENTS.name, RESULTS_EVENTS.name),
+        dict.fromkeys(tracking.TRACKED_TYPES, track), dlq_for("results"),
+        before_commit=durable,
+    )
+    jobs: list[Job] = [lambda: deadline_timer(settings, store, registries, publisher)]
+    if settings.webhook_cert_file is not None:
+        from services.results.webhook import serve_webhook
+
+        jobs.append(lambda: serve_webhook(settings, publisher, registries))
+    if settings.smime_cert_file is not None:
+        from services.results.mailbox import serve_mailbox
+
+        jobs.append(lambda: serve_mailbox(settings, publisher, registries))
+    return ([processor(settings, normalizer, publisher), processor(settings, tracker, publisher)],
+            jobs)
+
+
+async def deadline_timer(settings: ResultsSettings, store: TrackerStore,
+                         registries: Registries, publisher: Publisher) -> None:
+    """Emit NoResponse / DeletionOverdue for passed deadlines. The tracker consumes them
+    back (that is what settles the provider), so the timer itself keeps no durable state:
+    after a restart it may repeat an event the tracker had not consumed yet, and the
+    tracker ignores the repeat."""
+    emitted: set[tuple[str, str, str]] = set()
+    while True:
+        await asyncio.sleep(settings.tick_s)
+        try:
+            now = utcnow()
+            for state in list(store.due_before(now)):
+                for event in tracking.due(state, now, settings.suspend_on_deletion_overdue):
+                    key = (event.TYPE, event.probe_id, event.provider_id)
+                    if key in emitted:
+                        continue
+                    out: list[Event] = [event]
+                    if isinstance(event, DeletionOverdue) and event.provider_suspended:
+                        suspension = _suspension(registries.providers.get(event.provider_id))
+                        if suspension is None:
+                            out = [event.model_copy(update={"provider_suspended": False})]
+                        else:
+                            out.append(suspension)
+                    await publisher.publish(out)
+                    emitted.add(key)
+                    log.info("deadline passed", extra={"type": event.TYPE,
+                                                       "provider": event.provider_id})
+        except Exception as exc:  # keep ticking: a failed publish is retried next tick
+            log.warning("deadline check failed", extra={"error": type(exc).__name__})
+
+
+def _suspension(provider: ProviderRecord | None) -> ProviderRecord | None:
+    if provider is None:
+        return None
+    # REQ-DELETION-RECEIPT: dispatch refuses a suspended provider from its registry view.
+    return provider.model_copy(update={"status": "suspended", "updated_at": utcnow()})
