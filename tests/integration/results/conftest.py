@@ -77,10 +77,10 @@ async def results_for(bootstrap: str, probe_id: str, topic: str = RESULTS_EVENTS
 
 
 async def wait_for(bootstrap: str, probe_id: str, done: Callable[[list[Event]], bool],
-                   within_s: float = 45.0) -> list[Event]:
+                   within_s: float = 45.0, topic: str = RESULTS_EVENTS.name) -> list[Event]:
     deadline = time.monotonic() + within_s
     while True:
-        events = await results_for(bootstrap, probe_id)
+        events = await results_for(bootstrap, probe_id, topic)
         if done(events):
             return events
         if time.monotonic() > deadline:
