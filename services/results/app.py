@@ -21,7 +21,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.catalog import (
@@ -88,6 +88,14 @@ class ResultsSettings(ServiceSettings):
         True, description="Refuse replies not signed with the provider's registered "
                           "certificate (ProviderRecord.certificate_pem).")
     smtp_max_message: int = Field(4_194_304, ge=1024, description="Largest mail, bytes.")
+
+    @model_validator(mode="after")
+    def _secure_outside_local_mode(self) -> ResultsSettings:
+        if not self.local_mode and not self.smtp_require_signature:
+            raise ValueError("FRS_RESULTS_SMTP_REQUIRE_SIGNATURE=false is for local mode only")
+        if self.webhook_key_file is not None and self.webhook_cert_file is None:
+            raise ValueError("FRS_RESULTS_WEBHOOK_KEY_FILE without a certificate file")
+        return self
 
     def tracker_path(self) -> Path:
         return self.tracker_db or self.state_dir / "results" / "tracker.sqlite3"
