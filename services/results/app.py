@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -42,6 +43,9 @@ from services.results import handlers, tracking
 from services.results.store import TrackerStore
 
 log = logging.getLogger("frs.results")
+
+DEADLINES_MISSED = Counter("frs_results_deadlines_missed_total",
+                           "NoResponse and DeletionOverdue events emitted, by type.", ["type"])
 
 Job = Callable[[], Coroutine[Any, Any, None]]
 
@@ -166,9 +170,11 @@ async def deadline_timer(settings: ResultsSettings, store: TrackerStore,
         await asyncio.sleep(settings.tick_s)
         try:
             now = utcnow()
+            current: set[tuple[str, str, str]] = set()
             for state in list(store.due_before(now)):
                 for event in tracking.due(state, now, settings.suspend_on_deletion_overdue):
                     key = (event.TYPE, event.probe_id, event.provider_id)
+                    current.add(key)
                     if key in emitted:
                         continue
                     out: list[Event] = [event]
@@ -180,8 +186,11 @@ async def deadline_timer(settings: ResultsSettings, store: TrackerStore,
                             out.append(suspension)
                     await publisher.publish(out)
                     emitted.add(key)
+                    DEADLINES_MISSED.labels(event.TYPE).inc()
                     log.info("deadline passed", extra={"type": event.TYPE,
                                                        "provider": event.provider_id})
+            # Once the tracker has consumed an event its deadline is no longer due: forget it.
+            emitted &= current
         except Exception as exc:  # keep ticking: a failed publish is retried next tick
             log.warning("deadline check failed", extra={"error": type(exc).__name__})
 

@@ -49,6 +49,13 @@ class Hook:
     secrets: dict[str, bytes]
     metrics_port: int
     session: aiohttp.ClientSession
+    service: ServiceProcess
+    env: dict[str, str]
+
+    def restart(self) -> None:
+        assert self.service.stop() == 0
+        self.service.start(**self.env)
+        self.service.wait_log("webhook listening", count=2)
 
     async def post(self, path: str, provider: str, body: dict[str, Any], *,
                    timestamp: int | None = None, secret: bytes | None = None,
@@ -92,15 +99,17 @@ async def hook(services: dict[str, ServiceProcess], tmp_path: Path) -> AsyncIter
     secrets_file.write_text(json.dumps({k: v.decode() for k, v in shared.items()}))
     port, metrics_port = free_port(), free_port()
     results = services["results"]
-    results.start(FRS_RESULTS_WEBHOOK_CERT_FILE=str(cert), FRS_RESULTS_WEBHOOK_KEY_FILE=str(key),
-                  FRS_RESULTS_WEBHOOK_SECRETS_FILE=str(secrets_file),
-                  FRS_RESULTS_WEBHOOK_PORT=str(port), FRS_RESULTS_WEBHOOK_WINDOW_S="60",
-                  FRS_RESULTS_METRICS_PORT=str(metrics_port))
+    env = {"FRS_RESULTS_WEBHOOK_CERT_FILE": str(cert), "FRS_RESULTS_WEBHOOK_KEY_FILE": str(key),
+           "FRS_RESULTS_WEBHOOK_SECRETS_FILE": str(secrets_file),
+           "FRS_RESULTS_WEBHOOK_PORT": str(port), "FRS_RESULTS_WEBHOOK_WINDOW_S": "60",
+           "FRS_RESULTS_METRICS_PORT": str(metrics_port)}
+    results.start(**env)
     results.wait_log("webhook listening")
     results.wait_log("consumer started", count=2)
     client_ssl = ssl.create_default_context(cadata=ca.cert_pem.decode())
-    async with aiohttp.ClientSession() as session:
-        yield Hook(f"https://127.0.0.1:{port}", client_ssl, shared, metrics_port, session)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        yield Hook(f"https://127.0.0.1:{port}", client_ssl, shared, metrics_port, session,
+                   results, env)
     assert results.stop() == 0
 
 
@@ -156,6 +165,10 @@ async def test_forged_unsigned_stale_and_replayed_calls_are_refused(
     assert (status, reply["error"]) == (409, "replayed")
     for outcome in ("bad_signature", "unsigned", "stale", "replayed", "wrong_provider"):
         assert hook.metric(outcome) >= 1, outcome
+    # The replay store is durable: still refused after a restart of the service.
+    hook.restart()
+    status, reply = await hook.post(ANSWERS_PATH, pid, body, timestamp=ts)
+    assert (status, reply["error"]) == (409, "replayed")
     events = await wait_for(kafka_bootstrap, probe,
                             lambda es: count(es, CandidatesReceived) >= 1)
     await asyncio.sleep(1.5)
