@@ -134,6 +134,57 @@ def parse_answer(payload: Any, cap: int) -> tuple[list[Candidate], int, _RawAnsw
     return kept, len(parsed), answer
 
 
+class _RekognitionFace(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    FaceId: str = Field(min_length=1, max_length=256)
+    ExternalImageId: str | None = Field(default=None, max_length=256)
+    Confidence: float | None = None
+
+
+class _RekognitionMatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    Similarity: float = Field(ge=0.0, le=100.0)
+    Face: _RekognitionFace
+
+
+class _RekognitionAnswer(BaseModel):
+    """SearchFacesByImage's reply, as dispatch's Rekognition transport forwards it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    FaceMatches: list[dict[str, Any]]
+    FaceMatchThreshold: float = Field(ge=0.0, le=100.0)
+    FaceModelVersion: str | None = Field(default=None, max_length=64)
+    SearchedFaceConfidence: float | None = None
+    MaxFaces: int | None = None
+
+
+def from_rekognition(payload: Mapping[str, Any], gallery: str) -> dict[str, Any]:
+    """AWS's shape -> the answer format. Rekognition ranks by similarity (0-100)."""
+    body = {k: v for k, v in payload.items() if k not in ENVELOPE_KEYS}
+    try:
+        answer = _RekognitionAnswer.model_validate(body)
+    except ValidationError as exc:
+        raise Rejection(RejectCode.INVALID_ANSWER, _errors(exc)) from None
+    if len(answer.FaceMatches) > MAX_RAW_CANDIDATES:
+        raise Rejection(RejectCode.TOO_MANY_CANDIDATES,
+                        f"{len(answer.FaceMatches)} candidates > {MAX_RAW_CANDIDATES}")
+    matches: list[_RekognitionMatch] = []
+    for i, raw in enumerate(answer.FaceMatches):
+        try:
+            matches.append(_RekognitionMatch.model_validate(raw))
+        except ValidationError as exc:
+            raise Rejection(RejectCode.INVALID_CANDIDATE, f"match {i}: {_errors(exc)}") \
+                from None
+    matches.sort(key=lambda m: -m.Similarity)
+    return {
+        "candidates": [{"rank": i + 1, "score": m.Similarity, "score_scale": "0-100",
+                        "gallery": gallery[:128] or "rekognition",
+                        "candidate_ref": m.Face.FaceId} for i, m in enumerate(matches)],
+        "threshold": answer.FaceMatchThreshold, "algorithm": "aws-rekognition",
+        "algorithm_version": answer.FaceModelVersion or "unknown",
+    }
+
+
 def normalize(
     *, probe_id: str, provider: ProviderRecord | None, provider_id: str,
     channel: Literal["webhook", "email", "rekognition"], payload: Any,
@@ -144,6 +195,9 @@ def normalize(
         if provider is None:
             raise Rejection(RejectCode.UNKNOWN_PROVIDER, "provider is not in the registry")
         cap = min(provider.max_candidates, 50)
+        if channel == "rekognition" and isinstance(payload, Mapping) \
+                and "FaceMatches" in payload:
+            payload = from_rekognition(payload, provider.endpoint)
         kept, received, answer = parse_answer(payload, cap)
         return CandidatesReceived(
             probe_id=probe_id, provider_id=provider_id, channel=channel, candidates=kept,

@@ -101,3 +101,30 @@ async def test_handler_uses_registry_cap() -> None:
     [out] = await on_provider_answered(event, ports)
     assert isinstance(out, CandidatesReceived)
     assert out.list_size == 5 and out.truncated_from == 9 and out.channel == "rekognition"
+
+
+def rekognition(n: int, **extra: Any) -> dict[str, Any]:
+    return {"request_ref": "ref-1", "FaceModelVersion": "7.0", "FaceMatchThreshold": 80.0,
+            "SearchedFaceConfidence": 99.9, "MaxFaces": 50,
+            "FaceMatches": [{"Similarity": 81.0 + i, "Face": {"FaceId": f"f{i}",
+                                                              "Confidence": 99.0}}
+                            for i in range(n)], **extra}
+
+
+def test_rekognition_shape_is_mapped_ranked_and_capped() -> None:
+    out = normalize(probe_id="prb-1", provider=provider(max_candidates=3), provider_id="p1",
+                    channel="rekognition", payload=rekognition(5), received_at=NOW, now=NOW)
+    assert isinstance(out, CandidatesReceived)
+    assert [c.candidate_ref for c in out.candidates] == ["f4", "f3", "f2"]
+    assert [c.rank for c in out.candidates] == [1, 2, 3]
+    assert out.candidates[0].score_scale == "0-100" and out.threshold == 80.0
+    assert (out.algorithm, out.algorithm_version) == ("aws-rekognition", "7.0")
+    assert out.truncated_from == 5 and out.lead_marking == LEAD_MARKING
+
+
+def test_rekognition_malformed_match_is_rejected() -> None:
+    bad = rekognition(1)
+    bad["FaceMatches"][0]["Similarity"] = None
+    out = normalize(probe_id="prb-1", provider=provider(), provider_id="p1",
+                    channel="rekognition", payload=bad, received_at=NOW, now=NOW)
+    assert isinstance(out, ProviderResponseRejected) and out.reason == "invalid_candidate"
