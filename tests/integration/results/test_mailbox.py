@@ -13,6 +13,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from schemas.events import LEAD_MARKING, CandidatesReceived, DeletionConfirmed
@@ -71,8 +72,9 @@ def mail(body: dict[str, Any], signer: Issued | None, recipient: Issued | None,
             signer.cert, signer.key, hashes.SHA256()
         ).sign(serialization.Encoding.SMIME, [pkcs7.PKCS7Options.DetachedSignature])
     if recipient is not None:
-        data = pkcs7.PKCS7EnvelopeBuilder().set_data(data).add_recipient(
-            recipient.cert).encrypt(serialization.Encoding.SMIME, [])
+        data = pkcs7.PKCS7EnvelopeBuilder().set_data(data).set_content_encryption_algorithm(
+            algorithms.AES256).add_recipient(recipient.cert).encrypt(
+            serialization.Encoding.SMIME, [])
     else:
         data = b"Content-Type: application/json\r\n\r\n" + data
     return (f"From: <{sender}>\r\nTo: <{INBOX}>\r\nSubject: FRS reply\r\n").encode() + data
