@@ -8,9 +8,8 @@ Two consumer groups run in one process:
 Background jobs: the deadline timer (NoResponse, DeletionOverdue, suspensions), the HTTPS
 webhook and the SMTP inbox, each when configured.
 
-Why not faust: see services/results/README.md (faust-streaming 0.15.3 was tried on the
-pinned Kafka 4.1.1; it cannot order table state, outputs and offset commits the way
-"exactly one ProbeSettled across a SIGKILL" needs)."""
+Why the kit's Processor and SQLite rather than faust (tried first on the pinned broker):
+see services/results/README.md."""
 
 from __future__ import annotations
 
