@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer
 from prometheus_client import Counter
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -34,7 +35,7 @@ from schemas.catalog import (
 from schemas.envelope import Envelope
 from schemas.events import DeletionOverdue, Event, ProviderAnswered, ProviderRecord
 from schemas.types import utcnow
-from services.kit.bus import Processor, Publisher, Route
+from services.kit.bus import Processor, Publisher, Route, all_partitions
 from services.kit.registry import Registries
 from services.kit.service import dlq_for, processor
 from services.kit.settings import ServiceSettings
@@ -60,6 +61,9 @@ class ResultsSettings(ServiceSettings):
         None, description="SQLite file of per-probe tracking state; default "
                           "<FRS_STATE_DIR>/results/tracker.sqlite3.")
     tick_s: float = Field(1.0, gt=0, description="How often deadlines are checked, seconds.")
+    timer_arm_max_wait_s: float = Field(
+        60.0, gt=0, description="At start, deadlines wait until the tracker has consumed the "
+                                "backlog, at most this long, seconds.")
     suspend_on_deletion_overdue: bool = Field(
         False, description="Suspend a provider (registry status 'suspended') when it misses "
                            "a deletion deadline.")
@@ -145,7 +149,8 @@ def build_all(settings: ResultsSettings, publisher: Publisher, registries: Regis
         dict.fromkeys(tracking.TRACKED_TYPES, track), dlq_for("results"),
         before_commit=durable,
     )
-    jobs: list[Job] = [lambda: deadline_timer(settings, store, registries, publisher)]
+    jobs: list[Job] = [lambda: deadline_timer(settings, store, registries, publisher,
+                                              tracker.group_id, tracker.topics)]
     if settings.webhook_cert_file is not None:
         from services.results.webhook import serve_webhook
 
@@ -158,12 +163,43 @@ def build_all(settings: ResultsSettings, publisher: Publisher, registries: Regis
             jobs)
 
 
+async def backlog_done(bootstrap: str, group: str, topics: Sequence[str],
+                       poll_s: float = 0.5) -> None:
+    """Wait until ``group`` has committed everything that was in ``topics`` when called.
+
+    Until then the tracker's state is incomplete (a receipt may still be in the backlog),
+    and a deadline fired from it could wrongly suspend a provider. (A partition ending in
+    a transaction marker never reaches its end offset by commits: the caller bounds the
+    wait.)"""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = await all_partitions(consumer, topics)
+        end = await consumer.end_offsets(parts)
+        pending = [tp for tp in parts if end[tp] > 0]
+        while pending:
+            pending = [tp for tp in pending if (await consumer.committed(tp) or 0) < end[tp]]
+            if pending:
+                await asyncio.sleep(poll_s)
+    finally:
+        await consumer.stop()
+
+
 async def deadline_timer(settings: ResultsSettings, store: TrackerStore,
-                         registries: Registries, publisher: Publisher) -> None:
+                         registries: Registries, publisher: Publisher, group: str,
+                         topics: Sequence[str]) -> None:
     """Emit NoResponse / DeletionOverdue for passed deadlines. The tracker consumes them
     back (that is what settles the provider), so the timer itself keeps no durable state:
     after a restart it may repeat an event the tracker had not consumed yet, and the
-    tracker ignores the repeat."""
+    tracker ignores the repeat. It starts once the tracker has caught up with the backlog."""
+    try:
+        await asyncio.wait_for(backlog_done(settings.kafka_bootstrap, group, topics),
+                               settings.timer_arm_max_wait_s)
+    except TimeoutError:
+        log.warning("deadline timer armed before the tracker caught up",
+                    extra={"waited_s": settings.timer_arm_max_wait_s})
+    log.info("deadline timer armed", extra={"group": group})
     emitted: set[tuple[str, str, str]] = set()
     while True:
         await asyncio.sleep(settings.tick_s)
