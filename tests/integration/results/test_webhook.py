@@ -5,6 +5,7 @@ replayed calls are refused and counted; deletion receipts become DeletionConfirm
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import socket
@@ -19,7 +20,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from schemas.catalog import PROVIDER_RESPONSES, RESULTS_EVENTS
+from schemas.envelope import Envelope
 from schemas.events import LEAD_MARKING, CandidatesReceived, DeletionConfirmed
+from services.kit.bus import read_topic
 from services.results.webhook import ANSWERS_PATH, DELETION_PATH, sign
 from tests.conftest import ServiceProcess
 from tests.integration.results.conftest import (
@@ -123,7 +127,10 @@ async def test_signed_answer_becomes_capped_lead(kafka_bootstrap: str, hook: Hoo
     sent = dispatched(probe, pid)
     await publish(kafka_bootstrap, [provider_record(pid, max_candidates=20),
                                     cleared(probe, pid), sent])
-    body = {"request_ref": sent.request_ref, "candidates": candidates(27), "threshold": 0.0,
+    listed = candidates(27)
+    # A candidate photo is not taken in yet: it must be dropped, never put on the bus.
+    listed[-1]["photo"] = base64.b64encode(b"\xff\xd8PHOTO-BYTES-MARKER").decode()
+    body = {"request_ref": sent.request_ref, "candidates": listed, "threshold": 0.0,
             "algorithm": "vendor-x", "algorithm_version": "7.2"}
     status, _ = await hook.post_when_known(ANSWERS_PATH, pid, body)
     assert status == 202
@@ -135,6 +142,11 @@ async def test_signed_answer_becomes_capped_lead(kafka_bootstrap: str, hook: Hoo
     assert got.list_size == 20 and got.truncated_from == 27
     assert [c.rank for c in got.candidates] == list(range(1, 21))
     assert hook.metric("accepted") >= 1
+    raw = await read_topic(kafka_bootstrap, [PROVIDER_RESPONSES.name, RESULTS_EVENTS.name])
+    mine = [r for r, d in raw if isinstance(d, Envelope) and d.subject == probe]
+    assert len(mine) >= 2
+    assert not any(listed[-1]["photo"].encode() in (r.value or b"") for r in mine)
+    assert not any(b'"photo"' in (r.value or b"") for r in mine)
 
 
 async def test_forged_unsigned_stale_and_replayed_calls_are_refused(
