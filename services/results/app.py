@@ -5,8 +5,8 @@ Two consumer groups run in one process:
   CandidatesReceived or ProviderResponseRejected;
 - ``frs-results-tracker`` tracks each probe (dispatches, failures, answers, reviews,
   deletion receipts) in a SQLite store committed before its offsets, and settles probes.
-Background jobs: the deadline timer (NoResponse, DeletionOverdue, suspensions), the HTTPS
-webhook and the SMTP inbox, each when configured.
+Also: the deadline timer (a background job: NoResponse, DeletionOverdue, suspensions) and
+the inbound channels (HTTPS webhook, SMTP inbox), each started when configured.
 
 Why the kit's Processor and SQLite rather than faust (tried first on the pinned broker):
 see services/results/README.md."""
@@ -151,16 +151,21 @@ def build_all(settings: ResultsSettings, publisher: Publisher, registries: Regis
     )
     jobs: list[Job] = [lambda: deadline_timer(settings, store, registries, publisher,
                                               tracker.group_id, tracker.topics)]
-    if settings.webhook_cert_file is not None:
-        from services.results.webhook import serve_webhook
-
-        jobs.append(lambda: serve_webhook(settings, publisher, registries))
-    if settings.smime_cert_file is not None:
-        from services.results.mailbox import serve_mailbox
-
-        jobs.append(lambda: serve_mailbox(settings, publisher, registries))
     return ([processor(settings, normalizer, publisher), processor(settings, tracker, publisher)],
             jobs)
+
+
+async def start_channels(settings: ResultsSettings, publisher: Publisher,
+                         registries: Registries, stack: AsyncExitStack) -> None:
+    """Start the configured inbound channels; a failure to bind fails the service start."""
+    if settings.webhook_cert_file is not None:
+        from services.results.webhook import start_webhook
+
+        await start_webhook(settings, publisher, registries, stack)
+    if settings.smime_cert_file is not None:
+        from services.results.mailbox import start_mailbox
+
+        await start_mailbox(settings, publisher, registries, stack)
 
 
 async def backlog_done(bootstrap: str, group: str, topics: Sequence[str],

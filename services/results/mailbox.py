@@ -36,6 +36,7 @@ import email.utils
 import json
 import logging
 import tempfile
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -205,31 +206,31 @@ def _load_key(path: Path) -> rsa.RSAPrivateKey:
     return key
 
 
-async def serve_mailbox(settings: ResultsSettings, publisher: Publisher,
-                        registries: Registries) -> None:
-    """Background job: serve SMTP until cancelled."""
+async def start_mailbox(settings: ResultsSettings, publisher: Publisher,
+                        registries: Registries, stack: AsyncExitStack) -> None:
+    """Bind now (a bad key or a taken port fails the start); the stack closes it."""
     if settings.smime_cert_file is None or settings.smime_key_file is None:
         raise ValueError("FRS_RESULTS_SMIME_CERT_FILE and FRS_RESULTS_SMIME_KEY_FILE are "
                          "both required for the SMTP inbox")
+    cert = x509.load_pem_x509_certificate(settings.smime_cert_file.read_bytes())
+    key = _load_key(settings.smime_key_file)
     refs = RequestRefs(settings.tracker_path())
-    handler = MailboxHandler(
-        x509.load_pem_x509_certificate(settings.smime_cert_file.read_bytes()),
-        _load_key(settings.smime_key_file), registries, refs, publisher,
-        settings.smtp_require_signature,
-    )
-    loop = asyncio.get_running_loop()
+    stack.callback(refs.close)
+    handler = MailboxHandler(cert, key, registries, refs, publisher,
+                             settings.smtp_require_signature)
     limit = settings.smtp_max_message
 
     def protocol() -> Any:
         return SMTP(handler, data_size_limit=limit, hostname="frs-results",
                     decode_data=False)
 
-    server = await loop.create_server(protocol, settings.smtp_host, settings.smtp_port)
-    log.info("smtp inbox listening", extra={"host": settings.smtp_host,
-                                            "port": settings.smtp_port})
-    try:
-        await asyncio.Event().wait()
-    finally:
+    server = await asyncio.get_running_loop().create_server(
+        protocol, settings.smtp_host, settings.smtp_port)
+
+    async def close() -> None:
         server.close()
         await server.wait_closed()
-        refs.close()
+
+    stack.push_async_callback(close)
+    log.info("smtp inbox listening", extra={"host": settings.smtp_host,
+                                            "port": settings.smtp_port})

@@ -34,6 +34,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,27 +202,25 @@ def make_app(webhook: Webhook, max_body: int) -> web.Application:
     return app
 
 
-async def serve_webhook(settings: ResultsSettings, publisher: Publisher,
-                        registries: Registries) -> None:
-    """Background job: serve until cancelled."""
+async def start_webhook(settings: ResultsSettings, publisher: Publisher,
+                        registries: Registries, stack: AsyncExitStack) -> None:
+    """Bind now (a bad certificate or a taken port fails the start, not later); the stack
+    stops the server and closes the stores."""
     if settings.webhook_secrets_file is None or settings.webhook_cert_file is None:
         raise ValueError("FRS_RESULTS_WEBHOOK_CERT_FILE and FRS_RESULTS_WEBHOOK_SECRETS_FILE "
                          "are both required for the webhook")
+    context = tls_context(settings.webhook_cert_file, settings.webhook_key_file)
+    secrets = load_secrets(settings.webhook_secrets_file)
     nonces = NonceStore(settings.nonce_path())
+    stack.callback(nonces.close)
     refs = RequestRefs(settings.tracker_path())
-    webhook = Webhook(load_secrets(settings.webhook_secrets_file), nonces, refs, publisher,
-                      registries, settings.webhook_window_s)
+    stack.callback(refs.close)
+    webhook = Webhook(secrets, nonces, refs, publisher, registries, settings.webhook_window_s)
     runner = web.AppRunner(make_app(webhook, settings.webhook_max_body), access_log=None)
     await runner.setup()
+    stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, settings.webhook_host, settings.webhook_port,
-                       ssl_context=tls_context(settings.webhook_cert_file,
-                                               settings.webhook_key_file))
+                       ssl_context=context)
     await site.start()
     log.info("webhook listening", extra={"host": settings.webhook_host,
                                          "port": settings.webhook_port})
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-        refs.close()
-        nonces.close()

@@ -199,3 +199,24 @@ async def test_deletion_receipt_by_webhook(kafka_bootstrap: str, hook: Hook) -> 
                             lambda es: count(es, DeletionConfirmed) >= 1)
     [receipt] = [e for e in events if isinstance(e, DeletionConfirmed)]
     assert receipt.provider_id == pid
+
+
+async def test_webhook_that_cannot_bind_fails_the_start(
+    kafka_bootstrap: str, services: dict[str, ServiceProcess], tmp_path: Path
+) -> None:
+    cert, key = LocalCA().server("127.0.0.1").write(tmp_path / "tls2", "webhook")
+    secrets_file = tmp_path / "s.json"
+    secrets_file.write_text(json.dumps({"p": secrets.token_hex(16)}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        results = services["results"]
+        results.start(FRS_RESULTS_WEBHOOK_CERT_FILE=str(cert),
+                      FRS_RESULTS_WEBHOOK_KEY_FILE=str(key),
+                      FRS_RESULTS_WEBHOOK_SECRETS_FILE=str(secrets_file),
+                      FRS_RESULTS_WEBHOOK_PORT=str(port))
+        assert results.proc is not None
+        code = await asyncio.to_thread(results.proc.wait, 60)
+    assert code != 0
+    assert "webhook listening" not in results.log_path.read_text()
