@@ -209,7 +209,11 @@ async def start_webhook(settings: ResultsSettings, publisher: Publisher,
     if settings.webhook_secrets_file is None or settings.webhook_cert_file is None:
         raise ValueError("FRS_RESULTS_WEBHOOK_CERT_FILE and FRS_RESULTS_WEBHOOK_SECRETS_FILE "
                          "are both required for the webhook")
+    if not settings.local_mode and settings.webhook_secrets_file.stat().st_mode & 0o077:
+        raise ValueError(f"{settings.webhook_secrets_file}: shared secrets must not be "
+                         "readable by group or others (chmod 600)")
     context = tls_context(settings.webhook_cert_file, settings.webhook_key_file)
+    # Read once at start: rotating a secret means a restart.
     secrets = load_secrets(settings.webhook_secrets_file)
     nonces = NonceStore(settings.nonce_path())
     stack.callback(nonces.close)
