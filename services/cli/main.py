@@ -246,10 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     _sub(registry_cmds, "demo", "seed a demo case, agents and provider",
          "frs registry demo", cmd_registry_demo)
 
-    from services.cli import policy as policy_cli  # imports this module: import late
+    # The area modules import this one for its helpers: import them late.
+    from services.cli import policy as policy_cli
+    from services.cli import results as results_cli
 
     policy_cli.register_registry(registry_cmds)
     policy_cli.register(commands)
+    results_cli.register(commands)
     return parser
 
 

@@ -6,14 +6,16 @@ from contextlib import AsyncExitStack
 
 from services.kit.runtime import run_service
 from services.kit.service import main_entry, start_publisher, start_registries
-from services.results.app import ResultsSettings, build
+from services.results.app import ResultsSettings, build_all, start_channels
 
 
 async def main(settings: ResultsSettings) -> None:
     stack = AsyncExitStack()
     publisher = await start_publisher(settings, stack)
     registries = await start_registries(settings, stack)
-    await run_service(settings, build(settings, publisher, registries), stack)
+    processors, jobs = build_all(settings, publisher, registries, stack)
+    await start_channels(settings, publisher, registries, stack)
+    await run_service(settings, processors, stack, background=jobs)
 
 
 if __name__ == "__main__":

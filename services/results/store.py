@@ -1,0 +1,123 @@
+"""Durable local stores of the results service, in SQLite (WAL).
+
+``TrackerStore`` holds each probe's tracking state. Writes stay in one open transaction
+per consumed batch and are committed by the processor's ``before_commit`` hook, after the
+batch's outputs are acknowledged and before its offsets are committed: a crash before
+the SQLite commit replays the batch against the old state (outputs may repeat only if
+the crash falls between the broker's ack and this commit); a crash after it replays
+against the new state, where every transition is a no-op, so nothing is emitted twice.
+
+``NonceStore`` remembers accepted webhook calls for the replay window, across restarts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+from services.results.tracking import ProbeState
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+class TrackerStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = _connect(path)
+        self._db.executescript("""
+            CREATE TABLE IF NOT EXISTS probes (
+                probe_id TEXT PRIMARY KEY, state TEXT NOT NULL, next_due TEXT);
+            CREATE INDEX IF NOT EXISTS probes_next_due ON probes(next_due);
+            CREATE TABLE IF NOT EXISTS request_refs (
+                request_ref TEXT PRIMARY KEY, probe_id TEXT NOT NULL,
+                provider_id TEXT NOT NULL);
+        """)
+        self._db.commit()
+
+    def get(self, probe_id: str) -> ProbeState:
+        row = self._db.execute("SELECT state FROM probes WHERE probe_id = ?",
+                               (probe_id,)).fetchone()
+        if row is None:
+            return ProbeState(probe_id=probe_id)
+        return ProbeState.model_validate_json(row[0])
+
+    def put(self, state: ProbeState) -> None:
+        due = state.next_due()
+        self._db.execute(
+            "INSERT INTO probes(probe_id, state, next_due) VALUES (?, ?, ?) "
+            "ON CONFLICT(probe_id) DO UPDATE SET state = excluded.state, "
+            "next_due = excluded.next_due",
+            (state.probe_id, state.model_dump_json(), due.isoformat() if due else None),
+        )
+        for pid, track in state.providers.items():
+            if track.request_ref is not None:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO request_refs VALUES (?, ?, ?)",
+                    (track.request_ref, state.probe_id, pid),
+                )
+
+    def due_before(self, now: datetime) -> Iterator[ProbeState]:
+        # ISO strings of UTC datetimes sort like the datetimes themselves.
+        rows = self._db.execute(
+            "SELECT state FROM probes WHERE next_due IS NOT NULL AND next_due <= ?",
+            (now.isoformat(),),
+        ).fetchall()
+        for (text,) in rows:
+            yield ProbeState.model_validate_json(text)
+
+    def commit(self) -> None:
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.rollback()  # an uncommitted batch is replayed from Kafka, never half-kept
+        self._db.close()
+
+
+class RequestRefs:
+    """Read-only view of request_ref -> (probe, provider), committed rows only."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+
+    def lookup(self, request_ref: str) -> tuple[str, str] | None:
+        row = self._db.execute(
+            "SELECT probe_id, provider_id FROM request_refs WHERE request_ref = ?",
+            (request_ref,),
+        ).fetchone()
+        return (str(row[0]), str(row[1])) if row else None
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class NonceStore:
+    """Accepted webhook signatures, kept for the replay window (durable)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = _connect(path)
+        self._db.execute("CREATE TABLE IF NOT EXISTS nonces ("
+                         "digest TEXT PRIMARY KEY, seen_at REAL NOT NULL)")
+        self._db.commit()
+
+    def claim(self, digest: str, now: float, window_s: float) -> bool:
+        """True if ``digest`` was not seen within the window; records it durably."""
+        self._db.execute("DELETE FROM nonces WHERE seen_at < ?", (now - 2 * window_s,))
+        cur = self._db.execute("INSERT OR IGNORE INTO nonces VALUES (?, ?)", (digest, now))
+        self._db.commit()
+        return cur.rowcount == 1
+
+    def release(self, digest: str) -> None:
+        """Forget a claim whose call was not accepted, so the provider may retry it."""
+        self._db.execute("DELETE FROM nonces WHERE digest = ?", (digest,))
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()

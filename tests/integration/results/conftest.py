@@ -1,0 +1,124 @@
+"""Fixtures for the results service's integration tests: publish input events straight to
+their topics (no dependency on dispatch), read the results topic, run the service."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from schemas.catalog import REGISTRY_PROVIDERS, RESULTS_EVENTS
+from schemas.envelope import Envelope
+from schemas.events import (
+    ClearedProvider,
+    Event,
+    PolicyCleared,
+    ProviderDispatched,
+    ProviderRecord,
+    RegistryVersions,
+)
+from services.kit.bus import Publisher, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def publish(bootstrap: str, events: Sequence[Event]) -> None:
+    async with Publisher(bootstrap, source="/frs/test") as pub:
+        await pub.publish(events)
+
+
+def provider_record(pid: str, **fields: object) -> ProviderRecord:
+    base: dict[str, object] = {
+        "provider_id": pid, "name": f"Provider {pid}", "kind": "commercial",
+        "transport": "https", "endpoint": "https://127.0.0.1/none",
+        "attestation_valid_until": now() + timedelta(days=365), "updated_at": now(),
+    }
+    base.update(fields)
+    return ProviderRecord.model_validate(base)
+
+
+def cleared(probe_id: str, *pids: str, review: bool = False) -> PolicyCleared:
+    return PolicyCleared(
+        probe_id=probe_id, case_id="CASE-1",
+        cleared=[ClearedProvider(provider_id=p, transport="https",
+                                 fields=["photo", "agent_id", "request_ref"]) for p in pids],
+        review_required=review, policy_digest="0" * 64,
+        registry_versions=RegistryVersions(), decided_at=now())
+
+
+def dispatched(probe_id: str, pid: str, *, response_s: float = 3600,
+               deletion_s: float = 86400) -> ProviderDispatched:
+    t = now()
+    return ProviderDispatched(
+        probe_id=probe_id, provider_id=pid, dispatch_id=f"{probe_id}:{pid}",
+        transport="https", fields_sent=["photo", "agent_id", "request_ref"],
+        request_ref=f"ref-{uuid.uuid4().hex}", sent_at=t,
+        response_due_at=t + timedelta(seconds=response_s),
+        deletion_due_at=t + timedelta(seconds=deletion_s))
+
+
+async def results_for(bootstrap: str, probe_id: str, topic: str = RESULTS_EVENTS.name
+                      ) -> list[Event]:
+    records = await read_topic(bootstrap, [topic])
+    return [d.event for _, d in records
+            if isinstance(d, Envelope) and d.subject == probe_id]
+
+
+async def wait_for(bootstrap: str, probe_id: str, done: Callable[[list[Event]], bool],
+                   within_s: float = 45.0, topic: str = RESULTS_EVENTS.name) -> list[Event]:
+    deadline = time.monotonic() + within_s
+    while True:
+        events = await results_for(bootstrap, probe_id, topic)
+        if done(events):
+            return events
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; saw {[type(e).__name__ for e in events]}")
+        await asyncio.sleep(0.5)
+
+
+def count(events: Sequence[Event], kind: type[Event]) -> int:
+    return sum(isinstance(e, kind) for e in events)
+
+
+async def registry_records(bootstrap: str, pid: str) -> list[ProviderRecord]:
+    records = await read_topic(bootstrap, [REGISTRY_PROVIDERS.name])
+    return [d.event for _, d in records if isinstance(d, Envelope)
+            and isinstance(d.event, ProviderRecord) and d.event.provider_id == pid]
+
+
+async def wait_committed(bootstrap: str, group: str, topics: Sequence[str],
+                         within_s: float = 60.0) -> None:
+    """Wait until ``group`` has committed every partition of ``topics`` up to its end."""
+    from aiokafka import AIOKafkaConsumer
+
+    from services.kit.bus import all_partitions
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = await all_partitions(consumer, topics)
+        end = await consumer.end_offsets(parts)
+        deadline = time.monotonic() + within_s
+        while True:
+            behind = [tp for tp in parts if end[tp] > 0
+                      and (await consumer.committed(tp) or 0) < end[tp]]
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{group} not caught up on {behind}")
+            await asyncio.sleep(0.5)
+    finally:
+        await consumer.stop()

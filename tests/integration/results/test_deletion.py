@@ -1,0 +1,61 @@
+"""Deletion receipts on the real broker: a provider that misses its deletion deadline gets
+DeletionOverdue and, when configured, is suspended in the providers registry; dispatch
+then refuses it."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.catalog import DISPATCH_EVENTS
+from schemas.events import DeletionConfirmed, DeletionOverdue, DispatchFailed
+from tests.conftest import ServiceProcess
+from tests.integration.results.conftest import (
+    cleared,
+    count,
+    dispatched,
+    now,
+    provider_record,
+    publish,
+    registry_records,
+    results_for,
+    uid,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def test_missed_deletion_deadline_suspends_provider_and_dispatch_refuses_it(
+    kafka_bootstrap: str, services: dict[str, ServiceProcess]
+) -> None:
+    probe, late, prompt = uid("prb"), uid("late"), uid("prompt")
+    await publish(kafka_bootstrap, [provider_record(late), provider_record(prompt)])
+    results = services["results"]
+    results.start(FRS_RESULTS_TICK_S="0.2", FRS_RESULTS_SUSPEND_ON_DELETION_OVERDUE="true")
+    results.wait_log("consumer started", count=2)
+    await publish(kafka_bootstrap, [
+        cleared(probe, late, prompt), dispatched(probe, late, deletion_s=3),
+        dispatched(probe, prompt, deletion_s=3),
+        DeletionConfirmed(probe_id=probe, provider_id=prompt, confirmed_at=now()),
+    ])
+    events = await wait_for(kafka_bootstrap, probe, lambda es: count(es, DeletionOverdue) >= 1)
+    [overdue] = [e for e in events if isinstance(e, DeletionOverdue)]
+    assert overdue.provider_id == late and overdue.provider_suspended
+    assert overdue.due_at <= now()
+    # The suspension is the provider's latest registry entry; the prompt one stays active.
+    assert (await registry_records(kafka_bootstrap, late))[-1].status == "suspended"
+    assert (await registry_records(kafka_bootstrap, prompt))[-1].status == "active"
+    assert results.stop() == 0
+    assert count(await results_for(kafka_bootstrap, probe), DeletionOverdue) == 1
+
+    # Dispatch (as built on this branch) reads the registry and refuses the provider.
+    dispatch = services["dispatch"]
+    dispatch.start()
+    dispatch.wait_log("consumer started")
+    probe2 = uid("prb")
+    await publish(kafka_bootstrap, [cleared(probe2, late)])
+    out = await wait_for(kafka_bootstrap, probe2, lambda es: count(es, DispatchFailed) >= 1,
+                         topic=DISPATCH_EVENTS.name)
+    [refusal] = [e for e in out if isinstance(e, DispatchFailed)]
+    assert refusal.provider_id == late and refusal.reason == "suspended"
+    assert dispatch.stop() == 0
