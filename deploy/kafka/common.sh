@@ -1,0 +1,47 @@
+# Shared by broker.sh (one node) and cluster.sh (three nodes): Kafka version, jar cache,
+# the java command line, readiness wait, and stopping a pid we started.
+# shellcheck shell=bash
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")
+jars=${FRS_KAFKA_JARS:-${XDG_CACHE_HOME:-$HOME/.cache}/frs-broker/kafka-$version}
+
+die() { echo "$(basename "$0"): $*" >&2; exit 1; }
+
+fetch() {
+  [ -f "$jars/.complete" ] && return 0
+  command -v mvn >/dev/null || die "mvn not found: install Maven (apt-get install maven)"
+  echo "fetching Kafka $version jars into $jars (once)" >&2
+  mkdir -p "$jars"
+  mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$jars" >&2 || die "mvn could not fetch the Kafka jars"
+  touch "$jars/.complete"
+}
+
+storage_tool() { java -cp "$jars/*" kafka.tools.StorageTool "$@"; }
+
+wait_ready() {  # wait_ready BOOTSTRAP SECONDS [MIN_NODES]
+  java -cp "$jars/*" "$here/WaitReady.java" "$1" "$2" "${3:-1}"
+}
+
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+pid_running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+stop_pidfile() {  # stop_pidfile PIDFILE NAME: TERM, wait up to 20 s, then KILL
+  if ! pid_running "$1"; then rm -f "$1"; echo "$2 not running"; return 0; fi
+  local pid
+  pid=$(cat "$1")
+  kill -TERM "$pid"
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+  rm -f "$1"
+  echo "$2 stopped (pid $pid)"
+}
+
+start_java_broker() {  # start_java_broker PROPERTIES LOG PIDFILE HEAP
+  # java itself in the background, so the pid file names the broker, not a subshell.
+  java -Xms128m -Xmx"$4" -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$here/log4j2.properties" -cp "$jars/*" \
+    kafka.Kafka "$1" >>"$2" 2>&1 &
+  echo $! > "$3"
+}
