@@ -1,0 +1,105 @@
+"""Fixtures for the chaos tier: a three-node Kafka cluster (deploy/kafka/cluster.sh) and
+helpers that act on real processes by pid."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from tests.conftest import ROOT
+
+CLUSTER = ROOT / "deploy" / "kafka" / "cluster.sh"
+
+
+def free_port_block(size: int = 6) -> int:
+    """A base port with ``size`` consecutive free ports (three nodes, two ports each)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + size >= 65000:
+            continue
+        ok = True
+        for p in range(base + 1, base + size):
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free block of ports")
+
+
+@dataclass
+class Cluster:
+    """Three KRaft nodes started by cluster.sh; faults are sent to a node by its pid."""
+
+    env: dict[str, str]
+    state: Path
+    bootstrap: str
+
+    def pid(self, node: int) -> int:
+        return int((self.state / f"node{node}" / "broker.pid").read_text())
+
+    def kill(self, node: int, sig: int = signal.SIGKILL) -> None:
+        pid = self.pid(node)
+        os.kill(pid, sig)
+        if sig == signal.SIGKILL:
+            # Reap-free wait: the JVM is not our child (cluster.sh started it).
+            for _ in range(200):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.05)
+
+    def start_node(self, node: int) -> None:
+        subprocess.run([str(CLUSTER), "start-node", str(node)], env=self.env, check=True,
+                       timeout=60)
+
+    def wait_all(self, timeout: int = 120) -> None:
+        """Until a metadata answer lists all three brokers again."""
+        subprocess.run(["bash", "-c", f'source "{ROOT}/deploy/kafka/common.sh"; '
+                        'wait_ready "$1" "$2" 3', "_", self.bootstrap, str(timeout)],
+                       env=self.env, check=True, timeout=timeout + 30, capture_output=True)
+
+    async def leader(self, topic: str, partition: int) -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            for t in await admin.describe_topics([topic]):
+                for p in t["partitions"]:
+                    if p["partition"] == partition:
+                        return int(p["leader"])
+        finally:
+            await admin.close()
+        raise LookupError(f"{topic}/{partition} has no leader")
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state = tmp_path_factory.mktemp("cluster")
+    env = {**os.environ, "FRS_CLUSTER_PORT": str(free_port_block()),
+           "FRS_CLUSTER_STATE": str(state)}
+    subprocess.run([str(CLUSTER), "start"], env=env, check=True, timeout=400)
+    try:
+        bootstrap = subprocess.run([str(CLUSTER), "bootstrap"], env=env, check=True,
+                                   capture_output=True, text=True).stdout.strip()
+        from services.kit.topics import ensure_topics
+
+        asyncio.run(ensure_topics(bootstrap, replication=3))
+        yield Cluster(env, state, bootstrap)
+    finally:
+        subprocess.run([str(CLUSTER), "stop"], env=env, check=False, timeout=120)
