@@ -81,12 +81,18 @@ class Report:
                 "first_problems": [p.__dict__ for p in self.problems[:20]]}
 
 
+def effect_key(env: Envelope) -> tuple[str, str, str]:
+    """Same type, same input, same provider: one effect (one input may fan out to one
+    event per provider, and those are distinct effects)."""
+    return (env.type, env.causation_id or env.id, str(getattr(env.event, "provider_id", "")))
+
+
 def _dedup(envelopes: Iterable[Envelope]) -> list[Envelope]:
-    """One per effect: same type and same causation (a redelivery) collapses to one."""
-    seen: set[tuple[str, str]] = set()
+    """One per effect: a redelivery's repeated output collapses to one."""
+    seen: set[tuple[str, str, str]] = set()
     out = []
     for env in envelopes:
-        key = (env.type, env.causation_id or env.id)
+        key = effect_key(env)
         if key in seen:
             continue
         seen.add(key)
@@ -206,6 +212,7 @@ def _check_probe(pid: str, envs: list[Envelope], requested: bool, report: Report
         if set().union(*got.values()) != want:
             report.add("settlement_mismatch", pid,
                        f"cleared {sorted(want)}, settled {sorted(set().union(*got.values()))}")
+            return
         for provider in want:
             outcome = first.get(provider)
             if outcome is None:
