@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -44,6 +44,10 @@ from services.results.store import TrackerStore
 
 log = logging.getLogger("frs.results")
 
+REVIEWS_PENDING = Gauge("frs_results_reviews_pending",
+                        "Probes waiting for a trained examiner's review.")
+DELETIONS_OVERDUE = Gauge("frs_results_deletion_receipts_overdue",
+                          "Provider deletion receipts past their deadline and still missing.")
 DEADLINES_MISSED = Counter("frs_results_deadlines_missed_total",
                            "NoResponse and DeletionOverdue events emitted, by type.", ["type"])
 
@@ -209,6 +213,9 @@ async def deadline_timer(settings: ResultsSettings, store: TrackerStore,
     while True:
         await asyncio.sleep(settings.tick_s)
         try:
+            reviews, overdue = store.open_counts()
+            REVIEWS_PENDING.set(reviews)
+            DELETIONS_OVERDUE.set(overdue)
             now = utcnow()
             current: set[tuple[str, str, str]] = set()
             for state in list(store.due_before(now)):

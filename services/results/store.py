@@ -73,6 +73,17 @@ class TrackerStore:
         for (text,) in rows:
             yield ProbeState.model_validate_json(text)
 
+    def open_counts(self) -> tuple[int, int]:
+        """(probes awaiting examiner review, provider deletion receipts overdue), for gauges."""
+        reviews = self._db.execute(
+            "SELECT COUNT(*) FROM probes WHERE json_extract(state, '$.review') = 'requested'"
+        ).fetchone()[0]
+        overdue = self._db.execute(
+            "SELECT COUNT(*) FROM probes, json_each(probes.state, '$.providers') AS p "
+            "WHERE json_extract(p.value, '$.deletion') = 'overdue'"
+        ).fetchone()[0]
+        return int(reviews), int(overdue)
+
     def commit(self) -> None:
         self._db.commit()
 
