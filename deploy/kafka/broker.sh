@@ -4,6 +4,7 @@
 #                      background, return when a metadata request succeeds
 #   broker.sh stop     stop the broker this script started (by its pid file), nothing else
 #   broker.sh status   exit 0 when our broker is running and answers
+#   broker.sh resume   start again on the existing data dir (after a crash or a fault test)
 # Environment (defaults in brackets):
 #   FRS_KAFKA_PORT [19092]   client port; the controller uses PORT+1
 #   FRS_KAFKA_STATE [deploy/kafka/.state]   data dir, pid file and log
@@ -39,6 +40,13 @@ start() {
   fi
 }
 
+resume() {
+  pid_running "$pidfile" && { echo "broker already running (pid $(cat "$pidfile")) at $bootstrap"; return 0; }
+  [ -f "$state/server.properties" ] || die "no broker was formatted in $state: run broker.sh start"
+  start_java_broker "$state/server.properties" "$state/broker.log" "$pidfile" "$heap"
+  wait_ready "$bootstrap" 90 || { tail -20 "$state/broker.log" >&2; die "broker did not become ready"; }
+}
+
 stop() { stop_pidfile "$pidfile" broker; }
 
 status() {
@@ -49,8 +57,9 @@ status() {
 
 case "${1:-}" in
   start) start ;;
+  resume) resume ;;
   stop) stop ;;
   status) status ;;
   fetch) fetch ;;
-  *) echo "usage: broker.sh start|stop|status|fetch" >&2; exit 2 ;;
+  *) echo "usage: broker.sh start|resume|stop|status|fetch" >&2; exit 2 ;;
 esac

@@ -107,6 +107,7 @@ def check(
     sends: Mapping[tuple[str, str], int] | None = None,
     audit_positions: Iterable[tuple[str, int, int, str | None]] | None = None,
     audited_topics: Iterable[str] | None = None,
+    audit_records: Sequence[Record] | None = None,
     vault_objects: Mapping[str, datetime] | None = None,
     now: datetime | None = None,
     purge_grace: timedelta = timedelta(minutes=2),
@@ -117,7 +118,8 @@ def check(
     probes (a shared broker holds other tests' too); ``expected_requests`` are request ids
     whose submission was acknowledged; ``sends`` is the simulators' count per
     (probe, provider); ``audit_positions`` the audit store's (topic, partition, offset, id)
-    rows; ``vault_objects`` vault refs still stored with their expiry."""
+    rows, checked against ``audit_records`` (default: every record); ``vault_objects``
+    vault refs still stored with their expiry."""
     report = Report()
     by_probe: dict[str, list[Envelope]] = defaultdict(list)
     requested: dict[str, str] = {}  # probe id -> request id
@@ -155,7 +157,8 @@ def check(
                 report.add("duplicate_send", pid, f"{provider} received it {n} times")
 
     if audit_positions is not None:
-        _check_audit(records, audit_positions, audited_topics, report)
+        _check_audit(records if audit_records is None else audit_records, audit_positions,
+                     audited_topics, report)
 
     provoked = set(provoked_violations)
     for envs in by_probe.values():
