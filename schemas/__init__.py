@@ -1,0 +1,1 @@
+"""The contract: event models, topic catalog, envelope codec, exporters."""

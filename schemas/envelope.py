@@ -26,6 +26,7 @@ CONTENT_TYPE = "application/json"
 CAUSATION_EXT = "causationid"
 TRACEPARENT_EXT = "traceparent"
 Headers = list[tuple[str, bytes]]
+_REQUIRED_HEADERS = ("ce_id", "ce_source", "ce_specversion", "ce_time")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,10 @@ def decode(headers: Headers, key: bytes | None, value: bytes | None) -> Envelope
     header_map = {k: v for k, v in headers}
     if "ce_type" not in header_map:
         raise DecodeError("not_cloudevent", "no ce_type header: not a binary-mode CloudEvent")
+    # The SDK would invent a missing id or time; an event without them is not ours.
+    absent = [h for h in _REQUIRED_HEADERS if h not in header_map]
+    if absent:
+        raise DecodeError("bad_envelope", f"missing header(s): {', '.join(absent)}")
     try:
         ce = ce_kafka.from_binary(
             ce_kafka.KafkaMessage(headers=header_map, key=key, value=value or b""),

@@ -1,0 +1,151 @@
+"""The kit's delivery guarantees on a real broker: redelivery after a crash before
+commit, poison records to the DLQ without blocking the partition, idempotent topics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from schemas.catalog import TOPICS, Topic
+from schemas.envelope import encode
+from schemas.events import DispatchFailed, DispatchFailure, ProbeRejected
+from schemas.types import utcnow
+from services.kit.bus import Publisher
+from services.kit.topics import ensure_topics
+from tests.conftest import ROOT
+from tests.helpers import events_of, subject_is, wait_for
+from tests.integration.relay_service import RELAY_DLQ, RELAY_TOPIC
+
+pytestmark = pytest.mark.integration
+
+RELAY_TOPICS = (
+    Topic(RELAY_TOPIC, "probe_id", 1, 3_600_000, "delete", (), "test input"),
+    Topic(RELAY_DLQ, "key", 1, 3_600_000, "delete", (), "test dlq"),
+)
+
+
+@pytest.fixture
+async def relay_topics(kafka_bootstrap: str) -> None:
+    await ensure_topics(kafka_bootstrap, topics=RELAY_TOPICS)
+
+
+
+
+def start_relay(service_env: dict[str, str], log: Path, kill: bool) -> subprocess.Popen[bytes]:
+    env = {**service_env, "RELAY_KILL_BEFORE_COMMIT": "1" if kill else "0"}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "tests.integration.relay_service"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def failed(probe_id: str) -> DispatchFailed:
+    return DispatchFailed(probe_id=probe_id, provider_id="prov-1",
+                          reason=DispatchFailure.RETRIES_EXHAUSTED, detail="test",
+                          failed_at=utcnow())
+
+
+async def test_sigkill_after_handling_before_commit_redelivers(
+    kafka_bootstrap: str, relay_topics: None, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    probe = f"prb-{uuid.uuid4()}"
+    async with Publisher(kafka_bootstrap, "/test") as pub:
+        fut = await pub.send(failed(probe), topic=RELAY_TOPIC)
+        await fut
+    log = tmp_path / "relay.log"
+    first = start_relay(service_env, log, kill=True)
+    assert first.wait(timeout=60) == -9, log.read_text()
+    # The handler's output was published before the crash ...
+    out = await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe), count=1)
+    assert "fault injection: SIGKILL before commit" in log.read_text()
+    # ... and since the offset was not committed, the restarted consumer handles it again.
+    second = start_relay(service_env, log, kill=False)
+    try:
+        out = await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe), count=2)
+        envelopes = events_of(out)
+        assert len(envelopes) == 2
+        # Both outputs derive from the same input event: a redelivery, not a new request.
+        assert envelopes[0].causation_id == envelopes[1].causation_id is not None
+        assert all(isinstance(e.event, ProbeRejected) for e in envelopes)
+    finally:
+        second.terminate()
+        assert second.wait(timeout=60) == 0
+    # After a clean drain the offset is committed: a third run handles nothing again.
+    third = start_relay(service_env, log, kill=False)
+    try:
+        with pytest.raises(AssertionError):
+            await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe), count=3,
+                           timeout=6)
+    finally:
+        third.terminate()
+        third.wait(timeout=60)
+
+
+async def test_poison_records_go_to_dlq_and_partition_moves_on(
+    kafka_bootstrap: str, relay_topics: None, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    probe = f"prb-{uuid.uuid4()}"
+    key = probe.encode()
+    good = encode(failed(probe), "/test")
+    missing_field = json.loads(good.value)
+    del missing_field["provider_id"]
+    wrong_type = [(k, b"frs.no.such.type.v1" if k == "ce_type" else v) for k, v in good.headers]
+    async with Publisher(kafka_bootstrap, "/test") as pub:
+        for headers, value in (
+            (good.headers, b"this is not json {"),            # not JSON
+            (wrong_type, good.value),                            # unknown type
+            (good.headers, json.dumps(missing_field).encode()),  # lacks a field
+            ([], b"no headers at all"),                          # not a CloudEvent
+            (good.headers, good.value),                          # the next good record
+        ):
+            await (await pub.send_raw(RELAY_TOPIC, key, value, headers))
+    proc = start_relay(service_env, tmp_path / "relay.log", kill=False)
+    try:
+        dlq = await wait_for(kafka_bootstrap, [RELAY_DLQ],
+                             lambda r, _d: r.key == key, count=4)
+        codes = [dict(r.headers)["frs_error_code"].decode() for r, _ in dlq]
+        assert codes == ["not_json", "unknown_type", "invalid_event", "not_cloudevent"]
+        for raw, _ in dlq:
+            headers = dict(raw.headers)
+            assert headers["frs_source_topic"] == RELAY_TOPIC.encode()
+            assert headers["frs_error_service"] == b"relay"
+            assert headers["frs_error"]
+        # The DLQ copy keeps the original headers, so an operator can re-drive it.
+        assert dict(dlq[1][0].headers)["ce_type"] == b"frs.no.such.type.v1"
+        assert "provider_id" in dict(dlq[2][0].headers)["frs_error"].decode()
+        # The good record behind the poison ones on the same partition was processed.
+        out = await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe))
+        assert isinstance(events_of(out)[0].event, ProbeRejected)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert "sent to DLQ" in (tmp_path / "relay.log").read_text()
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+async def test_topics_create_twice_changes_nothing_the_second_time(
+    kafka_bootstrap: str, service_env: dict[str, str]
+) -> None:
+    fresh = Topic(f"frs.test.fresh-{uuid.uuid4().hex[:8]}", "k", 2, 3_600_000, "delete", (),
+                  "test")
+    first = await ensure_topics(kafka_bootstrap, topics=(fresh,))
+    second = await ensure_topics(kafka_bootstrap, topics=(fresh,))
+    assert [s.action for s in first] == ["created"]
+    assert [s.action for s in second] == ["ok"]
+    # The real catalog through the real command: the second run reports every topic ok.
+    run_cli("topics", "create", env=service_env)
+    result = run_cli("topics", "create", "--json", env=service_env)
+    assert result.returncode == 0, result.stderr
+    statuses = json.loads(result.stdout)
+    assert {s["topic"] for s in statuses} == {t.name for t in TOPICS}
+    assert {s["action"] for s in statuses} == {"ok"}
+
+
