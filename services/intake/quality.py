@@ -5,6 +5,9 @@ Faces come from OpenCV's frontal-face Haar cascade (shipped in opencv-python-hea
 Sharpness is the variance of the Laplacian of the largest face, resized to a fixed 112 px
 square (a common face-matcher input), so it does not depend on the photo's resolution;
 exposure is the mean luminance (0..1) of that face, or of the whole image if none is found.
+When the cascade reports several faces, those under 40% of the largest one's size are
+dropped, and of the rest those the eye cascade confirms are kept (all, if none is): the
+frontal cascade's false positives on real photos would otherwise read as a second person.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from PIL import Image
 from schemas.events import QualityReport, RejectReason
 
 _CASCADE = "haarcascade_frontalface_default.xml"
+_EYE_CASCADE = "haarcascade_eye.xml"
 _DETECT_MAX_SIDE = 1024  # detection runs on a downscaled copy: cost is O(pixels)
 _FACE_NORM_PX = 112
+_SECONDARY_FACE_RATIO = 0.4  # faces under 40% of the largest one's size are not counted
 
 
 @dataclass(frozen=True)
@@ -37,11 +42,43 @@ class QualityGate:
 
 
 @cache
-def _cascade() -> Any:
-    classifier = cv2.CascadeClassifier(cv2.data.haarcascades + _CASCADE)  # type: ignore[attr-defined]
+def _cascade(name: str = _CASCADE) -> Any:
+    classifier = cv2.CascadeClassifier(cv2.data.haarcascades + name)  # type: ignore[attr-defined]
     if classifier.empty():
-        raise RuntimeError(f"OpenCV Haar cascade {_CASCADE} could not be loaded")
+        raise RuntimeError(f"OpenCV Haar cascade {name} could not be loaded")
     return classifier
+
+
+def _has_eyes(gray: np.ndarray[Any, Any], face: tuple[int, int, int, int]) -> bool:
+    x, y, w, h = face
+    upper = gray[y : y + h * 2 // 3, x : x + w]
+    if upper.size == 0:
+        return False
+    scale = min(1.0, 200 / max(upper.shape))
+    if scale < 1.0:
+        upper = cv2.resize(upper, (max(1, round(upper.shape[1] * scale)),
+                                   max(1, round(upper.shape[0] * scale))),
+                           interpolation=cv2.INTER_AREA)
+    side = max(8, round(w * scale) // 10)
+    eyes = _cascade(_EYE_CASCADE).detectMultiScale(
+        cv2.equalizeHist(upper), scaleFactor=1.1, minNeighbors=3, minSize=(side, side))
+    return len(eyes) > 0
+
+
+def _plausible(gray: np.ndarray[Any, Any],
+               faces: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Drop the frontal cascade's false positives when it reports several faces."""
+    if not faces:
+        return faces
+    # False positives (cloth folds, patterns) mostly come out far smaller than the real
+    # face; a second person close enough to matter is of comparable size.
+    top = max(max(f[2], f[3]) for f in faces)
+    faces = [f for f in faces if max(f[2], f[3]) >= _SECONDARY_FACE_RATIO * top]
+    if len(faces) > 1:
+        # Of comparable size: keep those the eye cascade confirms (all, if none is).
+        confirmed = [f for f in faces if _has_eyes(gray, f)]
+        faces = confirmed or faces
+    return faces
 
 
 def detect_faces(gray: np.ndarray[Any, Any]) -> list[tuple[int, int, int, int]]:
@@ -51,7 +88,7 @@ def detect_faces(gray: np.ndarray[Any, Any]) -> list[tuple[int, int, int, int]]:
     small = gray if scale == 1.0 else cv2.resize(
         gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     found = _cascade().detectMultiScale(
-        cv2.equalizeHist(small), scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+        cv2.equalizeHist(small), scaleFactor=1.1, minNeighbors=6, minSize=(24, 24))
     return [(round(x / scale), round(y / scale), round(fw / scale), round(fh / scale))
             for (x, y, fw, fh) in found]
 
@@ -63,7 +100,7 @@ def _gray(image: Image.Image) -> np.ndarray[Any, Any]:
 def measure(image: Image.Image) -> tuple[int, int, float, float, int, int]:
     """(faces, largest face px, sharpness, exposure, width, height) of a decoded image."""
     gray = _gray(image)
-    faces = detect_faces(gray)
+    faces = _plausible(gray, detect_faces(gray))
     region = gray
     largest = 0
     if faces:
