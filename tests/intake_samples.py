@@ -24,7 +24,7 @@ def astronaut() -> Image.Image:
 
 def to_jpeg(img: Image.Image, **options: object) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90, **options)
+    img.save(buf, format="JPEG", **{"quality": 90, **options})
     return buf.getvalue()
 
 
@@ -188,3 +188,11 @@ def mpo_jpeg() -> bytes:
 def random_bytes_with_jpeg_magic(size: int) -> bytes:
     rng = np.random.default_rng(7)
     return b"\xff\xd8\xff\xe0" + rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def large_face_jpeg(side: int = 3000) -> bytes:
+    """A ~5 MB, 9 MP face photo (upscaled, with sensor-like noise so it compresses badly)."""
+    big = astronaut().resize((side, side), Image.Resampling.BICUBIC)
+    noise = np.random.default_rng(1).integers(-12, 13, (side, side, 3), dtype=np.int16)
+    arr = np.clip(np.asarray(big).astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    return to_jpeg(Image.fromarray(arr), quality=97)

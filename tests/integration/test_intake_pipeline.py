@@ -164,3 +164,20 @@ async def test_redelivery_after_crash_before_commit_yields_no_second_probe(
     intake.stop()
     objects = files_under(Path(service_env["FRS_STATE_DIR"]) / "vault" / "objects")
     assert len(objects) == 1
+
+
+async def test_multi_megabyte_photo_passes_the_bus(
+    kafka_bootstrap: str, services: dict[str, ServiceProcess], service_env: dict[str, str]
+) -> None:
+    # ~5 MB of JPEG is ~6.7 MB of base64 ciphertext: over Kafka's 1 MB default, within the
+    # request topic's 16 MB limit and under the 10 MB default byte cap.
+    image = s.large_face_jpeg()
+    assert 4_000_000 < len(image) < 10 * 1024 * 1024
+    intake = start_intake(services)
+    req = make_request(service_env, image)
+    await publish(kafka_bootstrap, [req])
+    [env] = (await outcomes(kafka_bootstrap, [req.request_id]))[req.request_id]
+    assert isinstance(env.event, ProbeSubmitted), env.event
+    assert env.event.quality is not None and env.event.quality.width == 3000
+    assert env.event.received_sha256 == hashlib.sha256(image).hexdigest()
+    intake.stop()
