@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from pathlib import Path
@@ -136,6 +137,8 @@ def build(settings: IntakeSettings, publisher: Publisher, registries: Registries
           stack: AsyncExitStack, vault: tuple[Vault, OutcomeLog] | None = None
           ) -> list[Processor]:
     store, outcomes = vault or open_vault(settings, stack)
+    image_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-image")
+    stack.callback(image_worker.shutdown, wait=True, cancel_futures=True)
     intake_ports = handlers.IntakePorts(
         private_key=load_or_create_private_key(settings.private_key_file),
         clock=utcnow, image_ttl=timedelta(hours=settings.image_ttl_hours),
@@ -149,6 +152,7 @@ def build(settings: IntakeSettings, publisher: Publisher, registries: Registries
                          min_sharpness=settings.quality_min_sharpness,
                          min_exposure=settings.quality_min_exposure,
                          max_exposure=settings.quality_max_exposure),
+        image_worker=image_worker,
     )
     policy_ports = handlers.PolicyPorts(registries=registries, clock=utcnow)
 

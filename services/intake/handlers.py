@@ -7,8 +7,10 @@ foundation pass-through that clears every active provider."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -24,6 +26,7 @@ from schemas.events import (
     ProbeRequested,
     ProbeSubmitted,
     ProviderDenial,
+    QualityReport,
     RejectReason,
     RuleDenial,
 )
@@ -31,7 +34,7 @@ from schemas.types import MINIMAL_FIELDS, probe_id_for
 from services.intake.crypto import DecryptError, decrypt_image
 from services.intake.outcomes import OutcomeLog
 from services.intake.quality import QualityGate, assess, rejection
-from services.intake.sanitize import SanitizeError, SanitizeLimits, sanitize
+from services.intake.sanitize import SanitizedImage, SanitizeError, SanitizeLimits, sanitize
 from services.intake.vault import Vault
 from services.kit.registry import Registries
 
@@ -49,6 +52,10 @@ class IntakePorts:
     outcomes: OutcomeLog
     limits: SanitizeLimits = field(default_factory=SanitizeLimits)
     gate: QualityGate = field(default_factory=QualityGate)
+    # Decoding and face detection of a large photo take seconds: off the event loop, so
+    # consumer heartbeats and the purger keep running. One worker: the decompression-bomb
+    # guard is process-global state. None runs the work inline (tests).
+    image_worker: Executor | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ async def on_probe_requested(event: ProbeRequested, ports: IntakePorts) -> list[
         log.info("duplicate request", extra={"probe_id": prior.probe_id,
                                              "outcome": prior.TYPE})
         return [prior]
-    outcome = _intake(event, ports)
+    outcome = await _intake(event, ports)
     ports.outcomes.record(event.request_id, outcome)
     if isinstance(outcome, ProbeRejected):
         log.info("probe rejected", extra={"probe_id": outcome.probe_id,
@@ -75,7 +82,17 @@ async def on_probe_requested(event: ProbeRequested, ports: IntakePorts) -> list[
     return [outcome]
 
 
-def _intake(event: ProbeRequested, ports: IntakePorts) -> ProbeSubmitted | ProbeRejected:
+def _examine(image: bytes, limits: SanitizeLimits,
+             gate: QualityGate) -> tuple[SanitizedImage, QualityReport] | SanitizeError:
+    """Sanitize and assess: the image work, pure and CPU-bound."""
+    try:
+        clean = sanitize(image, limits)
+    except SanitizeError as err:
+        return err
+    return clean, assess(clean.image, gate)
+
+
+async def _intake(event: ProbeRequested, ports: IntakePorts) -> ProbeSubmitted | ProbeRejected:
     probe_id = probe_id_for(event.request_id)
 
     def reject(reason: RejectReason, detail: str) -> ProbeRejected:
@@ -90,11 +107,14 @@ def _intake(event: ProbeRequested, ports: IntakePorts) -> ProbeSubmitted | Probe
     if not event.unedited_attestation:
         return reject(RejectReason.NOT_ATTESTED_UNEDITED,
                       "the submitter did not attest that the probe is an unedited photo")
-    try:
-        clean = sanitize(image, ports.limits)
-    except SanitizeError as err:
-        return reject(err.reason, err.detail)
-    report = assess(clean.image, ports.gate)
+    if ports.image_worker is None:
+        result = _examine(image, ports.limits, ports.gate)
+    else:
+        result = await asyncio.get_running_loop().run_in_executor(
+            ports.image_worker, _examine, image, ports.limits, ports.gate)
+    if isinstance(result, SanitizeError):
+        return reject(result.reason, result.detail)
+    clean, report = result
     refused = rejection(report)
     if refused is not None:
         return reject(*refused)

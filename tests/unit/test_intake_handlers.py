@@ -99,3 +99,29 @@ async def test_invalid_record_gets_one_recorded_outcome(ports: handlers.IntakePo
     assert isinstance(first, ProbeRejected) and first.reason == RejectReason.INVALID_FIELDS
     [again] = await handlers.on_invalid_request(b"req-bad", err, ports)
     assert again == first
+
+
+async def test_image_work_off_the_event_loop(ports: handlers.IntakePorts) -> None:
+    import dataclasses
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: list[str] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-image") as worker:
+        def run(fn: object, *args: object) -> object:
+            seen.append(threading.current_thread().name)
+            return fn(*args)  # type: ignore[operator]
+
+        threaded = dataclasses.replace(ports, image_worker=worker)
+        original = handlers._examine
+        handlers._examine = lambda *a: run(original, *a)  # type: ignore[assignment]
+        try:
+            [ok] = await handlers.on_probe_requested(request(ports, s.face_jpeg(), "t-ok"),
+                                                     threaded)
+            [bad] = await handlers.on_probe_requested(
+                request(ports, s.jpeg_zip_polyglot(), "t-bad"), threaded)
+        finally:
+            handlers._examine = original  # type: ignore[assignment]
+    assert isinstance(ok, ProbeSubmitted)
+    assert isinstance(bad, ProbeRejected) and bad.reason == RejectReason.POLYGLOT
+    assert seen and all(name.startswith("intake-image") for name in seen)
