@@ -10,7 +10,12 @@ ciphertext. Purging deletes the ciphertext and then destroys the wrapped key
 (crypto-shredding): any copy of the ciphertext, in a backup or a replica, is then noise.
 
 The index is SQLite in WAL mode with ``secure_delete`` on and a truncating checkpoint after
-each shred, so the destroyed key does not linger in free pages or the write-ahead log."""
+each shred, so the destroyed key does not linger in free pages or the write-ahead log.
+
+Other services read probes by reference with the same construction (``open_vault`` in
+services/intake/app.py over ``IntakeSettings()``, whose paths derive from the shared
+FRS_STATE_DIR): ``Vault.get(ref)`` returns the sanitized image or raises ``ObjectPurged``
+/ ``UnknownObject``. Only the intake's purger deletes."""
 
 from __future__ import annotations
 
