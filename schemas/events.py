@@ -191,6 +191,16 @@ class ProviderDenial(Model):
 
 
 class PolicyCleared(Event):
+    """The providers a probe may be sent to, and the fields each may receive.
+
+    Contract for dispatch: a clearance is not a standing permission. A provider that is
+    suspended (registry ``status != "active"``) after this decision and before the send
+    must not be sent to: dispatch re-reads the providers registry right before each send
+    and records ``DispatchFailed(reason=suspended)`` instead.
+    ``exigent=True`` means the emergency path waived ``bypassed_rules``; the probe stays
+    flagged until a ``SupervisorReviewRecorded`` for it is on the log. ``inputs`` holds
+    what the policy read, so ``frs policy explain --replay`` can re-evaluate it."""
+
     TYPE: ClassVar[str] = "frs.policy.cleared.v1"
     probe_id: ProbeId
     case_id: CaseId
@@ -202,9 +212,12 @@ class PolicyCleared(Event):
     policy_digest: Sha256Hex
     registry_versions: RegistryVersions
     decided_at: UtcDatetime
+    inputs: DecisionInputs | None = None
 
 
 class PolicyDenied(Event):
+    """No provider cleared: per provider, the rule ids that denied and a sentence each."""
+
     TYPE: ClassVar[str] = "frs.policy.denied.v1"
     probe_id: ProbeId
     case_id: CaseId
@@ -212,6 +225,7 @@ class PolicyDenied(Event):
     policy_digest: Sha256Hex
     registry_versions: RegistryVersions
     decided_at: UtcDatetime
+    inputs: DecisionInputs | None = None
 
 
 class SupervisorReviewRecorded(Event):
@@ -466,6 +480,40 @@ class ProviderRecord(Event):
     def partition_key(self) -> str:
         return self.provider_id
 
+
+
+# --- policy decision inputs (after the registry records they embed) -----------------
+
+
+class PolicyRequest(Model):
+    """The probe's statements the policy reads (no image, no digests)."""
+
+    agent_id: AgentId
+    case_id: CaseId
+    purpose: Purpose
+    roi_refs: list[RoiRef]
+    nexus: list[StateCode]
+    unedited_attestation: bool
+    quality_passed: bool | None = None
+    exigent: bool = False
+    exigent_justification: NonEmptyText | None = None
+    exigent_bypass: list[str] = Field(default_factory=list)
+
+
+class DecisionInputs(Model):
+    """Everything a policy decision read, so it can be replayed from the log alone:
+    the probe's statements, the decision time and the registry entries as they were
+    (``None``: not in the registry)."""
+
+    request: PolicyRequest
+    evaluated_at: UtcDatetime
+    case: CaseRecord | None = None
+    agent: AgentRecord | None = None
+    providers: list[ProviderRecord] = Field(default_factory=list)
+
+
+PolicyCleared.model_rebuild()
+PolicyDenied.model_rebuild()
 
 ALL_EVENTS: tuple[type[Event], ...] = (
     ProbeRequested,

@@ -34,10 +34,9 @@ fetch() {
 
 running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
-java_cmd() {
-  java -Xms128m -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true \
-    -Dlog4j2.configurationFile="$here/log4j2.properties" -cp "$jars/*" "$@"
-}
+java_opts=(-Xms128m -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true
+  -Dlog4j2.configurationFile="$here/log4j2.properties" -cp "$jars/*")
+java_cmd() { java "${java_opts[@]}" "$@"; }
 
 wait_ready() {
   java -cp "$jars/*" "$here/WaitReady.java" "$bootstrap" "${1:-90}"
@@ -46,6 +45,9 @@ wait_ready() {
 start() {
   running && { echo "broker already running (pid $(cat "$pidfile")) at $bootstrap"; return 0; }
   fetch
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "port $port is already in use by another process: set FRS_KAFKA_PORT or stop it"
+  fi
   rm -rf "$state/data"
   mkdir -p "$state/data"
   sed -e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$cport|g" -e "s|@DATA@|$state/data|g" \
@@ -54,9 +56,8 @@ start() {
   cluster=$(java_cmd kafka.tools.StorageTool random-uuid)
   java_cmd kafka.tools.StorageTool format -t "$cluster" -c "$state/server.properties" >"$state/format.log" 2>&1 \
     || { cat "$state/format.log" >&2; die "storage format failed"; }
-  nohup bash -c 'exec "$@"' _ java -Xms128m -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true \
-    -Dlog4j2.configurationFile="$here/log4j2.properties" -cp "$jars/*" \
-    kafka.Kafka "$state/server.properties" >"$state/broker.log" 2>&1 &
+  # java itself in the background, so the pid file names the broker, not a subshell.
+  java "${java_opts[@]}" kafka.Kafka "$state/server.properties" >"$state/broker.log" 2>&1 &
   echo $! > "$pidfile"
   if ! wait_ready 90; then
     tail -20 "$state/broker.log" >&2

@@ -246,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--file", default=None, help="file with a JSON object or list")
     _sub(registry_cmds, "demo", "seed a demo case, agents and provider",
          "frs registry demo", cmd_registry_demo)
+
+    from services.cli import policy as policy_cli  # imports this module: import late
+
+    policy_cli.register_registry(registry_cmds)
+    policy_cli.register(commands)
     bench_intake.register(commands)
     return parser
 

@@ -12,13 +12,24 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from schemas.catalog import PROBE_EVENTS, PROBE_REQUESTS
+from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS, PROBE_REQUESTS
 from schemas.envelope import DecodeError, Envelope
-from schemas.events import Event, ProbeRequested, ProbeSubmitted
+from schemas.events import (
+    Event,
+    PolicyCleared,
+    ProbeRequested,
+    ProbeSubmitted,
+    SupervisorReviewRecorded,
+)
 from schemas.types import utcnow
 from services.intake import handlers
 from services.intake.crypto import load_or_create_private_key
 from services.intake.outcomes import OutcomeLog
+from services.intake.policy import handlers as policy
+from services.intake.policy.engine import PolicyEngine
+from services.intake.policy.reviews import ReviewStore
+from services.intake.policy.settings import PolicySettings
+from services.intake.policy.watch import start_overdue_watch
 from services.intake.purge import Purger
 from services.intake.quality import QualityGate
 from services.intake.sanitize import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, SanitizeLimits
@@ -136,13 +147,13 @@ def build_purger(settings: IntakeSettings, publisher: Publisher, registries: Reg
 def build(settings: IntakeSettings, publisher: Publisher, registries: Registries,
           stack: AsyncExitStack, vault: tuple[Vault, OutcomeLog] | None = None
           ) -> list[Processor]:
-    store, outcomes = vault or open_vault(settings, stack)
+    probe_vault, outcomes = vault or open_vault(settings, stack)
     image_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-image")
     stack.callback(image_worker.shutdown, wait=True, cancel_futures=True)
     intake_ports = handlers.IntakePorts(
         private_key=load_or_create_private_key(settings.private_key_file),
         clock=utcnow, image_ttl=timedelta(hours=settings.image_ttl_hours),
-        vault=store, outcomes=outcomes,
+        vault=probe_vault, outcomes=outcomes,
         limits=SanitizeLimits(max_bytes=settings.max_image_bytes,
                               max_pixels=settings.max_image_pixels,
                               jpeg_quality=settings.jpeg_quality),
@@ -154,7 +165,18 @@ def build(settings: IntakeSettings, publisher: Publisher, registries: Registries
                          max_exposure=settings.quality_max_exposure),
         image_worker=image_worker,
     )
-    policy_ports = handlers.PolicyPorts(registries=registries, clock=utcnow)
+    # Policy: the Cedar set is loaded and type-checked once; a bad set stops the start.
+    policy_settings = PolicySettings()
+    engine = PolicyEngine.load(policy_settings.dir)
+    policy_ports = handlers.PolicyPorts(registries=registries, clock=utcnow, engine=engine)
+    store = ReviewStore(policy_settings.review_db
+                        or settings.state_dir / "policy" / "exigent_reviews.sqlite")
+    stack.callback(store.close)
+    review_ports = policy.ReviewPorts(
+        store=store, registries=registries, clock=utcnow,
+        review_window=timedelta(hours=policy_settings.review_window_hours))
+    start_overdue_watch(store, publisher, utcnow, policy_settings.review_check_interval_s,
+                        stack)
 
     async def probe_requested(event: Any, _env: Envelope) -> list[Event]:
         assert isinstance(event, ProbeRequested)
@@ -167,9 +189,21 @@ def build(settings: IntakeSettings, publisher: Publisher, registries: Registries
         assert isinstance(event, ProbeSubmitted)
         return await handlers.on_probe_submitted(event, policy_ports)
 
+    async def decision_for_review(event: Any, _env: Envelope) -> list[Event]:
+        assert isinstance(event, PolicyCleared)
+        return await policy.on_decision_for_review(event, review_ports)
+
+    async def supervisor_review(event: Any, _env: Envelope) -> list[Event]:
+        assert isinstance(event, SupervisorReviewRecorded)
+        return await policy.on_supervisor_review(event, review_ports)
+
     intake = Route("intake", "frs-intake", (PROBE_REQUESTS.name,),
                    {ProbeRequested: probe_requested}, dlq_for("intake"),
                    on_invalid=invalid_request)
-    policy = Route("policy", "frs-policy", (PROBE_EVENTS.name,),
-                   {ProbeSubmitted: probe_submitted}, dlq_for("policy"))
-    return [processor(settings, intake, publisher), processor(settings, policy, publisher)]
+    gate = Route("policy", "frs-policy", (PROBE_EVENTS.name,),
+                 {ProbeSubmitted: probe_submitted}, dlq_for("policy"))
+    reviews = Route("policy", "frs-policy-reviews", (POLICY_DECISIONS.name,),
+                    {PolicyCleared: decision_for_review,
+                     SupervisorReviewRecorded: supervisor_review}, dlq_for("policy"))
+    return [processor(settings, intake, publisher), processor(settings, gate, publisher),
+            processor(settings, reviews, publisher)]

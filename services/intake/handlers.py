@@ -2,8 +2,8 @@
 
 Intake (``on_probe_requested``): decrypt, attestation, sanitize, quality gate, vault,
 then exactly one ProbeSubmitted or ProbeRejected per request id, recorded so that a
-redelivery re-emits the same outcome. Policy (``on_probe_submitted``) is still the
-foundation pass-through that clears every active provider."""
+redelivery re-emits the same outcome. The policy gate (``on_probe_submitted``,
+``PolicyPorts``) lives in ``services.intake.policy`` and is re-exported here."""
 
 from __future__ import annotations
 
@@ -18,29 +18,25 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from schemas.envelope import DecodeError
 from schemas.events import (
-    ClearedProvider,
     Event,
-    PolicyCleared,
-    PolicyDenied,
     ProbeRejected,
     ProbeRequested,
     ProbeSubmitted,
-    ProviderDenial,
     QualityReport,
     RejectReason,
-    RuleDenial,
 )
-from schemas.types import MINIMAL_FIELDS, probe_id_for
+from schemas.types import probe_id_for
 from services.intake.crypto import DecryptError, decrypt_image
 from services.intake.outcomes import OutcomeLog
+from services.intake.policy.handlers import PolicyPorts, on_probe_submitted
 from services.intake.quality import QualityGate, assess, rejection
 from services.intake.sanitize import SanitizedImage, SanitizeError, SanitizeLimits, sanitize
 from services.intake.vault import Vault
-from services.kit.registry import Registries
+
+__all__ = ["IntakePorts", "PolicyPorts", "on_invalid_request", "on_probe_requested",
+           "on_probe_submitted", "reject_invalid_request"]
 
 log = logging.getLogger("frs.intake")
-
-PASS_THROUGH_POLICY_DIGEST = "0" * 64
 
 
 @dataclass(frozen=True)
@@ -56,12 +52,6 @@ class IntakePorts:
     # consumer heartbeats and the purger keep running. One worker: the decompression-bomb
     # guard is process-global state. None runs the work inline (tests).
     image_worker: Executor | None = None
-
-
-@dataclass(frozen=True)
-class PolicyPorts:
-    registries: Registries
-    clock: Callable[[], datetime]
 
 
 async def on_probe_requested(event: ProbeRequested, ports: IntakePorts) -> list[Event]:
@@ -158,24 +148,3 @@ async def on_invalid_request(key: bytes | None, err: DecodeError,
     log.info("probe rejected", extra={"probe_id": rejected.probe_id,
                                       "reason": rejected.reason.value})
     return [rejected]
-
-
-async def on_probe_submitted(event: ProbeSubmitted, ports: PolicyPorts) -> list[Event]:
-    registries = ports.registries
-    active = [p for p in registries.providers.values() if p.status == "active"]
-    if not active:
-        return [PolicyDenied(
-            probe_id=event.probe_id, case_id=event.case_id,
-            denied=[ProviderDenial(provider_id="none", rules=[
-                RuleDenial(rule_id="REQ-PROVIDER", message="no active provider is registered")
-            ])],
-            policy_digest=PASS_THROUGH_POLICY_DIGEST,
-            registry_versions=registries.versions, decided_at=ports.clock(),
-        )]
-    return [PolicyCleared(
-        probe_id=event.probe_id, case_id=event.case_id,
-        cleared=[ClearedProvider(provider_id=p.provider_id, transport=p.transport,
-                                 fields=list(MINIMAL_FIELDS)) for p in active],
-        policy_digest=PASS_THROUGH_POLICY_DIGEST,
-        registry_versions=registries.versions, decided_at=ports.clock(),
-    )]

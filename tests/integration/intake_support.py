@@ -27,8 +27,8 @@ def start_intake(services: dict[str, ServiceProcess], count: int = 1,
                  **env: str) -> ServiceProcess:
     intake = services["intake"]
     intake.start(**env)
-    # Both of the process's consumers (intake and policy) have joined.
-    intake.wait_log('"msg":"consumer started"', timeout=60, count=2 * count)
+    # The intake consumer has started (``count``: how many runs of it share this log).
+    intake.wait_log('"msg":"consumer started","group":"frs-intake"', timeout=60, count=count)
     return intake
 
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole suite against a real Kafka broker that this script starts and stops.
+# Installs what is missing first (Debian packages, .venv, npm tools, Kafka jars).
+#   deploy/test.sh                 everything: lint, types, contract, unit, integration, e2e
+#   deploy/test.sh tests/unit      any pytest arguments narrow the run
+# FRS_KAFKA_BOOTSTRAP=host:port uses an existing broker instead of starting one.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+STATE=$(mktemp -d "${TMPDIR:-/tmp}/frs-test.XXXXXX")
+export STATE
+
+ensure_tools
+ensure_venv
+ensure_npm_tools
+deploy/kafka/broker.sh fetch
+
+log "ruff"
+"$VENV/bin/ruff" check schemas services tests deploy
+log "mypy --strict"
+"$VENV/bin/mypy" schemas services
+log "contract: exported schemas match the models, AsyncAPI document validates"
+"$PY" -m schemas export --check
+node tests/contract/validate-asyncapi.mjs schemas/asyncapi.yaml
+
+own_broker=0
+cleanup() {
+  stop_started
+  if [ "$own_broker" = 1 ]; then
+    FRS_KAFKA_PORT=$KPORT FRS_KAFKA_STATE=$STATE/kafka deploy/kafka/broker.sh stop >&2 || true
+  fi
+  rm -rf "$STATE"
+}
+trap cleanup EXIT
+if [ -z "${FRS_KAFKA_BOOTSTRAP:-}" ]; then
+  KPORT=$("$PY" -c 'from tests.conftest import free_port_pair; print(free_port_pair())')
+  log "starting Kafka on 127.0.0.1:$KPORT"
+  own_broker=1
+  FRS_KAFKA_PORT=$KPORT FRS_KAFKA_STATE=$STATE/kafka deploy/kafka/broker.sh start
+  export FRS_KAFKA_BOOTSTRAP=127.0.0.1:$KPORT
+fi
+
+log "pytest"
+set +e
+"$PY" -m pytest -q -p no:cacheprovider "${@:-tests}"
+rc=$?
+set -e
+# pytest exits 5 when it collected nothing: that is a failure of the suite, not a pass.
+[ "$rc" = 5 ] && echo "no tests were collected" >&2
+exit "$rc"

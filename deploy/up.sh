@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Start frs-broker locally: Kafka, every service, then one sample probe through it all.
+#   deploy/up.sh          keeps running until Ctrl-C, then stops what it started
+#   deploy/up.sh --demo   exits 0 after the sample probe and stops what it started
+# Installs what is missing first (Debian packages, .venv, Kafka jars). State: .state/
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+demo=0
+[ "${1:-}" = "--demo" ] && demo=1
+STATE=$ROOT/.state
+export STATE
+mkdir -p "$STATE/logs"
+
+ensure_tools
+ensure_venv
+
+export FRS_STATE_DIR=$STATE
+export FRS_INTAKE_PRIVATE_KEY_FILE=$STATE/keys/intake.key.pem
+export FRS_AUDIT_STORE_DIR=$STATE/audit
+export FRS_KAFKA_PORT=${FRS_KAFKA_PORT:-19092}
+export FRS_KAFKA_STATE=$STATE/kafka
+own_broker=0
+cleanup() {
+  log "stopping services"
+  stop_started
+  [ "$own_broker" = 1 ] && deploy/kafka/broker.sh stop >&2
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [ -z "${FRS_KAFKA_BOOTSTRAP:-}" ]; then
+  log "starting Kafka on 127.0.0.1:$FRS_KAFKA_PORT"
+  own_broker=1
+  deploy/kafka/broker.sh start
+  export FRS_KAFKA_BOOTSTRAP=127.0.0.1:$FRS_KAFKA_PORT
+fi
+"$PY" -m services.cli topics create >/dev/null
+rm -rf "$FRS_AUDIT_STORE_DIR"
+
+log "starting services (logs in .state/logs/)"
+for svc in intake dispatch results audit; do
+  start_bg "$svc" "$STATE/logs/$svc.log" "$PY" -m "services.$svc"
+done
+for _ in $(seq 1 100); do
+  [ -f "$STATE/keys/intake.key.pub.pem" ] && grep -q '"consumer started"' "$STATE/logs/audit.log" && break
+  sleep 0.2
+done
+
+log "registering a demo case, agent and provider"
+"$PY" -m services.cli registry demo
+"$PY" -c 'import sys; from skimage import data; from PIL import Image; Image.fromarray(data.astronaut()).save(sys.argv[1], quality=92)' "$STATE/sample.jpg"
+
+log "submitting a sample probe"
+request_id=demo-$(date +%s)
+"$PY" -m services.cli submit --image "$STATE/sample.jpg" --case CASE-1 --agent agent-7 \
+  --purpose human_trafficking --roi ROI-1 --source surveillance --nexus VA \
+  --request-id "$request_id" --intake-public-key "$STATE/keys/intake.key.pub.pem"
+
+log "event timeline of $request_id (time, type, topic[partition]@offset, source)"
+"$PY" -m services.cli timeline "$request_id" --until frs.candidates.received.v1 --wait 60
+
+if [ "$demo" = 1 ]; then
+  exit 0
+fi
+log "running; Ctrl-C stops everything this script started"
+wait

@@ -1,0 +1,1 @@
+"""The policy gate: Cedar policies over the case, agent and provider registries."""
