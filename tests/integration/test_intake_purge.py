@@ -97,8 +97,9 @@ async def test_closed_case_purges_its_probes_within_one_sweep(
     await publish(kafka_bootstrap, [case(closing, "closed")])
     events = await purged_events(kafka_bootstrap, {e.probe_id for e in
                                                    (submitted[r.request_id] for r in reqs)})
-    # One sweep interval plus the registry follower's and the test reader's lag.
-    assert time.monotonic() - closed_at < interval + 8
+    # One sweep interval plus the registry follower's and this reader's lag (a loaded CI
+    # machine reads slowly); the unit test pins "one sweep" exactly. Default TTL is 72 h.
+    assert time.monotonic() - closed_at < interval + 20
     assert {e.reason for e in events} == {PurgeReason.CASE_CLOSED}
     assert {e.vault_ref for e in events} == set(refs)
 
