@@ -38,6 +38,8 @@ _EVENT_RETENTION = 365 * DAY_MS
 PROBE_REQUESTS = Topic(
     "frs.probe.requests", "request_id", 3, HOUR_MS, "delete", (ev.ProbeRequested,),
     "Upstream submissions; the image is encrypted to the intake's key.",
+    # A 10 MB image is ~13.4 MB once encrypted and base64-encoded: above the broker's 1 MB.
+    {"max.message.bytes": str(16 * 1024 * 1024)},
 )
 PROBE_EVENTS = Topic(
     "frs.probe.events", "probe_id", 3, _EVENT_RETENTION, "delete",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS, PROBE_REQUESTS
@@ -22,11 +24,26 @@ from schemas.events import (
 from schemas.types import utcnow
 from services.intake import handlers
 from services.intake.crypto import load_or_create_private_key
+from services.intake.outcomes import OutcomeLog
 from services.intake.policy import handlers as policy
 from services.intake.policy.engine import PolicyEngine
 from services.intake.policy.reviews import ReviewStore
 from services.intake.policy.settings import PolicySettings
 from services.intake.policy.watch import start_overdue_watch
+from services.intake.purge import Purger
+from services.intake.quality import QualityGate
+from services.intake.sanitize import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, SanitizeLimits
+from services.intake.vault import (
+    FileObjectStore,
+    KeyWrapper,
+    KmsKek,
+    LocalKek,
+    ObjectStore,
+    S3ObjectStore,
+    Vault,
+    VaultIndex,
+    open_db,
+)
 from services.kit.bus import Processor, Publisher, RawRecord, Route
 from services.kit.registry import Registries
 from services.kit.service import dlq_for, processor
@@ -41,13 +58,112 @@ class IntakeSettings(ServiceSettings):
     private_key_file: Path = Field(Path(".state/keys/intake.key.pem"),
                                    description="The intake's X25519 private key (PEM).")
     image_ttl_hours: float = Field(72.0, gt=0, description="Image lifetime after submission.")
+    # Sanitizer (REQ-SANITIZE)
+    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0,
+                                 description="Byte cap on a received image (10 MB).")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0,
+                                  description="Pixel cap; Pillow's bomb guard is lowered to it.")
+    jpeg_quality: int = Field(92, ge=50, le=100, description="Quality of the JPEG re-encode.")
+    # Quality gate (REQ-QUALITY)
+    quality_gate_enabled: bool = Field(True, description="Reject on a failed quality check.")
+    quality_max_faces: int = Field(1, ge=1, description="Most faces a probe may show.")
+    quality_min_face_px: int = Field(64, ge=1, description="Smallest usable face, pixels.")
+    quality_min_sharpness: float = Field(40.0, ge=0, description="Least Laplacian variance "
+                                         "of the face at 112 px.")
+    quality_min_exposure: float = Field(0.15, ge=0, le=1, description="Darkest mean luminance.")
+    quality_max_exposure: float = Field(0.90, ge=0, le=1,
+                                        description="Brightest mean luminance.")
+    # Vault (REQ-ENCRYPT) and purge (REQ-TTL)
+    vault_dir: Path | None = Field(None, description="Vault index and filesystem objects; "
+                                   "default <FRS_STATE_DIR>/vault.")
+    vault_backend: Literal["filesystem", "s3"] = Field("filesystem",
+                                                       description="Where ciphertexts live.")
+    s3_bucket: str = Field("frs-vault", description="S3 bucket for the s3 backend.")
+    s3_prefix: str = Field("", description="Key prefix inside the bucket.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None: AWS.")
+    kek_backend: Literal["local", "kms"] = Field("local", description="What wraps data keys.")
+    kek_file: Path | None = Field(None, description="Local key-encryption key (0600); "
+                                  "default <FRS_STATE_DIR>/keys/vault.kek.")
+    kms_key_id: str | None = Field(None, description="KMS key id or ARN for the kms backend.")
+    kms_endpoint_url: str | None = Field(None, description="KMS endpoint; None: AWS.")
+    aws_region: str = Field("us-east-1", description="Region for S3 and KMS clients.")
+    purge_interval_s: float = Field(60.0, gt=0, description="Seconds between purge sweeps.")
+    fault_kill_mid_purge: int = Field(
+        0, ge=0, description="Tests only: SIGKILL after shredding the Nth object, "
+        "before announcing it.")
+
+    @model_validator(mode="after")
+    def _vault_secure_outside_local(self) -> IntakeSettings:
+        if not self.local_mode and self.kek_backend == "local":
+            raise ValueError("FRS_INTAKE_KEK_BACKEND=kms is required outside local mode")
+        if self.kek_backend == "kms" and not self.kms_key_id:
+            raise ValueError("FRS_INTAKE_KMS_KEY_ID is required with the kms key backend")
+        return self
+
+    @property
+    def vault_root(self) -> Path:
+        return self.vault_dir or self.state_dir / "vault"
+
+
+def _key_wrapper(settings: IntakeSettings) -> KeyWrapper:
+    if settings.kek_backend == "kms":
+        import boto3
+
+        assert settings.kms_key_id is not None
+        kms = boto3.client("kms", endpoint_url=settings.kms_endpoint_url,
+                           region_name=settings.aws_region)
+        return KmsKek(kms, settings.kms_key_id)
+    return LocalKek(settings.kek_file or settings.state_dir / "keys" / "vault.kek")
+
+
+def _object_store(settings: IntakeSettings) -> ObjectStore:
+    if settings.vault_backend == "s3":
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url,
+                          region_name=settings.aws_region)
+        return S3ObjectStore(s3, settings.s3_bucket, settings.s3_prefix)
+    return FileObjectStore(settings.vault_root / "objects")
+
+
+def open_vault(settings: IntakeSettings, stack: AsyncExitStack) -> tuple[Vault, OutcomeLog]:
+    """The vault and the request-outcome log share one local SQLite file."""
+    conn = open_db(settings.vault_root / "intake.db")
+    stack.callback(conn.close)
+    vault = Vault(VaultIndex(conn), _object_store(settings), _key_wrapper(settings))
+    return vault, OutcomeLog(conn)
+
+
+def build_purger(settings: IntakeSettings, publisher: Publisher, registries: Registries,
+                 vault: Vault) -> Purger:
+    async def publish(events: Sequence[Event]) -> None:
+        await publisher.publish(events)
+
+    return Purger(vault, lambda: registries.cases, publish, utcnow,
+                  interval_s=settings.purge_interval_s,
+                  fault_kill_mid_purge=settings.fault_kill_mid_purge)
 
 
 def build(settings: IntakeSettings, publisher: Publisher, registries: Registries,
-          stack: AsyncExitStack) -> list[Processor]:
+          stack: AsyncExitStack, vault: tuple[Vault, OutcomeLog] | None = None
+          ) -> list[Processor]:
+    probe_vault, outcomes = vault or open_vault(settings, stack)
+    image_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-image")
+    stack.callback(image_worker.shutdown, wait=True, cancel_futures=True)
     intake_ports = handlers.IntakePorts(
         private_key=load_or_create_private_key(settings.private_key_file),
         clock=utcnow, image_ttl=timedelta(hours=settings.image_ttl_hours),
+        vault=probe_vault, outcomes=outcomes,
+        limits=SanitizeLimits(max_bytes=settings.max_image_bytes,
+                              max_pixels=settings.max_image_pixels,
+                              jpeg_quality=settings.jpeg_quality),
+        gate=QualityGate(enabled=settings.quality_gate_enabled,
+                         max_faces=settings.quality_max_faces,
+                         min_face_px=settings.quality_min_face_px,
+                         min_sharpness=settings.quality_min_sharpness,
+                         min_exposure=settings.quality_min_exposure,
+                         max_exposure=settings.quality_max_exposure),
+        image_worker=image_worker,
     )
     # Policy: the Cedar set is loaded and type-checked once; a bad set stops the start.
     policy_settings = PolicySettings()
@@ -67,7 +183,7 @@ def build(settings: IntakeSettings, publisher: Publisher, registries: Registries
         return await handlers.on_probe_requested(event, intake_ports)
 
     async def invalid_request(raw: RawRecord, err: DecodeError) -> list[Event]:
-        return [handlers.reject_invalid_request(raw.key, err)]
+        return await handlers.on_invalid_request(raw.key, err, intake_ports)
 
     async def probe_submitted(event: Any, _env: Envelope) -> list[Event]:
         assert isinstance(event, ProbeSubmitted)

@@ -1,0 +1,178 @@
+"""``frs bench intake``: images/s through the full intake path against bare image work.
+
+Full path: the intake handler on a real (temporary) vault: decrypt, attestation, sanitize
+(structural checks, full decode, orientation, metadata drop, re-encode, digests), quality
+(Haar faces, sharpness, exposure), vault put (data key, AES-256-GCM, fsynced object and
+SQLite index) and the outcome record. Baseline, on the same images in the same run: bare
+Pillow decode + re-encode + the same Haar cascade. The ratio full/baseline says what the
+checks and the vault cost over the unavoidable image work."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import PIL
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from PIL import Image
+
+from schemas.events import ProbeRequested, ProbeSubmitted
+from schemas.types import ImageSource, Purpose, utcnow
+from services.intake import handlers
+from services.intake.crypto import encrypt_image
+from services.intake.outcomes import OutcomeLog
+from services.intake.quality import detect_faces
+from services.intake.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
+
+
+def sample_images(count: int) -> list[bytes]:
+    """A mix of sizes and formats built from scikit-image's astronaut photo."""
+    from skimage import data as skdata
+
+    base = Image.fromarray(skdata.astronaut())  # type: ignore[no-untyped-call]
+    sizes = (512, 768, 1024, 640)
+    images: list[bytes] = []
+    for i in range(count):
+        side = sizes[i % len(sizes)]
+        img = base.resize((side, side), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        if i % 5 == 4:
+            img.save(buf, format="PNG")
+        else:
+            img.save(buf, format="JPEG", quality=85 + i % 10)
+        images.append(buf.getvalue())
+    return images
+
+
+def baseline_one(data: bytes) -> float:
+    started = time.perf_counter()
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    out = io.BytesIO()
+    img.convert("RGB").save(out, format="JPEG" if img.format == "JPEG" else "PNG", quality=92)
+    detect_faces(np.asarray(img.convert("L")))
+    return time.perf_counter() - started
+
+
+def _request(data: bytes, key: X25519PrivateKey, request_id: str) -> ProbeRequested:
+    return ProbeRequested(
+        request_id=request_id, case_id="CASE-BENCH", agent_id="agent-bench",
+        purpose=Purpose.FINANCIAL_FRAUD, roi_refs=["ROI-1"],
+        image_source=ImageSource.OTHER, unedited_attestation=True,
+        image=encrypt_image(data, key.public_key(), request_id),
+    )
+
+
+async def one_round(images: list[bytes], root: Path, round_no: int) -> tuple[float, float]:
+    """(full path seconds, baseline seconds) over all images, alternating image by image
+    so that load from other processes on a shared machine weighs on both alike."""
+    key = X25519PrivateKey.generate()
+    conn = open_db(root / f"round{round_no}" / "intake.db")
+    ports = handlers.IntakePorts(
+        private_key=key, clock=utcnow, image_ttl=timedelta(hours=72),
+        vault=Vault(VaultIndex(conn), FileObjectStore(root / f"round{round_no}" / "objects"),
+                    LocalKek(root / "kek")),
+        outcomes=OutcomeLog(conn),
+    )
+    # Encrypting is the upstream's work, not the intake's: done before the clock starts.
+    requests = [_request(d, key, f"bench-{round_no}-{i}") for i, d in enumerate(images)]
+    full = base = 0.0
+    for data, req in zip(images, requests, strict=True):
+        base += baseline_one(data)
+        started = time.perf_counter()
+        [out] = await handlers.on_probe_requested(req, ports)
+        full += time.perf_counter() - started
+        if not isinstance(out, ProbeSubmitted):
+            raise RuntimeError(f"bench image rejected: {getattr(out, 'reason', out)}")
+    conn.close()
+    return full, base
+
+
+async def run_bench(count: int, rounds: int) -> dict[str, Any]:
+    images = sample_images(count)
+    for data in images[:2]:  # warm caches and the cascades
+        baseline_one(data)
+    full_s: list[float] = []
+    base_s: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="frs-bench-") as tmp:
+        await one_round(images[:2], Path(tmp), -1)
+        for r in range(rounds):
+            full, base = await one_round(images, Path(tmp), r)
+            full_s.append(full)
+            base_s.append(base)
+    full_ips = count / statistics.median(full_s)
+    base_ips = count / statistics.median(base_s)
+    ratios = [b / f for f, b in zip(full_s, base_s, strict=True)]
+    return {
+        "benchmark": "intake",
+        "images": count,
+        "rounds": rounds,
+        "image_bytes_total": sum(len(i) for i in images),
+        "full_path": {"images_per_s": round(full_ips, 2),
+                      "median_s": round(statistics.median(full_s), 4),
+                      "steps": "decrypt+attestation+sanitize+quality+vault put+outcome"},
+        "baseline": {"images_per_s": round(base_ips, 2),
+                     "median_s": round(statistics.median(base_s), 4),
+                     "steps": "Pillow decode+re-encode+Haar"},
+        "ratio_full_to_baseline": round(full_ips / base_ips, 3),
+        "ratio_per_round": [round(r, 3) for r in ratios],
+        "machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "pillow": PIL.__version__,
+                    "opencv": cv2.__version__,
+                    "load_average_1m": round(os.getloadavg()[0], 2)},
+    }
+
+
+async def cmd_bench_intake(args: argparse.Namespace, _settings: object) -> int:
+    if args.images < 1 or args.rounds < 1:
+        sys.stderr.write("frs: --images and --rounds must be at least 1\n")
+        return 2
+    result = await run_bench(args.images, args.rounds)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        sys.stdout.write(
+            f"full intake path {result['full_path']['images_per_s']} images/s, "
+            f"bare decode+re-encode+Haar {result['baseline']['images_per_s']} images/s, "
+            f"ratio {result['ratio_full_to_baseline']} "
+            f"({result['images']} images x {result['rounds']} rounds, "
+            f"{result['machine']['nproc']} cpus)\n")
+    return 0
+
+
+def _bench_commands(commands: Any) -> Any:
+    """The ``bench`` group's subparsers, shared with other areas' benchmarks."""
+    existing = commands.choices.get("bench")
+    if existing is not None:
+        for action in existing._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action
+    bench = commands.add_parser("bench", help="benchmarks, as JSON with same-run baselines")
+    return bench.add_subparsers(dest="bench_command", required=True)
+
+
+def register(commands: Any) -> None:
+    parser: argparse.ArgumentParser = _bench_commands(commands).add_parser(
+        "intake", help="images/s of the full intake path vs bare decode+re-encode+Haar",
+        description="images/s of the full intake path (decrypt, sanitize, quality, vault "
+                    "put) and of bare Pillow decode+re-encode+Haar on the same images, "
+                    "in the same run, and their ratio",
+        epilog="example:\n  frs bench intake --json --images 20 --rounds 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--images", type=int, default=20, help="images per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the median counts")
+    parser.set_defaults(func=cmd_bench_intake)

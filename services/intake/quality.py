@@ -1,0 +1,155 @@
+"""Probe quality (REQ-QUALITY): faces found, largest face size, sharpness, exposure, and a
+configurable gate that rejects images a 1:N search cannot use.
+
+Faces come from OpenCV's frontal-face Haar cascade (shipped in opencv-python-headless 4.x).
+Sharpness is the variance of the Laplacian of the largest face, resized to a fixed 112 px
+square (a common face-matcher input), so it does not depend on the photo's resolution;
+exposure is the mean luminance (0..1) of that face, or of the whole image if none is found.
+When the cascade reports several faces, those under 40% of the largest one's size are
+dropped, and of the rest those the eye cascade confirms are kept (all, if none is): the
+frontal cascade's false positives on real photos would otherwise read as a second person.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from schemas.events import QualityReport, RejectReason
+
+_CASCADE = "haarcascade_frontalface_default.xml"
+_EYE_CASCADE = "haarcascade_eye.xml"
+_DETECT_MAX_SIDE = 1024  # detection runs on a downscaled copy: cost is O(pixels)
+_FACE_NORM_PX = 112
+_SECONDARY_FACE_RATIO = 0.4  # faces under 40% of the largest one's size are not counted
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    """What a usable probe needs. ``enabled=False`` reports without rejecting."""
+
+    enabled: bool = True
+    max_faces: int = 1
+    min_face_px: int = 64
+    min_sharpness: float = 40.0
+    min_exposure: float = 0.15
+    max_exposure: float = 0.90
+
+
+@cache
+def _cascade(name: str = _CASCADE) -> Any:
+    classifier = cv2.CascadeClassifier(cv2.data.haarcascades + name)  # type: ignore[attr-defined]
+    if classifier.empty():
+        raise RuntimeError(f"OpenCV Haar cascade {name} could not be loaded")
+    return classifier
+
+
+def _has_eyes(gray: np.ndarray[Any, Any], face: tuple[int, int, int, int]) -> bool:
+    x, y, w, h = face
+    upper = gray[y : y + h * 2 // 3, x : x + w]
+    if upper.size == 0:
+        return False
+    scale = min(1.0, 200 / max(upper.shape))
+    if scale < 1.0:
+        upper = cv2.resize(upper, (max(1, round(upper.shape[1] * scale)),
+                                   max(1, round(upper.shape[0] * scale))),
+                           interpolation=cv2.INTER_AREA)
+    side = max(8, round(w * scale) // 10)
+    eyes = _cascade(_EYE_CASCADE).detectMultiScale(
+        cv2.equalizeHist(upper), scaleFactor=1.1, minNeighbors=3, minSize=(side, side))
+    return len(eyes) > 0
+
+
+def _plausible(gray: np.ndarray[Any, Any],
+               faces: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Drop the frontal cascade's false positives when it reports several faces."""
+    if not faces:
+        return faces
+    # False positives (cloth folds, patterns) mostly come out far smaller than the real
+    # face; a second person close enough to matter is of comparable size.
+    top = max(max(f[2], f[3]) for f in faces)
+    faces = [f for f in faces if max(f[2], f[3]) >= _SECONDARY_FACE_RATIO * top]
+    if len(faces) > 1:
+        # Of comparable size: keep those the eye cascade confirms (all, if none is).
+        confirmed = [f for f in faces if _has_eyes(gray, f)]
+        faces = confirmed or faces
+    return faces
+
+
+def detect_faces(gray: np.ndarray[Any, Any]) -> list[tuple[int, int, int, int]]:
+    """Face boxes (x, y, w, h) in the coordinates of ``gray``."""
+    h, w = gray.shape[:2]
+    scale = min(1.0, _DETECT_MAX_SIDE / max(h, w))
+    small = gray if scale == 1.0 else cv2.resize(
+        gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    found = _cascade().detectMultiScale(
+        cv2.equalizeHist(small), scaleFactor=1.1, minNeighbors=6, minSize=(24, 24))
+    return [(round(x / scale), round(y / scale), round(fw / scale), round(fh / scale))
+            for (x, y, fw, fh) in found]
+
+
+def _gray(image: Image.Image) -> np.ndarray[Any, Any]:
+    return np.asarray(image.convert("L"))
+
+
+def measure(image: Image.Image) -> tuple[int, int, float, float, int, int]:
+    """(faces, largest face px, sharpness, exposure, width, height) of a decoded image."""
+    gray = _gray(image)
+    faces = _plausible(gray, detect_faces(gray))
+    region = gray
+    largest = 0
+    if faces:
+        x, y, fw, fh = max(faces, key=lambda f: f[2] * f[3])
+        largest = max(fw, fh)
+        region = gray[y : y + fh, x : x + fw]
+    norm = cv2.resize(region, (_FACE_NORM_PX, _FACE_NORM_PX), interpolation=cv2.INTER_AREA)
+    sharpness = float(cv2.Laplacian(norm, cv2.CV_64F).var())
+    exposure = float(region.mean()) / 255.0 if region.size else 0.0
+    return len(faces), largest, sharpness, exposure, image.width, image.height
+
+
+def assess(image: Image.Image, gate: QualityGate | None = None) -> QualityReport:
+    gate = gate or QualityGate()
+    faces, largest, sharpness, exposure, width, height = measure(image)
+    failures: list[str] = []
+    # Order matters: the first failure is the rejection reason. Exposure comes before
+    # sharpness because a dark face also has a low Laplacian variance.
+    if faces == 0:
+        failures.append(RejectReason.NO_FACE.value)
+    elif faces > gate.max_faces:
+        failures.append(RejectReason.MULTIPLE_FACES.value)
+    if faces and largest < gate.min_face_px:
+        failures.append(RejectReason.FACE_TOO_SMALL.value)
+    if not gate.min_exposure <= exposure <= gate.max_exposure:
+        failures.append(RejectReason.BAD_EXPOSURE.value)
+    if faces and sharpness < gate.min_sharpness:
+        failures.append(RejectReason.TOO_BLURRED.value)
+    return QualityReport(
+        width=width, height=height, faces_found=faces, largest_face_px=largest,
+        sharpness=round(sharpness, 3), exposure=round(min(max(exposure, 0.0), 1.0), 4),
+        passed=not failures or not gate.enabled, failures=failures,
+    )
+
+
+_DETAILS = {
+    RejectReason.NO_FACE: "no face was found",
+    RejectReason.MULTIPLE_FACES: "more faces than the gate allows",
+    RejectReason.FACE_TOO_SMALL: "the largest face is smaller than the gate's minimum",
+    RejectReason.BAD_EXPOSURE: "the face is under- or over-exposed",
+    RejectReason.TOO_BLURRED: "the face is too blurred",
+}
+
+
+def rejection(report: QualityReport) -> tuple[RejectReason, str] | None:
+    """The reason to reject, or None when the report passed the gate."""
+    if report.passed or not report.failures:
+        return None
+    reason = RejectReason(report.failures[0])
+    return reason, (f"{_DETAILS[reason]} (faces={report.faces_found}, "
+                    f"largest_face_px={report.largest_face_px}, "
+                    f"sharpness={report.sharpness:.1f}, exposure={report.exposure:.3f})")

@@ -1,0 +1,128 @@
+"""Purger: stored expiries, case closing, crypto-shredding, restart mid-sweep (tmp files)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from schemas.events import CaseRecord, Event, ImagePurged, PurgeReason
+from schemas.types import Purpose
+from services.intake.purge import Purger, purge_metrics
+from services.intake.vault import (
+    FileObjectStore,
+    LocalKek,
+    ObjectPurged,
+    Vault,
+    VaultIndex,
+    open_db,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def gauge() -> float | None:
+    purge_metrics()  # registered once per process
+    return REGISTRY.get_sample_value("frs_intake_vault_objects_past_expiry")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def make_vault(root: Path) -> Vault:
+    return Vault(VaultIndex(open_db(root / "intake.db")), FileObjectStore(root / "objects"),
+                 LocalKek(root / "kek"))
+
+
+class Sink:
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.events: list[Event] = []
+        self.fail_after = fail_after
+
+    async def __call__(self, events: Sequence[Event]) -> None:
+        if self.fail_after is not None and len(self.events) >= self.fail_after:
+            raise ConnectionError("broker went away")
+        self.events.extend(events)
+
+
+def case(case_id: str, status: str) -> CaseRecord:
+    return CaseRecord(case_id=case_id, status=status,  # type: ignore[arg-type]
+                      offense_category=Purpose.FINANCIAL_FRAUD, updated_at=T0)
+
+
+def fill(vault: Vault, n: int, case_id: str = "C1", ttl_h: float = 1) -> list[str]:
+    return [vault.put(probe_id=f"prb-{case_id}-{i}", case_id=case_id, data=b"img" * 100,
+                      created_at=T0, expires_at=T0 + timedelta(hours=ttl_h)) for i in range(n)]
+
+
+async def test_purges_only_what_is_past_expiry(tmp_path: Path) -> None:
+    vault, clock, sink = make_vault(tmp_path), Clock(), Sink()
+    fill(vault, 2, "C1", ttl_h=1)
+    fill(vault, 1, "C2", ttl_h=72)
+    purger = Purger(vault, dict, sink, clock)
+    assert await purger.sweep() == []
+    clock.now = T0 + timedelta(hours=2)
+    out = await purger.sweep()
+    assert sorted(e.probe_id for e in out) == ["prb-C1-0", "prb-C1-1"]
+    assert all(isinstance(e, ImagePurged) and e.reason == PurgeReason.EXPIRED for e in out)
+    assert sink.events == out
+    assert len(list((tmp_path / "objects").rglob("*.bin"))) == 1
+    assert gauge() == 0
+    assert await purger.sweep() == []  # nothing announced twice
+
+
+async def test_closed_case_purges_within_one_sweep(tmp_path: Path) -> None:
+    vault, clock, sink = make_vault(tmp_path), Clock(), Sink()
+    refs = fill(vault, 2, "C1", ttl_h=72)
+    fill(vault, 1, "C2", ttl_h=72)
+    cases = {"C1": case("C1", "open"), "C2": case("C2", "open")}
+    purger = Purger(vault, lambda: cases, sink, clock)
+    assert await purger.sweep() == []
+    cases["C1"] = case("C1", "closed")
+    clock.now = T0 + timedelta(minutes=5)
+    out = await purger.sweep()
+    assert {e.vault_ref for e in out} == set(refs)
+    assert {e.reason for e in out} == {PurgeReason.CASE_CLOSED}
+    assert all(e.expires_at == clock.now for e in out)
+
+
+async def test_gauge_counts_objects_past_expiry_when_purge_fails(tmp_path: Path) -> None:
+    vault, clock = make_vault(tmp_path), Clock()
+    fill(vault, 3, ttl_h=1)
+    clock.now = T0 + timedelta(hours=2)
+    purger = Purger(vault, dict, Sink(fail_after=0), clock)
+    with pytest.raises(ConnectionError):
+        await purger.sweep()
+    # The first object is shredded (state 'purged', unannounced); two are still live.
+    assert gauge() == 3
+    assert vault.index.count_past_expiry(clock.now) == 2
+
+
+async def test_restart_mid_sweep_finishes_it(tmp_path: Path) -> None:
+    vault, clock = make_vault(tmp_path), Clock()
+    refs = fill(vault, 5, ttl_h=1)
+    copies = {r: vault.read_ciphertext(r) for r in refs}
+    clock.now = T0 + timedelta(hours=2)
+    first = Sink(fail_after=2)  # the third announcement dies, as a crash would
+    with pytest.raises(ConnectionError):
+        await Purger(vault, dict, first, clock).sweep()
+    assert len(first.events) == 2
+    # A new process over the same files: the sweep is finished, nothing is lost.
+    vault2 = make_vault(tmp_path)
+    second = Sink()
+    out = await Purger(vault2, dict, second, clock).sweep()
+    announced = {e.vault_ref for e in first.events} | {e.vault_ref for e in out}
+    assert announced == set(refs)
+    assert {e.vault_ref for e in first.events}.isdisjoint({e.vault_ref for e in out})
+    assert not list((tmp_path / "objects").rglob("*.bin"))
+    for ref, blob in copies.items():
+        with pytest.raises(ObjectPurged):
+            vault2.open_blob(ref, blob)

@@ -1,0 +1,88 @@
+"""Operations artefacts: alert rules with promtool tests, a dashboard whose every query
+names a metric the services declare. (The e2e test checks them against live scrapes.)"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import yaml
+
+from tests.conftest import ROOT
+
+PROM = ROOT / "deploy" / "prometheus"
+GRAFANA = ROOT / "deploy" / "grafana"
+# The kit gives every consumer group's service these families (services/kit/metrics.py).
+KIT_FAMILIES = ("events_in_total", "events_out_total", "handler_failures_total", "dlq_total",
+                "handler_seconds", "consumer_lag_messages")
+NAME = re.compile(r"\bfrs_[a-z_]+\b")
+PATTERN = re.compile(r'__name__=~"([^"]+)"')
+
+
+def declared_metrics() -> set[str]:
+    """Metric names the code declares: literals, plus the kit's families per Route."""
+    names: set[str] = set()
+    for path in (ROOT / "services").rglob("*.py"):
+        text = path.read_text()
+        names |= {m for m in re.findall(r'"(frs_[a-z_]+)"', text)
+                  if not m.startswith(("frs_error", "frs_source"))}
+        for service in re.findall(r'Route\(\s*"([a-z_-]+)"', text):
+            names |= {f"frs_{service}_{f}" for f in KIT_FAMILIES}
+    return names
+
+
+def referenced(exprs: list[str]) -> tuple[set[str], set[str]]:
+    names, patterns = set(), set()
+    for expr in exprs:
+        patterns |= set(PATTERN.findall(expr))
+        expr = PATTERN.sub("", expr)
+        names |= {re.sub(r"_(bucket|sum|count)$", "", n) for n in NAME.findall(expr)}
+    return names, patterns
+
+
+def alert_exprs() -> list[str]:
+    rules = yaml.safe_load((PROM / "alerts.yml").read_text())
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+def dashboard_exprs() -> list[str]:
+    import json
+
+    board = json.loads((GRAFANA / "dashboards" / "frs-broker.json").read_text())
+    return [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+
+
+def test_promtool_checks_config_and_unit_tests_every_alert() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: deploy/test.sh installs Debian's prometheus package"
+    for args in (["check", "config", "prometheus.yml"], ["test", "rules", "alerts.test.yml"]):
+        result = subprocess.run([promtool, *args], cwd=PROM, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+    tested = set(re.findall(r"alertname: (\w+)", (PROM / "alerts.test.yml").read_text()))
+    defined = {r["alert"] for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
+               for r in g["rules"]}
+    assert defined == tested, f"alerts without a unit test: {defined - tested}"
+
+
+def test_dashboard_is_generated_from_its_source() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dashboard", GRAFANA / "dashboard.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (GRAFANA / "dashboards" / "frs-broker.json").read_text() == module.render(), \
+        "run `python deploy/grafana/dashboard.py` and commit"
+
+
+def test_every_query_names_a_declared_metric() -> None:
+    declared = declared_metrics()
+    for source, exprs in (("dashboard", dashboard_exprs()), ("alerts", alert_exprs())):
+        names, patterns = referenced(exprs)
+        assert names - {"frs_"} <= declared, f"{source} names unknown metrics: " \
+            f"{sorted(names - declared)}"
+        for pattern in patterns:
+            assert any(re.fullmatch(pattern, d) for d in declared), \
+                f"{source}: {pattern} matches no declared metric"
