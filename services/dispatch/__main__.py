@@ -13,7 +13,7 @@ async def main(settings: DispatchSettings) -> None:
     stack = AsyncExitStack()
     publisher = await start_publisher(settings, stack)
     registries = await start_registries(settings, stack)
-    await run_service(settings, build(settings, publisher, registries), stack)
+    await run_service(settings, build(settings, publisher, registries, stack), stack)
 
 
 if __name__ == "__main__":
