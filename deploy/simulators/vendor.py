@@ -28,6 +28,7 @@ import signal
 import ssl
 import sys
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,12 +74,14 @@ class VendorState:
     peak_in_flight: int = 0
     webhook_posts: int = 0
     webhook_failures: int = 0
+    first_request_at: float | None = None  # monotonic, for throughput
+    last_accepted_at: float | None = None
 
 
 class VendorSimulator:
     def __init__(self, behaviour: VendorBehaviour | None = None, *, host: str = "127.0.0.1",
                  port: int = 0, pki_dir: Path | None = None, require_client_cert: bool = False,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, ca: SimulatorCA | None = None) -> None:
         self.behaviour = behaviour or VendorBehaviour()
         self.state = VendorState()
         self.host = host
@@ -90,11 +93,11 @@ class VendorSimulator:
             self._tmp = tempfile.TemporaryDirectory(prefix="frs-vendor-")
             pki_dir = Path(self._tmp.name)
         self.pki_dir = pki_dir
-        self.ca = SimulatorCA("frs vendor simulator CA")
+        self.ca = ca or SimulatorCA("frs vendor simulator CA")
         self.ca_file = pki_dir / "vendor-ca.crt"
         pki_dir.mkdir(parents=True, exist_ok=True)
         self.ca_file.write_bytes(self.ca.cert_pem)
-        self._cert, self._key = self.ca.server().write(pki_dir, "vendor-server")
+        self._cert, self._key = self.ca.server().write(pki_dir, f"vendor-{id(self)}")
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: ClientSession | None = None
@@ -117,6 +120,7 @@ class VendorSimulator:
         app.router.add_post("/search", self._search)
         app.router.add_get("/_sim/state", self._state)
         app.router.add_post("/_sim/behaviour", self._set_behaviour)
+        app.router.add_post("/_sim/reset", self._reset)
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(self._cert, self._key)
         if self.require_client_cert:
@@ -153,6 +157,8 @@ class VendorSimulator:
 
     async def _search(self, request: web.Request) -> web.StreamResponse:
         state = self.state
+        if state.first_request_at is None:
+            state.first_request_at = time.monotonic()
         state.in_flight += 1
         state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
         try:
@@ -207,6 +213,7 @@ class VendorSimulator:
             return web.json_response({"request_ref": self.state.accepted[key],
                                       "duplicate": True}, status=200)
         self.state.accepted[key] = ref
+        self.state.last_accepted_at = time.monotonic()
         self.state.received.append(dataclasses.replace(record, accepted=True))
         if b.webhook_url:
             self._spawn(self._answer(ref, b))
@@ -258,8 +265,14 @@ class VendorSimulator:
             "copies": dict(s.copies), "accepted": len(s.accepted),
             "in_flight": s.in_flight, "peak_in_flight": s.peak_in_flight,
             "webhook_posts": s.webhook_posts, "webhook_failures": s.webhook_failures,
+            "busy_s": (s.last_accepted_at - s.first_request_at)
+            if s.first_request_at is not None and s.last_accepted_at is not None else None,
             "received": [dataclasses.asdict(r) for r in s.received],
         })
+
+    async def _reset(self, _request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"reset": True})
 
     async def _set_behaviour(self, request: web.Request) -> web.Response:
         changes = await request.json()

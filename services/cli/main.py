@@ -20,6 +20,7 @@ from schemas.catalog import TOPICS
 from schemas.envelope import Envelope
 from schemas.events import AgentRecord, CaseRecord, Event, ProviderRecord
 from schemas.types import ImageSource, Purpose, probe_id_for
+from services.cli import dispatch as dispatch_cli
 from services.cli.client import submit_probe
 from services.kit.bus import Publisher, read_topic
 from services.kit.settings import ServiceSettings
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--file", default=None, help="file with a JSON object or list")
     _sub(registry_cmds, "demo", "seed a demo case, agents and provider",
          "frs registry demo", cmd_registry_demo)
+    dispatch_cli.register(commands)
     return parser
 
 

@@ -38,6 +38,7 @@ class DispatchSettings(ServiceSettings):
                                       populate_by_name=True)
     service: str = "dispatch"
     metrics_port: int = Field(9302, description="Port for /metrics.")
+    group_id: str = Field("frs-dispatch", description="Consumer group; probes use <group>-probes.")
     ledger_file: Path | None = Field(None, description="Default: <state dir>/dispatch/ledger.db")
     image_source: Literal["vault", "test-file"] = Field(
         "vault", description="Where probe images are read; test-file only in local mode.")
@@ -162,9 +163,9 @@ def build(settings: DispatchSettings, publisher: Publisher, registries: Registri
         assert isinstance(event, ImagePurged)
         return await handlers.on_image_purged(event, ports)
 
-    sends = Route("dispatch", "frs-dispatch", (POLICY_DECISIONS.name,),
+    sends = Route("dispatch", settings.group_id, (POLICY_DECISIONS.name,),
                   {PolicyCleared: policy_cleared}, dlq_for("dispatch"))
-    probes = Route("dispatch", "frs-dispatch-probes", (PROBE_EVENTS.name,),
+    probes = Route("dispatch", f"{settings.group_id}-probes", (PROBE_EVENTS.name,),
                    {ProbeSubmitted: probe_submitted, ImagePurged: image_purged},
                    dlq_for("dispatch"))
     return [processor(settings, probes, publisher), processor(settings, sends, publisher)]
