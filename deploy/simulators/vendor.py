@@ -186,7 +186,6 @@ class VendorSimulator:
             photo_bytes = b""
         if ref is not None:
             self.state.copies[ref] += 1
-        duplicate = key is not None and key in self.state.accepted
         record = Received(
             request_ref=ref, idempotency_key=key, fields=tuple(sorted(body)),
             values={k: v for k, v in body.items() if k != "photo"},
@@ -196,6 +195,8 @@ class VendorSimulator:
         )
         if b.latency_s:
             await asyncio.sleep(b.latency_s)
+        # Checked after the work, at accept time: a resend racing the original is a duplicate.
+        duplicate = key is not None and key in self.state.accepted
         roll = self._rng.random()
         if roll < b.error_rate:
             self.state.received.append(record)

@@ -327,3 +327,39 @@ async def test_circuit_opens_after_repeated_failures_and_closes_after_recovery(
     for x in later:
         assert first(after[(x, p.provider_id)], ProviderDispatched).attempts == 1
     assert len(vendor.state.accepted) == 4
+
+
+async def test_sigkill_mid_send_is_resolved_by_the_idempotency_key(rig: Rig) -> None:
+    """Killed while sends are in flight (outcome unknown): the restart resends HTTPS with
+    the same Idempotency-Key, and the vendor keeps exactly one copy of each."""
+    n = 120
+    async with VendorSimulator(VendorBehaviour(latency_s=0.5)) as vendor:
+        web = rig.provider("web", Transport.HTTPS, vendor.url)
+        await rig.publish(list(rig.providers))
+        probes = await rig.clear(n, [cleared(web.provider_id, Transport.HTTPS)])
+        env = {"FRS_DISPATCH_CA_FILE": str(vendor.ca_file)}
+        rig.start(**env)
+        deadline = asyncio.get_running_loop().time() + 60
+        while vendor.state.in_flight < 10 or not vendor.state.accepted:
+            assert asyncio.get_running_loop().time() < deadline, "no sends in flight"
+            await asyncio.sleep(0.05)
+        assert rig.dispatch.kill() == -9  # SIGKILL with sends on the wire
+        in_flight_at_kill = vendor.state.in_flight
+        rig.start(**env)
+        by_pair = await outcomes(rig.bootstrap, probes, n, timeout_s=120)
+        assert await rig.stop() == 0
+        await asyncio.sleep(0.6)  # let the killed run's orphaned requests finish
+    assert in_flight_at_kill > 0
+    refs = {first(by_pair[(p, web.provider_id)], ProviderDispatched).request_ref
+            for p in probes}
+    assert len(refs) == n
+    accepted_refs = Counter(vendor.state.accepted.values())
+    assert set(accepted_refs) == refs and set(accepted_refs.values()) == {1}
+    resent = [r for r in refs if vendor.copies(r) > 1]
+    assert resent, "some sends had an unknown outcome and were resent"
+    keys_by_ref: dict[str, set[str | None]] = {}
+    for rec in vendor.state.received:
+        keys_by_ref.setdefault(rec.request_ref or "", set()).add(rec.idempotency_key)
+    assert all(len(keys) == 1 for keys in keys_by_ref.values()), "one key per request_ref"
+    stored = Counter(rec.request_ref for rec in vendor.state.received if rec.accepted)
+    assert set(stored.values()) == {1}, "the vendor stored each request once"

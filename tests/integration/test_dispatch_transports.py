@@ -3,6 +3,7 @@ SMTP server (aiosmtpd) whose mail is decrypted with openssl and with cryptograph
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email
 import email.policy
@@ -194,3 +195,45 @@ async def test_smime_errors(face_jpeg: bytes, smime_identity: tuple[str, Path, P
     with pytest.raises(TransientError):
         await closed.send(request(provider(Transport.SMIME_EMAIL, "inbox@provider.test",
                                            cert_pem), face_jpeg))
+
+
+async def test_vendor_simulator_answers_on_the_webhook(face_jpeg: bytes) -> None:
+    from aiohttp import web
+
+    got: list[dict[str, object]] = []
+    arrived = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        if len(got) == 3:
+            arrived.set()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        behaviour = VendorBehaviour(webhook_url=f"http://127.0.0.1:{port}/hook",
+                                    answer_twice=True, candidates=4)
+        async with VendorSimulator(behaviour) as sim:
+            transport = HttpsTransport(client_tls_context(sim.ca_file))
+            req = request(provider(Transport.HTTPS, sim.url), face_jpeg)
+            try:
+                await transport.send(req)
+            finally:
+                await transport.close()
+            await asyncio.wait_for(arrived.wait(), 10)
+    finally:
+        await runner.cleanup()
+    answer, twice, receipt = got
+    assert answer == twice and answer["kind"] == "candidates"
+    assert answer["request_ref"] == req.request_ref
+    ranks = [c["rank"] for c in answer["candidates"]]  # type: ignore[attr-defined]
+    assert ranks == [1, 2, 3, 4]
+    scores = [c["score"] for c in answer["candidates"]]  # type: ignore[attr-defined]
+    assert scores == sorted(scores, reverse=True)
+    assert receipt == {"kind": "deletion_confirmed", "request_ref": req.request_ref}

@@ -319,3 +319,28 @@ async def test_unknown_outcome_resolution(env: Env) -> None:
     assert isinstance(by["mail"], DispatchFailed)
     assert by["mail"].reason is DispatchFailure.OUTCOME_UNKNOWN
     assert (env.https.calls, env.email.calls) == (1, 0)
+
+
+async def test_per_provider_concurrency_limit() -> None:
+    import asyncio
+
+    peak = [0, 0]
+
+    class Slow:
+        idempotent_resend = True
+
+        async def send(self, request: SendRequest) -> SendResult:
+            peak[0] += 1
+            peak[1] = max(peak)
+            await asyncio.sleep(0.01)
+            peak[0] -= 1
+            return SendResult()
+
+        async def close(self) -> None:
+            return None
+    guards = ProviderGuards(concurrency=3, failure_threshold=5, open_s=1)
+    outs = await asyncio.gather(*(
+        deliver(_request(), Slow(), guards, RetryPolicy(), record_attempt=_counter(),
+                still_active=lambda: True) for _ in range(12)))
+    assert all(isinstance(o, Delivered) for o in outs)
+    assert peak[1] == 3
