@@ -5,8 +5,11 @@ ProbeSubmitted (and purges) in the ledger; ``frs-dispatch`` sends on PolicyClear
 
 from __future__ import annotations
 
+import asyncio
 import functools
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +42,11 @@ class DispatchSettings(ServiceSettings):
     service: str = "dispatch"
     metrics_port: int = Field(9302, description="Port for /metrics.")
     group_id: str = Field("frs-dispatch", description="Consumer group; probes use <group>-probes.")
+    instance_id: str | None = Field(
+        None, description="Stable id of this instance (like group.instance.id): a restart "
+                          "resolves its own unfinished claims at once. Default: random.")
+    claim_lease_s: float = Field(5.0, gt=0, description="Another instance's claim without a "
+                                                        "heartbeat this long is taken over.")
     ledger_file: Path | None = Field(None, description="Default: <state dir>/dispatch/ledger.db")
     image_source: Literal["vault", "test-file"] = Field(
         "vault", description="Where probe images are read; test-file only in local mode.")
@@ -128,7 +136,8 @@ def build_transports(settings: DispatchSettings) -> dict[Transport, ProviderTran
 
 def build_ports(settings: DispatchSettings, registries: Registries,
                 stack: AsyncExitStack) -> handlers.DispatchPorts:
-    ledger = SqliteLedger(settings.ledger_file or settings.state_dir / "dispatch" / "ledger.db")
+    ledger = SqliteLedger(settings.ledger_file or settings.state_dir / "dispatch" / "ledger.db",
+                          owner=settings.instance_id)
     stack.callback(ledger.close)
     transports = build_transports(settings)
     for transport in transports.values():
@@ -144,12 +153,25 @@ def build_ports(settings: DispatchSettings, registries: Registries,
                           settings.retry_max_delay_s, settings.attempt_timeout_s),
         hooks=metrics, probe_wait_s=settings.probe_wait_s,
         unknown_outcome_email=settings.unknown_outcome_email,
+        claim_lease_s=settings.claim_lease_s,
     )
 
 
+@dataclass(frozen=True)
+class DispatchApp:
+    processors: list[Processor]
+    background: list[Callable[[], Coroutine[Any, Any, None]]]
+
+
 def build(settings: DispatchSettings, publisher: Publisher, registries: Registries,
-          stack: AsyncExitStack) -> list[Processor]:
+          stack: AsyncExitStack) -> DispatchApp:
     ports = build_ports(settings, registries, stack)
+    ledger = ports.ledger
+
+    async def heartbeat() -> None:
+        while True:
+            await ledger.heartbeat()
+            await asyncio.sleep(settings.claim_lease_s / 5)
 
     async def policy_cleared(event: Any, _env: Envelope) -> list[Event]:
         assert isinstance(event, PolicyCleared)
@@ -168,4 +190,5 @@ def build(settings: DispatchSettings, publisher: Publisher, registries: Registri
     probes = Route("dispatch", f"{settings.group_id}-probes", (PROBE_EVENTS.name,),
                    {ProbeSubmitted: probe_submitted, ImagePurged: image_purged},
                    dlq_for("dispatch"))
-    return [processor(settings, probes, publisher), processor(settings, sends, publisher)]
+    return DispatchApp([processor(settings, probes, publisher),
+                        processor(settings, sends, publisher)], [heartbeat])

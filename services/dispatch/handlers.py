@@ -5,6 +5,7 @@ transports). Kafka is not imported here; app.py wires the ports."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,6 +31,8 @@ from services.dispatch.payloads import PhotoNotCleared, build_payload, payload_d
 from services.dispatch.transports.base import ProviderTransport, SendRequest
 from services.kit.registry import Registries
 
+log = logging.getLogger("frs.dispatch")
+
 
 class ProbeNotYetKnown(Exception):
     """The clearance arrived before its ProbeSubmitted: the kit retries, then the DLQ."""
@@ -49,6 +52,9 @@ class DispatchPorts:
     # Email cannot prove a crashed send did not go out: resend with the same Message-ID,
     # or give up with outcome_unknown. HTTPS and Rekognition always resend safely.
     unknown_outcome_email: Literal["resend", "fail"] = "resend"
+    # Another live instance's claim (rebalance): wait this long since its last heartbeat
+    # for its outcome before treating the claim as abandoned.
+    claim_lease_s: float = 5.0
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
@@ -96,6 +102,8 @@ async def _dispatch_one(event: PolicyCleared, cleared: ClearedProvider, info: Pr
     provider_id = cleared.provider_id
     ledger = ports.ledger
     claim = await ledger.claim(event.probe_id, provider_id)
+    if claim.state == "unknown" and claim.owner != ledger.owner:
+        claim = await _await_other_owner(event.probe_id, provider_id, claim, ports)
     if claim.state == "done":
         return claim.outcome  # already sent or failed: re-emit, never resend
     events = await _decide_and_send(event, cleared, info, claim, ports)
@@ -105,7 +113,26 @@ async def _dispatch_one(event: PolicyCleared, cleared: ClearedProvider, info: Pr
             ports.hooks.outcome(provider_id, "dispatched")
         elif isinstance(e, DispatchFailed):
             ports.hooks.outcome(provider_id, e.reason.value)
+            log.warning("dispatch failed", extra={"probe_id": e.probe_id, "provider": provider_id,
+                                                  "reason": e.reason.value,
+                                                  "attempts": e.attempts})
     return events
+
+
+async def _await_other_owner(probe_id: str, provider_id: str, claim: Claim,
+                             ports: DispatchPorts) -> Claim:
+    """After a rebalance the previous owner may still be sending: wait for its outcome
+    while its heartbeat is fresh, then take the claim over."""
+    while claim.state == "unknown" and claim.owner != ports.ledger.owner:
+        beat = claim.heartbeat_at or claim.claimed_at
+        if (ports.clock() - beat).total_seconds() > ports.claim_lease_s:
+            log.warning("taking over an abandoned claim",
+                        extra={"probe_id": probe_id, "provider": provider_id})
+            await ports.ledger.take_over(probe_id, provider_id)
+            break
+        await ports.sleep(0.2)
+        claim = await ports.ledger.claim(probe_id, provider_id)
+    return claim
 
 
 async def _decide_and_send(event: PolicyCleared, cleared: ClearedProvider, info: ProbeInfo,

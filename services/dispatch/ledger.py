@@ -64,14 +64,20 @@ class Claim:
     attempts: int
     claimed_at: datetime
     outcome: list[Event]
+    owner: str = ""
+    heartbeat_at: datetime | None = None
 
 
 class Ledger(Protocol):
+    owner: str
+
     async def remember_probe(self, probe_id: str, vault_ref: str, agent_id: str) -> None: ...
     async def mark_purged(self, probe_id: str) -> None: ...
     async def probe(self, probe_id: str) -> ProbeInfo | None: ...
     async def claim(self, probe_id: str, provider_id: str) -> Claim: ...
     async def record_attempt(self, probe_id: str, provider_id: str) -> int: ...
+    async def take_over(self, probe_id: str, provider_id: str) -> None: ...
+    async def heartbeat(self) -> int: ...
     async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> None: ...
 
 
@@ -84,7 +90,8 @@ CREATE TABLE IF NOT EXISTS sends (
   probe_id TEXT NOT NULL, provider_id TEXT NOT NULL, dispatch_id TEXT NOT NULL,
   request_ref TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('claimed', 'done')),
   attempts INTEGER NOT NULL DEFAULT 0, claimed_at TEXT NOT NULL, finished_at TEXT,
-  outcome TEXT, PRIMARY KEY (probe_id, provider_id)
+  outcome TEXT, owner TEXT NOT NULL DEFAULT '', heartbeat_at TEXT,
+  PRIMARY KEY (probe_id, provider_id)
 );
 """
 
@@ -101,7 +108,10 @@ def _load(text: str | None) -> list[Event]:
 class SqliteLedger:
     """One connection, used from one worker thread, so the event loop never blocks on fsync."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, owner: str | None = None) -> None:
+        # Which process holds a claim: another live owner's claim is waited for, not resent.
+        self.owner = owner or f"dispatch-{uuid.uuid4()}"
+        self._held: set[tuple[str, str]] = set()  # claims this owner is working on
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
@@ -109,7 +119,8 @@ class SqliteLedger:
 
     @staticmethod
     def _open(path: str) -> sqlite3.Connection:
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                             timeout=30.0)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
@@ -153,28 +164,39 @@ class SqliteLedger:
             now = utcnow()
             inserted = self._db.execute(
                 "INSERT INTO sends (probe_id, provider_id, dispatch_id, request_ref, state, "
-                "claimed_at) VALUES (?, ?, ?, ?, 'claimed', ?) "
+                "claimed_at, owner, heartbeat_at) VALUES (?, ?, ?, ?, 'claimed', ?, ?, ?) "
                 "ON CONFLICT (probe_id, provider_id) DO NOTHING",
-                (probe_id, provider_id, dispatch_id, request_ref, now.isoformat()),
+                (probe_id, provider_id, dispatch_id, request_ref, now.isoformat(), self.owner,
+                 now.isoformat()),
             ).rowcount
             if inserted:
-                return Claim(dispatch_id, request_ref, "new", 0, now, [])
-            state, attempts, claimed_at, outcome = self._db.execute(
-                "SELECT state, attempts, claimed_at, outcome FROM sends "
+                self._held.add((probe_id, provider_id))
+                return Claim(dispatch_id, request_ref, "new", 0, now, [], self.owner, now)
+            state, attempts, claimed_at, outcome, owner, heartbeat = self._db.execute(
+                "SELECT state, attempts, claimed_at, outcome, owner, heartbeat_at FROM sends "
                 "WHERE probe_id = ? AND provider_id = ?", (probe_id, provider_id)).fetchone()
             return Claim(dispatch_id, request_ref, "done" if state == "done" else "unknown",
-                         attempts, datetime.fromisoformat(claimed_at), _load(outcome))
+                         attempts, datetime.fromisoformat(claimed_at), _load(outcome), owner,
+                         datetime.fromisoformat(heartbeat) if heartbeat else None)
         result: Claim = await self._run(claim)
         return result
 
     async def record_attempt(self, probe_id: str, provider_id: str) -> int:
         def bump() -> int:
             row = self._db.execute(
-                "UPDATE sends SET attempts = attempts + 1 WHERE probe_id = ? AND provider_id = ? "
-                "RETURNING attempts", (probe_id, provider_id)).fetchone()
+                "UPDATE sends SET attempts = attempts + 1, heartbeat_at = ? "
+                "WHERE probe_id = ? AND provider_id = ? RETURNING attempts",
+                (utcnow().isoformat(), probe_id, provider_id)).fetchone()
             return int(row[0]) if row else 0
         result: int = await self._run(bump)
         return result
+
+    async def take_over(self, probe_id: str, provider_id: str) -> None:
+        self._held.add((probe_id, provider_id))
+        await self._run(self._db.execute,
+                        "UPDATE sends SET owner = ?, heartbeat_at = ? "
+                        "WHERE probe_id = ? AND provider_id = ? AND state = 'claimed'",
+                        (self.owner, utcnow().isoformat(), probe_id, provider_id))
 
     async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> None:
         await self._run(
@@ -183,6 +205,18 @@ class SqliteLedger:
             "WHERE probe_id = ? AND provider_id = ?",
             (utcnow().isoformat(), _dump(events), probe_id, provider_id),
         )
+        self._held.discard((probe_id, provider_id))
+
+    async def heartbeat(self) -> int:
+        """Mark this owner's open claims alive, so other instances wait instead of resending."""
+        held = list(self._held)
+        if held:
+            now = utcnow().isoformat()
+            await self._run(self._db.executemany,
+                            "UPDATE sends SET heartbeat_at = ? WHERE probe_id = ? AND "
+                            "provider_id = ? AND owner = ? AND state = 'claimed'",
+                            [(now, p, q, self.owner) for p, q in held])
+        return len(held)
 
     async def counts(self) -> dict[str, int]:
         def read() -> dict[str, int]:

@@ -30,7 +30,7 @@ class Outbound(BaseModel):
 class HttpsPayload(Outbound):
     """JSON body of the vendor upload (see services/dispatch/README.md)."""
 
-    photo: Base64Photo | None = None
+    photo: Base64Photo | None = Field(default=None, repr=False)
     agent_id: AgentId | None = None
     request_ref: RequestRef | None = None
 
@@ -38,7 +38,7 @@ class HttpsPayload(Outbound):
 class EmailPayload(Outbound):
     """The JSON document inside the S/MIME envelope."""
 
-    photo: Base64Photo | None = None
+    photo: Base64Photo | None = Field(default=None, repr=False)
     agent_id: AgentId | None = None
     request_ref: RequestRef | None = None
 

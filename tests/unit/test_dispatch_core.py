@@ -344,3 +344,41 @@ async def test_per_provider_concurrency_limit() -> None:
                 still_active=lambda: True) for _ in range(12)))
     assert all(isinstance(o, Delivered) for o in outs)
     assert peak[1] == 3
+
+
+async def test_another_live_owner_is_awaited_and_a_dead_one_taken_over(tmp_path: Any) -> None:
+    import asyncio
+
+    from schemas.types import utcnow
+
+    path = tmp_path / "shared.db"
+    a, b = SqliteLedger(path, owner="a"), SqliteLedger(path, owner="b")
+    env = Env(b)
+    env.registries.apply(_provider("web"))
+    ports = env.ports(clock=utcnow, sleep=asyncio.sleep, claim_lease_s=0.6)
+    failed = DispatchFailed(probe_id="prb-1", provider_id="web",
+                            reason=DispatchFailure.PERMANENT_ERROR, detail="x", failed_at=NOW)
+    try:
+        await handlers.on_probe_submitted(_submitted(), ports)
+        await a.claim("prb-1", "web")
+        await a.record_attempt("prb-1", "web")
+
+        async def a_finishes() -> None:
+            for _ in range(3):  # a is alive and says so
+                await asyncio.sleep(0.25)
+                assert await a.heartbeat() == 1
+            await a.complete("prb-1", "web", [failed])
+        out, _ = await asyncio.gather(
+            handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS)), ports), a_finishes())
+        assert out == [failed] and env.https.calls == 0, "b waited for a's outcome"
+
+        await handlers.on_probe_submitted(_submitted("prb-2"), ports)
+        await a.claim("prb-2", "web")
+        await a.record_attempt("prb-2", "web")  # ... and a dies here
+        out = await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS),
+                                                        probe="prb-2"), ports)
+        assert isinstance(out[0], ProviderDispatched) and out[0].attempts == 2
+        assert env.https.calls == 1, "b took the stale claim over and resent once"
+    finally:
+        a.close()
+        b.close()
