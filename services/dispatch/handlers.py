@@ -123,6 +123,8 @@ async def _await_other_owner(probe_id: str, provider_id: str, claim: Claim,
                              ports: DispatchPorts) -> Claim:
     """After a rebalance the previous owner may still be sending: wait for its outcome
     while its heartbeat is fresh, then take the claim over."""
+    log.info("waiting for another instance's claim",
+             extra={"probe_id": probe_id, "provider": provider_id, "owner": claim.owner})
     while claim.state == "unknown" and claim.owner != ports.ledger.owner:
         beat = claim.heartbeat_at or claim.claimed_at
         if (ports.clock() - beat).total_seconds() > ports.claim_lease_s:

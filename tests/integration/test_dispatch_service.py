@@ -363,3 +363,48 @@ async def test_sigkill_mid_send_is_resolved_by_the_idempotency_key(rig: Rig) -> 
     assert all(len(keys) == 1 for keys in keys_by_ref.values()), "one key per request_ref"
     stored = Counter(rec.request_ref for rec in vendor.state.received if rec.accepted)
     assert set(stored.values()) == {1}, "the vendor stored each request once"
+
+
+async def test_rebalance_between_live_instances_sends_nothing_twice(
+    rig: Rig, services: dict[str, ServiceProcess], tmp_path: Path,
+    smime: tuple[str, Any, Any],
+) -> None:
+    """A second instance joins the group mid-run (same state dir): partitions move while
+    the first is sending, and still no provider gets a second copy."""
+    cert_pem, _, _ = smime
+    n = 200
+    second = ServiceProcess("dispatch", services["dispatch"].env, tmp_path / "dispatch-2.log")
+    async with VendorSimulator(VendorBehaviour(latency_s=0.3)) as vendor:
+        with InboxSimulator() as inbox:
+            web = rig.provider("web", Transport.HTTPS, vendor.url)
+            mail = rig.provider("mail", Transport.SMIME_EMAIL, "inbox@provider.test",
+                                cert_pem=cert_pem)
+            await rig.publish(list(rig.providers))
+            probes = await rig.clear(n, [cleared(web.provider_id, Transport.HTTPS),
+                                         cleared(mail.provider_id, Transport.SMIME_EMAIL)])
+            env = {**rig.env, "FRS_DISPATCH_CA_FILE": str(vendor.ca_file),
+                   "FRS_DISPATCH_SMTP_PORT": str(inbox.port), "FRS_DISPATCH_BATCH_MAX": "30",
+                   "FRS_DISPATCH_CONCURRENCY": "16"}
+            rig.dispatch.start(**env, FRS_DISPATCH_INSTANCE_ID="dispatch-a")
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(vendor.state.accepted) < 20:
+                assert asyncio.get_running_loop().time() < deadline, "first instance idle"
+                await asyncio.sleep(0.05)
+            second.start(**env, FRS_DISPATCH_INSTANCE_ID="dispatch-b")
+            try:
+                by_pair = await outcomes(rig.bootstrap, probes, 2 * n, timeout_s=180)
+                assert await rig.stop() == 0
+                assert await asyncio.to_thread(second.stop) == 0
+            finally:
+                if second.proc is not None and second.proc.poll() is None:
+                    second.kill()
+    assert len(by_pair) == 2 * n
+    for probe in probes:
+        sent = first(by_pair[(probe, web.provider_id)], ProviderDispatched)
+        assert vendor.copies(sent.request_ref) == 1
+        sent_mail = first(by_pair[(probe, mail.provider_id)], ProviderDispatched)
+        assert inbox.copies(f"<{sent_mail.dispatch_id}@frs-broker.local>") == 1
+    assert sum(vendor.state.copies.values()) == n and len(inbox.state.mails) == n
+    # Both instances did part of the work.
+    logs = [rig.dispatch.log_path.read_text(), (tmp_path / "dispatch-2.log").read_text()]
+    assert all("consumer started" in log for log in logs)
