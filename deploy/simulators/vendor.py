@@ -5,7 +5,9 @@
 - ``POST /search`` with ``Idempotency-Key``: counts every request per request_ref (raw
   copies), deduplicates by key (a repeated key gets 200 and is not accepted twice).
 - Behaviour knobs: latency, 5xx rate, timeout rate (hang), malformed-answer rate, answer
-  twice, webhook URL for answers (a ranked candidate list, then a deletion receipt).
+  twice, and the results webhook (base URL, provider id, HMAC secret, CA) that gets the
+  answer (``POST /v1/answers``: a ranked candidate list) and then the deletion receipt
+  (``POST /v1/deletion``), signed as the results webhook contract says.
 - Keeps what it received, minus the photo (only its SHA-256 and size): field names and
   values, header names. ``GET /_sim/state`` shows it; ``POST /_sim/behaviour`` changes knobs.
 
@@ -34,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
+from deploy.simulators.answers import candidate_list, webhook_signature
 from deploy.simulators.tls import SimulatorCA
 
 
@@ -47,7 +50,10 @@ class VendorBehaviour:
     hang_s: float = 30.0
     malformed_rate: float = 0.0  # accept, then answer garbage
     answer_twice: bool = False
-    webhook_url: str | None = None
+    webhook_url: str | None = None  # base URL: answers to /v1/answers, receipts to /v1/deletion
+    webhook_provider_id: str = "sim-vendor"
+    webhook_secret: str = "simulator-shared-secret"
+    webhook_ca_file: str | None = None  # trust for an https webhook
     candidates: int = 5
     deletion_receipt: bool = True
     answer_delay_s: float = 0.0
@@ -228,37 +234,47 @@ class VendorSimulator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def candidate_list(self, ref: str, n: int) -> dict[str, Any]:
-        digest = hashlib.sha256(ref.encode()).digest()
-        scores = sorted((0.5 + (digest[i] / 255) * 0.49 for i in range(n)), reverse=True)
-        return {
-            "kind": "candidates", "request_ref": ref,
-            "candidates": [{"rank": i + 1, "score": round(s, 4), "score_scale": "0..1",
-                            "gallery": "sim-gallery",
-                            "candidate_ref": f"sim-{digest.hex()[:8]}-{i + 1}"}
-                           for i, s in enumerate(scores)],
-            "threshold": 0.5, "list_size": n, "algorithm": "frs-vendor-sim",
-            "algorithm_version": "1.0",
-        }
-
     async def _answer(self, ref: str, b: VendorBehaviour) -> None:
         if b.answer_delay_s:
             await asyncio.sleep(b.answer_delay_s)
-        bodies = [self.candidate_list(ref, b.candidates)]
+        answer = candidate_list(ref, b.candidates)
+        calls = [("/v1/answers", answer)]
         if b.answer_twice:
-            bodies.append(bodies[0])
+            calls.append(("/v1/answers", answer))
         if b.deletion_receipt:
-            bodies.append({"kind": "deletion_confirmed", "request_ref": ref})
+            calls.append(("/v1/deletion", {"request_ref": ref}))
         if self._client is None:
-            self._client = ClientSession(timeout=ClientTimeout(total=10))
-        for body in bodies:
+            tls = ssl.create_default_context(cafile=b.webhook_ca_file)
+            self._client = ClientSession(timeout=ClientTimeout(total=10),
+                                         connector=TCPConnector(ssl=tls))
+        assert b.webhook_url is not None
+        base = b.webhook_url.rstrip("/")
+        for path, body in calls:
+            await self._post_signed(base, path, body, b)
+
+    async def _post_signed(self, base: str, path: str, body: dict[str, Any],
+                           b: VendorBehaviour) -> None:
+        raw = json.dumps(body).encode()
+        assert self._client is not None
+        # 404 (dispatch not recorded yet) and 5xx are retried, as a real vendor would.
+        for attempt in range(6):
+            ts = str(int(time.time()))
+            headers = {"Content-Type": "application/json",
+                       "X-FRS-Provider": b.webhook_provider_id, "X-FRS-Timestamp": ts,
+                       "X-FRS-Signature": webhook_signature(
+                           b.webhook_secret.encode(), b.webhook_provider_id, ts, path, raw)}
             try:
-                assert b.webhook_url is not None
-                async with self._client.post(b.webhook_url, json=body) as response:
-                    response.raise_for_status()
-                self.state.webhook_posts += 1
+                async with self._client.post(base + path, data=raw, headers=headers) as r:
+                    status = r.status
             except Exception:  # a simulator keeps going
-                self.state.webhook_failures += 1
+                status = 599
+            if status < 300:
+                self.state.webhook_posts += 1
+                return
+            if status not in (404, 503, 599):
+                break
+            await asyncio.sleep(0.2 * 2 ** attempt)
+        self.state.webhook_failures += 1
 
     async def _state(self, _request: web.Request) -> web.Response:
         s = self.state
@@ -293,7 +309,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hang", type=float, default=30.0)
     p.add_argument("--malformed-rate", type=float, default=0.0)
     p.add_argument("--answer-twice", action="store_true")
-    p.add_argument("--webhook-url", default=None)
+    p.add_argument("--webhook-url", default=None, help="results webhook base URL")
+    p.add_argument("--webhook-provider-id", default="sim-vendor")
+    p.add_argument("--webhook-secret", default="simulator-shared-secret")
+    p.add_argument("--webhook-ca-file", default=None)
     p.add_argument("--candidates", type=int, default=5)
     p.add_argument("--require-client-cert", action="store_true")
     return p
@@ -303,7 +322,9 @@ async def _main(args: argparse.Namespace) -> None:
     behaviour = VendorBehaviour(
         latency_s=args.latency, error_rate=args.error_rate, timeout_rate=args.timeout_rate,
         hang_s=args.hang, malformed_rate=args.malformed_rate, answer_twice=args.answer_twice,
-        webhook_url=args.webhook_url, candidates=args.candidates)
+        webhook_url=args.webhook_url, webhook_provider_id=args.webhook_provider_id,
+        webhook_secret=args.webhook_secret, webhook_ca_file=args.webhook_ca_file,
+        candidates=args.candidates)
     sim = VendorSimulator(behaviour, host=args.host, port=args.port, pki_dir=args.pki_dir,
                           require_client_cert=args.require_client_cert)
     await sim.start()

@@ -197,27 +197,42 @@ async def test_smime_errors(face_jpeg: bytes, smime_identity: tuple[str, Path, P
                                            cert_pem), face_jpeg))
 
 
-async def test_vendor_simulator_answers_on_the_webhook(face_jpeg: bytes) -> None:
+async def test_vendor_simulator_answers_on_the_signed_webhook(face_jpeg: bytes) -> None:
     from aiohttp import web
 
-    got: list[dict[str, object]] = []
+    from deploy.simulators.answers import webhook_signature
+
+    got: list[tuple[str, dict[str, object]]] = []
     arrived = asyncio.Event()
+    unknown_once = [True]
 
     async def hook(request: web.Request) -> web.Response:
-        got.append(await request.json())
+        body = await request.read()
+        expected = webhook_signature(b"s3cret-s3cret-s3cret", "vendor-1",
+                                     request.headers["X-FRS-Timestamp"], request.path, body)
+        if request.headers.get("X-FRS-Signature") != expected \
+                or request.headers.get("X-FRS-Provider") != "vendor-1":
+            return web.json_response({"error": "bad_signature"}, status=401)
+        if unknown_once[0]:  # dispatch not recorded yet: the vendor must retry
+            unknown_once[0] = False
+            return web.json_response({"error": "unknown_request"}, status=404)
+        got.append((request.path, json.loads(body)))
         if len(got) == 3:
             arrived.set()
-        return web.json_response({"ok": True})
+        return web.json_response({"status": "accepted"}, status=202)
 
     app = web.Application()
-    app.router.add_post("/hook", hook)
+    app.router.add_post("/v1/answers", hook)
+    app.router.add_post("/v1/deletion", hook)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        behaviour = VendorBehaviour(webhook_url=f"http://127.0.0.1:{port}/hook",
+        behaviour = VendorBehaviour(webhook_url=f"http://127.0.0.1:{port}",
+                                    webhook_provider_id="vendor-1",
+                                    webhook_secret="s3cret-s3cret-s3cret",
                                     answer_twice=True, candidates=4)
         async with VendorSimulator(behaviour) as sim:
             transport = HttpsTransport(client_tls_context(sim.ca_file))
@@ -229,11 +244,54 @@ async def test_vendor_simulator_answers_on_the_webhook(face_jpeg: bytes) -> None
             await asyncio.wait_for(arrived.wait(), 10)
     finally:
         await runner.cleanup()
-    answer, twice, receipt = got
-    assert answer == twice and answer["kind"] == "candidates"
-    assert answer["request_ref"] == req.request_ref
+    (p1, answer), (p2, twice), (p3, receipt) = got
+    assert (p1, p2, p3) == ("/v1/answers", "/v1/answers", "/v1/deletion")
+    assert answer == twice and answer["request_ref"] == req.request_ref
+    assert sorted(answer) == ["algorithm", "algorithm_version", "candidates", "request_ref",
+                              "threshold"]
     ranks = [c["rank"] for c in answer["candidates"]]  # type: ignore[attr-defined]
     assert ranks == [1, 2, 3, 4]
     scores = [c["score"] for c in answer["candidates"]]  # type: ignore[attr-defined]
     assert scores == sorted(scores, reverse=True)
-    assert receipt == {"kind": "deletion_confirmed", "request_ref": req.request_ref}
+    assert receipt == {"request_ref": req.request_ref}
+
+
+async def test_inbox_simulator_replies_signed_and_encrypted_to_the_broker(
+    face_jpeg: bytes, tmp_path: Path
+) -> None:
+    from deploy.simulators.inbox import MailReply
+
+    ca = SimulatorCA("mail CA")
+    provider_id = ca.smime("inbox@provider.test")
+    broker = ca.smime("results@frs.test")
+    with InboxSimulator() as results_inbox:
+        reply = MailReply("127.0.0.1", results_inbox.port, "results@frs.test",
+                          "inbox@provider.test", provider_id.cert_pem, provider_id.key_pem,
+                          broker.cert_pem)
+        with InboxSimulator(reply=reply) as inbox:
+            transport = SmimeEmailTransport("127.0.0.1", inbox.port, "dispatch@frs.test")
+            req = request(provider(Transport.SMIME_EMAIL, "inbox@provider.test",
+                                   provider_id.cert_pem.decode()), face_jpeg)
+            await transport.send(req)
+            for _ in range(100):
+                if len(results_inbox.state.mails) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+    answer_mail, receipt_mail = results_inbox.state.mails
+    assert answer_mail.mail_from == "inbox@provider.test"
+    key = serialization.load_pem_private_key(broker.key_pem, None)
+    cert = x509.load_pem_x509_certificate(broker.cert_pem)
+    bodies = []
+    for mail in (answer_mail, receipt_mail):
+        signed = pkcs7.pkcs7_decrypt_smime(mail.content, cert, key, [])  # type: ignore[arg-type]
+        signed_file = tmp_path / "signed.eml"
+        signed_file.write_bytes(signed)
+        signer_file = tmp_path / "signer.pem"
+        bodies.append(json.loads(openssl("smime", "-verify", "-noverify", "-in",
+                                         str(signed_file), "-signer", str(signer_file))))
+        assert x509.load_pem_x509_certificate(signer_file.read_bytes()) == \
+            x509.load_pem_x509_certificate(provider_id.cert_pem)
+    answer, receipt = bodies
+    assert answer["kind"] == "answer" and answer["request_ref"] == req.request_ref
+    assert [c["rank"] for c in answer["candidates"]] == [1, 2, 3, 4, 5]
+    assert receipt == {"kind": "deletion", "request_ref": req.request_ref}
