@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from deploy.simulators.inbox import InboxSimulator
+from deploy.simulators.rekognition import RekognitionSimulator
 from deploy.simulators.tls import SimulatorCA
 from deploy.simulators.vendor import VendorBehaviour, VendorSimulator
 from schemas.catalog import DISPATCH_EVENTS, PROVIDER_RESPONSES
@@ -35,6 +36,7 @@ from schemas.events import (
     DispatchFailed,
     DispatchFailure,
     Event,
+    ProviderAnswered,
     ProviderDispatched,
     ProviderRecord,
 )
@@ -56,13 +58,14 @@ class Rig:
     providers: list[ProviderRecord]
 
     def provider(self, name: str, transport: Transport, endpoint: str, *,
-                 status: str = "active", cert_pem: str | None = None) -> ProviderRecord:
+                 status: str = "active", cert_pem: str | None = None,
+                 max_candidates: int = 20) -> ProviderRecord:
         now = datetime.now(UTC)
         record = ProviderRecord(
             provider_id=f"{name}-{self.tag}", name=name, kind="commercial",
             transport=transport, endpoint=endpoint, status=status,  # type: ignore[arg-type]
             attestation_valid_until=now + timedelta(days=1), certificate_pem=cert_pem,
-            updated_at=now)
+            max_candidates=max_candidates, updated_at=now)
         self.providers.append(record)
         return record
 
@@ -408,3 +411,43 @@ async def test_rebalance_between_live_instances_sends_nothing_twice(
     # Both instances did part of the work.
     logs = [rig.dispatch.log_path.read_text(), (tmp_path / "dispatch-2.log").read_text()]
     assert all("consumer started" in log for log in logs)
+
+
+async def test_rekognition_search_answer_goes_to_provider_responses(rig: Rig) -> None:
+    async with RekognitionSimulator() as aws:
+        aws.state.fail_with = ["ThrottlingException", "InvalidParameterException"]
+        p = rig.provider("aws", Transport.REKOGNITION,
+                         "rekognition://us-east-1/gallery-x?threshold=85&quality=HIGH",
+                         max_candidates=5)
+        await rig.publish(list(rig.providers))
+        probes = await rig.clear(4, [cleared(p.provider_id, Transport.REKOGNITION)])
+        rig.start(FRS_DISPATCH_REKOGNITION_ENDPOINT_URL=aws.url,
+                  AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+        by_pair = await outcomes(rig.bootstrap, probes, 4)
+        assert await rig.stop() == 0
+    sha = hashlib.sha256(rig.image).hexdigest()
+    assert {(r["CollectionId"], r["MaxFaces"], r["FaceMatchThreshold"], r["QualityFilter"],
+             r["image_sha256"], r["authorized"]) for r in aws.state.requests} == {
+        ("gallery-x", 5, 85.0, "HIGH", sha, True)}
+    assert {k for r in aws.state.requests for k in r} == {
+        "CollectionId", "MaxFaces", "FaceMatchThreshold", "QualityFilter", "image_sha256",
+        "authorized"}, "AWS gets the image and search parameters, nothing else"
+    failed = [e for x in probes for e in by_pair[(x, p.provider_id)]
+              if isinstance(e, DispatchFailed)]
+    assert [(f.reason, f.detail) for f in failed] == [
+        (DispatchFailure.PERMANENT_ERROR, "InvalidParameterException")]
+    attempts = sum(f.attempts for f in failed)
+    for x in probes:
+        events = by_pair[(x, p.provider_id)]
+        sent = [e for e in events if isinstance(e, ProviderDispatched)]
+        if not sent:
+            continue
+        assert sent[0].fields_sent == [OutboundField.PHOTO]
+        attempts += sent[0].attempts
+        answer = first(events, ProviderAnswered)
+        assert answer.channel == "rekognition"
+        matches = answer.payload["FaceMatches"]
+        assert len(matches) == 5 and answer.payload["FaceMatchThreshold"] == 85.0
+        assert all(m["Similarity"] >= 85.0 for m in matches)
+        assert answer.payload["request_ref"] == sent[0].request_ref
+    assert attempts == len(aws.state.requests) == 5  # 4 probes + 1 throttled retry
