@@ -41,6 +41,8 @@ class DispatchSettings(ServiceSettings):
                                       populate_by_name=True)
     service: str = "dispatch"
     metrics_port: int = Field(9302, description="Port for /metrics.")
+    # Dispatch waits on providers, not on CPU: hold many clearances at once (ordered per key).
+    concurrency: int = Field(256, ge=1, description="Clearances handled at once.")
     group_id: str = Field("frs-dispatch", description="Consumer group; probes use <group>-probes.")
     instance_id: str | None = Field(
         None, description="Stable id of this instance (like group.instance.id): a restart "
