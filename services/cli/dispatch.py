@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiokafka import AIOKafkaConsumer
 
+from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS
 from schemas.events import (
     ClearedProvider,
     Event,
@@ -34,7 +36,7 @@ from schemas.events import (
 )
 from schemas.types import ImageSource, OutboundField, Purpose, Transport
 from services.dispatch.transports.https import client_tls_context
-from services.kit.bus import Publisher
+from services.kit.bus import Publisher, all_partitions
 from services.kit.settings import ServiceSettings
 from services.kit.topics import ensure_topics
 
@@ -109,6 +111,20 @@ async def _baseline(session: aiohttp.ClientSession, url: str, n: int, concurrenc
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
+async def _start_groups_at_end(bootstrap: str, groups: list[tuple[str, str]]) -> None:
+    for group, topic in groups:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partitions = await all_partitions(consumer, [topic])
+            consumer.assign(partitions)
+            end = await consumer.end_offsets(partitions)
+            await consumer.commit({tp: offset for tp, offset in end.items()})
+        finally:
+            await consumer.stop()
+
+
 def _spawn(module_args: list[str], env: dict[str, str], stdout: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", *module_args], cwd=ROOT, env=env,
                             stdout=stdout, stderr=subprocess.DEVNULL)
@@ -151,6 +167,10 @@ async def cmd_bench_dispatch(args: argparse.Namespace, settings: ServiceSettings
                                                    now=now)
                     events.append(sub)
                     decisions.append(dec)
+                group = f"frs-bench-{run_id}"
+                # Only this run's events: the groups start at the current log end.
+                await _start_groups_at_end(settings.kafka_bootstrap, [
+                    (group, POLICY_DECISIONS.name), (f"{group}-probes", PROBE_EVENTS.name)])
                 async with Publisher(settings.kafka_bootstrap, source="/frs/bench") as pub:
                     await pub.publish(events)
                     await pub.publish(decisions)
@@ -158,7 +178,7 @@ async def cmd_bench_dispatch(args: argparse.Namespace, settings: ServiceSettings
                     ["services.dispatch"],
                     {**env, "FRS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
                          "FRS_STATE_DIR": str(tmp / "state"),
-                         "FRS_DISPATCH_GROUP_ID": f"frs-bench-{run_id}",
+                         "FRS_DISPATCH_GROUP_ID": group,
                          "FRS_DISPATCH_METRICS_PORT": "0",
                          "FRS_DISPATCH_IMAGE_SOURCE": "test-file",
                          "FRS_DISPATCH_TEST_IMAGE_FILE": str(image),
