@@ -25,6 +25,7 @@ import asyncio
 import json
 import sqlite3
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -106,7 +107,11 @@ def _load(text: str | None) -> list[Event]:
 
 
 class SqliteLedger:
-    """One connection, used from one worker thread, so the event loop never blocks on fsync."""
+    """One connection, used from one worker thread, so the event loop never blocks on fsync.
+
+    Writes use group commit: every write queued while a transaction is being fsync'd goes
+    into the next transaction together, so many concurrent claims cost one fsync, and each
+    caller still returns only once its own write is durable."""
 
     def __init__(self, path: Path | str, owner: str | None = None) -> None:
         # Which process holds a claim: another live owner's claim is waited for, not resent.
@@ -116,6 +121,9 @@ class SqliteLedger:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._db = self._pool.submit(self._open, str(path)).result()
+        self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.transactions = 0  # committed write transactions (group commit makes it < writes)
 
     @staticmethod
     def _open(path: str) -> sqlite3.Connection:
@@ -127,7 +135,53 @@ class SqliteLedger:
         return db
 
     async def _run(self, fn: Any, *args: Any) -> Any:
+        """A read, outside any transaction."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _write(self, fn: Callable[[], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await loop.run_in_executor(self._pool, self._transaction,
+                                                     [fn for fn, _ in batch])
+            except Exception as exc:  # the commit failed: nothing in the batch is durable
+                results = [(False, exc)] * len(batch)
+            for (_, future), (ok, value) in zip(batch, results, strict=True):
+                if not future.done():
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+
+    def _transaction(self, fns: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        db = self._db
+        out: list[tuple[bool, Any]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for fn in fns:
+                db.execute("SAVEPOINT op")
+                try:
+                    out.append((True, fn()))
+                    db.execute("RELEASE op")
+                except Exception as exc:  # one bad write must not sink the others
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    out.append((False, exc))
+            db.execute("COMMIT")  # synchronous=FULL: fsync'd before this returns
+            self.transactions += 1
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return out
 
     def close(self) -> None:
         self._pool.submit(self._db.close).result()
@@ -136,15 +190,15 @@ class SqliteLedger:
     # --- probes (from ProbeSubmitted / ImagePurged) ---------------------------------
 
     async def remember_probe(self, probe_id: str, vault_ref: str, agent_id: str) -> None:
-        await self._run(self._db.execute,
-                        "INSERT INTO probes (probe_id, vault_ref, agent_id) VALUES (?, ?, ?) "
-                        "ON CONFLICT (probe_id) DO NOTHING", (probe_id, vault_ref, agent_id))
+        await self._write(lambda: self._db.execute(
+            "INSERT INTO probes (probe_id, vault_ref, agent_id) VALUES (?, ?, ?) "
+            "ON CONFLICT (probe_id) DO NOTHING", (probe_id, vault_ref, agent_id)))
 
     async def mark_purged(self, probe_id: str) -> None:
-        await self._run(self._db.execute,
-                        "INSERT INTO probes (probe_id, vault_ref, agent_id, purged) "
-                        "VALUES (?, '', '', 1) ON CONFLICT (probe_id) DO UPDATE SET purged = 1",
-                        (probe_id,))
+        await self._write(lambda: self._db.execute(
+            "INSERT INTO probes (probe_id, vault_ref, agent_id, purged) "
+            "VALUES (?, '', '', 1) ON CONFLICT (probe_id) DO UPDATE SET purged = 1",
+            (probe_id,)))
 
     async def probe(self, probe_id: str) -> ProbeInfo | None:
         def read() -> ProbeInfo | None:
@@ -170,7 +224,6 @@ class SqliteLedger:
                  now.isoformat()),
             ).rowcount
             if inserted:
-                self._held.add((probe_id, provider_id))
                 return Claim(dispatch_id, request_ref, "new", 0, now, [], self.owner, now)
             state, attempts, claimed_at, outcome, owner, heartbeat = self._db.execute(
                 "SELECT state, attempts, claimed_at, outcome, owner, heartbeat_at FROM sends "
@@ -178,7 +231,9 @@ class SqliteLedger:
             return Claim(dispatch_id, request_ref, "done" if state == "done" else "unknown",
                          attempts, datetime.fromisoformat(claimed_at), _load(outcome), owner,
                          datetime.fromisoformat(heartbeat) if heartbeat else None)
-        result: Claim = await self._run(claim)
+        result = await self._write(claim)
+        if result.state == "new":
+            self._held.add((probe_id, provider_id))  # on the loop thread, like heartbeat()
         return result
 
     async def record_attempt(self, probe_id: str, provider_id: str) -> int:
@@ -188,23 +243,21 @@ class SqliteLedger:
                 "WHERE probe_id = ? AND provider_id = ? RETURNING attempts",
                 (utcnow().isoformat(), probe_id, provider_id)).fetchone()
             return int(row[0]) if row else 0
-        result: int = await self._run(bump)
-        return result
+        return await self._write(bump)
 
     async def take_over(self, probe_id: str, provider_id: str) -> None:
         self._held.add((probe_id, provider_id))
-        await self._run(self._db.execute,
-                        "UPDATE sends SET owner = ?, heartbeat_at = ? "
-                        "WHERE probe_id = ? AND provider_id = ? AND state = 'claimed'",
-                        (self.owner, utcnow().isoformat(), probe_id, provider_id))
+        await self._write(lambda: self._db.execute(
+            "UPDATE sends SET owner = ?, heartbeat_at = ? "
+            "WHERE probe_id = ? AND provider_id = ? AND state = 'claimed'",
+            (self.owner, utcnow().isoformat(), probe_id, provider_id)))
 
     async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> None:
-        await self._run(
-            self._db.execute,
+        outcome = _dump(events)
+        await self._write(lambda: self._db.execute(
             "UPDATE sends SET state = 'done', finished_at = ?, outcome = ? "
             "WHERE probe_id = ? AND provider_id = ?",
-            (utcnow().isoformat(), _dump(events), probe_id, provider_id),
-        )
+            (utcnow().isoformat(), outcome, probe_id, provider_id)))
         self._held.discard((probe_id, provider_id))
 
     async def heartbeat(self) -> int:
@@ -212,10 +265,10 @@ class SqliteLedger:
         held = list(self._held)
         if held:
             now = utcnow().isoformat()
-            await self._run(self._db.executemany,
-                            "UPDATE sends SET heartbeat_at = ? WHERE probe_id = ? AND "
-                            "provider_id = ? AND owner = ? AND state = 'claimed'",
-                            [(now, p, q, self.owner) for p, q in held])
+            rows = [(now, p, q, self.owner) for p, q in held]
+            await self._write(lambda: self._db.executemany(
+                "UPDATE sends SET heartbeat_at = ? WHERE probe_id = ? AND "
+                "provider_id = ? AND owner = ? AND state = 'claimed'", rows))
         return len(held)
 
     async def counts(self) -> dict[str, int]:

@@ -382,3 +382,24 @@ async def test_another_live_owner_is_awaited_and_a_dead_one_taken_over(tmp_path:
     finally:
         a.close()
         b.close()
+
+
+async def test_ledger_group_commit_is_durable_per_write(tmp_path: Any) -> None:
+    import asyncio
+
+    path = tmp_path / "group.db"
+    ledger = SqliteLedger(path)
+    claims = await asyncio.gather(*(ledger.claim(f"prb-{i}", "p1") for i in range(200)))
+    assert {c.state for c in claims} == {"new"}
+    assert ledger.transactions < 200, "concurrent writes shared fsyncs"
+
+    def boom() -> None:
+        raise ValueError("bad write")
+    results = await asyncio.gather(ledger._write(boom), ledger.record_attempt("prb-1", "p1"),
+                                   return_exceptions=True)
+    assert isinstance(results[0], ValueError) and results[1] == 1
+    ledger.close()
+    reopened = SqliteLedger(path)
+    assert await reopened.counts() == {"claimed": 200}
+    assert (await reopened.claim("prb-1", "p1")).attempts == 1
+    reopened.close()
