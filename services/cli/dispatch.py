@@ -170,7 +170,8 @@ async def cmd_bench_dispatch(args: argparse.Namespace, settings: ServiceSettings
                 group = f"frs-bench-{run_id}"
                 # Only this run's events: the groups start at the current log end.
                 await _start_groups_at_end(settings.kafka_bootstrap, [
-                    (group, POLICY_DECISIONS.name), (f"{group}-probes", PROBE_EVENTS.name)])
+                    (group, POLICY_DECISIONS.name),
+                    (f"{group}-probes-bench", PROBE_EVENTS.name)])
                 async with Publisher(settings.kafka_bootstrap, source="/frs/bench") as pub:
                     await pub.publish(events)
                     await pub.publish(decisions)
@@ -179,6 +180,7 @@ async def cmd_bench_dispatch(args: argparse.Namespace, settings: ServiceSettings
                     {**env, "FRS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
                          "FRS_STATE_DIR": str(tmp / "state"),
                          "FRS_DISPATCH_GROUP_ID": group,
+                         "FRS_DISPATCH_INSTANCE_ID": "bench",
                          "FRS_DISPATCH_METRICS_PORT": "0",
                          "FRS_DISPATCH_IMAGE_SOURCE": "test-file",
                          "FRS_DISPATCH_TEST_IMAGE_FILE": str(image),

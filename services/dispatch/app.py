@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
+import uuid
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -44,9 +46,10 @@ class DispatchSettings(ServiceSettings):
     # Dispatch waits on providers, not on CPU: hold many clearances at once (ordered per key).
     concurrency: int = Field(256, ge=1, description="Clearances handled at once.")
     group_id: str = Field("frs-dispatch", description="Consumer group; probes use <group>-probes.")
-    instance_id: str | None = Field(
-        None, description="Stable id of this instance (like group.instance.id): a restart "
-                          "resolves its own unfinished claims at once. Default: random.")
+    instance_id: str = Field(
+        default_factory=socket.gethostname,
+        description="This host's dispatch instance: every instance reads every probe's claim "
+                    "check into its own ledger (group <group>-probes-<instance>).")
     claim_lease_s: float = Field(5.0, gt=0, description="Another instance's claim without a "
                                                         "heartbeat this long is taken over.")
     ledger_file: Path | None = Field(None, description="Default: <state dir>/dispatch/ledger.db")
@@ -138,8 +141,9 @@ def build_transports(settings: DispatchSettings) -> dict[Transport, ProviderTran
 
 def build_ports(settings: DispatchSettings, registries: Registries,
                 stack: AsyncExitStack) -> handlers.DispatchPorts:
+    # Claim owner: per process, so another live process's claims are waited for.
     ledger = SqliteLedger(settings.ledger_file or settings.state_dir / "dispatch" / "ledger.db",
-                          owner=settings.instance_id)
+                          owner=f"{settings.instance_id}-{uuid.uuid4().hex[:12]}")
     stack.callback(ledger.close)
     transports = build_transports(settings)
     for transport in transports.values():
@@ -157,6 +161,10 @@ def build_ports(settings: DispatchSettings, registries: Registries,
         unknown_outcome_email=settings.unknown_outcome_email,
         claim_lease_s=settings.claim_lease_s,
     )
+
+
+def probes_group(settings: DispatchSettings) -> str:
+    return f"{settings.group_id}-probes-{settings.instance_id}"
 
 
 @dataclass(frozen=True)
@@ -189,7 +197,9 @@ def build(settings: DispatchSettings, publisher: Publisher, registries: Registri
 
     sends = Route("dispatch", settings.group_id, (POLICY_DECISIONS.name,),
                   {PolicyCleared: policy_cleared}, dlq_for("dispatch"))
-    probes = Route("dispatch", f"{settings.group_id}-probes", (PROBE_EVENTS.name,),
+    # Not shared between instances: clearances and submissions of one probe may be assigned
+    # to different instances, so each one keeps every claim check.
+    probes = Route("dispatch", probes_group(settings), (PROBE_EVENTS.name,),
                    {ProbeSubmitted: probe_submitted, ImagePurged: image_purged},
                    dlq_for("dispatch"))
     return DispatchApp([processor(settings, probes, publisher),

@@ -451,3 +451,37 @@ async def test_rekognition_search_answer_goes_to_provider_responses(rig: Rig) ->
         assert all(m["Similarity"] >= 85.0 for m in matches)
         assert answer.payload["request_ref"] == sent[0].request_ref
     assert attempts == len(aws.state.requests) == 5  # 4 probes + 1 throttled retry
+
+
+async def test_two_hosts_each_see_every_claim_check(
+    rig: Rig, services: dict[str, ServiceProcess], tmp_path: Path
+) -> None:
+    """Two instances with their own state dirs (two hosts): whichever gets a clearance
+    has the probe's claim check, so every clearance is sent and none waits for the DLQ."""
+    n = 60
+    second = ServiceProcess("dispatch", services["dispatch"].env, tmp_path / "host-b.log")
+    async with VendorSimulator() as vendor:
+        web = rig.provider("web", Transport.HTTPS, vendor.url)
+        await rig.publish(list(rig.providers))
+        env = {**rig.env, "FRS_DISPATCH_CA_FILE": str(vendor.ca_file),
+               "FRS_DISPATCH_PROBE_WAIT_S": "3", "FRS_DISPATCH_MAX_RETRIES": "0"}
+        rig.dispatch.start(**env, FRS_DISPATCH_INSTANCE_ID="host-a")
+        second.start(**env, FRS_DISPATCH_INSTANCE_ID="host-b",
+                     FRS_STATE_DIR=str(tmp_path / "host-b-state"))
+        try:
+            for proc in (rig.dispatch, second):
+                await wait_log(proc, "consumer started")
+            await asyncio.sleep(3)  # let the shared group settle on both members
+            probes = await rig.clear(n, [cleared(web.provider_id, Transport.HTTPS)])
+            by_pair = await outcomes(rig.bootstrap, probes, n, timeout_s=60)
+            assert await rig.stop() == 0
+            assert await asyncio.to_thread(second.stop) == 0
+        finally:
+            if second.proc is not None and second.proc.poll() is None:
+                second.kill()
+    logs = rig.dispatch.log_path.read_text() + (tmp_path / "host-b.log").read_text()
+    assert "sent to DLQ" not in logs and "handler failed" not in logs
+    refs = {first(by_pair[(p, web.provider_id)], ProviderDispatched).request_ref
+            for p in probes}
+    assert len(refs) == n and set(Counter(vendor.state.accepted.values()).values()) == {1}
+    assert refs == set(vendor.state.accepted.values())
