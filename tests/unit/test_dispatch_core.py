@@ -14,11 +14,13 @@ from schemas.events import (
     ClearedProvider,
     DispatchFailed,
     DispatchFailure,
+    ImagePurged,
     PolicyCleared,
     ProbeSubmitted,
     ProviderAnswered,
     ProviderDispatched,
     ProviderRecord,
+    PurgeReason,
     RegistryVersions,
 )
 from schemas.types import OutboundField, Transport
@@ -403,3 +405,37 @@ async def test_ledger_group_commit_is_durable_per_write(tmp_path: Any) -> None:
     assert await reopened.counts() == {"claimed": 200}
     assert (await reopened.claim("prb-1", "p1")).attempts == 1
     reopened.close()
+
+
+async def test_email_unknown_outcome_resends_by_default_and_purge_blocks_sends(env: Env) -> None:
+    env.registries.apply(_provider("mail", Transport.SMIME_EMAIL))
+    ports = env.ports()  # unknown_outcome_email="resend"
+    await handlers.on_probe_submitted(_submitted(), ports)
+    await env.ledger.claim("prb-1", "mail")
+    await env.ledger.record_attempt("prb-1", "mail")
+    [sent] = await handlers.on_policy_cleared(_cleared(("mail", Transport.SMIME_EMAIL)), ports)
+    assert isinstance(sent, ProviderDispatched) and sent.attempts == 2
+    assert env.email.calls == 1
+
+    await handlers.on_probe_submitted(_submitted("prb-2"), ports)
+    await handlers.on_image_purged(ImagePurged(
+        probe_id="prb-2", vault_ref="vault:1", reason=PurgeReason.CASE_CLOSED,
+        expires_at=NOW, purged_at=NOW), ports)
+    [failed] = await handlers.on_policy_cleared(
+        _cleared(("mail", Transport.SMIME_EMAIL), probe="prb-2"), ports)
+    assert isinstance(failed, DispatchFailed)
+    assert failed.reason is DispatchFailure.IMAGE_PURGED and env.email.calls == 1
+
+
+def test_settings_refuse_test_images_and_plain_smtp_outside_local_mode(tmp_path: Any) -> None:
+    from services.dispatch.app import DispatchSettings
+
+    image = tmp_path / "x.jpg"
+    image.write_bytes(b"x")
+    base = {"FRS_LOCAL_MODE": False, "FRS_KAFKA_BOOTSTRAP": "kafka:9092"}
+    with pytest.raises(ValidationError, match="IMAGE_SOURCE"):
+        DispatchSettings(**base, image_source="test-file", test_image_file=image,
+                         smtp_starttls=True)
+    with pytest.raises(ValidationError, match="STARTTLS"):
+        DispatchSettings(**base)
+    assert DispatchSettings(**base, smtp_starttls=True).image_source == "vault"
