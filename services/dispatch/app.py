@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import socket
 import uuid
 from collections.abc import Callable, Coroutine
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from schemas.types import Transport, utcnow
 from services.dispatch import handlers
 from services.dispatch.breaker import ProviderGuards
 from services.dispatch.delivery import RetryPolicy
-from services.dispatch.images import ImageSource, StaticImageSource
+from services.dispatch.images import ImageSource, StaticImageSource, VaultImageSource
 from services.dispatch.ledger import SqliteLedger
 from services.dispatch.metrics import dispatch_metrics
 from services.dispatch.transports.base import ProviderTransport
@@ -100,13 +101,30 @@ class DispatchSettings(ServiceSettings):
         return self
 
 
-def build_image_source(settings: DispatchSettings) -> ImageSource:
+def build_image_source(settings: DispatchSettings, stack: AsyncExitStack) -> ImageSource:
     if settings.image_source == "test-file":
         assert settings.test_image_file is not None
         return StaticImageSource.from_file(settings.test_image_file)
-    # The vault lands with the intake issue; plug its reader in here.
-    raise SystemExit("dispatch: the vault image source is not wired yet; in local mode set "
-                     "FRS_DISPATCH_IMAGE_SOURCE=test-file and FRS_DISPATCH_TEST_IMAGE_FILE")
+    # The vault is the intake's (services/intake/vault.py): opened the way it documents,
+    # imported by name so this module does not depend on the intake at import time.
+    try:
+        intake_app = importlib.import_module("services.intake.app")
+        vault_module = importlib.import_module("services.intake.vault")
+        open_vault = intake_app.open_vault
+        gone = (vault_module.ObjectPurged, vault_module.UnknownObject)
+    except (ImportError, AttributeError):
+        raise SystemExit("dispatch: this build has no vault (services/intake/vault.py); in "
+                         "local mode set FRS_DISPATCH_IMAGE_SOURCE=test-file and "
+                         "FRS_DISPATCH_TEST_IMAGE_FILE") from None
+    vault_stack = ExitStack()  # closed on the vault's own thread
+
+    def opener() -> Any:
+        vault, _outcomes = open_vault(intake_app.IntakeSettings(), vault_stack)
+        return vault
+
+    source = VaultImageSource(opener, gone, vault_stack.close)
+    stack.callback(source.close)
+    return source
 
 
 def build_transports(settings: DispatchSettings) -> dict[Transport, ProviderTransport]:
@@ -153,7 +171,7 @@ def build_ports(settings: DispatchSettings, registries: Registries,
                             failure_threshold=settings.breaker_failures,
                             open_s=settings.breaker_open_s, on_change=metrics.circuit_changed)
     return handlers.DispatchPorts(
-        registries=registries, ledger=ledger, images=build_image_source(settings),
+        registries=registries, ledger=ledger, images=build_image_source(settings, stack),
         transports=transports, guards=guards, clock=utcnow,
         retry=RetryPolicy(settings.retry_max_attempts, settings.retry_base_delay_s,
                           settings.retry_max_delay_s, settings.attempt_timeout_s),

@@ -1,14 +1,18 @@
 """Where dispatch reads the probe image: the ``ImageSource`` port.
 
-The real implementation is the vault (services/intake/vault.py, written by the intake
-issue): an adapter whose ``get(vault_ref)`` reads and decrypts the sanitized probe and
-raises ``ImageGone`` once it has been purged. Until it lands, dispatch can run only with
-the test source below, and only in local mode (see ``app.build_image_source``)."""
+The real implementation is the intake's vault (services/intake/vault.py, intake issue):
+``VaultImageSource`` adapts its synchronous ``Vault.get(ref)`` (decrypts the sanitized
+probe; raises ``ObjectPurged`` / ``UnknownObject``) to this port; ``app.build_image_source``
+opens it the way the vault documents (``open_vault(IntakeSettings(), stack)``). The test
+source below serves one test photo, in local mode only."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class ImageGone(Exception):
@@ -34,3 +38,29 @@ class StaticImageSource:
         if vault_ref in self._gone:
             raise ImageGone(vault_ref)
         return self._image
+
+
+class VaultImageSource:
+    """The vault behind the port. Its SQLite connection belongs to the thread that opened
+    it, so the vault is opened, read and closed on one worker thread of its own (which
+    also keeps object-store and KMS calls off the event loop)."""
+
+    def __init__(self, open_vault: Callable[[], Any], gone: tuple[type[Exception], ...],
+                 close_vault: Callable[[], object] | None = None) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault")
+        self._vault = self._pool.submit(open_vault).result()
+        self._gone = gone
+        self._close_vault = close_vault
+
+    async def get(self, vault_ref: str) -> bytes:
+        loop = asyncio.get_running_loop()
+        try:
+            image: bytes = await loop.run_in_executor(self._pool, self._vault.get, vault_ref)
+        except self._gone as exc:
+            raise ImageGone(type(exc).__name__) from None
+        return image
+
+    def close(self) -> None:
+        if self._close_vault is not None:
+            self._pool.submit(self._close_vault).result()
+        self._pool.shutdown()

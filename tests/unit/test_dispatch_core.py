@@ -439,3 +439,39 @@ def test_settings_refuse_test_images_and_plain_smtp_outside_local_mode(tmp_path:
     with pytest.raises(ValidationError, match="STARTTLS"):
         DispatchSettings(**base)
     assert DispatchSettings(**base, smtp_starttls=True).image_source == "vault"
+
+
+async def test_vault_image_source_stays_on_the_vault_thread() -> None:
+    import sqlite3
+
+    from services.dispatch.images import ImageGone, VaultImageSource
+
+    class Purged(Exception):
+        pass
+
+    class ThreadBoundVault:
+        """Like the intake vault: a default sqlite3 connection refuses other threads."""
+
+        def __init__(self) -> None:
+            self.db = sqlite3.connect(":memory:")
+            self.db.execute("CREATE TABLE o (ref TEXT PRIMARY KEY, data BLOB)")
+            self.db.execute("INSERT INTO o VALUES ('vault:1', x'ffd8')")
+
+        def get(self, ref: str) -> bytes:
+            row = self.db.execute("SELECT data FROM o WHERE ref = ?", (ref,)).fetchone()
+            if row is None:
+                raise Purged(ref)
+            return bytes(row[0])
+
+    holder: list[ThreadBoundVault] = []
+
+    def opener() -> ThreadBoundVault:
+        holder.append(ThreadBoundVault())
+        return holder[0]
+    def closer() -> None:
+        holder[0].db.close()  # raises ProgrammingError if called from another thread
+    source = VaultImageSource(opener, (Purged,), closer)
+    assert await source.get("vault:1") == b"\xff\xd8"
+    with pytest.raises(ImageGone):
+        await source.get("vault:2")
+    source.close()
