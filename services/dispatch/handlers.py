@@ -106,8 +106,12 @@ async def _dispatch_one(event: PolicyCleared, cleared: ClearedProvider, info: Pr
         claim = await _await_other_owner(event.probe_id, provider_id, claim, ports)
     if claim.state == "done":
         return claim.outcome  # already sent or failed: re-emit, never resend
-    events = await _decide_and_send(event, cleared, info, claim, ports)
-    await ledger.complete(event.probe_id, provider_id, events)
+    try:
+        events = await _decide_and_send(event, cleared, info, claim, ports)
+        await ledger.complete(event.probe_id, provider_id, events)
+    except BaseException:
+        ledger.release(event.probe_id, provider_id)
+        raise
     for e in events:
         if isinstance(e, ProviderDispatched):
             ports.hooks.outcome(provider_id, "dispatched")

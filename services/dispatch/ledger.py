@@ -79,6 +79,7 @@ class Ledger(Protocol):
     async def record_attempt(self, probe_id: str, provider_id: str) -> int: ...
     async def take_over(self, probe_id: str, provider_id: str) -> None: ...
     async def heartbeat(self) -> int: ...
+    def release(self, probe_id: str, provider_id: str) -> None: ...
     async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> None: ...
 
 
@@ -232,7 +233,7 @@ class SqliteLedger:
                          attempts, datetime.fromisoformat(claimed_at), _load(outcome), owner,
                          datetime.fromisoformat(heartbeat) if heartbeat else None)
         result = await self._write(claim)
-        if result.state == "new":
+        if result.state == "new" or (result.state == "unknown" and result.owner == self.owner):
             self._held.add((probe_id, provider_id))  # on the loop thread, like heartbeat()
         return result
 
@@ -258,6 +259,11 @@ class SqliteLedger:
             "UPDATE sends SET state = 'done', finished_at = ?, outcome = ? "
             "WHERE probe_id = ? AND provider_id = ?",
             (utcnow().isoformat(), outcome, probe_id, provider_id)))
+        self._held.discard((probe_id, provider_id))
+
+    def release(self, probe_id: str, provider_id: str) -> None:
+        """Stop vouching for a claim this process gave up on (its handler raised): after the
+        lease another instance may take it over."""
         self._held.discard((probe_id, provider_id))
 
     async def heartbeat(self) -> int:

@@ -475,3 +475,18 @@ async def test_vault_image_source_stays_on_the_vault_thread() -> None:
     with pytest.raises(ImageGone):
         await source.get("vault:2")
     source.close()
+
+
+async def test_a_failing_handler_stops_heartbeating_its_claim(env: Env) -> None:
+    env.registries.apply(_provider("web"))
+
+    class Broken:
+        async def get(self, vault_ref: str) -> bytes:
+            raise OSError("vault unreachable")
+    ports = env.ports(images=Broken())
+    await handlers.on_probe_submitted(_submitted(), ports)
+    with pytest.raises(OSError):
+        await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS)), ports)
+    assert await env.ledger.heartbeat() == 0
+    assert (await env.ledger.claim("prb-1", "web")).state == "unknown"
+    assert await env.ledger.heartbeat() == 1, "working on its own claim again: vouch for it"
