@@ -254,6 +254,10 @@ async def test_sigkill_after_send_before_commit_leaves_one_copy_per_probe_and_pr
                    if len([e for e in by_pair[(p, web.provider_id)]
                            if isinstance(e, ProviderDispatched)]) > 1]
     assert redelivered, "the uncommitted batch was redelivered after the kill"
+    print(json.dumps({"probes": n, "sent_before_kill": sent_before_kill,
+                      "redelivered_and_reemitted": len(redelivered),
+                      "https_copies": sum(vendor.state.copies.values()),
+                      "mails": len(inbox.state.mails)}))
 
 
 def metrics_port(proc: ServiceProcess) -> int:
@@ -366,6 +370,10 @@ async def test_sigkill_mid_send_is_resolved_by_the_idempotency_key(rig: Rig) -> 
     assert all(len(keys) == 1 for keys in keys_by_ref.values()), "one key per request_ref"
     stored = Counter(rec.request_ref for rec in vendor.state.received if rec.accepted)
     assert set(stored.values()) == {1}, "the vendor stored each request once"
+    print(json.dumps({"probes": n, "in_flight_at_kill": in_flight_at_kill,
+                      "resent_same_key": len(resent),
+                      "raw_copies": sum(vendor.state.copies.values()),
+                      "stored": sum(stored.values())}))
 
 
 async def test_rebalance_between_live_instances_sends_nothing_twice(
