@@ -257,6 +257,12 @@ class ProviderDispatched(Event):
     sent_at: UtcDatetime
     response_due_at: UtcDatetime
     deletion_due_at: UtcDatetime
+    payload_sha256: Sha256Hex | None = Field(
+        default=None, description="SHA-256 of the exact payload sent (the JSON body, or the "
+        "image bytes for Rekognition)")
+    attempts: int = Field(default=1, ge=1, description="transport attempts, including the last")
+    claimed_at: UtcDatetime | None = Field(
+        default=None, description="when the dispatch ledger first claimed this send")
 
 
 class DispatchFailure(StrEnum):
@@ -276,6 +282,7 @@ class DispatchFailed(Event):
     reason: DispatchFailure
     detail: str = Field(max_length=2000)
     failed_at: UtcDatetime
+    attempts: int = Field(default=0, ge=0, description="transport attempts made before failing")
 
 
 # --- results -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from schemas.envelope import Envelope
 from schemas.events import AgentRecord, CaseRecord, Event, ProviderRecord
 from schemas.types import ImageSource, Purpose, probe_id_for
 from services.cli import bench_intake
+from services.cli import dispatch as dispatch_cli
 from services.cli.client import submit_probe
 from services.kit.bus import Publisher, read_topic
 from services.kit.settings import ServiceSettings
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy_cli.register(commands)
     results_cli.register(commands)
     bench_intake.register(commands)
+    dispatch_cli.register(commands)
     return parser
 
 

@@ -13,7 +13,8 @@ async def main(settings: DispatchSettings) -> None:
     stack = AsyncExitStack()
     publisher = await start_publisher(settings, stack)
     registries = await start_registries(settings, stack)
-    await run_service(settings, build(settings, publisher, registries), stack)
+    app = build(settings, publisher, registries, stack)
+    await run_service(settings, app.processors, stack, app.background)
 
 
 if __name__ == "__main__":

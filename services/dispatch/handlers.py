@@ -1,54 +1,213 @@
-"""Dispatch handlers. Foundation pass-through: every cleared, active provider is 'sent'
-through a loopback transport that answers at once with an empty candidate list. The
-dispatch issue replaces it with real transports and a ledger."""
+"""Dispatch handlers: plain functions of typed events and a ports dataclass, returning the
+events to emit (ProviderDispatched, DispatchFailed, and ProviderAnswered for synchronous
+transports). Kafka is not imported here; app.py wires the ports."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Literal
 
 from schemas.events import (
+    ClearedProvider,
     DispatchFailed,
     DispatchFailure,
     Event,
+    ImagePurged,
     PolicyCleared,
+    ProbeSubmitted,
     ProviderAnswered,
     ProviderDispatched,
 )
+from schemas.types import OutboundField, Transport
+from services.dispatch.breaker import ProviderGuards
+from services.dispatch.delivery import Delivered, DeliveryHooks, RetryPolicy, deliver
+from services.dispatch.images import ImageGone, ImageSource
+from services.dispatch.ledger import Claim, Ledger, ProbeInfo
+from services.dispatch.payloads import PhotoNotCleared, build_payload, payload_digest
+from services.dispatch.transports.base import ProviderTransport, SendRequest
 from services.kit.registry import Registries
+
+log = logging.getLogger("frs.dispatch")
+
+
+class ProbeNotYetKnown(Exception):
+    """The clearance arrived before its ProbeSubmitted: the kit retries, then the DLQ."""
 
 
 @dataclass(frozen=True)
 class DispatchPorts:
     registries: Registries
+    ledger: Ledger
+    images: ImageSource
+    transports: Mapping[Transport, ProviderTransport]
+    guards: ProviderGuards
     clock: Callable[[], datetime]
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    hooks: DeliveryHooks = field(default_factory=DeliveryHooks)
+    probe_wait_s: float = 10.0
+    # Email cannot prove a crashed send did not go out: resend with the same Message-ID,
+    # or give up with outcome_unknown. HTTPS and Rekognition always resend safely.
+    unknown_outcome_email: Literal["resend", "fail"] = "resend"
+    # Another live instance's claim (rebalance): wait this long since its last heartbeat
+    # for its outcome before treating the claim as abandoned.
+    claim_lease_s: float = 5.0
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+
+async def on_probe_submitted(event: ProbeSubmitted, ports: DispatchPorts) -> list[Event]:
+    """Keep what a later send needs (claim check and agent id), durably."""
+    await ports.ledger.remember_probe(event.probe_id, event.vault_ref, event.agent_id)
+    return []
+
+
+async def on_image_purged(event: ImagePurged, ports: DispatchPorts) -> list[Event]:
+    if event.object_kind == "probe":
+        await ports.ledger.mark_purged(event.probe_id)
+    return []
+
+
+async def _wait_for_probe(probe_id: str, ports: DispatchPorts) -> ProbeInfo:
+    # The two topics are consumed independently; the submission is normally already here.
+    deadline = asyncio.get_running_loop().time() + ports.probe_wait_s
+    while True:
+        info = await ports.ledger.probe(probe_id)
+        if info is not None and info.vault_ref:
+            return info
+        if info is not None and info.purged:
+            return info
+        if asyncio.get_running_loop().time() >= deadline:
+            raise ProbeNotYetKnown(probe_id)
+        await ports.sleep(0.1)
 
 
 async def on_policy_cleared(event: PolicyCleared, ports: DispatchPorts) -> list[Event]:
-    out: list[Event] = []
+    info = await _wait_for_probe(event.probe_id, ports)
+    results = await asyncio.gather(*(_dispatch_one(event, c, info, ports)
+                                     for c in event.cleared))
+    return [e for events in results for e in events]
+
+
+def _failed(event: PolicyCleared, provider_id: str, reason: DispatchFailure, detail: str,
+            now: datetime, attempts: int = 0) -> DispatchFailed:
+    return DispatchFailed(probe_id=event.probe_id, provider_id=provider_id, reason=reason,
+                          detail=detail[:2000], failed_at=now, attempts=attempts)
+
+
+async def _dispatch_one(event: PolicyCleared, cleared: ClearedProvider, info: ProbeInfo,
+                        ports: DispatchPorts) -> list[Event]:
+    provider_id = cleared.provider_id
+    ledger = ports.ledger
+    claim = await ledger.claim(event.probe_id, provider_id)
+    if claim.state == "unknown" and claim.owner != ledger.owner:
+        claim = await _await_other_owner(event.probe_id, provider_id, claim, ports)
+    if claim.state == "done":
+        return claim.outcome  # already sent or failed: re-emit, never resend
+    try:
+        events = await _decide_and_send(event, cleared, info, claim, ports)
+        await ledger.complete(event.probe_id, provider_id, events)
+    except BaseException:
+        ledger.release(event.probe_id, provider_id)
+        raise
+    for e in events:
+        if isinstance(e, ProviderDispatched):
+            ports.hooks.outcome(provider_id, "dispatched")
+        elif isinstance(e, DispatchFailed):
+            ports.hooks.outcome(provider_id, e.reason.value)
+            log.warning("dispatch failed", extra={"probe_id": e.probe_id, "provider": provider_id,
+                                                  "reason": e.reason.value,
+                                                  "attempts": e.attempts})
+    return events
+
+
+async def _await_other_owner(probe_id: str, provider_id: str, claim: Claim,
+                             ports: DispatchPorts) -> Claim:
+    """After a rebalance the previous owner may still be sending: wait for its outcome
+    while its heartbeat is fresh, then take the claim over."""
+    log.info("waiting for another instance's claim",
+             extra={"probe_id": probe_id, "provider": provider_id, "owner": claim.owner})
+    while claim.state == "unknown" and claim.owner != ports.ledger.owner:
+        beat = claim.heartbeat_at or claim.claimed_at
+        if (ports.clock() - beat).total_seconds() > ports.claim_lease_s:
+            log.warning("taking over an abandoned claim",
+                        extra={"probe_id": probe_id, "provider": provider_id})
+            await ports.ledger.take_over(probe_id, provider_id)
+            break
+        await ports.sleep(0.2)
+        claim = await ports.ledger.claim(probe_id, provider_id)
+    return claim
+
+
+async def _decide_and_send(event: PolicyCleared, cleared: ClearedProvider, info: ProbeInfo,
+                           claim: Claim, ports: DispatchPorts) -> list[Event]:
+    provider_id = cleared.provider_id
     now = ports.clock()
-    for cleared in event.cleared:
-        provider = ports.registries.providers.get(cleared.provider_id)
-        if provider is None or provider.status != "active":
-            reason = DispatchFailure.UNKNOWN_PROVIDER if provider is None \
-                else DispatchFailure.SUSPENDED
-            out.append(DispatchFailed(probe_id=event.probe_id, provider_id=cleared.provider_id,
-                                      reason=reason, detail=f"provider is {reason.value}",
-                                      failed_at=now))
-            continue
-        out.append(ProviderDispatched(
-            probe_id=event.probe_id, provider_id=provider.provider_id,
-            dispatch_id=f"{event.probe_id}:{provider.provider_id}",
-            transport=provider.transport, fields_sent=cleared.fields,
-            request_ref=f"{event.probe_id}:{provider.provider_id}", sent_at=now,
-            response_due_at=now + timedelta(seconds=provider.response_deadline_s),
-            deletion_due_at=now + timedelta(seconds=provider.deletion_deadline_s),
-        ))
+    provider = ports.registries.providers.get(provider_id)
+    if provider is None:
+        return [_failed(event, provider_id, DispatchFailure.UNKNOWN_PROVIDER,
+                        "provider not in the registry", now)]
+    if provider.status != "active":
+        return [_failed(event, provider_id, DispatchFailure.SUSPENDED,
+                        "provider suspended after clearance", now)]
+    if provider.transport is not cleared.transport:
+        return [_failed(event, provider_id, DispatchFailure.PERMANENT_ERROR,
+                        "provider transport changed after clearance", now)]
+    transport = ports.transports.get(provider.transport)
+    if transport is None:
+        return [_failed(event, provider_id, DispatchFailure.PERMANENT_ERROR,
+                        f"transport {provider.transport.value} not configured", now)]
+    unknown = claim.state == "unknown" and claim.attempts > 0
+    if unknown and not transport.idempotent_resend and ports.unknown_outcome_email == "fail":
+        return [_failed(event, provider_id, DispatchFailure.OUTCOME_UNKNOWN,
+                        "a previous send may have gone out; not resending", now)]
+    if info.purged:
+        return [_failed(event, provider_id, DispatchFailure.IMAGE_PURGED,
+                        "image purged before dispatch", now)]
+    try:
+        photo = await ports.images.get(info.vault_ref)
+    except ImageGone:
+        return [_failed(event, provider_id, DispatchFailure.IMAGE_PURGED,
+                        "image no longer in the vault", now)]
+    try:
+        payload = build_payload(provider.transport, cleared.fields, photo=photo,
+                                agent_id=info.agent_id, request_ref=claim.request_ref)
+    except PhotoNotCleared:
+        return [_failed(event, provider_id, DispatchFailure.PERMANENT_ERROR,
+                        "photo not cleared by policy", now)]
+    del photo
+    request = SendRequest(provider=provider, payload=payload, dispatch_id=claim.dispatch_id,
+                          request_ref=claim.request_ref)
+
+    def still_active() -> bool:
+        current = ports.registries.providers.get(provider_id)
+        return current is not None and current.status == "active"
+
+    outcome = await deliver(
+        request, transport, ports.guards, ports.retry,
+        record_attempt=lambda: ports.ledger.record_attempt(event.probe_id, provider_id),
+        still_active=still_active, hooks=ports.hooks, sleep=ports.sleep,
+    )
+    done = ports.clock()
+    if not isinstance(outcome, Delivered):
+        return [_failed(event, provider_id, outcome.reason, outcome.detail, done,
+                        outcome.attempts)]
+    order = list(OutboundField)
+    out: list[Event] = [ProviderDispatched(
+        probe_id=event.probe_id, provider_id=provider_id, dispatch_id=claim.dispatch_id,
+        transport=provider.transport,
+        fields_sent=sorted(payload.fields_sent(), key=order.index),
+        request_ref=claim.request_ref, sent_at=done,
+        response_due_at=done + timedelta(seconds=provider.response_deadline_s),
+        deletion_due_at=done + timedelta(seconds=provider.deletion_deadline_s),
+        payload_sha256=payload_digest(payload), attempts=outcome.attempts,
+        claimed_at=claim.claimed_at,
+    )]
+    if outcome.result.answer is not None:
         out.append(ProviderAnswered(
-            probe_id=event.probe_id, provider_id=provider.provider_id, channel="rekognition",
-            payload={"candidates": [], "threshold": 0.0, "algorithm": "loopback",
-                     "algorithm_version": "0"},
-            received_at=now,
+            probe_id=event.probe_id, provider_id=provider_id, channel="rekognition",
+            payload=outcome.result.answer, received_at=done,
         ))
     return out

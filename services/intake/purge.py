@@ -30,6 +30,7 @@ log = logging.getLogger("frs.intake.purge")
 
 @dataclass(frozen=True)
 class PurgeMetrics:
+    objects: Gauge
     past_expiry: Gauge
     purged: Counter
     sweep_failures: Counter
@@ -38,6 +39,7 @@ class PurgeMetrics:
 @cache
 def purge_metrics() -> PurgeMetrics:
     return PurgeMetrics(
+        objects=Gauge("frs_intake_vault_objects", "Vault objects holding an image (not purged)."),
         past_expiry=Gauge("frs_intake_vault_objects_past_expiry",
                           "Vault objects whose expiry has passed and are not yet purged."),
         purged=Counter("frs_intake_images_purged_total",
@@ -106,6 +108,7 @@ class Purger:
                                             "reason": event.reason.value})
             announced.append(event)
         self.metrics.past_expiry.set(index.count_past_expiry(self.clock()))
+        self.metrics.objects.set(index.count_stored())
         if due or moved:
             log.info("purge sweep done", extra={"purged": len(announced),
                                                 "case_closed_moved": moved})

@@ -351,6 +351,11 @@ class VaultIndex:
             "AND expires_at<=?", (_ts(now),)).fetchone()
         return int(row[0])
 
+    def count_stored(self) -> int:
+        row = self.conn.execute(
+            "SELECT COUNT(*) FROM vault_objects WHERE state IN ('stored','purging')").fetchone()
+        return int(row[0])
+
     def mark_purging(self, ref: str, reason: str) -> None:
         with self._tx() as c:
             c.execute("UPDATE vault_objects SET state='purging', "

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from schemas.catalog import topic_for
 from schemas.envelope import DecodeError, Envelope, Headers, child_traceparent, decode, encode
@@ -191,15 +191,21 @@ class Processor:
             log.warning("fault injection: SIGKILL before commit",
                         extra={"group": self.route.group_id})
             os.kill(os.getpid(), signal.SIGKILL)
-        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+        # Partitions revoked while the batch ran are the new owner's to commit.
+        assigned = self._consumer.assignment()
+        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if tp in assigned}
         try:
-            await self._consumer.commit(offsets)
-        except CommitFailedError:
-            # A rebalance took the partitions; the next owner redelivers, handlers are
-            # idempotent, so this costs only repeated work.
+            if offsets:
+                await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError):
+            # A rebalance took the partitions (IllegalStateError: revoked while the batch
+            # ran); the next owner redelivers, handlers are idempotent, so this costs only
+            # repeated work.
             log.warning("commit failed after rebalance", extra={"group": self.route.group_id})
         self.processed += sum(len(r) for r in batch.values())
         for tp, records in batch.items():
+            if tp not in assigned:
+                continue
             highwater = self._consumer.highwater(tp)
             if highwater is not None:
                 self._metrics.consumer_lag.labels(tp.topic).set(

@@ -109,6 +109,7 @@ async def test_gauge_counts_objects_past_expiry_when_purge_fails(tmp_path: Path)
 async def test_restart_mid_sweep_finishes_it(tmp_path: Path) -> None:
     vault, clock = make_vault(tmp_path), Clock()
     refs = fill(vault, 5, ttl_h=1)
+    assert vault.index.count_stored() == 5
     copies = {r: vault.read_ciphertext(r) for r in refs}
     clock.now = T0 + timedelta(hours=2)
     first = Sink(fail_after=2)  # the third announcement dies, as a crash would
@@ -122,6 +123,8 @@ async def test_restart_mid_sweep_finishes_it(tmp_path: Path) -> None:
     announced = {e.vault_ref for e in first.events} | {e.vault_ref for e in out}
     assert announced == set(refs)
     assert {e.vault_ref for e in first.events}.isdisjoint({e.vault_ref for e in out})
+    assert vault2.index.count_stored() == 0
+    assert REGISTRY.get_sample_value("frs_intake_vault_objects") == 0
     assert not list((tmp_path / "objects").rglob("*.bin"))
     for ref, blob in copies.items():
         with pytest.raises(ObjectPurged):

@@ -36,8 +36,8 @@ def referenced(exprs: list[str]) -> tuple[set[str], set[str]]:
     names, patterns = set(), set()
     for expr in exprs:
         patterns |= set(PATTERN.findall(expr))
-        expr = PATTERN.sub("", expr)
-        names |= {re.sub(r"_(bucket|sum|count)$", "", n) for n in NAME.findall(expr)}
+        plain = PATTERN.sub("", expr)
+        names |= {re.sub(r"_(bucket|sum|count)$", "", n) for n in NAME.findall(plain)}
     return names, patterns
 
 

@@ -1,0 +1,247 @@
+"""``frs bench dispatch``: sends in flight and sends/s of one dispatch process against the
+HTTPS vendor simulator with simulated latency, next to raw aiohttp sends to the same
+simulator in the same run (the baseline). Also the synthetic clearances it (and the
+dispatch tests) publish: what intake and policy would emit for a probe."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer
+
+from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS
+from schemas.events import (
+    ClearedProvider,
+    Event,
+    PolicyCleared,
+    ProbeSubmitted,
+    ProviderRecord,
+    RegistryVersions,
+)
+from schemas.types import ImageSource, OutboundField, Purpose, Transport
+from services.dispatch.transports.https import client_tls_context
+from services.kit.bus import Publisher, all_partitions
+from services.kit.settings import ServiceSettings
+from services.kit.topics import ensure_topics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def synthetic_clearance(probe_id: str, cleared: Sequence[ClearedProvider], *,
+                        agent_id: str = "agent-7", vault_ref: str | None = None,
+                        now: datetime | None = None) -> tuple[ProbeSubmitted, PolicyCleared]:
+    now = now or datetime.now(UTC)
+    submitted = ProbeSubmitted(
+        probe_id=probe_id, request_id=f"req-{probe_id}", case_id="CASE-1", agent_id=agent_id,
+        purpose=Purpose.HUMAN_TRAFFICKING, roi_refs=["ROI-1"],
+        image_source=ImageSource.SURVEILLANCE, nexus=[], exigent=False,
+        unedited_attestation=True, vault_ref=vault_ref or f"vault:{probe_id}",
+        image_format="jpeg", received_sha256="0" * 64, sanitized_sha256="0" * 64,
+        expires_at=now + timedelta(hours=1), submitted_at=now)
+    decision = PolicyCleared(
+        probe_id=probe_id, case_id="CASE-1", cleared=list(cleared), policy_digest="0" * 64,
+        registry_versions=RegistryVersions(), decided_at=now)
+    return submitted, decision
+
+
+def cleared(provider_id: str, transport: Transport,
+            fields: Sequence[OutboundField] = tuple(OutboundField)) -> ClearedProvider:
+    return ClearedProvider(provider_id=provider_id, transport=transport, fields=list(fields))
+
+
+def _test_jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 100, 90)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+async def _sim_state(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    async with session.get(f"{base}/_sim/state") as r:
+        state: dict[str, Any] = await r.json()
+        return state
+
+
+async def _wait_accepted(session: aiohttp.ClientSession, base: str, n: int,
+                         timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = await _sim_state(session, base)
+        if state["accepted"] >= n or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.25)
+
+
+def _summary(state: dict[str, Any], n: int) -> dict[str, Any]:
+    busy = state.get("busy_s") or 0.0
+    return {"sends": state["accepted"], "expected": n, "seconds": round(busy, 3),
+            "sends_per_s": round(state["accepted"] / busy, 1) if busy else 0.0,
+            "peak_in_flight": state["peak_in_flight"]}
+
+
+async def _baseline(session: aiohttp.ClientSession, url: str, n: int, concurrency: int,
+                    photo: bytes) -> None:
+    """Raw aiohttp sends of the same body shape, ``concurrency`` at a time."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        ref = f"ref-{uuid.uuid4()}"
+        body = {"photo": base64.b64encode(photo).decode(), "agent_id": "agent-7",
+                "request_ref": ref}
+        async with slots, session.post(url, json=body,
+                                       headers={"Idempotency-Key": f"base-{i}-{ref}"}) as r:
+            await r.read()
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def _start_groups_at_end(bootstrap: str, groups: list[tuple[str, str]]) -> None:
+    for group, topic in groups:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partitions = await all_partitions(consumer, [topic])
+            consumer.assign(partitions)
+            end = await consumer.end_offsets(partitions)
+            await consumer.commit({tp: offset for tp, offset in end.items()})
+        finally:
+            await consumer.stop()
+
+
+def _spawn(module_args: list[str], env: dict[str, str], stdout: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", *module_args], cwd=ROOT, env=env,
+                            stdout=stdout, stderr=subprocess.DEVNULL)
+
+
+async def cmd_bench_dispatch(args: argparse.Namespace, settings: ServiceSettings) -> int:
+    await ensure_topics(settings.kafka_bootstrap)
+    run_id = uuid.uuid4().hex[:8]
+    with tempfile.TemporaryDirectory(prefix="frs-bench-dispatch-") as tmp_name:
+        tmp = Path(tmp_name)
+        image = tmp / "probe.jpg"
+        image.write_bytes(_test_jpeg())
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        vendor = _spawn(["deploy.simulators.vendor", "--latency", str(args.latency),
+                         "--pki-dir", str(tmp / "pki")], env, subprocess.PIPE)
+        dispatch: subprocess.Popen[bytes] | None = None
+        provider_id = f"bench-{run_id}"
+        try:
+            assert vendor.stdout is not None
+            info = json.loads(await asyncio.to_thread(vendor.stdout.readline))
+            url, ca_file = info["url"], info["ca_file"]
+            base = url.rsplit("/", 1)[0]
+            tls = client_tls_context(Path(ca_file))
+            connector = aiohttp.TCPConnector(ssl=tls, limit=0)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                await _baseline(session, url, args.probes, args.in_flight, image.read_bytes())
+                baseline = _summary(await _sim_state(session, base), args.probes)
+                async with session.post(f"{base}/_sim/reset") as r:
+                    await r.read()
+                now = datetime.now(UTC)
+                record = ProviderRecord(
+                    provider_id=provider_id, name="bench vendor (simulated)",
+                    kind="commercial", transport=Transport.HTTPS, endpoint=url,
+                    attestation_valid_until=now + timedelta(days=1), updated_at=now)
+                events: list[Event] = [record]
+                decisions: list[Event] = []
+                for i in range(args.probes):
+                    sub, dec = synthetic_clearance(f"prb-bench-{run_id}-{i}",
+                                                   [cleared(provider_id, Transport.HTTPS)],
+                                                   now=now)
+                    events.append(sub)
+                    decisions.append(dec)
+                group = f"frs-bench-{run_id}"
+                # Only this run's events: the groups start at the current log end.
+                await _start_groups_at_end(settings.kafka_bootstrap, [
+                    (group, POLICY_DECISIONS.name),
+                    (f"{group}-probes-bench", PROBE_EVENTS.name)])
+                async with Publisher(settings.kafka_bootstrap, source="/frs/bench") as pub:
+                    await pub.publish(events)
+                    await pub.publish(decisions)
+                dispatch = _spawn(
+                    ["services.dispatch"],
+                    {**env, "FRS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+                         "FRS_STATE_DIR": str(tmp / "state"),
+                         "FRS_DISPATCH_GROUP_ID": group,
+                         "FRS_DISPATCH_INSTANCE_ID": "bench",
+                         "FRS_DISPATCH_METRICS_PORT": "0",
+                         "FRS_DISPATCH_IMAGE_SOURCE": "test-file",
+                         "FRS_DISPATCH_TEST_IMAGE_FILE": str(image),
+                         "FRS_DISPATCH_CA_FILE": ca_file,
+                         "FRS_DISPATCH_CONCURRENCY": str(max(args.in_flight * 2, 64)),
+                         "FRS_DISPATCH_PROVIDER_CONCURRENCY": str(args.in_flight),
+                         "FRS_DISPATCH_BATCH_MAX": str(max(args.probes, 500)),
+                         "FRS_LOG_LEVEL": "WARNING"},
+                    subprocess.DEVNULL)
+                state = await _wait_accepted(session, base, args.probes, args.timeout)
+                measured = _summary(state, args.probes)
+                async with Publisher(settings.kafka_bootstrap, source="/frs/bench") as pub:
+                    await pub.publish([record.model_copy(update={
+                        "status": "suspended", "updated_at": datetime.now(UTC)})])
+        finally:
+            for proc in (dispatch, vendor):
+                if proc is not None and proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        await asyncio.to_thread(proc.wait, 30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+    ratio = (measured["sends_per_s"] / baseline["sends_per_s"]) if baseline["sends_per_s"] \
+        else 0.0
+    ok = measured["sends"] == args.probes and measured["peak_in_flight"] >= args.min_in_flight
+    payload = {"bench": "dispatch", "latency_s": args.latency, "probes": args.probes,
+               "target_in_flight": args.in_flight, "dispatch": measured,
+               "baseline_raw_aiohttp": baseline, "ratio_sends_per_s": round(ratio, 3),
+               "min_in_flight": args.min_in_flight, "ok": ok}
+    if args.json:
+        sys.stdout.write(json.dumps(payload) + "\n")
+    else:
+        sys.stdout.write(
+            f"dispatch: {measured['sends_per_s']} sends/s, peak {measured['peak_in_flight']} "
+            f"in flight ({measured['sends']}/{args.probes} sent)\n"
+            f"baseline: {baseline['sends_per_s']} sends/s, peak "
+            f"{baseline['peak_in_flight']} in flight\nratio: {ratio:.3f}  "
+            f"{'ok' if ok else 'BELOW TARGET'}\n")
+    return 0 if ok else 1
+
+
+def bench_commands(commands: Any) -> Any:
+    """The ``frs bench`` subcommands, shared with other areas' benchmarks."""
+    existing = commands.choices.get("bench")
+    if existing is not None:
+        for action in existing._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action
+    bench = commands.add_parser("bench", help="benchmarks (JSON, against a same-run baseline)")
+    return bench.add_subparsers(dest="bench_command", required=True)
+
+
+def register(commands: Any) -> None:
+    from services.cli.main import _sub
+
+    bench_cmds = bench_commands(commands)
+    p = _sub(bench_cmds, "dispatch",
+             "sends in flight and sends/s of one dispatch process vs raw aiohttp",
+             "frs bench dispatch --json --latency 1 --probes 600", cmd_bench_dispatch)
+    p.add_argument("--latency", type=float, default=1.0, help="vendor latency per send, s")
+    p.add_argument("--probes", type=int, default=600, help="sends to make")
+    p.add_argument("--in-flight", type=int, default=256, help="per-provider send limit")
+    p.add_argument("--min-in-flight", type=int, default=200, help="target peak (exit 1 below)")
+    p.add_argument("--timeout", type=float, default=120.0, help="give up after, s")

@@ -1,0 +1,116 @@
+"""One send with timeouts, retries (exponential backoff, full jitter), the provider's
+circuit breaker and concurrency limit, and a suspension check before every attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from schemas.events import DispatchFailure
+from services.dispatch.breaker import CircuitOpen, ProviderGuards
+from services.dispatch.transports.base import (
+    PermanentError,
+    ProviderTransport,
+    SendRequest,
+    SendResult,
+    TransientError,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_delay_s: float = 0.2
+    max_delay_s: float = 10.0
+    attempt_timeout_s: float = 30.0
+
+    def delay(self, retry: int, rng: Callable[[], float] = random.random) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2**retry)]."""
+        return float(rng() * min(self.max_delay_s, self.base_delay_s * 2.0**retry))
+
+
+@dataclass(frozen=True)
+class Delivered:
+    result: SendResult
+    attempts: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: DispatchFailure
+    detail: str
+    attempts: int
+
+
+class DeliveryHooks:
+    """Side channels of a delivery (metrics); the defaults do nothing."""
+
+    def attempt(self, provider_id: str, outcome: str, seconds: float) -> None:
+        return None
+
+    def in_flight(self, provider_id: str, delta: int) -> None:
+        return None
+
+    def outcome(self, provider_id: str, outcome: str) -> None:
+        return None
+
+
+async def deliver(
+    request: SendRequest,
+    transport: ProviderTransport,
+    guards: ProviderGuards,
+    policy: RetryPolicy,
+    *,
+    record_attempt: Callable[[], Awaitable[int]],
+    still_active: Callable[[], bool],
+    hooks: DeliveryHooks | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rng: Callable[[], float] = random.random,
+) -> Delivered | Failed:
+    hooks = hooks or DeliveryHooks()
+    provider_id = request.provider.provider_id
+    breaker = guards.breaker(provider_id)
+    attempts = 0
+    last = "none"
+    for retry in range(policy.max_attempts):
+        if retry:
+            await sleep(policy.delay(retry - 1, rng))
+        if not still_active():
+            return Failed(DispatchFailure.SUSPENDED, "provider suspended before send", attempts)
+        try:
+            breaker.acquire()
+        except CircuitOpen as exc:
+            last = "circuit_open"
+            # Waiting out the open period costs a try, so an open circuit ends the send.
+            await sleep(min(max(exc.retry_after_s, 0.0), policy.max_delay_s) * (0.5 + rng()))
+            continue
+        async with guards.limit(provider_id):
+            attempts = await record_attempt()  # durable before anything leaves
+            hooks.in_flight(provider_id, 1)
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(policy.attempt_timeout_s):
+                    result = await transport.send(request)
+            except (TransientError, TimeoutError) as exc:
+                breaker.failure()
+                last = exc.code if isinstance(exc, TransientError) else "timeout"
+                hooks.attempt(provider_id, "transient", time.perf_counter() - started)
+                continue
+            except PermanentError as exc:
+                breaker.release()
+                hooks.attempt(provider_id, "permanent", time.perf_counter() - started)
+                return Failed(DispatchFailure.PERMANENT_ERROR, exc.code, attempts)
+            finally:
+                hooks.in_flight(provider_id, -1)
+            breaker.success()
+            seconds = time.perf_counter() - started
+            hooks.attempt(provider_id, "sent", seconds)
+            return Delivered(result, attempts, seconds)
+    if last == "circuit_open":
+        return Failed(DispatchFailure.CIRCUIT_OPEN, "circuit open for the whole retry budget",
+                      attempts)
+    return Failed(DispatchFailure.RETRIES_EXHAUSTED, f"last error: {last}", attempts)

@@ -1,0 +1,66 @@
+"""Where dispatch reads the probe image: the ``ImageSource`` port.
+
+The real implementation is the intake's vault (services/intake/vault.py, intake issue):
+``VaultImageSource`` adapts its synchronous ``Vault.get(ref)`` (decrypts the sanitized
+probe; raises ``ObjectPurged`` / ``UnknownObject``) to this port; ``app.build_image_source``
+opens it the way the vault documents (``open_vault(IntakeSettings(), stack)``). The test
+source below serves one test photo, in local mode only."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class ImageGone(Exception):
+    """The image was purged (or never stored): nothing may be sent."""
+
+
+class ImageSource(Protocol):
+    async def get(self, vault_ref: str) -> bytes: ...
+
+
+class StaticImageSource:
+    """Tests and benchmarks: every probe is the same test photo (never a real probe)."""
+
+    def __init__(self, image: bytes, gone: frozenset[str] = frozenset()) -> None:
+        self._image = image
+        self._gone = gone
+
+    @classmethod
+    def from_file(cls, path: Path) -> StaticImageSource:
+        return cls(path.read_bytes())
+
+    async def get(self, vault_ref: str) -> bytes:
+        if vault_ref in self._gone:
+            raise ImageGone(vault_ref)
+        return self._image
+
+
+class VaultImageSource:
+    """The vault behind the port. Its SQLite connection belongs to the thread that opened
+    it, so the vault is opened, read and closed on one worker thread of its own (which
+    also keeps object-store and KMS calls off the event loop)."""
+
+    def __init__(self, open_vault: Callable[[], Any], gone: tuple[type[Exception], ...],
+                 close_vault: Callable[[], object] | None = None) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault")
+        self._vault = self._pool.submit(open_vault).result()
+        self._gone = gone
+        self._close_vault = close_vault
+
+    async def get(self, vault_ref: str) -> bytes:
+        loop = asyncio.get_running_loop()
+        try:
+            image: bytes = await loop.run_in_executor(self._pool, self._vault.get, vault_ref)
+        except self._gone as exc:
+            raise ImageGone(type(exc).__name__) from None
+        return image
+
+    def close(self) -> None:
+        if self._close_vault is not None:
+            self._pool.submit(self._close_vault).result()
+        self._pool.shutdown()

@@ -1,0 +1,285 @@
+"""The dispatch ledger: each (probe, provider) send happens once across redelivery,
+restart and rebalance.
+
+SQLite in the state dir, WAL with ``synchronous=FULL`` so every commit is fsync'd before
+the call returns. Protocol per send:
+
+1. ``claim`` before sending. A new row is ``claimed``; an existing ``done`` row returns the
+   recorded outcome (the events to re-emit, nothing is sent again); an existing
+   ``claimed`` row means a previous run crashed between claim and record: the outcome is
+   unknown and the caller resolves it per transport (resend with the same idempotency key,
+   or fail with ``outcome_unknown``).
+2. ``record_attempt`` before each attempt (attempt counts survive crashes).
+3. ``complete`` with the events the send produced, before the handler returns; the
+   Kafka offset is committed only after those events are acknowledged.
+
+Dispatch ids and request refs are derived from (probe, provider), not random, so two
+instances racing on the same clearance after a rebalance use the same Idempotency-Key.
+The ledger is per state dir: instances on one host share it, instances on different
+hosts rely on the vendors' idempotency keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+from schemas.events import EVENTS_BY_TYPE, Event
+from schemas.types import utcnow
+
+_DISPATCH_NS = uuid.UUID("0b1e7c52-5a0f-4c47-9e55-3f3f0d8c2a11")
+_REF_NS = uuid.UUID("9d2f6a0e-0f5c-4c7f-8f0e-6b8a3c1d2e44")
+T = TypeVar("T")
+
+
+def dispatch_id_for(probe_id: str, provider_id: str) -> str:
+    return f"dsp-{uuid.uuid5(_DISPATCH_NS, f'{probe_id}/{provider_id}')}"
+
+
+def request_ref_for(dispatch_id: str) -> str:
+    """Opaque to the provider: it cannot be turned back into a probe or case id."""
+    return f"ref-{uuid.uuid5(_REF_NS, dispatch_id)}"
+
+
+@dataclass(frozen=True)
+class ProbeInfo:
+    probe_id: str
+    vault_ref: str
+    agent_id: str
+    purged: bool
+
+
+@dataclass(frozen=True)
+class Claim:
+    dispatch_id: str
+    request_ref: str
+    state: Literal["new", "unknown", "done"]
+    attempts: int
+    claimed_at: datetime
+    outcome: list[Event]
+    owner: str = ""
+    heartbeat_at: datetime | None = None
+
+
+class Ledger(Protocol):
+    owner: str
+
+    async def remember_probe(self, probe_id: str, vault_ref: str, agent_id: str) -> None: ...
+    async def mark_purged(self, probe_id: str) -> None: ...
+    async def probe(self, probe_id: str) -> ProbeInfo | None: ...
+    async def claim(self, probe_id: str, provider_id: str) -> Claim: ...
+    async def record_attempt(self, probe_id: str, provider_id: str) -> int: ...
+    async def take_over(self, probe_id: str, provider_id: str) -> None: ...
+    async def heartbeat(self) -> int: ...
+    def release(self, probe_id: str, provider_id: str) -> None: ...
+    async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS probes (
+  probe_id TEXT PRIMARY KEY, vault_ref TEXT NOT NULL, agent_id TEXT NOT NULL,
+  purged INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS sends (
+  probe_id TEXT NOT NULL, provider_id TEXT NOT NULL, dispatch_id TEXT NOT NULL,
+  request_ref TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('claimed', 'done')),
+  attempts INTEGER NOT NULL DEFAULT 0, claimed_at TEXT NOT NULL, finished_at TEXT,
+  outcome TEXT, owner TEXT NOT NULL DEFAULT '', heartbeat_at TEXT,
+  PRIMARY KEY (probe_id, provider_id)
+);
+"""
+
+
+def _dump(events: list[Event]) -> str:
+    return json.dumps([{"type": e.TYPE, "data": e.model_dump(mode="json")} for e in events])
+
+
+def _load(text: str | None) -> list[Event]:
+    return [EVENTS_BY_TYPE[item["type"]].model_validate(item["data"])
+            for item in json.loads(text or "[]")]
+
+
+class SqliteLedger:
+    """One connection, used from one worker thread, so the event loop never blocks on fsync.
+
+    Writes use group commit: every write queued while a transaction is being fsync'd goes
+    into the next transaction together, so many concurrent claims cost one fsync, and each
+    caller still returns only once its own write is durable."""
+
+    def __init__(self, path: Path | str, owner: str | None = None) -> None:
+        # Which process holds a claim: another live owner's claim is waited for, not resent.
+        self.owner = owner or f"dispatch-{uuid.uuid4()}"
+        self._held: set[tuple[str, str]] = set()  # claims this owner is working on
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._db = self._pool.submit(self._open, str(path)).result()
+        self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.transactions = 0  # committed write transactions (group commit makes it < writes)
+
+    @staticmethod
+    def _open(path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                             timeout=30.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        return db
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        """A read, outside any transaction."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _write(self, fn: Callable[[], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await loop.run_in_executor(self._pool, self._transaction,
+                                                     [fn for fn, _ in batch])
+            except Exception as exc:  # the commit failed: nothing in the batch is durable
+                results = [(False, exc)] * len(batch)
+            for (_, future), (ok, value) in zip(batch, results, strict=True):
+                if not future.done():
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+
+    def _transaction(self, fns: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        db = self._db
+        out: list[tuple[bool, Any]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for fn in fns:
+                db.execute("SAVEPOINT op")
+                try:
+                    out.append((True, fn()))
+                    db.execute("RELEASE op")
+                except Exception as exc:  # one bad write must not sink the others
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    out.append((False, exc))
+            db.execute("COMMIT")  # synchronous=FULL: fsync'd before this returns
+            self.transactions += 1
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return out
+
+    def close(self) -> None:
+        self._pool.submit(self._db.close).result()
+        self._pool.shutdown()
+
+    # --- probes (from ProbeSubmitted / ImagePurged) ---------------------------------
+
+    async def remember_probe(self, probe_id: str, vault_ref: str, agent_id: str) -> None:
+        await self._write(lambda: self._db.execute(
+            "INSERT INTO probes (probe_id, vault_ref, agent_id) VALUES (?, ?, ?) "
+            "ON CONFLICT (probe_id) DO NOTHING", (probe_id, vault_ref, agent_id)))
+
+    async def mark_purged(self, probe_id: str) -> None:
+        await self._write(lambda: self._db.execute(
+            "INSERT INTO probes (probe_id, vault_ref, agent_id, purged) "
+            "VALUES (?, '', '', 1) ON CONFLICT (probe_id) DO UPDATE SET purged = 1",
+            (probe_id,)))
+
+    async def probe(self, probe_id: str) -> ProbeInfo | None:
+        def read() -> ProbeInfo | None:
+            row = self._db.execute("SELECT vault_ref, agent_id, purged FROM probes "
+                                   "WHERE probe_id = ?", (probe_id,)).fetchone()
+            return None if row is None else ProbeInfo(probe_id, row[0], row[1], bool(row[2]))
+        result: ProbeInfo | None = await self._run(read)
+        return result
+
+    # --- sends ----------------------------------------------------------------------
+
+    async def claim(self, probe_id: str, provider_id: str) -> Claim:
+        dispatch_id = dispatch_id_for(probe_id, provider_id)
+        request_ref = request_ref_for(dispatch_id)
+
+        def claim() -> Claim:
+            now = utcnow()
+            inserted = self._db.execute(
+                "INSERT INTO sends (probe_id, provider_id, dispatch_id, request_ref, state, "
+                "claimed_at, owner, heartbeat_at) VALUES (?, ?, ?, ?, 'claimed', ?, ?, ?) "
+                "ON CONFLICT (probe_id, provider_id) DO NOTHING",
+                (probe_id, provider_id, dispatch_id, request_ref, now.isoformat(), self.owner,
+                 now.isoformat()),
+            ).rowcount
+            if inserted:
+                return Claim(dispatch_id, request_ref, "new", 0, now, [], self.owner, now)
+            state, attempts, claimed_at, outcome, owner, heartbeat = self._db.execute(
+                "SELECT state, attempts, claimed_at, outcome, owner, heartbeat_at FROM sends "
+                "WHERE probe_id = ? AND provider_id = ?", (probe_id, provider_id)).fetchone()
+            return Claim(dispatch_id, request_ref, "done" if state == "done" else "unknown",
+                         attempts, datetime.fromisoformat(claimed_at), _load(outcome), owner,
+                         datetime.fromisoformat(heartbeat) if heartbeat else None)
+        result = await self._write(claim)
+        if result.state == "new" or (result.state == "unknown" and result.owner == self.owner):
+            self._held.add((probe_id, provider_id))  # on the loop thread, like heartbeat()
+        return result
+
+    async def record_attempt(self, probe_id: str, provider_id: str) -> int:
+        def bump() -> int:
+            row = self._db.execute(
+                "UPDATE sends SET attempts = attempts + 1, heartbeat_at = ? "
+                "WHERE probe_id = ? AND provider_id = ? RETURNING attempts",
+                (utcnow().isoformat(), probe_id, provider_id)).fetchone()
+            return int(row[0]) if row else 0
+        return await self._write(bump)
+
+    async def take_over(self, probe_id: str, provider_id: str) -> None:
+        self._held.add((probe_id, provider_id))
+        await self._write(lambda: self._db.execute(
+            "UPDATE sends SET owner = ?, heartbeat_at = ? "
+            "WHERE probe_id = ? AND provider_id = ? AND state = 'claimed'",
+            (self.owner, utcnow().isoformat(), probe_id, provider_id)))
+
+    async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> None:
+        outcome = _dump(events)
+        await self._write(lambda: self._db.execute(
+            "UPDATE sends SET state = 'done', finished_at = ?, outcome = ? "
+            "WHERE probe_id = ? AND provider_id = ?",
+            (utcnow().isoformat(), outcome, probe_id, provider_id)))
+        self._held.discard((probe_id, provider_id))
+
+    def release(self, probe_id: str, provider_id: str) -> None:
+        """Stop vouching for a claim this process gave up on (its handler raised): after the
+        lease another instance may take it over."""
+        self._held.discard((probe_id, provider_id))
+
+    async def heartbeat(self) -> int:
+        """Mark this owner's open claims alive, so other instances wait instead of resending."""
+        held = list(self._held)
+        if held:
+            now = utcnow().isoformat()
+            rows = [(now, p, q, self.owner) for p, q in held]
+            await self._write(lambda: self._db.executemany(
+                "UPDATE sends SET heartbeat_at = ? WHERE probe_id = ? AND "
+                "provider_id = ? AND owner = ? AND state = 'claimed'", rows))
+        return len(held)
+
+    async def counts(self) -> dict[str, int]:
+        def read() -> dict[str, int]:
+            rows = self._db.execute("SELECT state, count(*) FROM sends GROUP BY state")
+            return {str(s): int(n) for s, n in rows}
+        result: dict[str, int] = await self._run(read)
+        return result

@@ -1,0 +1,1 @@
+"""Provider transports behind one small interface (``base.ProviderTransport``)."""

@@ -1,0 +1,101 @@
+"""HTTPS upload to a vendor's web service (aiohttp, TLS verified against a configured CA).
+
+Vendor contract (also in services/dispatch/README.md):
+
+    POST <provider.endpoint>            (https only)
+    Content-Type: application/json
+    Idempotency-Key: <dispatch id>      (stable per probe and provider)
+    {"photo": "<base64 JPEG/PNG>", "agent_id": "...", "request_ref": "ref-..."}
+                                         (only the fields policy cleared)
+
+    202 or 200 {"request_ref": "ref-..."}  accepted (200: a duplicate key, already accepted)
+    408, 429, 5xx, timeout, connection error   transient: retried with the same key
+    other 4xx                                   permanent
+    2xx without the request_ref echoed          malformed: retried with the same key
+
+Guarantee: resending after an unknown outcome reuses the Idempotency-Key, so a vendor
+that honours the contract keeps exactly one copy. The answer comes later, on the
+provider's reply channel (webhook), never in this response.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+
+import aiohttp
+
+from services.dispatch.payloads import payload_body
+from services.dispatch.transports.base import (
+    PermanentError,
+    SendRequest,
+    SendResult,
+    TransientError,
+)
+
+_TRANSIENT_STATUS = {408, 425, 429}
+
+
+def client_tls_context(ca_file: Path | None, cert_file: Path | None = None,
+                       key_file: Path | None = None) -> ssl.SSLContext:
+    """Verify the server against ``ca_file`` (system roots if None); client cert optional."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                     cafile=str(ca_file) if ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return ctx
+
+
+class HttpsTransport:
+    idempotent_resend = True
+
+    def __init__(self, tls: ssl.SSLContext, timeout_s: float = 10.0,
+                 connect_timeout_s: float = 5.0) -> None:
+        self._tls = tls
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # limit=0: concurrency is bounded per provider by the dispatcher, not here.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._tls, limit=0),
+                timeout=self._timeout,
+            )
+        return self._session
+
+    async def send(self, request: SendRequest) -> SendResult:
+        url = request.provider.endpoint
+        if not url.startswith("https://"):
+            raise PermanentError("not_https", "provider endpoint must be an https URL")
+        headers = {"Content-Type": "application/json", "Idempotency-Key": request.dispatch_id}
+        try:
+            async with self._client().post(url, data=payload_body(request.payload),
+                                           headers=headers) as response:
+                status = response.status
+                text = await response.text()
+        except TimeoutError as exc:
+            raise TransientError("timeout") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise PermanentError("tls_verify_failed") from exc
+        except aiohttp.ClientSSLError as exc:
+            raise PermanentError("tls_error") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise TransientError("connection", type(exc).__name__) from exc
+        if status >= 500 or status in _TRANSIENT_STATUS:
+            raise TransientError(f"http_{status}")
+        if status >= 400:
+            raise PermanentError(f"http_{status}")
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or body.get("request_ref") != request.request_ref:
+            raise TransientError("malformed_answer", f"http_{status}")
+        return SendResult(detail={"status": str(status)})
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
