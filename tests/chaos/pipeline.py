@@ -13,10 +13,8 @@ import random
 import signal
 import subprocess
 import time
-import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +23,13 @@ from aiokafka.structs import OffsetAndMetadata
 
 from schemas.catalog import TOPICS
 from schemas.envelope import Envelope
-from schemas.events import (
-    AgentRecord,
-    CaseRecord,
-    Event,
-    PolicyDenied,
-    ProbeRejected,
-    ProbeSettled,
-    ProviderRecord,
-)
-from schemas.types import ImageSource, Purpose, probe_id_for
-from services.cli.client import build_request
-from services.kit.bus import Publisher, read_topic
-from tests.chaos.history import Record, Report, check
-from tests.conftest import BROKER, ROOT, ServiceProcess, free_port_pair
+from schemas.events import PolicyDenied, ProbeRejected, ProbeSettled, ProviderDispatched
+from services.cli.pipeline_rig import PipelineRig
+from services.kit.bus import read_topic
+from tests.chaos.history import Report, check
+from tests.conftest import BROKER, free_port_pair
 
 PROBES = int(os.environ.get("FRS_CHAOS_PROBES", "60"))
-SERVICES = ("intake", "dispatch", "results", "audit")
 TERMINAL_TYPES = {c.TYPE for c in (ProbeRejected, PolicyDenied, ProbeSettled)}
 # Every consumer group of the pipeline, and the topics each reads.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -100,164 +88,70 @@ def start_own_broker(state: Path) -> OwnBroker:
     from services.kit.topics import ensure_topics
 
     asyncio.run(ensure_topics(broker.bootstrap))
-    asyncio.run(seed_registry(broker.bootstrap))
     return broker
 
 
-async def seed_registry(bootstrap: str) -> None:
-    """One open case, a trained agent, one active provider (as `frs registry demo`)."""
-    now = datetime.now(UTC)
-    year = now + timedelta(days=365)
-    records: list[Event] = [
-        CaseRecord(case_id="CASE-1", status="open", offense_category=Purpose.HUMAN_TRAFFICKING,
-                   roi_refs=["ROI-1"], updated_at=now),
-        AgentRecord(agent_id="agent-7", role="agent", training_valid_until=year,
-                    supervisor_id="sup-1", updated_at=now),
-        AgentRecord(agent_id="sup-1", role="supervisor", training_valid_until=year,
-                    updated_at=now),
-        ProviderRecord(provider_id="fed-ngi", name="Federal 1:N gallery (simulated)",
-                       kind="federal", transport="https",
-                       endpoint="https://127.0.0.1:8443/search",
-                       attestation_valid_until=year, updated_at=now),
-    ]
-    async with Publisher(bootstrap, source="/chaos/seed") as publisher:
-        await publisher.publish(records)
+class ChaosRun(PipelineRig):
+    """The rig plus what a fault scenario needs: poison keys and the final history check."""
 
+    poison_keys: list[str]
 
-def service_env(bootstrap: str, tmp: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FRS_KAFKA_BOOTSTRAP": bootstrap,
-        "FRS_STATE_DIR": str(tmp / "state"),
-        "FRS_INTAKE_PRIVATE_KEY_FILE": str(tmp / "keys" / "intake.key.pem"),
-        "FRS_AUDIT_STORE_DIR": str(tmp / "audit"),
-        "FRS_INTAKE_METRICS_PORT": "0",
-        "FRS_DISPATCH_METRICS_PORT": "0",
-        "FRS_RESULTS_METRICS_PORT": "0",
-        "FRS_AUDIT_METRICS_PORT": "0",
-        "FRS_LOG_LEVEL": "INFO",
-        "PYTHONPATH": str(ROOT),
-    }
-
-
-@dataclass
-class Pipeline:
-    bootstrap: str
-    tmp: Path
-    image: bytes
-    procs: dict[str, ServiceProcess] = field(default_factory=dict)
-    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-    acked: list[str] = field(default_factory=list)
-    poison_keys: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        env = service_env(self.bootstrap, self.tmp)
-        self.procs = {n: ServiceProcess(n, env, self.tmp / f"{n}.log") for n in SERVICES}
-
-    def start(self, *names: str) -> None:
-        """Start services (default all) and wait until each one's consumers run."""
-        chosen = names or SERVICES
-        before = {n: self._count(n, '"consumer started"') for n in chosen}
-        for n in chosen:
-            self.procs[n].start()
-        for n in chosen:
-            self.procs[n].wait_log('"consumer started"', timeout=90, count=before[n] + 1)
-
-    def _count(self, name: str, text: str) -> int:
-        path = self.procs[name].log_path
-        return path.read_text(errors="replace").count(text) if path.exists() else 0
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` and wait for the exit."""
-        self.procs[name].kill(sig)
-
-    def signal(self, name: str, sig: int) -> None:
-        """Send ``sig`` without waiting (SIGSTOP, SIGCONT)."""
-        proc = self.procs[name].proc
-        assert proc is not None and proc.poll() is None, f"{name} is not running"
-        proc.send_signal(sig)
-
-    def restart(self, name: str) -> None:
-        self.start(name)
-
-    def stop_all(self) -> None:
-        for p in self.procs.values():
-            if p.proc is not None and p.proc.poll() is None:
-                p.stop()
+    async def start(self) -> ChaosRun:
+        self.poison_keys = []
+        await super().start()
+        return self
 
     def alive(self) -> dict[str, bool]:
-        return {n: p.proc is not None and p.proc.poll() is None for n, p in self.procs.items()}
+        return {n: p.alive for n, p in self.procs.items()}
 
-    @property
-    def public_key(self) -> Path:
-        return self.tmp / "keys" / "intake.key.pub.pem"
+    async def revive(self) -> dict[str, int]:
+        """Restart every service that exited, as its supervisor would; say which."""
+        crashed = {n: 1 for n, up in self.alive().items() if not up}
+        for n in crashed:
+            await self.restart(n)
+        return crashed
 
-    @property
-    def probes(self) -> set[str]:
-        return {probe_id_for(r) for r in self.acked}
-
-    async def submit(self, n: int = PROBES, rate: float = 50.0,
-                     during: Callable[[int], Any] | None = None) -> None:
-        """Publish n probes at about ``rate``/s; ``during(i)`` runs before probe i (the
-        fault schedule). Only acknowledged submissions count as requests."""
-        for _ in range(100):
-            if self.public_key.exists():
-                break
-            await asyncio.sleep(0.1)
-        futures: list[tuple[str, asyncio.Future[Any]]] = []
-        async with Publisher(self.bootstrap, "/chaos/upstream",
-                             request_timeout_ms=60000) as pub:
-            for i in range(n):
-                if during is not None:
-                    result = during(i)
-                    if asyncio.iscoroutine(result):
-                        await result
-                request = build_request(
-                    self.image, self.public_key, case_id="CASE-1", agent_id="agent-7",
-                    purpose=Purpose.HUMAN_TRAFFICKING, roi_refs=["ROI-1"],
-                    image_source=ImageSource.SURVEILLANCE, nexus=["VA"],
-                    request_id=f"req-{self.run}-{i:05d}")
-                futures.append((request.request_id, await pub.send(request)))
-                await asyncio.sleep(1 / rate)
-            for request_id, fut in futures:
-                try:
-                    await fut
-                    self.acked.append(request_id)
-                except Exception:  # an unacknowledged send is not a request
-                    pass
-
-    async def wait_terminal(self, timeout: float = 180) -> list[Record]:  # noqa: ASYNC109
+    async def wait_terminal(self, timeout: float = 240) -> None:  # noqa: ASYNC109
         """Until every acknowledged request has a terminal outcome (or the timeout)."""
         deadline = time.monotonic() + timeout
         wanted = self.probes
-        while True:
+        while time.monotonic() < deadline:
             records = await read_topic(self.bootstrap, ["frs.probe.events",
                                                         "frs.policy.decisions",
                                                         "frs.results.events"])
             done = {d.subject for _r, d in records
                     if isinstance(d, Envelope) and d.type in TERMINAL_TYPES}
-            if wanted <= done or time.monotonic() > deadline:
-                return records
+            if wanted <= done:
+                return
             await asyncio.sleep(1.0)
 
     async def check(self, **kwargs: Any) -> Report:
-        """Stop audit (its store is read after a clean drain), read every topic, check."""
+        """Wait for the outcomes, stop audit (its store is read after a clean drain), read
+        every topic and the simulator's counts, and check the history."""
         await self.wait_terminal()
-        # Give audit time to record the tail of the run before it drains.
-        await asyncio.sleep(3)
-        self.procs["audit"].stop()
-        from services.audit.store import AuditStore
+        await asyncio.sleep(3)  # audit records the tail of the run before it drains
+        audit = self.procs.get("audit")
+        rows: list[tuple[str, int, int, str | None]] | None = None
+        if audit is not None:
+            audit.signal(signal.SIGTERM)
+            await audit.wait_exit()
+            from services.audit.store import AuditStore
 
-        store = AuditStore(self.tmp / "audit")
-        rows = [(r.topic, r.partition, r.offset, r.ce_id) for r in store.rows()]
-        store.close()
-        records = await read_topic(self.bootstrap, [t.name for t in TOPICS], max_s=120)
+            store = AuditStore(self.workdir / "audit")
+            rows = [(r.topic, r.partition, r.offset, r.ce_id) for r in store.rows()]
+            store.close()
+        records = await read_topic(self.bootstrap, [t.name for t in TOPICS], max_s=180)
         mine = self.probes
+        refs = {d.event.request_ref: (d.event.probe_id, d.event.provider_id)
+                for _r, d in records
+                if isinstance(d, Envelope) and isinstance(d.event, ProviderDispatched)
+                and d.event.probe_id in mine}
         keys = {k.encode() for k in self.poison_keys} | {r.encode() for r in self.acked}
         audit_records = [(r, d) for r, d in records
                          if (isinstance(d, Envelope) and d.subject in mine) or r.key in keys]
         report = check(records, probes=mine, expected_requests=self.acked,
-                       audit_positions=rows, audit_records=audit_records, **kwargs)
+                       sends=self.sends(refs), audit_positions=rows,
+                       audit_records=audit_records, **kwargs)
         report.stats["acknowledged"] = len(self.acked)
         return report
 

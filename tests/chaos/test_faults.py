@@ -1,8 +1,9 @@
-"""Fault scenarios on the real pipeline (four service processes, a real broker), each with
-probes in flight and checked by the history checker. The reduced form (FRS_CHAOS_PROBES,
-default 60) runs in the normal suite; deploy/chaos.sh runs 1,000+ per scenario.
+"""Fault scenarios on the real pipeline (four service processes, a real broker, an HTTPS
+vendor simulator answering on the results webhook), each with probes in flight and
+checked by the history checker. The reduced form (FRS_CHAOS_PROBES, default 60) runs in
+the normal suite; deploy/chaos.sh runs 1,000+ per scenario.
 
-A service that exits on a fault is restarted, as its supervisor would, and counted: the
+A service that exits on a fault is restarted, as its supervisor would, and reported: the
 history check decides whether the run kept its promises."""
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from deploy.simulators.vendor import VendorBehaviour
 from schemas.catalog import TOPICS
 from schemas.envelope import Envelope, encode
 from schemas.events import DispatchFailed, DispatchFailure, ProbeRejected
@@ -28,18 +30,18 @@ from tests.chaos.pipeline import (
     GROUPS,
     INPUT_TOPICS,
     PROBES,
-    SERVICES,
+    ChaosRun,
     OwnBroker,
-    Pipeline,
     end_offsets,
     random_points,
     rewind_groups,
     start_own_broker,
 )
-from tests.conftest import ServiceProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 SEED = int(os.environ.get("FRS_CHAOS_SEED", str(int(time.time()))))
+SERVICES = ("intake", "dispatch", "results", "audit")
+RATE = float(os.environ.get("FRS_CHAOS_RATE", "40"))
 
 
 @pytest.fixture(scope="module")
@@ -51,123 +53,118 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnBroker]:
         broker.stop()
 
 
+async def make_run(broker: OwnBroker, tmp: Path, image: bytes,
+                   behaviour: VendorBehaviour | None = None) -> ChaosRun:
+    run = ChaosRun(broker.bootstrap, tmp, image, behaviour=behaviour or VendorBehaviour())
+    return await run.start()
+
+
 @pytest.fixture
-def pipeline(own_broker: OwnBroker, tmp_path: Path, face_jpeg: bytes) -> Iterator[Pipeline]:
-    p = Pipeline(own_broker.bootstrap, tmp_path, face_jpeg)
+async def chaos(own_broker: OwnBroker, tmp_path: Path, face_jpeg: bytes
+                ) -> AsyncIterator[ChaosRun]:
+    run = await make_run(own_broker, tmp_path, face_jpeg)
     try:
-        yield p
+        yield run
     finally:
-        for proc in p.procs.values():
-            if proc.proc is not None and proc.proc.poll() is None:
-                proc.kill()
-
-
-def revive(pipeline: Pipeline, report_crashes: dict[str, int]) -> None:
-    """Restart every service that exited, as a supervisor would; count it."""
-    for name, up in pipeline.alive().items():
-        if not up:
-            report_crashes[name] = report_crashes.get(name, 0) + 1
-            pipeline.restart(name)
+        await run.stop()
 
 
 def verdict(name: str, report: Report, **extra: object) -> None:
-    print(json.dumps({"scenario": name, "seed": SEED, **report.summary(), **extra}))
+    print(json.dumps({"scenario": name, "seed": SEED, "probes": PROBES, **report.summary(),
+                      **extra}))
     assert report.ok, report.summary()
-    assert report.stats["requests"] >= len(report.outcomes) > 0
+    assert report.stats["requests"] == report.stats["acknowledged"] > 0
 
 
-async def test_no_fault_baseline(pipeline: Pipeline) -> None:
+async def test_no_fault_baseline(chaos: ChaosRun) -> None:
     """The control: the same load without a fault passes the same check."""
-    pipeline.start()
-    await pipeline.submit()
-    verdict("baseline", await pipeline.check())
+    await chaos.submit(PROBES, RATE)
+    report = await chaos.check()
+    assert report.stats["sends"] == PROBES  # the vendor really received each probe once
+    verdict("baseline", report)
 
 
-async def test_sigkill_each_service_in_turn_then_restart(pipeline: Pipeline) -> None:
-    pipeline.start()
+async def test_sigkill_each_service_in_turn_then_restart(chaos: ChaosRun) -> None:
     points = random_points(PROBES, len(SERVICES), SEED)
     order = dict(zip(points, SERVICES, strict=True))
     killed: list[str] = []
 
-    def during(i: int) -> None:
+    async def during(i: int) -> None:
         if i in order:
-            pipeline.kill(order[i])  # SIGKILL: no drain, no commit
+            await chaos.kill(order[i])  # SIGKILL: no drain, no commit
             killed.append(order[i])
-            pipeline.restart(order[i])
+            await chaos.restart(order[i])
 
-    await pipeline.submit(during=during)
+    await chaos.submit(PROBES, RATE, during)
     assert killed == list(SERVICES)
-    verdict("sigkill_each_service", await pipeline.check(), killed_at=points)
+    verdict("sigkill_each_service", await chaos.check(), killed_at=points)
 
 
-async def test_sigstop_consumer_past_session_timeout_then_sigcont(pipeline: Pipeline) -> None:
-    """A zombie: intake frozen past its session timeout while a second instance takes its
-    partitions; when it wakes it still holds a batch it may publish."""
-    pipeline.start()
-    second = ServiceProcess("intake", pipeline.procs["intake"].env, pipeline.tmp / "intake2.log")
-    pipeline.procs["intake2"] = second  # stopped and checked with the rest
-    second.start()
-    second.wait_log('"consumer started"', timeout=90)
+async def test_sigstop_consumer_past_session_timeout_then_sigcont(chaos: ChaosRun) -> None:
+    """A zombie: dispatch frozen past its session timeout while a second instance takes
+    its partitions; when it wakes it still holds a batch it may try to send."""
+    from services.cli.pipeline_rig import Service
+
+    first = chaos.procs["dispatch"]
+    second = Service("dispatch", {**first.env, "FRS_DISPATCH_INSTANCE_ID": "second"},
+                     chaos.workdir / "dispatch2.log")
+    chaos.procs["dispatch2"] = second
+    await chaos.start_services("dispatch2")
     point = random_points(PROBES, 1, SEED)[0]
-    frozen: list[float] = []
+    thawed: list[asyncio.Task[None]] = []
+
+    async def thaw() -> None:
+        await asyncio.sleep(14)  # aiokafka's session timeout is 10 s
+        first.signal(signal.SIGCONT)
 
     async def during(i: int) -> None:
         if i == point:
-            pipeline.signal("intake", signal.SIGSTOP)
-            frozen.append(time.monotonic())
+            first.signal(signal.SIGSTOP)
+            thawed.append(asyncio.create_task(thaw()))
 
-            async def thaw() -> None:
-                await asyncio.sleep(14)  # aiokafka's session timeout is 10 s
-                pipeline.signal("intake", signal.SIGCONT)
-
-            asyncio.get_running_loop().create_task(thaw())
-
-    await pipeline.submit(during=during)
-    remaining = 15 - (time.monotonic() - frozen[0])
-    if remaining > 0:
-        await asyncio.sleep(remaining)
-    assert pipeline.alive()["intake"]
-    verdict("sigstop_zombie", await pipeline.check())
+    await chaos.submit(PROBES, RATE, during)
+    await thawed[0]
+    assert first.alive and second.alive
+    verdict("sigstop_zombie", await chaos.check())
 
 
 async def test_broker_killed_and_restarted_mid_stream(
-    pipeline: Pipeline, own_broker: OwnBroker
+    chaos: ChaosRun, own_broker: OwnBroker
 ) -> None:
-    pipeline.start()
     point = random_points(PROBES, 1, SEED)[0]
-    crashes: dict[str, int] = {}
 
-    def during(i: int) -> None:
+    async def during(i: int) -> None:
         if i == point:
-            own_broker.restart(signal.SIGKILL)
+            await asyncio.to_thread(own_broker.restart, signal.SIGKILL)
 
-    await pipeline.submit(during=during)
+    await chaos.submit(PROBES, RATE, during)
     await asyncio.sleep(5)
-    revive(pipeline, crashes)
-    verdict("broker_restart", await pipeline.check(), services_restarted=crashes)
+    restarted = await chaos.revive()
+    verdict("broker_restart", await chaos.check(), services_restarted=restarted)
 
 
-async def test_offsets_rewound_stretch_processed_again(pipeline: Pipeline) -> None:
+async def test_offsets_rewound_stretch_processed_again(chaos: ChaosRun) -> None:
     """Every group is rewound to where the run started while the services are stopped:
-    the whole run is processed a second time. Effects must not repeat."""
+    the whole run is processed a second time. No effect may repeat."""
     topics = sorted({t for ts in GROUPS.values() for t in ts})
-    start = await end_offsets(pipeline.bootstrap, topics)
-    pipeline.start()
-    await pipeline.submit()
-    await pipeline.wait_terminal()
+    start = await end_offsets(chaos.bootstrap, topics)
+    await chaos.submit(PROBES, RATE)
+    await chaos.wait_terminal()
     await asyncio.sleep(3)
-    pipeline.stop_all()
-    await rewind_groups(pipeline.bootstrap, start)
-    pipeline.start()
-    await asyncio.sleep(10)
-    report = await pipeline.check()
-    assert report.stats["redelivered_effects"] > 0 or report.stats["requests"] == 0, \
-        "the rewind did not make anything run twice: the scenario tested nothing"
+    for p in chaos.procs.values():
+        p.signal(signal.SIGTERM)
+    for p in chaos.procs.values():
+        await p.wait_exit()
+    await rewind_groups(chaos.bootstrap, start)
+    await chaos.start_services()
+    await asyncio.sleep(15)
+    report = await chaos.check()
+    assert report.stats["redelivered_effects"] > 0, \
+        "the rewind made nothing run twice: the scenario tested nothing"
     verdict("offsets_rewound", report)
 
 
-async def test_poison_messages_in_every_input_topic(pipeline: Pipeline) -> None:
-    pipeline.start()
+async def test_poison_messages_in_every_input_topic(chaos: ChaosRun) -> None:
     points = set(random_points(PROBES, 3, SEED))
     good = encode(DispatchFailed(probe_id="prb-poison", provider_id="p",
                                  reason=DispatchFailure.RETRIES_EXHAUSTED, detail="x",
@@ -179,25 +176,43 @@ async def test_poison_messages_in_every_input_topic(pipeline: Pipeline) -> None:
 
     async def during(i: int) -> None:
         if i in points:
-            async with Publisher(pipeline.bootstrap, "/chaos/poison") as pub:
+            async with Publisher(chaos.bootstrap, "/chaos/poison") as pub:
                 for topic in INPUT_TOPICS:
                     for headers, value in bodies:
-                        key = f"poison-{pipeline.run}-{uuid.uuid4().hex[:6]}"
-                        pipeline.poison_keys.append(key)
+                        key = f"poison-{chaos.run}-{uuid.uuid4().hex[:6]}"
+                        chaos.poison_keys.append(key)
                         await (await pub.send_raw(topic, key.encode(), value, headers))
                         sent.append((topic, key))
 
-    await pipeline.submit(during=during)
-    report = await pipeline.check()
-    assert all(pipeline.alive()[n] for n in ("intake", "dispatch", "results"))
+    await chaos.submit(PROBES, RATE, during)
+    report = await chaos.check()
+    assert all(chaos.alive()[n] for n in ("intake", "dispatch", "results"))
     # Each poison record was set aside (a DLQ copy naming where it came from) or, on the
     # request topic, answered with a rejection: none was dropped silently.
     dlq_topics = [t.name for t in TOPICS if t.name.startswith("frs.dlq.")]
     handled = {(dict(r.headers).get("frs_source_topic", b"").decode(), (r.key or b"").decode())
-               for r, _d in await read_topic(pipeline.bootstrap, dlq_topics)}
-    rejected = {d.subject for _r, d in await read_topic(pipeline.bootstrap, ["frs.probe.events"])
+               for r, _d in await read_topic(chaos.bootstrap, dlq_topics)}
+    rejected = {d.subject for _r, d in await read_topic(chaos.bootstrap, ["frs.probe.events"])
                 if isinstance(d, Envelope) and isinstance(d.event, ProbeRejected)}
     dropped = [(t, k) for t, k in sent
                if (t, k) not in handled and probe_id_for(k) not in rejected]
     assert not dropped, f"poison records neither in a DLQ nor rejected: {dropped[:5]}"
     verdict("poison", report, poison_sent=len(sent))
+
+
+async def test_vendor_times_out_fails_malformed_and_answers_twice(
+    own_broker: OwnBroker, tmp_path: Path, face_jpeg: bytes
+) -> None:
+    behaviour = VendorBehaviour(error_rate=0.2, timeout_rate=0.05, hang_s=6.0,
+                                malformed_rate=0.1, answer_twice=True)
+    run = await make_run(own_broker, tmp_path, face_jpeg, behaviour)
+    try:
+        await run.submit(PROBES, RATE)
+        report = await run.check()
+        assert run.vendor is not None
+        raw = sum(run.vendor.state.copies.values())
+        # The faults were real: more raw requests than accepted sends.
+        assert raw > report.stats["sends"], (raw, report.stats["sends"])
+        verdict("vendor_misbehaves", report, raw_requests=raw)
+    finally:
+        await run.stop()
