@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     results_cli.register(commands)
     bench_intake.register(commands)
     dispatch_cli.register(commands)
+    from services.cli import bench_pipeline
+
+    bench_pipeline.register(commands)
     return parser
 
 

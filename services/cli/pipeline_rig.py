@@ -114,6 +114,8 @@ class PipelineRig:
     services: tuple[str, ...] = SERVICES
     behaviour: VendorBehaviour = field(default_factory=VendorBehaviour)
     extra_env: dict[str, str] = field(default_factory=dict)
+    # How long results waits for the vendor's answer before NoResponse settles the probe.
+    response_deadline_s: int = 120
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     procs: dict[str, Service] = field(default_factory=dict)
     vendor: VendorSimulator | None = None
@@ -176,7 +178,8 @@ class PipelineRig:
                         updated_at=now),
             ProviderRecord(provider_id=PROVIDER, name="Federal 1:N gallery (simulator)",
                            kind="federal", transport=Transport.HTTPS, endpoint=self.vendor.url,
-                           attestation_valid_until=year, response_deadline_s=120,
+                           attestation_valid_until=year,
+                           response_deadline_s=self.response_deadline_s,
                            updated_at=now),
         ]
         async with Publisher(self.bootstrap, source="/frs/rig") as publisher:

@@ -111,7 +111,7 @@ class ChaosRun(PipelineRig):
             await self.restart(n)
         return crashed
 
-    async def wait_terminal(self, timeout: float = 240) -> None:  # noqa: ASYNC109
+    async def wait_terminal(self, timeout: float = max(240.0, PROBES / 4)) -> None:  # noqa: ASYNC109
         """Until every acknowledged request has a terminal outcome (or the timeout)."""
         deadline = time.monotonic() + timeout
         wanted = self.probes

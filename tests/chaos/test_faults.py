@@ -42,6 +42,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 SEED = int(os.environ.get("FRS_CHAOS_SEED", str(int(time.time()))))
 SERVICES = ("intake", "dispatch", "results", "audit")
 RATE = float(os.environ.get("FRS_CHAOS_RATE", "40"))
+DEADLINE_S = int(os.environ.get("FRS_CHAOS_DEADLINE_S", "20"))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnBroker]:
 
 async def make_run(broker: OwnBroker, tmp: Path, image: bytes,
                    behaviour: VendorBehaviour | None = None) -> ChaosRun:
-    run = ChaosRun(broker.bootstrap, tmp, image, behaviour=behaviour or VendorBehaviour())
+    # A short answer deadline: an answer lost to a fault settles as NoResponse quickly.
+    run = ChaosRun(broker.bootstrap, tmp, image, behaviour=behaviour or VendorBehaviour(),
+                   response_deadline_s=DEADLINE_S)
     return await run.start()
 
 

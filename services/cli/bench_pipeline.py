@@ -1,0 +1,398 @@
+"""``frs bench pipeline``: the whole pipeline against raw Kafka on the same broker, in one
+invocation.
+
+(a) baseline: raw aiokafka relays (one process per hop: consume, produce with acks=all,
+    commit) move N messages through the same number of hops as the pipeline;
+(b) the pipeline (intake -> policy -> dispatch -> vendor simulator -> results webhook ->
+    results) at its maximum rate, N probes submitted at once;
+(c) the pipeline at a fixed low rate (default 50 probes/s): per-stage and end-to-end
+    latency;
+and each service's resident memory at both loads. The ratio is (b)'s probes/s over (a)'s
+messages/s: items through the same chain of hops per second."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from schemas.catalog import RESULTS_EVENTS, TOPICS, Topic
+from schemas.envelope import Envelope
+from schemas.events import (
+    CandidatesReceived,
+    PolicyCleared,
+    ProbeSettled,
+    ProbeSubmitted,
+    ProviderDispatched,
+)
+from schemas.types import probe_id_for
+from services.cli.pipeline_rig import ROOT, PipelineRig, Service, machine, percentile
+from services.kit.bus import all_partitions, read_topic
+from services.kit.topics import ensure_topics
+
+HOPS = 4  # intake, policy, dispatch (+ vendor + webhook), results normalizer
+STAGES = (("submitted", ProbeSubmitted), ("cleared", PolicyCleared),
+          ("dispatched", ProviderDispatched), ("candidates", CandidatesReceived),
+          ("settled", ProbeSettled))
+TARGETS = {"ratio_min": 0.30, "probes_per_s_min": 200.0, "p99_ms_max_at_low_rate": 250.0,
+           "rss_mb_max": 300.0}
+
+
+# --- (a) raw relay -----------------------------------------------------------------------
+
+
+async def relay_hop(bootstrap: str, source: str, target: str, group: str, count: int) -> None:
+    """One raw hop: what the kit's Processor does, minus decoding and handlers."""
+    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                isolation_level="read_committed")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
+                                acks="all", linger_ms=2, max_batch_size=256 * 1024,
+                                max_request_size=16 * 1024 * 1024)
+    await consumer.start()
+    await producer.start()
+    print("relay ready", flush=True)
+    done = 0
+    try:
+        while done < count:
+            batch = await consumer.getmany(timeout_ms=200, max_records=500)
+            futures = []
+            for records in batch.values():
+                for r in records:
+                    futures.append(await producer.send(target, value=r.value, key=r.key,
+                                                       headers=list(r.headers or ())))
+                    done += 1
+            if futures:
+                await asyncio.gather(*futures)
+                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()})
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+async def raw_baseline(bootstrap: str, count: int, first_bytes: bytes, event_bytes: int,
+                       hops: int) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+    names = [f"frs.bench.raw-{run}.{i}" for i in range(hops + 1)]
+    await ensure_topics(bootstrap, topics=tuple(
+        Topic(n, "key", 3, 3_600_000, "delete", (), "bench relay") for n in names))
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli.bench_pipeline", "relay-hop", bootstrap,
+        names[i], names[i + 1], f"frs-bench-raw-{run}-{i}", str(count),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}) for i in range(hops)]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            await p.stdout.readline()  # "relay ready"
+        await asyncio.sleep(2)  # group joins settle
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
+                                    acks="all", linger_ms=2, max_request_size=16 * 1024 * 1024)
+        await producer.start()
+        filler = b"x" * event_bytes
+        started = time.monotonic()
+        try:
+            # The first hop carries the request's size, later hops an event's size: the
+            # relays forward what they get, so hop 0 messages are request-sized throughout
+            # (a conservative baseline: it moves more bytes than the pipeline does).
+            futures = [await producer.send(names[0], value=first_bytes or filler,
+                                           key=f"k{i}".encode()) for i in range(count)]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+        for p in procs:
+            await asyncio.wait_for(p.wait(), 600)
+        seconds = time.monotonic() - started
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+    return {"messages": count, "hops": hops, "message_bytes": len(first_bytes),
+            "seconds": round(seconds, 3), "messages_per_s": round(count / seconds, 1)}
+
+
+# --- (b), (c) the pipeline --------------------------------------------------------------
+
+
+class SettledWatch:
+    """Follows frs.results.events from its current end; records ProbeSettled arrivals."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.arrived: dict[str, float] = {}  # probe id -> wall time seen
+        self._task: asyncio.Task[None] | None = None
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        parts = await all_partitions(self._consumer, [RESULTS_EVENTS.name])
+        self._consumer.assign(parts)
+        await self._consumer.seek_to_end(*parts)
+        for tp in parts:
+            await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=100)
+            now = time.time()
+            for records in batch.values():
+                for r in records:
+                    if dict(r.headers or ()).get("ce_type") == ProbeSettled.TYPE.encode():
+                        self.arrived[(r.key or b"").decode()] = now
+
+    async def wait(self, probes: set[str], timeout: float) -> bool:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        while not probes <= set(self.arrived):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._consumer.stop()
+
+
+class RssSampler:
+    """Peak VmRSS of each service while a phase runs."""
+
+    def __init__(self, procs: dict[str, Service]) -> None:
+        self.procs = procs
+        self.peak: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.peak = {}
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            for name, proc in self.procs.items():
+                rss = proc.rss_mb().get("rss_mb")
+                if rss is not None:
+                    self.peak[name] = max(self.peak.get(name, 0.0), rss)
+            await asyncio.sleep(0.25)
+
+    async def stop(self) -> dict[str, float]:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        return dict(self.peak)
+
+
+def stage_latencies(records: Sequence[Any], rig: PipelineRig,
+                    probes: set[str]) -> dict[str, dict[str, float | None]]:
+    """Per stage: time from submission to the stage's event (its CloudEvents time)."""
+    by_probe: dict[str, dict[str, float]] = {}
+    request_of = {probe_id_for(r): r for r in rig.acked}
+    for _raw, dec in records:
+        if not isinstance(dec, Envelope) or dec.subject not in probes:
+            continue
+        for stage, cls in STAGES:
+            if isinstance(dec.event, cls):
+                by_probe.setdefault(dec.subject, {}).setdefault(stage, dec.time.timestamp())
+    out: dict[str, dict[str, float | None]] = {}
+    for stage, _cls in STAGES:
+        values = [(times[stage] - rig.submitted_at[request_of[p]]) * 1000
+                  for p, times in by_probe.items() if stage in times]
+        out[stage] = {"p50": percentile(values, 50), "p95": percentile(values, 95),
+                      "p99": percentile(values, 99), "n": len(values)}
+    return out
+
+
+async def pipeline_phase(rig: PipelineRig, watch: SettledWatch, count: int,
+                         rate: float | None, tag: str) -> dict[str, Any]:
+    before = len(rig.acked)
+    cpu0 = {n: p.cpu_s() for n, p in rig.procs.items()}
+    sampler = RssSampler(rig.procs)
+    sampler.start()
+    started = time.time()
+    await rig.submit(count, rate, tag=tag)
+    probes = {probe_id_for(r) for r in rig.acked[before:]}
+    complete = await watch.wait(probes, timeout=max(120.0, count / 20))
+    last = max((watch.arrived[p] for p in probes if p in watch.arrived), default=time.time())
+    seconds = last - started
+    rss = await sampler.stop()
+    cpu = sum(p.cpu_s() - cpu0[n] for n, p in rig.procs.items())
+    e2e = [(watch.arrived[probe_id_for(r)] - rig.submitted_at[r]) * 1000
+           for r in rig.acked[before:] if probe_id_for(r) in watch.arrived]
+    return {"probes": count, "settled": sum(1 for p in probes if p in watch.arrived),
+            "complete": complete, "rate_offered": rate, "seconds": round(seconds, 3),
+            "probes_per_s": round(len(e2e) / seconds, 1) if seconds > 0 else None,
+            "end_to_end_ms": {"p50": percentile(e2e, 50), "p95": percentile(e2e, 95),
+                              "p99": percentile(e2e, 99)},
+            "cpu_ms_per_probe": round(cpu * 1000 / max(1, len(e2e)), 2),
+            "rss_peak_mb": rss, "_probes": probes}
+
+
+async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: int,
+                    with_audit: bool, image: bytes) -> dict[str, Any]:
+    await ensure_topics(bootstrap)
+    services = ("intake", "dispatch", "results", "audit") if with_audit \
+        else ("intake", "dispatch", "results")
+    workdir = Path(tempfile.mkdtemp(prefix="frs-bench-pipeline-"))
+    rig = PipelineRig(bootstrap, workdir, image, services=services)
+    await rig.start()
+    watch = SettledWatch(bootstrap)
+    await watch.start()
+    try:
+        # Warm-up: connections, registries, the vendor's TLS sessions.
+        await pipeline_phase(rig, watch, 20, 20.0, "w")
+        low = await pipeline_phase(rig, watch, low_probes, low_rate, "l")
+        high = await pipeline_phase(rig, watch, probes, None, "h")
+        records = await read_topic(bootstrap, [t.name for t in TOPICS
+                                               if t.name.startswith(("frs.probe.", "frs.policy.",
+                                                                     "frs.dispatch.",
+                                                                     "frs.results."))],
+                                   max_s=300)
+        low["stages_ms"] = stage_latencies(records, rig, low.pop("_probes"))
+        high["stages_ms"] = stage_latencies(records, rig, high.pop("_probes"))
+        request_bytes = next((len(r.value or b"") for r, d in records
+                              if r.topic == "frs.probe.requests"), 0)
+        peaks = {n: p.rss_mb().get("peak_rss_mb") for n, p in rig.procs.items()}
+    finally:
+        await watch.stop()
+        await rig.stop()
+    sample = await read_topic(bootstrap, ["frs.probe.requests"], max_s=60)
+    request = next((r.value for r, d in sample if isinstance(d, Envelope)), b"") or b""
+    raw = await raw_baseline(bootstrap, probes, request, 1024, HOPS)
+    ratio = round(high["probes_per_s"] / raw["messages_per_s"], 3) \
+        if high["probes_per_s"] else None
+    rss = {n: {"low_load": low["rss_peak_mb"].get(n), "max_load": high["rss_peak_mb"].get(n),
+               "process_peak": peaks.get(n)} for n in services}
+    worst_rss = max((v for r in rss.values() for v in r.values() if v is not None), default=0)
+    return {
+        "bench": "pipeline", "machine": machine(), "hops": HOPS, "services": list(services),
+        "request_bytes": request_bytes or len(request),
+        "baseline_raw_relay": raw, "pipeline_max_rate": high, "pipeline_low_rate": low,
+        "rss_mb": rss,
+        "ratio_pipeline_to_raw": ratio,
+        "targets": TARGETS,
+        "met": {
+            "ratio": ratio is not None and ratio >= TARGETS["ratio_min"],
+            "probes_per_s": (high["probes_per_s"] or 0) >= TARGETS["probes_per_s_min"],
+            "p99_at_low_rate": (low["end_to_end_ms"]["p99"] or 1e9)
+            < TARGETS["p99_ms_max_at_low_rate"],
+            "rss": worst_rss <= TARGETS["rss_mb_max"],
+        },
+    }
+
+
+async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
+    if args.probes < 1 or args.low_rate <= 0 or args.low_probes < 1:
+        sys.stderr.write("frs: --probes, --low-rate and --low-probes must be positive\n")
+        return 2
+    image = Path(args.image).read_bytes() if args.image else default_image()
+    bootstrap = settings.kafka_bootstrap
+    broker_env: dict[str, str] | None = None
+    if args.own_broker:
+        broker_env, bootstrap = await asyncio.to_thread(start_own_broker)
+    try:
+        result = await run_bench(bootstrap, args.probes, args.low_rate, args.low_probes,
+                                 args.with_audit, image)
+    finally:
+        if broker_env is not None:
+            await asyncio.to_thread(
+                subprocess.run, [str(ROOT / "deploy" / "kafka" / "broker.sh"), "stop"],
+                env=broker_env, check=False, capture_output=True)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        high, low, raw = (result["pipeline_max_rate"], result["pipeline_low_rate"],
+                          result["baseline_raw_relay"])
+        sys.stdout.write(
+            f"pipeline {high['probes_per_s']} probes/s, raw relay {raw['messages_per_s']} "
+            f"msgs/s through {raw['hops']} hops, ratio {result['ratio_pipeline_to_raw']}; "
+            f"p99 at {low['rate_offered']}/s {low['end_to_end_ms']['p99']} ms; "
+            f"peak RSS {result['rss_mb']} ({result['machine']['nproc']} cpus)\n")
+    return 0
+
+
+def start_own_broker() -> tuple[dict[str, str], str]:
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        break
+    env = {**os.environ, "FRS_KAFKA_PORT": str(port),
+           "FRS_KAFKA_STATE": tempfile.mkdtemp(prefix="frs-bench-kafka-")}
+    subprocess.run([str(ROOT / "deploy" / "kafka" / "broker.sh"), "start"], env=env,
+                   check=True, capture_output=True, timeout=300)
+    return env, f"127.0.0.1:{port}"
+
+
+def default_image() -> bytes:
+    """A small real face photo (scikit-image's astronaut, 512 px), as JPEG."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    photo = data.astronaut()  # type: ignore[no-untyped-call]
+    Image.fromarray(photo).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _bench_commands(commands: Any) -> Any:
+    """The ``bench`` group's subparsers, shared with other areas' benchmarks."""
+    existing = commands.choices.get("bench")
+    if existing is not None:
+        for action in existing._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action
+    bench = commands.add_parser("bench", help="benchmarks, as JSON with same-run baselines")
+    return bench.add_subparsers(dest="bench_command", required=True)
+
+
+def register(commands: Any) -> None:
+    parser: argparse.ArgumentParser = _bench_commands(commands).add_parser(
+        "pipeline", help="the whole pipeline vs a raw aiokafka relay of as many hops",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  frs bench pipeline --json --probes 2000 --low-rate 50",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--probes", type=int, default=1000, help="probes at max rate; as "
+                        "many messages for the raw relay")
+    parser.add_argument("--low-rate", type=float, default=50.0, help="probes/s, latency phase")
+    parser.add_argument("--low-probes", type=int, default=500, help="probes, latency phase")
+    parser.add_argument("--with-audit", action="store_true",
+                        help="also run the audit service (it reads every topic)")
+    parser.add_argument("--own-broker", action="store_true",
+                        help="start a fresh broker for the run (deploy/kafka/broker.sh)")
+    parser.add_argument("--image", default=None, help="probe photo (default: a 512 px face)")
+    parser.set_defaults(func=cmd_bench_pipeline)
+
+
+def _relay_main(argv: Sequence[str]) -> None:
+    bootstrap, source, target, group, count = argv
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    asyncio.run(relay_hop(bootstrap, source, target, group, int(count)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "relay-hop":
+        _relay_main(sys.argv[2:])
