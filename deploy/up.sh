@@ -38,6 +38,13 @@ fi
 "$PY" -m services.cli topics create >/dev/null
 rm -rf "$FRS_AUDIT_STORE_DIR"
 
+log "starting a simulated HTTPS vendor that answers on the results webhook"
+eval "$("$PY" -m deploy.simulators.demo --dir "$STATE/demo" --webhook-port "${FRS_DEMO_WEBHOOK_PORT:-8444}" --vendor-port "${FRS_DEMO_VENDOR_PORT:-8443}")"
+coproc VENDOR { exec "${VENDOR_CMD[@]}" 2>>"$STATE/logs/vendor.log"; }
+STARTED_PIDS+=("$VENDOR_PID")
+read -r vendor_line <&"${VENDOR[0]}" || die "the vendor simulator did not start: see .state/logs/vendor.log"
+vendor_url=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["url"])' "$vendor_line")
+
 log "starting services (logs in .state/logs/)"
 for svc in intake dispatch results audit; do
   start_bg "$svc" "$STATE/logs/$svc.log" "$PY" -m "services.$svc"
@@ -48,7 +55,8 @@ for _ in $(seq 1 100); do
 done
 
 log "registering a demo case, agent and provider"
-"$PY" -m services.cli registry demo
+"$PY" -m services.cli registry demo --endpoint "$vendor_url"
+sleep 1  # the services follow the registry topics asynchronously
 "$PY" -c 'import sys; from skimage import data; from PIL import Image; Image.fromarray(data.astronaut()).save(sys.argv[1], quality=92)' "$STATE/sample.jpg"
 
 log "submitting a sample probe"
@@ -58,7 +66,7 @@ request_id=demo-$(date +%s)
   --request-id "$request_id" --intake-public-key "$STATE/keys/intake.key.pub.pem"
 
 log "event timeline of $request_id (time, type, topic[partition]@offset, source)"
-"$PY" -m services.cli timeline "$request_id" --until frs.candidates.received.v1 --wait 60
+"$PY" -m services.cli timeline "$request_id" --until frs.probe.settled.v1 --wait 90
 
 if [ "$demo" = 1 ]; then
   exit 0

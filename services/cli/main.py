@@ -170,7 +170,7 @@ async def cmd_registry_demo(args: argparse.Namespace, settings: CliSettings) -> 
                     updated_at=now),
         ProviderRecord(provider_id="fed-ngi", name="Federal 1:N gallery (simulated)",
                        kind="federal", transport="https",
-                       endpoint="https://127.0.0.1:8443/search",
+                       endpoint=args.endpoint,
                        attestation_valid_until=year, updated_at=now),
     ]
     async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
@@ -245,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("kind", choices=sorted(_REGISTRY_MODELS))
     put.add_argument("--entry", dest="json_entry", default=None, help="JSON object or list")
     put.add_argument("--file", default=None, help="file with a JSON object or list")
-    _sub(registry_cmds, "demo", "seed a demo case, agents and provider",
-         "frs registry demo", cmd_registry_demo)
+    demo = _sub(registry_cmds, "demo", "seed a demo case, agents and provider",
+                "frs registry demo --endpoint https://127.0.0.1:8443/search", cmd_registry_demo)
+    demo.add_argument("--endpoint", default="https://127.0.0.1:8443/search",
+                      help="the demo provider's HTTPS search URL (the vendor simulator)")
 
     # The area modules import this one for its helpers: import them late.
     from services.cli import policy as policy_cli
