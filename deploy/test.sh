@@ -10,7 +10,7 @@ cd "$ROOT"
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/frs-test.XXXXXX")
 export STATE
 
-ensure_tools
+ensure_tools prometheus prometheus promtool prometheus
 ensure_venv
 ensure_npm_tools
 deploy/kafka/broker.sh fetch
