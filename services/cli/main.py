@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy_cli.register_registry(registry_cmds)
     policy_cli.register(commands)
+    from services.cli import acl as acl_cli
+
+    acl_cli.register(commands)
     return parser
 
 
