@@ -25,6 +25,7 @@ from aiokafka.errors import CommitFailedError
 from schemas.catalog import topic_for
 from schemas.envelope import DecodeError, Envelope, Headers, child_traceparent, decode, encode
 from schemas.events import Event
+from services.kit.kafka import KafkaSettings, client_options
 from services.kit.metrics import processor_metrics
 
 log = logging.getLogger("frs.bus")
@@ -49,10 +50,11 @@ class RawRecord:
 class Publisher:
     """Idempotent producer (acks=all): a retried send is never written twice."""
 
-    def __init__(self, bootstrap: str, source: str, **producer_options: Any) -> None:
+    def __init__(self, bootstrap: str, source: str, *, kafka: KafkaSettings | None = None,
+                 **producer_options: Any) -> None:
         self.source = source
         options: dict[str, Any] = {
-            "bootstrap_servers": bootstrap,
+            **client_options(kafka, bootstrap),
             "enable_idempotence": True,
             "acks": "all",
             "linger_ms": 2,
@@ -135,6 +137,7 @@ class Processor:
         batch_max: int = 500,
         concurrency: int = 64,
         kill_before_commit: bool = False,
+        kafka: KafkaSettings | None = None,
     ) -> None:
         self.route = route
         self.kill_before_commit = kill_before_commit
@@ -146,7 +149,7 @@ class Processor:
         self._stopping = asyncio.Event()
         self._metrics = processor_metrics(route.service)
         options: dict[str, Any] = {
-            "bootstrap_servers": bootstrap,
+            **client_options(kafka, bootstrap),
             "group_id": route.group_id,
             "enable_auto_commit": False,
             "auto_offset_reset": route.auto_offset_reset,
@@ -297,11 +300,12 @@ class Processor:
 
 
 async def read_topic(
-    bootstrap: str, topics: Sequence[str], *, idle_s: float = 1.0, max_s: float = 30.0
+    bootstrap: str, topics: Sequence[str], *, idle_s: float = 1.0, max_s: float = 30.0,
+    kafka: KafkaSettings | None = None,
 ) -> list[tuple[RawRecord, Envelope | DecodeError]]:
     """Read topics from the beginning to their current end (tools, tests, auditors)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+        **client_options(kafka, bootstrap), enable_auto_commit=False, group_id=None,
         isolation_level="read_committed",
     )
     await consumer.start()
