@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka.helpers import create_ssl_context
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_SSL"]
@@ -60,6 +60,13 @@ class KafkaSettings(BaseSettings):
         "FRS_KAFKA_SASL_PASSWORD_FILE", None,
         "File holding the SCRAM password (mode 0600); the password itself is never a setting.",
     )
+
+    @field_validator("kafka_ca_file", "kafka_cert_file", "kafka_key_file",
+                     "kafka_sasl_password_file", "kafka_sasl_username", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # VAR= in an env file means "not set", not "the current directory".
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _complete(self) -> KafkaSettings:
