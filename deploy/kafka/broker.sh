@@ -42,8 +42,8 @@ fetch() {
 running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
 java_opts=(-Xms128m -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true
-  -Dlog4j2.configurationFile="$here/log4j2.properties" -cp "$jars/*")
-java_cmd() { java "${java_opts[@]}" "$@"; }
+  -Dlog4j2.configurationFile="$here/log4j2.properties")
+java_cmd() { java "${java_opts[@]}" -cp "$jars/*" "$@"; }
 
 wait_ready() {
   if [ -f "$state/secure" ]; then
@@ -108,7 +108,7 @@ start() {
   mkdir -p "$state/data"
   rm -f "$state/secure"
   local template=$here/server.properties.in
-  local broker_opts=()
+  local broker_opts=(-cp "$jars/*")
   if [ "$secure" = 1 ]; then
     if (exec 3<>"/dev/tcp/127.0.0.1/$iport") 2>/dev/null; then
       die "port $iport (internal listener) is already in use: set FRS_KAFKA_PORT"

@@ -65,7 +65,11 @@ class Publisher:
         self._producer = AIOKafkaProducer(**options)
 
     async def start(self) -> None:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self._producer.stop()  # refused or unreachable: release the connections
+            raise
 
     async def stop(self) -> None:
         await self._producer.stop()
@@ -339,5 +343,7 @@ async def all_partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> l
     cluster = await consumer._client.fetch_all_metadata()
     missing = [t for t in topics if cluster.partitions_for_topic(t) is None]
     if missing:
-        raise LookupError(f"topics not found: {', '.join(missing)}; run `frs topics create`")
+        # A secured broker hides topics this identity may not describe: same answer.
+        raise LookupError(f"topics not found or not visible to this identity: "
+                          f"{', '.join(missing)}; run `frs topics create` or check the ACLs")
     return [TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t))]

@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,6 +71,9 @@ class SecureBroker:
     state: Path
     port: int
     logs: list[Path] = field(default_factory=list)
+    # Filled by the pipeline test: the loopback capture and what must not be in it.
+    capture: Path | None = None
+    sensitive: dict[str, bytes] = field(default_factory=dict)
 
     def env(self, principal: str) -> dict[str, str]:
         text = (self.state / "env" / f"{principal}.env").read_text()
@@ -78,7 +84,8 @@ class SecureBroker:
 
     def cli(self, principal: str, *args: str, extra: dict[str, str] | None = None,
             ) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, **self.env(principal), "PYTHONPATH": str(ROOT), **(extra or {})}
+        # The identity's settings last: nothing inherited may point it elsewhere.
+        env = {**os.environ, **(extra or {}), **self.env(principal), "PYTHONPATH": str(ROOT)}
         done = subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=180, check=False)
         out = self.state / f"cli-{principal}-{len(self.logs)}.log"
@@ -287,15 +294,35 @@ FLOW = ["frs.probe.requested.v1", "frs.probe.submitted.v1", "frs.policy.cleared.
         "frs.provider.dispatched.v1", "frs.candidates.received.v1"]
 
 
+def start_capture(secure: SecureBroker) -> subprocess.Popen[bytes] | None:
+    """tcpdump on loopback, the broker's three ports (Debian's tcpdump; skipped if absent)."""
+    tcpdump = shutil.which("tcpdump")
+    if tcpdump is None:
+        return None
+    secure.capture = secure.state / "loopback.pcap"
+    ports = " or ".join(f"tcp port {secure.port + k}" for k in range(3))
+    proc = subprocess.Popen([tcpdump, "-i", "lo", "-U", "-Z", "root", "-s", "0", "-w",
+                             str(secure.capture), ports],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not secure.capture.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return proc
+
+
 def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
                                            face_jpeg: bytes) -> None:
     keys = tmp_path / "keys"
     base = {**os.environ, "PYTHONPATH": str(ROOT), "FRS_STATE_DIR": str(tmp_path / "state"),
             "FRS_INTAKE_PRIVATE_KEY_FILE": str(keys / "intake.key.pem"),
             "FRS_AUDIT_STORE_DIR": str(tmp_path / "audit"), "FRS_LOG_LEVEL": "INFO"}
-    procs = {}
     for name in ("intake", "dispatch", "results", "audit"):
         base[f"FRS_{name.upper()}_METRICS_PORT"] = "0"
+    # Ids that occur nowhere else, so finding them in the capture means the bus leaked.
+    tag = uuid.uuid4().hex[:12]
+    case_id, agent_id, request_id = f"CASE-{tag}", f"agent-{tag}", f"req-{tag}"
+    capture = start_capture(secure)
+    procs = {}
     for name in ("intake", "dispatch", "results", "audit"):
         log = secure.state / f"{name}.log"
         secure.logs.append(log)
@@ -305,12 +332,21 @@ def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
             proc.wait_log('"consumer started"', timeout=90)
         demo = secure.cli("operator", "registry", "demo", extra=base)
         assert demo.returncode == 0, demo.stderr
+        year = "2099-01-01T00:00:00Z"
+        for kind, entry in (
+            ("case", {"case_id": case_id, "status": "open", "roi_refs": ["ROI-1"],
+                      "offense_category": "human_trafficking"}),
+            ("agent", {"agent_id": agent_id, "role": "agent", "supervisor_id": "sup-1",
+                       "training_valid_until": year}),
+        ):
+            put = secure.cli("operator", "registry", "put", kind, "--entry", json.dumps(entry),
+                             extra=base)
+            assert put.returncode == 0, put.stderr
         image = tmp_path / "face.jpg"
         image.write_bytes(face_jpeg)
-        request_id = f"req-{uuid.uuid4()}"
         submitted = secure.cli(
-            "upstream", "submit", "--json", "--image", str(image), "--case", "CASE-1",
-            "--agent", "agent-7", "--purpose", "human_trafficking", "--roi", "ROI-1",
+            "upstream", "submit", "--json", "--image", str(image), "--case", case_id,
+            "--agent", agent_id, "--purpose", "human_trafficking", "--roi", "ROI-1",
             "--source", "surveillance", "--nexus", "VA", "--request-id", request_id,
             "--intake-public-key", str(keys / "intake.key.pub.pem"), extra=base)
         assert submitted.returncode == 0, submitted.stderr
@@ -322,12 +358,37 @@ def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
         # The operator cannot read the pipeline's events: a refusal, said in one line.
         refused = secure.cli("operator", "timeline", request_id, "--json", extra=base)
         assert refused.returncode != 0
+        # The ids did cross the wire (the auditor reads them back from the bus).
+        records = run(read_topic("", TOPIC_NAMES, kafka=secure.settings("auditor")))
+        assert isinstance(records, list)
+        on_bus = b"".join(r.value or b"" for r, _ in records)
+        assert case_id.encode() in on_bus and agent_id.encode() in on_bus
     finally:
         for proc in procs.values():
             if proc.proc is not None and proc.proc.poll() is None:
                 proc.stop()
+        if capture is not None:
+            capture.send_signal(signal.SIGTERM)
+            capture.wait(timeout=30)
     for name, proc in procs.items():
         assert proc.proc is not None and proc.proc.returncode == 0, name
+    secure.sensitive = {"case id": case_id.encode(), "agent id": agent_id.encode(),
+                        "request id": request_id.encode(),
+                        "probe bytes": face_jpeg[len(face_jpeg) // 2:][:48]}
+
+
+def test_loopback_capture_shows_nothing_in_clear(secure: SecureBroker) -> None:
+    if secure.capture is None:
+        pytest.skip("tcpdump is not installed (Debian package tcpdump)")
+    assert secure.sensitive, "the pipeline test did not run"
+    pcap = secure.capture.read_bytes()
+    assert len(pcap) > 50_000  # the whole run went through it
+    assert b"\x17\x03\x03" in pcap  # TLS application data records
+    for what, needle in secure.sensitive.items():
+        assert needle not in pcap, f"{what} in clear on the wire"
+    # Plaintext bus metadata the broker would otherwise carry in clear.
+    for clear in (b"frs.probe.requests", b"ce_type", b"frs.probe.submitted.v1"):
+        assert clear not in pcap
 
 
 # --- no secret in any log of the run (keep this test last in the module) --------------
