@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,10 @@ from aiokafka.errors import (
 )
 
 from schemas.catalog import TOPICS
+from schemas.events import CaseRecord
+from schemas.types import Purpose
 from services.kit.acls import allows, load
-from services.kit.bus import read_topic
+from services.kit.bus import Publisher, read_topic
 from services.kit.kafka import KafkaSettings, client_options
 from services.kit.topics import ensure_topics
 from tests.conftest import ROOT, ServiceProcess
@@ -389,6 +392,40 @@ def test_loopback_capture_shows_nothing_in_clear(secure: SecureBroker) -> None:
     # Plaintext bus metadata the broker would otherwise carry in clear.
     for clear in (b"frs.probe.requests", b"ce_type", b"frs.probe.submitted.v1"):
         assert clear not in pcap
+
+
+def test_the_capture_would_see_ids_on_a_plaintext_bus(kafka_bootstrap: str,
+                                                     tmp_path: Path) -> None:
+    """Control for the capture test: the same search finds an id sent over plaintext."""
+    tcpdump = shutil.which("tcpdump")
+    if tcpdump is None:
+        pytest.skip("tcpdump is not installed (Debian package tcpdump)")
+    port = kafka_bootstrap.rsplit(":", 1)[1]
+    pcap = tmp_path / "plain.pcap"
+    proc = subprocess.Popen([tcpdump, "-i", "lo", "-U", "-Z", "root", "-s", "0", "-w",
+                             str(pcap), f"tcp port {port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not pcap.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        case_id = f"CASE-{uuid.uuid4().hex[:12]}"
+        run(_publish_plain(kafka_bootstrap, case_id))
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert case_id.encode() in pcap.read_bytes()
+
+
+async def _publish_plain(bootstrap: str, case_id: str) -> None:
+    # A valid, closed case: harmless to the other tests sharing the plaintext broker.
+    record = CaseRecord(case_id=case_id, status="closed", roi_refs=["ROI-1"],
+                        offense_category=Purpose.FINANCIAL_FRAUD, updated_at=datetime.now(UTC))
+    async with Publisher(bootstrap, "/test/acl", kafka=KafkaSettings(kafka_bootstrap=bootstrap)
+                         ) as publisher:
+        await publisher.publish([record])
 
 
 # --- no secret in any log of the run (keep this test last in the module) --------------
