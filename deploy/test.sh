@@ -10,7 +10,7 @@ cd "$ROOT"
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/frs-test.XXXXXX")
 export STATE
 
-ensure_tools
+ensure_tools tcpdump tcpdump  # tcpdump: the loopback capture test of the secured bus
 ensure_venv
 ensure_npm_tools
 deploy/kafka/broker.sh fetch
