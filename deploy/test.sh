@@ -10,7 +10,9 @@ cd "$ROOT"
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/frs-test.XXXXXX")
 export STATE
 
-ensure_tools prometheus prometheus promtool prometheus
+# prometheus/promtool: the alert-rule tests and the scrape e2e; tcpdump: the loopback
+# capture test of the secured bus.
+ensure_tools prometheus prometheus promtool prometheus tcpdump tcpdump
 ensure_venv
 ensure_npm_tools
 deploy/kafka/broker.sh fetch

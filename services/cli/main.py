@@ -14,6 +14,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    TopicAuthorizationFailedError,
+)
 from pydantic import ValidationError
 
 from schemas.catalog import TOPICS
@@ -259,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     results_cli.register(commands)
     bench_intake.register(commands)
     dispatch_cli.register(commands)
+    from services.cli import acl as acl_cli
+
+    acl_cli.register(commands)
     return parser
 
 
@@ -274,7 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LookupError as exc:
         sys.stderr.write(f"frs: {exc.args[0]}\n")
         return 2
-    except (ConnectionError, OSError) as exc:
+    except (TopicAuthorizationFailedError, GroupAuthorizationFailedError,
+            ClusterAuthorizationFailedError) as exc:
+        # The broker's ACLs refused this identity (secured bus, deploy/kafka/acls.json).
+        detail = exc.args[0] if exc.args else ""
+        sys.stderr.write(f"frs: not authorized ({type(exc).__name__} {detail}): this command "
+                         "needs another identity (FRS_KAFKA_SASL_USERNAME; see `frs acl "
+                         "table`)\n")
+        return 2
+    except (ConnectionError, OSError, KafkaConnectionError) as exc:
         sys.stderr.write(f"frs: cannot reach Kafka at {settings.kafka_bootstrap} "
                          f"({type(exc).__name__}): start it with deploy/kafka/broker.sh start "
                          "or set FRS_KAFKA_BOOTSTRAP\n")
