@@ -24,6 +24,8 @@ apt_install() {
 }
 
 ensure_tools() {
+  # Go from the machine's toolchain, when there is one (the audit interop test uses it).
+  [ -d /usr/local/go/bin ] && PATH=$PATH:/usr/local/go/bin
   apt_install java openjdk-17-jre-headless mvn maven node nodejs npm npm openssl openssl "$@"
   command -v python3.11 >/dev/null || command -v python3 >/dev/null || die "Python 3.11+ is required"
 }

@@ -1,7 +1,9 @@
 // Returns 0 once the cluster answers a metadata request (describeCluster) that lists at
-// least MIN_NODES brokers (default 1), 1 on timeout. Args: BOOTSTRAP SECONDS [MIN_NODES].
-// Run by broker.sh and cluster.sh with Java's single-file source launcher, on the broker's
-// own jars.
+// least MIN_NODES brokers (default 1), 1 on timeout. Run by broker.sh and cluster.sh with
+// Java's single-file source launcher, on the broker's own jars.
+//   WaitReady BOOTSTRAP SECONDS [CLIENT_PROPERTIES|-] [MIN_NODES]
+//   (CLIENT_PROPERTIES: TLS settings, secured mode; "-" for none)
+import java.io.FileInputStream;
 import java.util.Properties;
 import java.util.concurrent.TimeUnit;
 import org.apache.kafka.clients.admin.Admin;
@@ -11,8 +13,13 @@ public class WaitReady {
     public static void main(String[] args) throws Exception {
         String bootstrap = args[0];
         long deadline = System.currentTimeMillis() + Long.parseLong(args[1]) * 1000L;
-        int minNodes = args.length > 2 ? Integer.parseInt(args[2]) : 1;
+        int minNodes = args.length > 3 ? Integer.parseInt(args[3]) : 1;
         Properties props = new Properties();
+        if (args.length > 2 && !args[2].isEmpty() && !args[2].equals("-")) {
+            try (FileInputStream in = new FileInputStream(args[2])) {
+                props.load(in);
+            }
+        }
         props.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
         props.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, "2000");
         props.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, "3000");

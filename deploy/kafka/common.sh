@@ -20,7 +20,7 @@ fetch() {
 storage_tool() { java -cp "$jars/*" kafka.tools.StorageTool "$@"; }
 
 wait_ready() {  # wait_ready BOOTSTRAP SECONDS [MIN_NODES]
-  java -cp "$jars/*" "$here/WaitReady.java" "$1" "$2" "${3:-1}"
+  java -cp "$jars/*" "$here/WaitReady.java" "$1" "$2" - "${3:-1}"
 }
 
 port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

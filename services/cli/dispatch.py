@@ -37,6 +37,7 @@ from schemas.events import (
 from schemas.types import ImageSource, OutboundField, Purpose, Transport
 from services.dispatch.transports.https import client_tls_context
 from services.kit.bus import Publisher, all_partitions
+from services.kit.kafka import client_options
 from services.kit.settings import ServiceSettings
 from services.kit.topics import ensure_topics
 
@@ -113,7 +114,7 @@ async def _baseline(session: aiohttp.ClientSession, url: str, n: int, concurrenc
 
 async def _start_groups_at_end(bootstrap: str, groups: list[tuple[str, str]]) -> None:
     for group, topic in groups:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+        consumer = AIOKafkaConsumer(**client_options(bootstrap=bootstrap), group_id=group,
                                     enable_auto_commit=False)
         await consumer.start()
         try:

@@ -14,6 +14,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    TopicAuthorizationFailedError,
+)
 from pydantic import ValidationError
 
 from schemas.catalog import TOPICS
@@ -170,7 +176,7 @@ async def cmd_registry_demo(args: argparse.Namespace, settings: CliSettings) -> 
                     updated_at=now),
         ProviderRecord(provider_id="fed-ngi", name="Federal 1:N gallery (simulated)",
                        kind="federal", transport="https",
-                       endpoint="https://127.0.0.1:8443/search",
+                       endpoint=args.endpoint,
                        attestation_valid_until=year, updated_at=now),
     ]
     async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
@@ -245,8 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("kind", choices=sorted(_REGISTRY_MODELS))
     put.add_argument("--entry", dest="json_entry", default=None, help="JSON object or list")
     put.add_argument("--file", default=None, help="file with a JSON object or list")
-    _sub(registry_cmds, "demo", "seed a demo case, agents and provider",
-         "frs registry demo", cmd_registry_demo)
+    demo = _sub(registry_cmds, "demo", "seed a demo case, agents and provider",
+                "frs registry demo --endpoint https://127.0.0.1:8443/search", cmd_registry_demo)
+    demo.add_argument("--endpoint", default="https://127.0.0.1:8443/search",
+                      help="the demo provider's HTTPS search URL (the vendor simulator)")
 
     # The area modules import this one for its helpers: import them late.
     from services.cli import policy as policy_cli
@@ -257,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     results_cli.register(commands)
     bench_intake.register(commands)
     dispatch_cli.register(commands)
+    from services.cli import acl as acl_cli
+
+    acl_cli.register(commands)
     from services.cli import bench_pipeline
 
     bench_pipeline.register(commands)
@@ -275,7 +286,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LookupError as exc:
         sys.stderr.write(f"frs: {exc.args[0]}\n")
         return 2
-    except (ConnectionError, OSError) as exc:
+    except (TopicAuthorizationFailedError, GroupAuthorizationFailedError,
+            ClusterAuthorizationFailedError) as exc:
+        # The broker's ACLs refused this identity (secured bus, deploy/kafka/acls.json).
+        detail = exc.args[0] if exc.args else ""
+        sys.stderr.write(f"frs: not authorized ({type(exc).__name__} {detail}): this command "
+                         "needs another identity (FRS_KAFKA_SASL_USERNAME; see `frs acl "
+                         "table`)\n")
+        return 2
+    except (ConnectionError, OSError, KafkaConnectionError) as exc:
         sys.stderr.write(f"frs: cannot reach Kafka at {settings.kafka_bootstrap} "
                          f"({type(exc).__name__}): start it with deploy/kafka/broker.sh start "
                          "or set FRS_KAFKA_BOOTSTRAP\n")

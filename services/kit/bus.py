@@ -25,6 +25,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from schemas.catalog import topic_for
 from schemas.envelope import DecodeError, Envelope, Headers, child_traceparent, decode, encode
 from schemas.events import Event
+from services.kit.kafka import KafkaSettings, client_options
 from services.kit.metrics import processor_metrics
 
 log = logging.getLogger("frs.bus")
@@ -49,10 +50,11 @@ class RawRecord:
 class Publisher:
     """Idempotent producer (acks=all): a retried send is never written twice."""
 
-    def __init__(self, bootstrap: str, source: str, **producer_options: Any) -> None:
+    def __init__(self, bootstrap: str, source: str, *, kafka: KafkaSettings | None = None,
+                 **producer_options: Any) -> None:
         self.source = source
         options: dict[str, Any] = {
-            "bootstrap_servers": bootstrap,
+            **client_options(kafka, bootstrap),
             "enable_idempotence": True,
             "acks": "all",
             "linger_ms": 2,
@@ -63,7 +65,11 @@ class Publisher:
         self._producer = AIOKafkaProducer(**options)
 
     async def start(self) -> None:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self._producer.stop()  # refused or unreachable: release the connections
+            raise
 
     async def stop(self) -> None:
         await self._producer.stop()
@@ -135,6 +141,7 @@ class Processor:
         batch_max: int = 500,
         concurrency: int = 64,
         kill_before_commit: bool = False,
+        kafka: KafkaSettings | None = None,
     ) -> None:
         self.route = route
         self.kill_before_commit = kill_before_commit
@@ -146,7 +153,7 @@ class Processor:
         self._stopping = asyncio.Event()
         self._metrics = processor_metrics(route.service)
         options: dict[str, Any] = {
-            "bootstrap_servers": bootstrap,
+            **client_options(kafka, bootstrap),
             "group_id": route.group_id,
             "enable_auto_commit": False,
             "auto_offset_reset": route.auto_offset_reset,
@@ -303,11 +310,12 @@ class Processor:
 
 
 async def read_topic(
-    bootstrap: str, topics: Sequence[str], *, idle_s: float = 1.0, max_s: float = 30.0
+    bootstrap: str, topics: Sequence[str], *, idle_s: float = 1.0, max_s: float = 30.0,
+    kafka: KafkaSettings | None = None,
 ) -> list[tuple[RawRecord, Envelope | DecodeError]]:
     """Read topics from the beginning to their current end (tools, tests, auditors)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+        **client_options(kafka, bootstrap), enable_auto_commit=False, group_id=None,
         isolation_level="read_committed",
     )
     await consumer.start()
@@ -341,5 +349,7 @@ async def all_partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> l
     cluster = await consumer._client.fetch_all_metadata()
     missing = [t for t in topics if cluster.partitions_for_topic(t) is None]
     if missing:
-        raise LookupError(f"topics not found: {', '.join(missing)}; run `frs topics create`")
+        # A secured broker hides topics this identity may not describe: same answer.
+        raise LookupError(f"topics not found or not visible to this identity: "
+                          f"{', '.join(missing)}; run `frs topics create` or check the ACLs")
     return [TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t))]

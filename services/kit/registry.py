@@ -17,6 +17,7 @@ from schemas.catalog import REGISTRY_AGENTS, REGISTRY_CASES, REGISTRY_PROVIDERS
 from schemas.envelope import DecodeError, decode
 from schemas.events import AgentRecord, CaseRecord, ProviderRecord, RegistryVersions
 from services.kit.bus import all_partitions
+from services.kit.kafka import KafkaSettings, client_options
 
 log = logging.getLogger("frs.registry")
 
@@ -47,10 +48,11 @@ class Registries:
 
 
 class RegistryFollower:
-    def __init__(self, bootstrap: str, registries: Registries) -> None:
+    def __init__(self, bootstrap: str, registries: Registries, *,
+                 kafka: KafkaSettings | None = None) -> None:
         self.registries = registries
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+            **client_options(kafka, bootstrap), group_id=None, enable_auto_commit=False,
             isolation_level="read_committed",
         )
         self._task: asyncio.Task[None] | None = None

@@ -17,7 +17,7 @@ def processor(settings: ServiceSettings, route: Route, publisher: Publisher) -> 
         route, publisher, settings.kafka_bootstrap,
         max_retries=settings.max_retries, retry_backoff_s=settings.retry_backoff_s,
         batch_max=settings.batch_max, concurrency=settings.concurrency,
-        kill_before_commit=settings.fault_kill_before_commit,
+        kill_before_commit=settings.fault_kill_before_commit, kafka=settings,
     )
 
 
@@ -26,7 +26,8 @@ def dlq_for(service: str) -> str:
 
 
 async def start_publisher(settings: ServiceSettings, stack: AsyncExitStack) -> Publisher:
-    publisher = Publisher(settings.kafka_bootstrap, source=f"/frs/{settings.service}")
+    publisher = Publisher(settings.kafka_bootstrap, source=f"/frs/{settings.service}",
+                          kafka=settings)
     await publisher.start()
     stack.push_async_callback(publisher.stop)
     return publisher
@@ -34,7 +35,7 @@ async def start_publisher(settings: ServiceSettings, stack: AsyncExitStack) -> P
 
 async def start_registries(settings: ServiceSettings, stack: AsyncExitStack) -> Registries:
     registries = Registries()
-    follower = RegistryFollower(settings.kafka_bootstrap, registries)
+    follower = RegistryFollower(settings.kafka_bootstrap, registries, kafka=settings)
     await follower.start()
     stack.push_async_callback(follower.stop)
     return registries

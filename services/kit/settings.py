@@ -5,24 +5,20 @@ everywhere (``FRS_KAFKA_BOOTSTRAP``, ...). Settings are frozen once read."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from pydantic import AliasChoices, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+# The Kafka connection settings (bootstrap, TLS, SASL) live with client_options().
+from services.kit.kafka import KafkaSettings, shared
+
+__all__ = ["KafkaSettings", "ServiceSettings", "shared"]
 
 
-def shared(name: str, default: Any, description: str) -> Any:
-    """A setting with the same environment variable name in every service."""
-    return Field(default, validation_alias=AliasChoices(name), description=description)
-
-
-class ServiceSettings(BaseSettings):
+class ServiceSettings(KafkaSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
     service: str = "frs"
-    kafka_bootstrap: str = shared(
-        "FRS_KAFKA_BOOTSTRAP", "127.0.0.1:19092", "Kafka bootstrap servers, host:port[,...]"
-    )
     local_mode: bool = shared(
         "FRS_LOCAL_MODE", True, "Allow local-only defaults (key files on disk, plaintext bus)."
     )
@@ -43,4 +39,7 @@ class ServiceSettings(BaseSettings):
         # Outside local mode, nothing may silently fall back to a loopback dev broker.
         if not self.local_mode and self.kafka_bootstrap.startswith("127.0.0.1:19092"):
             raise ValueError("FRS_KAFKA_BOOTSTRAP must be set explicitly outside local mode")
+        if not self.local_mode and self.kafka_security_protocol != "SASL_SSL":
+            # Outside local mode every service holds its own identity on an encrypted bus.
+            raise ValueError("FRS_KAFKA_SECURITY_PROTOCOL must be SASL_SSL outside local mode")
         return self

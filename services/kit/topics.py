@@ -9,6 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from schemas.catalog import TOPICS, Topic
+from services.kit.kafka import KafkaSettings, client_options
 
 
 @dataclass(frozen=True)
@@ -19,9 +20,10 @@ class TopicStatus:
 
 
 async def ensure_topics(
-    bootstrap: str, replication: int = 1, topics: tuple[Topic, ...] = TOPICS, fix: bool = True
+    bootstrap: str, replication: int = 1, topics: tuple[Topic, ...] = TOPICS, fix: bool = True,
+    *, kafka: KafkaSettings | None = None,
 ) -> list[TopicStatus]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**client_options(kafka, bootstrap))
     await admin.start()
     try:
         existing = {t["topic"]: t for t in await admin.describe_topics()}

@@ -36,6 +36,7 @@ from schemas.envelope import Envelope
 from schemas.events import DeletionOverdue, Event, ProviderAnswered, ProviderRecord
 from schemas.types import utcnow
 from services.kit.bus import Processor, Publisher, Route, all_partitions
+from services.kit.kafka import client_options
 from services.kit.registry import Registries
 from services.kit.service import dlq_for, processor
 from services.kit.settings import ServiceSettings
@@ -180,7 +181,7 @@ async def backlog_done(bootstrap: str, group: str, topics: Sequence[str],
     and a deadline fired from it could wrongly suspend a provider. (A partition ending in
     a transaction marker never reaches its end offset by commits: the caller bounds the
     wait.)"""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+    consumer = AIOKafkaConsumer(**client_options(bootstrap=bootstrap), group_id=group,
                                 enable_auto_commit=False)
     await consumer.start()
     try:

@@ -1,0 +1,128 @@
+"""The one place Kafka clients get their connection options: bootstrap, TLS, SASL.
+
+Every producer, consumer and admin client in the project is built with
+``AIOKafkaX(**client_options(settings), ...)``, so a secured deployment needs nothing but
+the shared ``FRS_KAFKA_*`` settings (the same names in every service and the ``frs``
+command). ``settings=None`` reads them from the environment.
+
+    PLAINTEXT  local default (tests, a laptop); refused outside local mode
+    SSL        TLS with a client certificate (the admin, on the broker's internal listener)
+    SASL_SSL   TLS with a client certificate plus SCRAM-SHA-512 (services and outside roles)
+
+The password is read from a file when a client is built, held as ``SecretStr`` and handed
+to aiokafka only: it never appears in settings, repr, logs, exceptions or ``--help``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any, Literal
+
+from aiokafka.helpers import create_ssl_context
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_SSL"]
+SASL_MECHANISM = "SCRAM-SHA-512"
+
+
+def shared(name: str, default: Any, description: str) -> Any:
+    """A setting with the same environment variable name in every service."""
+    return Field(default, validation_alias=AliasChoices(name), description=description)
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach the broker and who to be there. Shared by every service and tool."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    kafka_bootstrap: str = shared(
+        "FRS_KAFKA_BOOTSTRAP", "127.0.0.1:19092", "Kafka bootstrap servers, host:port[,...]"
+    )
+    kafka_security_protocol: SecurityProtocol = shared(
+        "FRS_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
+        "PLAINTEXT (local only) | SSL (client certificate) | SASL_SSL (certificate + SCRAM)",
+    )
+    kafka_ca_file: Path | None = shared(
+        "FRS_KAFKA_CA_FILE", None, "PEM file of the CA that signed the broker's certificate."
+    )
+    kafka_cert_file: Path | None = shared(
+        "FRS_KAFKA_CERT_FILE", None, "PEM client certificate (chain) of this identity."
+    )
+    kafka_key_file: Path | None = shared(
+        "FRS_KAFKA_KEY_FILE", None, "PEM private key of the client certificate (mode 0600)."
+    )
+    kafka_sasl_username: str | None = shared(
+        "FRS_KAFKA_SASL_USERNAME", None, "SCRAM-SHA-512 user (SASL_SSL); the certificate's CN."
+    )
+    kafka_sasl_password_file: Path | None = shared(
+        "FRS_KAFKA_SASL_PASSWORD_FILE", None,
+        "File holding the SCRAM password (mode 0600); the password itself is never a setting.",
+    )
+
+    @field_validator("kafka_ca_file", "kafka_cert_file", "kafka_key_file",
+                     "kafka_sasl_password_file", "kafka_sasl_username", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # VAR= in an env file means "not set", not "the current directory".
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _complete(self) -> KafkaSettings:
+        protocol = self.kafka_security_protocol
+        if protocol == "PLAINTEXT":
+            return self
+        if self.kafka_ca_file is None:
+            raise ValueError(f"FRS_KAFKA_CA_FILE is required with {protocol}")
+        if (self.kafka_cert_file is None) != (self.kafka_key_file is None):
+            raise ValueError("set both FRS_KAFKA_CERT_FILE and FRS_KAFKA_KEY_FILE, or neither")
+        if protocol == "SASL_SSL" and (
+            self.kafka_sasl_username is None or self.kafka_sasl_password_file is None
+        ):
+            raise ValueError("SASL_SSL needs FRS_KAFKA_SASL_USERNAME and "
+                             "FRS_KAFKA_SASL_PASSWORD_FILE")
+        return self
+
+    def sasl_password(self) -> SecretStr:
+        """Read the password file now (so a rotated password applies to the next client)."""
+        if self.kafka_sasl_password_file is None:
+            raise ValueError("FRS_KAFKA_SASL_PASSWORD_FILE is not set")
+        try:
+            text = self.kafka_sasl_password_file.read_text().strip()
+        except OSError as exc:
+            # The path is not secret; the reason (missing, unreadable) helps the operator.
+            raise ValueError(f"cannot read FRS_KAFKA_SASL_PASSWORD_FILE "
+                             f"{self.kafka_sasl_password_file}: {exc.strerror}") from None
+        return SecretStr(text)
+
+
+def ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
+    """TLS 1.2+ client context: verifies the broker against the CA and its address."""
+    context: ssl.SSLContext = create_ssl_context(
+        cafile=str(settings.kafka_ca_file) if settings.kafka_ca_file else None,
+        certfile=str(settings.kafka_cert_file) if settings.kafka_cert_file else None,
+        keyfile=str(settings.kafka_key_file) if settings.kafka_key_file else None,
+    )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def client_options(settings: KafkaSettings | None = None, bootstrap: str | None = None
+                   ) -> dict[str, Any]:
+    """Keyword arguments for any aiokafka client (producer, consumer, admin).
+
+    ``bootstrap`` overrides the settings' bootstrap (callers that were handed one)."""
+    s = settings if settings is not None else KafkaSettings()
+    options: dict[str, Any] = {
+        "bootstrap_servers": bootstrap or s.kafka_bootstrap,
+        "security_protocol": s.kafka_security_protocol,
+    }
+    if s.kafka_security_protocol == "PLAINTEXT":
+        return options
+    options["ssl_context"] = ssl_context(s)
+    if s.kafka_security_protocol == "SASL_SSL":
+        options["sasl_mechanism"] = SASL_MECHANISM
+        options["sasl_plain_username"] = s.kafka_sasl_username
+        options["sasl_plain_password"] = s.sasl_password().get_secret_value()
+    return options

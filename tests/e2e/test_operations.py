@@ -1,0 +1,153 @@
+"""Operations end to end: a real Prometheus scrapes every service while probes flow, the
+flow and latency metrics move, no alert fires on a healthy system, and every metric the
+dashboard and the alert rules name is one the running services export."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, free_port_pair
+from tests.e2e.conftest import System
+from tests.unit.test_operations import alert_exprs, dashboard_exprs, referenced
+
+pytestmark = pytest.mark.integration
+PROM = ROOT / "deploy" / "prometheus"
+
+
+def metrics_port(log: Path) -> int:
+    for line in log.read_text().splitlines():
+        if '"service started"' in line:
+            return int(json.loads(line)["metrics_port"])
+    raise AssertionError(f"no metrics port in {log}")
+
+
+def query(base: str, path: str, **params: str) -> Any:
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def value(base: str, expr: str) -> float:
+    result = query(base, "/api/v1/query", query=expr)["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def exported_families(port: int) -> set[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    names = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    # Counters are declared without their _total suffix in the TYPE line.
+    return names | {f"{n}_total" for n in names}
+
+
+@pytest.fixture
+def prometheus(system: System, tmp_path: Path) -> Any:
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus missing: deploy/test.sh installs Debian's prometheus package"
+    config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(PROM / "alerts.yml")]
+    config["scrape_configs"][0]["static_configs"] = [
+        {"targets": [f"127.0.0.1:{metrics_port(p.log_path)}"], "labels": {"service": name}}
+        for name, p in system.services.items()
+    ]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port_pair()
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                targets = query(base, "/api/v1/targets")["activeTargets"]
+                if len(targets) == 4 and all(t["health"] == "up" for t in targets):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError((tmp_path / "prometheus.log").read_text()[-2000:])
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_prometheus_sees_the_flow_and_no_alert_fires(
+    system: System, prometheus: str, tmp_path: Path, face_jpeg: bytes
+) -> None:
+    assert system.frs("registry", "demo", "--endpoint", system.vendor_url).returncode == 0
+    time.sleep(1.5)
+    image = tmp_path / "face.jpg"
+    image.write_bytes(face_jpeg)
+    key = Path(system.env["FRS_INTAKE_PRIVATE_KEY_FILE"]).with_suffix(".pub.pem")
+    requests = [f"req-{uuid.uuid4()}" for _ in range(3)]
+    for request_id in requests:
+        submitted = system.frs("submit", "--image", str(image), "--case", "CASE-1", "--agent",
+                               "agent-7", "--purpose", "financial_fraud", "--roi", "ROI-1",
+                               "--source", "mug_shot", "--request-id", request_id,
+                               "--intake-public-key", str(key))
+        assert submitted.returncode == 0, submitted.stderr
+    for request_id in requests:
+        done = system.frs("timeline", request_id, "--until", "frs.probe.settled.v1",
+                          "--wait", "90")
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    deadline = time.monotonic() + 30
+    checks = {
+        "intake consumed the requests":
+            'sum(frs_intake_events_in_total{type="frs.probe.requested.v1"})',
+        "policy cleared them": 'sum(frs_policy_events_out_total{type="frs.policy.cleared.v1"})',
+        "dispatch sent them": 'sum(frs_dispatch_outcomes_total{outcome="dispatched"})',
+        "results normalized answers":
+            'sum(frs_results_events_out_total{type="frs.candidates.received.v1"})',
+        "audit recorded events": "max(frs_audit_tree_size)",
+        "handler latency was observed": "sum(frs_intake_handler_seconds_count)",
+        "end-to-end latency was observed": "sum(frs_audit_end_to_end_seconds_count)",
+    }
+    seen: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        seen = {name: value(prometheus, expr) for name, expr in checks.items()}
+        if all(v >= 3 for v in seen.values()):
+            break
+        time.sleep(1)
+    assert all(v >= 3 for v in seen.values()), seen
+    p99 = value(prometheus, "histogram_quantile(0.99, sum by (le) "
+                            "(rate(frs_audit_end_to_end_seconds_bucket[5m])))")
+    assert 0 < p99 < 60
+
+    # Healthy: rules evaluated, nothing firing or pending.
+    groups = query(prometheus, "/api/v1/rules")["groups"]
+    assert sum(len(g["rules"]) for g in groups) >= 9
+    assert all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
+    alerts = query(prometheus, "/api/v1/alerts")["alerts"]
+    assert alerts == [], alerts
+
+    # Every metric the dashboard and the rules name is exported by a running service.
+    exported: set[str] = set()
+    for proc in system.services.values():
+        exported |= exported_families(metrics_port(proc.log_path))
+    for source, exprs in (("dashboard", dashboard_exprs()), ("alerts", alert_exprs())):
+        names, patterns = referenced(exprs)
+        assert names <= exported, f"{source}: not exported: {sorted(names - exported)}"
+        for pattern in patterns:
+            assert any(re.fullmatch(pattern, n) for n in exported), (source, pattern)
