@@ -1,0 +1,44 @@
+"""`frs bench pipeline --json` in a small form on the session broker: it runs both the raw
+relay and the pipeline, and prints the ratio and the figures the targets are judged on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from services.cli.pipeline_rig import percentile
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_percentile_picks_the_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0 or percentile(values, 50) == 51.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([], 99) is None
+
+
+def test_bench_pipeline_prints_the_ratio(kafka_bootstrap: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "bench", "pipeline", "--json", "--probes", "60",
+         "--low-probes", "30", "--low-rate", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "FRS_KAFKA_BOOTSTRAP": kafka_bootstrap,
+             "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["baseline_raw_relay"]["messages_per_s"] > 0
+    high, low = result["pipeline_max_rate"], result["pipeline_low_rate"]
+    assert high["complete"] and low["complete"]
+    assert high["settled"] == 60 and low["settled"] == 30
+    assert result["ratio_pipeline_to_raw"] == pytest.approx(
+        high["probes_per_s"] / result["baseline_raw_relay"]["messages_per_s"], rel=0.01)
+    assert set(result["rss_mb"]) == {"intake", "dispatch", "results"}
+    assert all(r["max_load"] and r["max_load"] > 10 for r in result["rss_mb"].values())
+    assert low["stages_ms"]["settled"]["n"] == 30
+    assert set(result["met"]) == {"ratio", "probes_per_s", "p99_at_low_rate", "rss"}
