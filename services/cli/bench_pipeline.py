@@ -229,7 +229,8 @@ async def pipeline_phase(rig: PipelineRig, watch: SettledWatch, count: int,
     last = max((watch.arrived[p] for p in probes if p in watch.arrived), default=time.time())
     seconds = last - started
     rss = await sampler.stop()
-    cpu = sum(p.cpu_s() - cpu0[n] for n, p in rig.procs.items())
+    cpu_by = {n: p.cpu_s() - cpu0[n] for n, p in rig.procs.items()}
+    cpu = sum(cpu_by.values())
     e2e = [(watch.arrived[probe_id_for(r)] - rig.submitted_at[r]) * 1000
            for r in rig.acked[before:] if probe_id_for(r) in watch.arrived]
     return {"probes": count, "settled": sum(1 for p in probes if p in watch.arrived),
@@ -238,6 +239,8 @@ async def pipeline_phase(rig: PipelineRig, watch: SettledWatch, count: int,
             "end_to_end_ms": {"p50": percentile(e2e, 50), "p95": percentile(e2e, 95),
                               "p99": percentile(e2e, 99)},
             "cpu_ms_per_probe": round(cpu * 1000 / max(1, len(e2e)), 2),
+            "cpu_ms_per_probe_by_service": {n: round(c * 1000 / max(1, len(e2e)), 2)
+                                            for n, c in cpu_by.items()},
             "rss_peak_mb": rss, "_probes": probes}
 
 
