@@ -262,6 +262,7 @@ def _check_expiry(
             if not isinstance(sub, ProbeSubmitted):
                 continue
             mine = [p for p in purges if p.vault_ref == sub.vault_ref]
+            report.stats["images_purged"] += bool(mine)
             if sub.expires_at + grace < now and not mine:
                 report.add("image_past_expiry", pid, f"expired {sub.expires_at.isoformat()}, "
                            "no ImagePurged")

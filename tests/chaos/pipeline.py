@@ -11,10 +11,12 @@ import asyncio
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from aiokafka.structs import OffsetAndMetadata
 from schemas.catalog import TOPICS
 from schemas.envelope import Envelope
 from schemas.events import PolicyDenied, ProbeRejected, ProbeSettled, ProviderDispatched
+from schemas.types import utcnow
 from services.cli.pipeline_rig import PipelineRig
 from services.kit.bus import read_topic
 from tests.chaos.history import Report, check
@@ -41,6 +44,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
                             "frs.results.events"),
     "frs-audit": tuple(t.name for t in TOPICS),
 }
+# Images live IMAGE_TTL_S in the chaos runs and the purger sweeps every second: purges
+# happen under the faults, and an image still held PURGE_GRACE after expiry is a violation.
+IMAGE_TTL_S = 10
+PURGE_GRACE = timedelta(seconds=10)
+CHAOS_ENV = {"FRS_INTAKE_IMAGE_TTL_HOURS": str(IMAGE_TTL_S / 3600),
+             "FRS_INTAKE_PURGE_INTERVAL_S": "1"}
 INPUT_TOPICS = ("frs.probe.requests", "frs.probe.events", "frs.policy.decisions",
                 "frs.dispatch.events", "frs.provider.responses", "frs.results.events")
 
@@ -111,6 +120,20 @@ class ChaosRun(PipelineRig):
             await self.restart(n)
         return crashed
 
+    def vault_objects(self) -> dict[str, datetime]:
+        """Vault objects still holding an image, with their expiry (read-only)."""
+        db = self.workdir / "state" / "vault" / "intake.db"
+        if not db.exists():
+            return {}
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            # 'purged' and 'announced' hold neither bytes nor key any more.
+            rows = conn.execute("SELECT ref, expires_at FROM vault_objects "
+                                "WHERE state IN ('stored', 'purging')").fetchall()
+        finally:
+            conn.close()
+        return {ref: datetime.fromtimestamp(ts, UTC) for ref, ts in rows}
+
     async def wait_terminal(self, timeout: float = max(240.0, PROBES / 4)) -> None:  # noqa: ASYNC109
         """Until every acknowledged request has a terminal outcome (or the timeout)."""
         deadline = time.monotonic() + timeout
@@ -129,7 +152,11 @@ class ChaosRun(PipelineRig):
         """Wait for the outcomes, stop audit (its store is read after a clean drain), read
         every topic and the simulator's counts, and check the history."""
         await self.wait_terminal()
-        await asyncio.sleep(3)  # audit records the tail of the run before it drains
+        # Past the last image's expiry plus grace, so a missed purge shows; and audit
+        # records the tail of the run before it drains.
+        last = max(self.submitted_at.values(), default=time.time())
+        await asyncio.sleep(max(3.0, last + IMAGE_TTL_S + PURGE_GRACE.total_seconds() + 2
+                                - time.time()))
         audit = self.procs.get("audit")
         rows: list[tuple[str, int, int, str | None]] | None = None
         if audit is not None:
@@ -149,9 +176,11 @@ class ChaosRun(PipelineRig):
         keys = {k.encode() for k in self.poison_keys} | {r.encode() for r in self.acked}
         audit_records = [(r, d) for r, d in records
                          if (isinstance(d, Envelope) and d.subject in mine) or r.key in keys]
+        options: dict[str, Any] = {"now": utcnow(), "vault_objects": self.vault_objects(),
+                                   "purge_grace": PURGE_GRACE, **kwargs}
         report = check(records, probes=mine, expected_requests=self.acked,
                        sends=self.sends(refs), audit_positions=rows,
-                       audit_records=audit_records, **kwargs)
+                       audit_records=audit_records, **options)
         report.stats["acknowledged"] = len(self.acked)
         return report
 

@@ -27,6 +27,7 @@ from schemas.types import probe_id_for, utcnow
 from services.kit.bus import Publisher, read_topic
 from tests.chaos.history import Report
 from tests.chaos.pipeline import (
+    CHAOS_ENV,
     GROUPS,
     INPUT_TOPICS,
     PROBES,
@@ -58,7 +59,7 @@ async def make_run(broker: OwnBroker, tmp: Path, image: bytes,
                    behaviour: VendorBehaviour | None = None) -> ChaosRun:
     # A short answer deadline: an answer lost to a fault settles as NoResponse quickly.
     run = ChaosRun(broker.bootstrap, tmp, image, behaviour=behaviour or VendorBehaviour(),
-                   response_deadline_s=DEADLINE_S)
+                   response_deadline_s=DEADLINE_S, extra_env=dict(CHAOS_ENV))
     return await run.start()
 
 
