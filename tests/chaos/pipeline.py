@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata
 
 from schemas.catalog import TOPICS
@@ -160,6 +161,16 @@ class ChaosRun(PipelineRig):
         audit = self.procs.get("audit")
         rows: list[tuple[str, int, int, str | None]] | None = None
         if audit is not None:
+            # Stop every producer first (the purger, deadline timers keep publishing),
+            # then let audit catch up with the whole log: after that, every record on the
+            # bus must be in its store exactly once.
+            for name, proc in self.procs.items():
+                if name != "audit":
+                    proc.signal(signal.SIGTERM)
+            for name, proc in self.procs.items():
+                if name != "audit":
+                    await proc.wait_exit()
+            await caught_up(self.bootstrap, "frs-audit", [t.name for t in TOPICS])
             audit.signal(signal.SIGTERM)
             await audit.wait_exit()
             from services.audit.store import AuditStore
@@ -183,6 +194,25 @@ class ChaosRun(PipelineRig):
                        audit_records=audit_records, **options)
         report.stats["acknowledged"] = len(self.acked)
         return report
+
+
+async def caught_up(bootstrap: str, group: str, topics: Sequence[str],
+                    timeout: float = 120) -> bool:  # noqa: ASYNC109
+    """Until ``group`` has committed the end of every partition of ``topics``."""
+    ends = await end_offsets(bootstrap, topics)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            committed = await admin.list_consumer_group_offsets(group)
+            if all(end == 0 or (tp in committed and committed[tp].offset >= end)
+                   for tp, end in ends.items()):
+                return True
+            await asyncio.sleep(0.5)
+        return False
+    finally:
+        await admin.close()
 
 
 async def rewind_groups(bootstrap: str, to: dict[TopicPartition, int],

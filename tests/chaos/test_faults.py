@@ -189,8 +189,9 @@ async def test_poison_messages_in_every_input_topic(chaos: ChaosRun) -> None:
                         sent.append((topic, key))
 
     await chaos.submit(PROBES, RATE, during)
-    report = await chaos.check()
+    await chaos.wait_terminal()
     assert all(chaos.alive()[n] for n in ("intake", "dispatch", "results"))
+    report = await chaos.check()
     # Each poison record was set aside (a DLQ copy naming where it came from) or, on the
     # request topic, answered with a rejection: none was dropped silently.
     dlq_topics = [t.name for t in TOPICS if t.name.startswith("frs.dlq.")]
