@@ -1,9 +1,15 @@
-"""Audit service: consumes every catalog topic, DLQs included, into the audit store."""
+"""Audit service: consumes every catalog topic, DLQs included, into the audit store,
+checks the compliance invariants, and signs checkpoints of the log."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -11,11 +17,18 @@ from pydantic_settings import SettingsConfigDict
 from schemas.catalog import TOPICS
 from schemas.envelope import DecodeError, Envelope
 from schemas.events import Event
+from schemas.types import utcnow
 from services.audit import handlers
+from services.audit.checkpoint import Signer, load_or_create_key
+from services.audit.invariants import Invariants, InvariantSettings
 from services.audit.store import AuditStore
 from services.kit.bus import Processor, Publisher, RawRecord, Route
 from services.kit.service import dlq_for, processor
 from services.kit.settings import ServiceSettings
+
+log = logging.getLogger("frs.audit")
+
+Job = Callable[[], Coroutine[Any, Any, None]]
 
 
 class AuditSettings(ServiceSettings):
@@ -24,20 +37,86 @@ class AuditSettings(ServiceSettings):
     service: str = "audit"
     metrics_port: int = Field(9304, description="Port for /metrics.")
     store_dir: Path = Field(Path(".state/audit"), description="Audit segment files and index.")
+    origin: str = Field("frs-broker.local/audit", pattern=r"^[^\s+]+$",
+                        description="Checkpoint origin line and note key name.")
+    signing_key_file: Path | None = Field(
+        None, description="Ed25519 checkpoint key (PEM, 0600); default "
+                          "<FRS_STATE_DIR>/keys/audit-checkpoint.pem.")
+    checkpoint_every_n: int = Field(1000, ge=1, description="Sign a checkpoint every N leaves.")
+    checkpoint_interval_s: float = Field(10.0, gt=0, description="...or every T seconds.")
+    clearance_grace_s: float = Field(
+        30.0, ge=0, description="How long a dispatch may precede its clearance in the log.")
+    expiry_grace_s: float = Field(
+        300.0, ge=0, description="How long past expires_at an image may stay unpurged.")
+    tick_s: float = Field(1.0, gt=0, description="Timer rules and time checkpoints, period.")
+
+    def key_file(self) -> Path:
+        return self.signing_key_file or self.state_dir / "keys" / "audit-checkpoint.pem"
 
 
-def build(settings: AuditSettings, publisher: Publisher, stack: AsyncExitStack) -> list[Processor]:
+def signer_for(settings: AuditSettings) -> Signer:
+    signer = Signer(settings.origin, load_or_create_key(settings.key_file()))
+    # The verifier key is public: auditors take it from here (or from the log's operator).
+    vkey = settings.key_file().with_suffix(".vkey")
+    if not vkey.exists() or vkey.read_text().strip() != signer.verifier_key:
+        vkey.write_text(signer.verifier_key + "\n")
+    return signer
+
+
+def build_app(settings: AuditSettings, publisher: Publisher,
+              stack: AsyncExitStack) -> tuple[list[Processor], list[Job]]:
     store = AuditStore(settings.store_dir)
     stack.callback(store.close)
-    ports = handlers.AuditPorts(store=store)
+    invariants = Invariants(store, InvariantSettings(settings.clearance_grace_s,
+                                                     settings.expiry_grace_s), utcnow)
+    ports = handlers.AuditPorts(store=store, invariants=invariants)
+    policy = handlers.CheckpointPolicy(signer_for(settings), settings.origin,
+                                       settings.checkpoint_every_n,
+                                       settings.checkpoint_interval_s, utcnow)
+    last_checkpoint_at = [time.monotonic()]
+
+    async def publish(events: list[Event]) -> None:
+        try:
+            await publisher.publish(events)
+        except Exception as exc:  # kept in the store; the next one is published again
+            log.error("publish failed", extra={"error": type(exc).__name__,
+                                               "count": len(events)})
+
+    async def checkpoint_if_due() -> None:
+        now = time.monotonic()
+        if store.in_tx or not handlers.checkpoint_due(store, policy, last_checkpoint_at[0],
+                                                      now):
+            return
+        event = handlers.make_checkpoint(store, policy)
+        last_checkpoint_at[0] = now
+        log.info("checkpoint signed", extra={"tree_size": event.tree_size})
+        await publish([event])
 
     async def record(raw: RawRecord, decoded: Envelope | DecodeError) -> list[Event]:
         return await handlers.on_record(raw.topic, raw.partition, raw.offset, raw.value,
-                                        decoded, ports)
+                                        decoded, ports, raw.headers)
 
     async def durable() -> None:
         store.commit()
+        await checkpoint_if_due()
+
+    async def timers() -> None:
+        while True:
+            await asyncio.sleep(settings.tick_s)
+            if store.in_tx:
+                continue  # a batch is open; its own commit hook runs the checks next
+            violations = invariants.tick()
+            store.commit()
+            if violations:
+                for v in violations:
+                    log.warning("compliance violation", extra={"invariant": v.invariant.value})
+                await publish(list(violations))
+            await checkpoint_if_due()
 
     route = Route("audit", "frs-audit", tuple(t.name for t in TOPICS), {}, dlq_for("audit"),
                   on_record=record, before_commit=durable)
-    return [processor(settings, route, publisher)]
+    return [processor(settings, route, publisher)], [timers]
+
+
+def build(settings: AuditSettings, publisher: Publisher, stack: AsyncExitStack) -> list[Processor]:
+    return build_app(settings, publisher, stack)[0]

@@ -1,30 +1,46 @@
-"""Audit handler: every record on every frs.* topic becomes one leaf in the store."""
+"""Audit handlers: every record on every frs.* topic becomes one leaf in the store, the
+compliance invariants see every new record, and the log's head is signed as checkpoints."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from schemas.envelope import DecodeError, Envelope
-from schemas.events import Event, ProbeRequested
-from services.audit.store import AuditStore, LeafMeta, canonical, value_digest
+from schemas.envelope import DecodeError, Envelope, Headers
+from schemas.events import CheckpointPublished, ComplianceViolation, Event, ProbeRequested
+from services.audit.checkpoint import Signer, sign_checkpoint
+from services.audit.invariants import Invariants
+from services.audit.store import AuditStore, LeafMeta, value_digest
 
 
 @dataclass(frozen=True)
 class AuditPorts:
     store: AuditStore
+    invariants: Invariants | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    signer: Signer
+    origin: str
+    every_n: int
+    interval_s: float
+    clock: Callable[[], datetime]
 
 
 def leaf_for(topic: str, partition: int, offset: int, value: bytes | None,
-             decoded: Envelope | DecodeError) -> tuple[LeafMeta, bytes]:
+             decoded: Envelope | DecodeError) -> tuple[LeafMeta, dict[str, Any]]:
     body: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset,
                             "value_sha256": value_digest(value)}
     if isinstance(decoded, DecodeError):
         # Unknown bytes might hold anything: keep the digest and the error, not the bytes.
         body["error"] = decoded.code
         meta = LeafMeta(topic, partition, offset, None, None, None, None)
-        return meta, canonical(body)
+        return meta, body
     data = decoded.event.model_dump(mode="json")
     if isinstance(decoded.event, ProbeRequested):
         # The encrypted image never enters the audit log: its digest stands in for it.
@@ -37,11 +53,37 @@ def leaf_for(topic: str, partition: int, offset: int, value: bytes | None,
     })
     meta = LeafMeta(topic, partition, offset, decoded.id, decoded.type, decoded.subject,
                     decoded.time.isoformat())
-    return meta, canonical(body)
+    return meta, body
 
 
 async def on_record(topic: str, partition: int, offset: int, value: bytes | None,
-                    decoded: Envelope | DecodeError, ports: AuditPorts) -> list[Event]:
-    meta, leaf = leaf_for(topic, partition, offset, value, decoded)
-    ports.store.append(meta, leaf)
-    return []
+                    decoded: Envelope | DecodeError, ports: AuditPorts,
+                    headers: Headers | None = None) -> list[Event]:
+    meta, body = leaf_for(topic, partition, offset, value, decoded)
+    if ports.store.append(meta, body) is None:
+        return []  # redelivered: already in the log, its invariants already checked
+    if ports.invariants is None:
+        return []
+    out: list[ComplianceViolation] = ports.invariants.observe(topic, headers, value, decoded)
+    return list(out)
+
+
+def checkpoint_due(store: AuditStore, policy: CheckpointPolicy, last_at: float,
+                   now: float) -> bool:
+    last = store.last_checkpoint()
+    last_size = last.tree_size if last else -1
+    if store.size == last_size:
+        return False
+    return store.size - max(last_size, 0) >= policy.every_n or now - last_at >= policy.interval_s
+
+
+def make_checkpoint(store: AuditStore, policy: CheckpointPolicy) -> CheckpointPublished:
+    """Sign the committed head, keep it in the store, return the event to publish."""
+    root = store.frontier.root()
+    size = store.frontier.size
+    note = sign_checkpoint(policy.signer, policy.origin, size, root)
+    now = policy.clock()
+    store.add_checkpoint(size, root, note, now.isoformat())
+    return CheckpointPublished(origin=policy.origin, tree_size=size,
+                               root_hash=base64.b64encode(root).decode(), note=note,
+                               published_at=now)

@@ -219,3 +219,75 @@ def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: 
         raise ProofError("consistency proof does not lead to the old root")
     if sr != new_root:
         raise ProofError("consistency proof does not lead to the new root")
+
+
+class Tree:
+    """All levels of a tree held in memory, for proofs over large logs: any subtree root
+    is a fold of at most log2(n) cached nodes instead of a rehash of its leaves."""
+
+    def __init__(self, hashes: Sequence[bytes]) -> None:
+        self.size = len(hashes)
+        self.levels: list[list[bytes]] = [list(hashes)]
+        level = self.levels[0]
+        while len(level) > 1:
+            level = [_sha256(b"\x01" + level[i] + level[i + 1]).digest()
+                     for i in range(0, len(level) - 1, 2)]
+            self.levels.append(level)
+
+    def range_root(self, lo: int, hi: int) -> bytes:
+        """MTH(D[lo:hi]) for a range that is a subtree of some RFC 9162 tree (lo aligned
+        to a power of two at least hi - lo), or any prefix [0:hi)."""
+        if lo >= hi:
+            return EMPTY_ROOT
+        nodes: list[bytes] = []
+        while lo < hi:
+            h = (hi - lo).bit_length() - 1
+            while lo & ((1 << h) - 1):
+                h -= 1
+            nodes.append(self.levels[h][lo >> h])
+            lo += 1 << h
+        acc = nodes[-1]
+        for node in reversed(nodes[:-1]):
+            acc = node_hash(node, acc)
+        return acc
+
+    def root(self, size: int | None = None) -> bytes:
+        return self.range_root(0, self.size if size is None else size)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        if not 0 <= index < size <= self.size:
+            raise ProofError(f"index {index} out of range for tree size {size}")
+        path: list[bytes] = []
+        lo, hi = 0, size
+        while hi - lo > 1:
+            k = _split(hi - lo)
+            if index < lo + k:
+                path.append(self.range_root(lo + k, hi))
+                hi = lo + k
+            else:
+                path.append(self.range_root(lo, lo + k))
+                lo += k
+        path.reverse()
+        return path
+
+    def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        if not 0 <= old_size <= new_size <= self.size:
+            raise ProofError(f"sizes {old_size}, {new_size} out of range")
+        if old_size in (0, new_size):
+            return []
+        path: list[bytes] = []
+        m, lo, hi, complete = old_size, 0, new_size, True
+        while m != hi - lo:
+            k = _split(hi - lo)
+            if m <= k:
+                path.append(self.range_root(lo + k, hi))
+                hi = lo + k
+            else:
+                path.append(self.range_root(lo, lo + k))
+                lo += k
+                m -= k
+                complete = False
+        if not complete:
+            path.append(self.range_root(lo, hi))
+        path.reverse()
+        return path

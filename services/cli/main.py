@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--file", default=None, help="file with a JSON object or list")
     _sub(registry_cmds, "demo", "seed a demo case, agents and provider",
          "frs registry demo", cmd_registry_demo)
+    from services.cli import audit as audit_cli  # imports this module: import it late
+
+    audit_cli.register(commands)
     return parser
 
 

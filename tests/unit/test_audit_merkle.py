@@ -102,3 +102,16 @@ def test_consistency_proofs_agree(leaves: list[bytes], data: st.DataObject) -> N
             m.verify_consistency(old, new, old_root, new_root, ours[:-1])
         with pytest.raises(m.ProofError):
             m.verify_consistency(old, new, old_root, new_root, [*ours, new_root])
+
+
+@settings(max_examples=100, deadline=None)
+@given(leaves_st, st.data())
+def test_cached_tree_gives_the_same_proofs(leaves: list[bytes], data: st.DataObject) -> None:
+    hashes = [m.leaf_hash(x) for x in leaves]
+    tree = m.Tree(hashes)
+    new = data.draw(st.integers(1, len(leaves)), label="new")
+    old = data.draw(st.integers(1, new), label="old")
+    index = data.draw(st.integers(0, new - 1), label="index")
+    assert tree.root(new) == m.root_of(hashes[:new]) == reference(leaves).get_root(new)
+    assert tree.inclusion_proof(index, new) == m.inclusion_proof(index, hashes[:new])
+    assert tree.consistency_proof(old, new) == m.consistency_proof(old, hashes[:new])

@@ -1,0 +1,127 @@
+"""`frs audit ...`: verify the log offline, replay the topics against it, report.
+
+Exit codes: 0 all good, 1 a finding (verify failed, events missing), 2 misuse."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from schemas.catalog import TOPICS
+from services.audit.app import AuditSettings
+from services.audit.checkpoint import CheckpointError, Verifier
+from services.cli.main import CliSettings, Misuse, _emit, _sub
+
+
+def _store_dir(args: argparse.Namespace) -> Path:
+    directory = Path(args.store) if args.store else AuditSettings().store_dir
+    if not (directory / "index.sqlite3").exists():
+        raise Misuse(f"no audit store at {directory}: pass --store or set FRS_AUDIT_STORE_DIR")
+    return directory
+
+
+def _vkey_text(args: argparse.Namespace) -> str:
+    if args.vkey is not None:
+        return str(args.vkey).strip()
+    path = Path(args.vkey_file) if args.vkey_file else \
+        AuditSettings().key_file().with_suffix(".vkey")
+    if not path.is_file():
+        raise Misuse(f"no verifier key at {path}: pass --vkey NAME+HASH+KEY")
+    return path.read_text().strip()
+
+
+def _verifier(args: argparse.Namespace) -> Verifier:
+    text = _vkey_text(args)
+    try:
+        return Verifier.parse(text)
+    except CheckpointError as exc:
+        raise Misuse(f"bad verifier key: {exc}") from None
+
+
+def _store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=None,
+                        help="audit store directory (default FRS_AUDIT_STORE_DIR)")
+
+
+# --- verify ---------------------------------------------------------------------------
+
+
+async def cmd_verify(args: argparse.Namespace, settings: CliSettings) -> int:
+    from services.audit.verify import verify_store
+
+    directory, verifier = _store_dir(args), _verifier(args)
+    report = await asyncio.to_thread(verify_store, directory, verifier, args.origin)
+    payload = report.to_json()
+    if report.ok:
+        human = (f"ok: {report.tree_size} leaves, {report.checkpoints} checkpoints verified, "
+                 f"root {report.root} ({report.seconds:.2f}s)")
+    else:
+        lines = [f"FAILED: first bad leaf index {report.first_bad_index}"
+                 if report.first_bad_index is not None else "FAILED"]
+        lines += [f"  {f.kind}: {f.detail}" for f in report.findings[:20]]
+        human = "\n".join(lines)
+    _emit(args, payload, human)
+    return 0 if report.ok else 1
+
+
+async def cmd_vkey(args: argparse.Namespace, settings: CliSettings) -> int:
+    text = _vkey_text(args)
+    Verifier.parse(text)
+    _emit(args, {"verifier_key": text}, text)
+    return 0
+
+
+# --- replay ---------------------------------------------------------------------------
+
+
+async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
+    from services.audit.replay import cross_check
+    from services.kit.bus import read_topic
+
+    directory = _store_dir(args)
+    topics = [t.name for t in TOPICS]
+    records: list[Any] = await read_topic(settings.kafka_bootstrap, topics)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.wait
+    while True:
+        # The store may lag the topics: give the audit service time to catch up.
+        report = cross_check(records, directory, args.probe)
+        if report.ok or loop.time() >= deadline:
+            break
+        await asyncio.sleep(0.5)
+    human = (f"{'ok' if report.ok else 'MISMATCH'}: {report.topic_records} records in the "
+             f"topics, {report.store_leaves} leaves in the store, {len(report.missing)} "
+             f"missing, {len(report.digest_mismatch)} altered, {len(report.duplicate_ids)} "
+             f"duplicated, {len(report.unknown_to_topics)} unknown to the topics, "
+             f"{report.aged_out} past retention")
+    _emit(args, report.to_json(), human)
+    return 0 if report.ok else 1
+
+
+# --- parser ---------------------------------------------------------------------------
+
+
+def register(commands: Any) -> None:
+    audit = commands.add_parser("audit", help="verify, replay and report on the audit log")
+    cmds = audit.add_subparsers(dest="audit_command", required=True)
+
+    verify = _sub(cmds, "verify", "recompute the Merkle log, check every signed checkpoint",
+                  "frs audit verify --json --vkey \"$(cat .state/keys/audit-checkpoint.vkey)\"",
+                  cmd_verify)
+    _store_args(verify)
+    for p in (verify, vkey := _sub(cmds, "vkey", "print the log's note verifier key",
+                                   "frs audit vkey", cmd_vkey)):
+        p.add_argument("--vkey", default=None, help="verifier key NAME+HASH+KEY (trusted)")
+        p.add_argument("--vkey-file", default=None, help="file holding the verifier key")
+    verify.add_argument("--origin", default=None, help="expected checkpoint origin line")
+    del vkey
+
+    replay = _sub(cmds, "replay", "read every topic from the start and cross-check the store",
+                  "frs audit replay --json --wait 30", cmd_replay)
+    _store_args(replay)
+    replay.add_argument("--probe", default=None, help="only this probe's events")
+    replay.add_argument("--wait", type=float, default=0.0,
+                        help="seconds to let the audit service catch up")
+
