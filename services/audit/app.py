@@ -36,6 +36,7 @@ class AuditSettings(ServiceSettings):
                                       populate_by_name=True)
     service: str = "audit"
     metrics_port: int = Field(9304, description="Port for /metrics.")
+    group_id: str = Field("frs-audit", description="Consumer group of the audit log.")
     store_dir: Path = Field(Path(".state/audit"), description="Audit segment files and index.")
     origin: str = Field("frs-broker.local/audit", pattern=r"^[^\s+]+$",
                         description="Checkpoint origin line and note key name.")
@@ -113,7 +114,7 @@ def build_app(settings: AuditSettings, publisher: Publisher,
                 await publish(list(violations))
             await checkpoint_if_due()
 
-    route = Route("audit", "frs-audit", tuple(t.name for t in TOPICS), {}, dlq_for("audit"),
+    route = Route("audit", settings.group_id, tuple(t.name for t in TOPICS), {}, dlq_for("audit"),
                   on_record=record, before_commit=durable)
     return [processor(settings, route, publisher)], [timers]
 
