@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,31 @@ async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
     return 0 if report.ok else 1
 
 
+# --- report ---------------------------------------------------------------------------
+
+
+def _when(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise Misuse(f"not an ISO date or time: {text!r} (e.g. 2026-01-31)") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+async def cmd_report(args: argparse.Namespace, settings: CliSettings) -> int:
+    from services.audit.report import build_report, text_report
+
+    directory = _store_dir(args)
+    late_after = args.late_after if args.late_after is not None else \
+        AuditSettings().expiry_grace_s
+    report = await asyncio.to_thread(build_report, directory, _when(args.since),
+                                     _when(args.until), late_after)
+    _emit(args, report, text_report(report))
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------
 
 
@@ -124,4 +150,14 @@ def register(commands: Any) -> None:
     replay.add_argument("--probe", default=None, help="only this probe's events")
     replay.add_argument("--wait", type=float, default=0.0,
                         help="seconds to let the audit service catch up")
+
+    report = _sub(cmds, "report", "accountability report: searches by provider, provider kind"
+                  " and purpose, outcomes, denials by rule, purge timeliness, violations",
+                  "frs audit report --json --from 2026-01-01 --to 2026-02-01", cmd_report)
+    _store_args(report)
+    report.add_argument("--from", dest="since", default=None, help="ISO start (inclusive)")
+    report.add_argument("--to", dest="until", default=None, help="ISO end (exclusive)")
+    report.add_argument("--late-after", type=float, default=None,
+                        help="seconds past expiry a purge counts as late "
+                             "(default FRS_AUDIT_EXPIRY_GRACE_S)")
 
