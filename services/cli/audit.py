@@ -126,6 +126,38 @@ async def cmd_report(args: argparse.Namespace, settings: CliSettings) -> int:
     return 0
 
 
+# --- bench ----------------------------------------------------------------------------
+
+
+async def cmd_bench(args: argparse.Namespace, settings: CliSettings) -> int:
+    from services.audit.bench import run
+
+    if args.append_leaves < 1 or args.verify_leaves < 1:
+        raise Misuse("leaf counts must be positive")
+    result = await asyncio.to_thread(
+        run, args.append_leaves, args.verify_leaves, tuple(args.batch or (50, 500)),
+        Path(args.workdir) if args.workdir else None)
+    lines = [f"batch {a['batch']:>5}: {a['appends_per_s']:>8} appends/s, raw append+fsync "
+             f"{a['raw_append_fsync_per_s']:>8}/s, ratio {a['ratio_vs_raw']}"
+             for a in result["appends"]]
+    v = result["verify"]
+    lines.append(f"verify {v['leaves']} leaves: {v['verify_s']}s (ok={v['ok']})")
+    _emit(args, result, "\n".join(lines))
+    return 0
+
+
+def _subcommands(commands: Any, name: str, help_text: str) -> Any:
+    """The sub-command group ``name``, created unless another module already made it."""
+    parser = commands.choices.get(name)
+    if parser is None:
+        parser = commands.add_parser(name, help=help_text)
+        return parser.add_subparsers(dest=f"{name}_command", required=True)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return parser.add_subparsers(dest=f"{name}_command", required=True)
+
+
 # --- parser ---------------------------------------------------------------------------
 
 
@@ -157,6 +189,15 @@ def register(commands: Any) -> None:
     _store_args(report)
     report.add_argument("--from", dest="since", default=None, help="ISO start (inclusive)")
     report.add_argument("--to", dest="until", default=None, help="ISO end (exclusive)")
+    bench = _sub(_subcommands(commands, "bench", "benchmarks (JSON, with a baseline)"),
+                 "audit", "audit log append throughput (fsync batching) and verify time",
+                 "frs bench audit --json", cmd_bench)
+    bench.add_argument("--append-leaves", type=int, default=200_000)
+    bench.add_argument("--verify-leaves", type=int, default=1_000_000)
+    bench.add_argument("--batch", type=int, action="append", default=None,
+                       help="fsync batch size (repeat; default 50 and 500, the kit's batch_max)")
+    bench.add_argument("--workdir", default=None, help="where the scratch stores go")
+
     report.add_argument("--late-after", type=float, default=None,
                         help="seconds past expiry a purge counts as late "
                              "(default FRS_AUDIT_EXPIRY_GRACE_S)")
