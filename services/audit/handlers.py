@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from schemas.catalog import TOPIC_FOR_EVENT
 from schemas.envelope import DecodeError, Envelope, Headers
 from schemas.events import CheckpointPublished, ComplianceViolation, Event, ProbeRequested
 from services.audit.checkpoint import Signer, sign_checkpoint
 from services.audit.invariants import Invariants
 from services.audit.store import AuditStore, LeafMeta, value_digest
+
+CHECKPOINT_TOPIC = TOPIC_FOR_EVENT[CheckpointPublished].name
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,18 @@ async def on_record(topic: str, partition: int, offset: int, value: bytes | None
 def checkpoint_due(store: AuditStore, policy: CheckpointPolicy, last_at: float,
                    now: float) -> bool:
     last = store.last_checkpoint()
-    last_size = last.tree_size if last else -1
-    if store.size == last_size:
+    last_size = last.tree_size if last else 0
+    if last is not None and store.size == last_size:
         return False
-    return store.size - max(last_size, 0) >= policy.every_n or now - last_at >= policy.interval_s
+    if store.size - last_size >= policy.every_n:
+        return True
+    if now - last_at < policy.interval_s:
+        return False
+    # Our own checkpoints come back as leaves: those alone do not call for another one,
+    # or an idle log would sign a new head every interval forever.
+    fresh = store.query("SELECT COUNT(*) FROM leaves WHERE idx >= ? AND topic != ?",
+                        (last_size, CHECKPOINT_TOPIC))
+    return last is None or int(fresh[0][0]) > 0
 
 
 def make_checkpoint(store: AuditStore, policy: CheckpointPolicy) -> CheckpointPublished:

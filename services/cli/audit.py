@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,45 @@ async def cmd_vkey(args: argparse.Namespace, settings: CliSettings) -> int:
     text = _vkey_text(args)
     Verifier.parse(text)
     _emit(args, {"verifier_key": text}, text)
+    return 0
+
+
+# --- proofs ---------------------------------------------------------------------------
+
+
+async def cmd_proof(args: argparse.Namespace, settings: CliSettings) -> int:
+    from services.audit.proof import ProofUnavailable, inclusion_bundle
+
+    try:
+        bundle = inclusion_bundle(_store_dir(args), args.event_id)
+    except ProofUnavailable as exc:
+        sys.stderr.write(f"frs: {exc}\n")
+        return 1
+    text = json.dumps(bundle, indent=None if args.json else 2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+async def cmd_verify_proof(args: argparse.Namespace, settings: CliSettings) -> int:
+    from services.audit.merkle import ProofError
+    from services.audit.proof import verify_bundle
+
+    path = Path(args.bundle)
+    if not path.is_file():
+        raise Misuse(f"no proof bundle at {path}: write one with `frs audit proof ID --out F`")
+    try:
+        bundle = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise Misuse(f"{path} is not JSON") from None
+    verifier = _verifier(args)
+    try:
+        line = verify_bundle(bundle, verifier)
+    except (ProofError, CheckpointError) as exc:
+        _emit(args, {"ok": False, "error": str(exc)}, f"FAILED: {exc}")
+        return 1
+    _emit(args, {"ok": True, "detail": line}, f"ok: {line}")
     return 0
 
 
@@ -175,6 +216,17 @@ def register(commands: Any) -> None:
         p.add_argument("--vkey-file", default=None, help="file holding the verifier key")
     verify.add_argument("--origin", default=None, help="expected checkpoint origin line")
     del vkey
+
+    proof = _sub(cmds, "proof", "print an inclusion proof bundle for one event",
+                 "frs audit proof 3f1c...-event-id --out proof.json", cmd_proof)
+    _store_args(proof)
+    proof.add_argument("event_id", help="CloudEvents id of the event")
+    proof.add_argument("--out", default=None, help="also write the bundle to this file")
+    vproof = _sub(cmds, "verify-proof", "check an inclusion proof bundle offline",
+                  "frs audit verify-proof proof.json --vkey NAME+HASH+KEY", cmd_verify_proof)
+    vproof.add_argument("bundle", help="file written by `frs audit proof --out`")
+    vproof.add_argument("--vkey", default=None, help="verifier key NAME+HASH+KEY (trusted)")
+    vproof.add_argument("--vkey-file", default=None, help="file holding the verifier key")
 
     replay = _sub(cmds, "replay", "read every topic from the start and cross-check the store",
                   "frs audit replay --json --wait 30", cmd_replay)

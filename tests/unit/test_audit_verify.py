@@ -211,3 +211,37 @@ def handlers_verifier(signer: Signer):  # type: ignore[no-untyped-def]
     from services.audit.checkpoint import Verifier
 
     return Verifier.parse(signer.verifier_key)
+
+
+def test_inclusion_proof_bundle_verifies_offline(log: Path, signer: Signer, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "proof.json"
+    assert frs(["audit", "proof", "id-orig-17", "--store", str(log), "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    assert frs(["audit", "verify-proof", str(bundle), "--json", "--vkey",
+                signer.verifier_key]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    data = json.loads(bundle.read_text())
+    data["leaf"] = data["leaf"].replace('"tag":"orig"', '"tag":"evil"')
+    bundle.write_text(json.dumps(data))
+    assert frs(["audit", "verify-proof", str(bundle), "--vkey", signer.verifier_key]) == 1
+    assert frs(["audit", "proof", "no-such-event", "--store", str(log)]) == 1
+
+
+def test_idle_log_does_not_sign_its_own_checkpoints_forever(tmp_path: Path,
+                                                            signer: Signer) -> None:
+    store = AuditStore(tmp_path / "audit")
+    policy = handlers.CheckpointPolicy(signer, ORIGIN, 1000, 10.0, lambda: datetime.now(UTC))
+    append(store, 0)
+    store.commit()
+    assert handlers.checkpoint_due(store, policy, last_at=0.0, now=100.0)  # interval passed
+    handlers.make_checkpoint(store, policy)
+    # Only the checkpoint's own event comes back as a leaf: nothing new to sign.
+    store.append(LeafMeta("frs.audit.checkpoints", 0, 0, "cp", None, None, None), {"cp": 1})
+    store.commit()
+    assert not handlers.checkpoint_due(store, policy, last_at=0.0, now=100.0)
+    append(store, 1)
+    store.commit()
+    assert handlers.checkpoint_due(store, policy, last_at=0.0, now=100.0)
+    assert not handlers.checkpoint_due(store, policy, last_at=95.0, now=100.0)
+    store.close()
