@@ -244,7 +244,7 @@ def register(commands: Any) -> None:
     bench = _sub(_subcommands(commands, "bench", "benchmarks (JSON, with a baseline)"),
                  "audit", "audit log append throughput (fsync batching) and verify time",
                  "frs bench audit --json", cmd_bench)
-    bench.add_argument("--append-leaves", type=int, default=200_000)
+    bench.add_argument("--append-leaves", type=int, default=100_000)
     bench.add_argument("--verify-leaves", type=int, default=1_000_000)
     bench.add_argument("--batch", type=int, action="append", default=None,
                        help="fsync batch size (repeat; default 50 and 500, the kit's batch_max)")
