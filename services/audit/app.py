@@ -49,6 +49,8 @@ class AuditSettings(ServiceSettings):
         30.0, ge=0, description="How long a dispatch may precede its clearance in the log.")
     expiry_grace_s: float = Field(
         300.0, ge=0, description="How long past expires_at an image may stay unpurged.")
+    exigent_review_s: float = Field(
+        72 * 3600.0, ge=0, description="How long an exigent probe may wait for its review.")
     tick_s: float = Field(1.0, gt=0, description="Timer rules and time checkpoints, period.")
 
     def key_file(self) -> Path:
@@ -69,7 +71,8 @@ def build_app(settings: AuditSettings, publisher: Publisher,
     store = AuditStore(settings.store_dir)
     stack.callback(store.close)
     invariants = Invariants(store, InvariantSettings(settings.clearance_grace_s,
-                                                     settings.expiry_grace_s), utcnow)
+                                                     settings.expiry_grace_s,
+                                                     settings.exigent_review_s), utcnow)
     ports = handlers.AuditPorts(store=store, invariants=invariants)
     policy = handlers.CheckpointPolicy(signer_for(settings), settings.origin,
                                        settings.checkpoint_every_n,

@@ -28,6 +28,7 @@ from schemas.events import (
     PolicyCleared,
     ProbeSubmitted,
     ProviderDispatched,
+    SupervisorReviewRecorded,
 )
 from schemas.types import MINIMAL_FIELDS
 from services.audit.store import AuditStore
@@ -46,6 +47,10 @@ CREATE INDEX IF NOT EXISTS inv_dispatches_probe ON inv_dispatches(probe_id);
 CREATE TABLE IF NOT EXISTS inv_purged (probe_id TEXT PRIMARY KEY, purged_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inv_probes (
   probe_id TEXT PRIMARY KEY, expires_at TEXT NOT NULL, flagged INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS inv_exigent (
+  probe_id TEXT PRIMARY KEY, due_at TEXT NOT NULL, reviewed INTEGER NOT NULL DEFAULT 0,
+  flagged INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS inv_violations (
   offending_event_id TEXT NOT NULL, invariant TEXT NOT NULL, probe_id TEXT NOT NULL,
@@ -67,6 +72,7 @@ def violations_metric() -> Counter:
 class InvariantSettings:
     clearance_grace_s: float
     expiry_grace_s: float
+    exigent_review_s: float = 72 * 3600.0
 
 
 class Invariants:
@@ -100,6 +106,18 @@ class Invariants:
             self.store.execute(
                 "INSERT OR IGNORE INTO inv_probes (probe_id, expires_at) VALUES (?, ?)",
                 (event.probe_id, event.expires_at.isoformat()))
+            if event.exigent:
+                due = event.submitted_at + timedelta(seconds=self.settings.exigent_review_s)
+                self.store.execute(
+                    "INSERT OR IGNORE INTO inv_exigent (probe_id, due_at) VALUES (?, ?)",
+                    (event.probe_id, due.isoformat()))
+            return []
+        if isinstance(event, SupervisorReviewRecorded):
+            # The review may be consumed before the submission: remember it either way.
+            self.store.execute(
+                "INSERT INTO inv_exigent (probe_id, due_at, reviewed) VALUES (?, ?, 1)"
+                " ON CONFLICT DO UPDATE SET reviewed = 1",
+                (event.probe_id, event.reviewed_at.isoformat()))
             return []
         if isinstance(event, CandidatesReceived):
             # The model already enforces the marking; the raw bytes are what was sent.
@@ -233,6 +251,14 @@ class Invariants:
             out += self._violation(probe_id, Invariant.IMAGE_PAST_EXPIRY, probe_id,
                                    f"image expired at {expires_at} and no purge was recorded "
                                    f"within {self.settings.expiry_grace_s:g}s")
+        for probe_id, due_at in self.store.query(
+                "SELECT probe_id, due_at FROM inv_exigent WHERE reviewed = 0 AND flagged = 0"):
+            if datetime.fromisoformat(due_at) > now:
+                continue
+            self.store.execute("UPDATE inv_exigent SET flagged = 1 WHERE probe_id = ?",
+                               (probe_id,))
+            out += self._violation(probe_id, Invariant.EXIGENT_WITHOUT_REVIEW, probe_id,
+                                   f"exigent probe without a supervisor review by {due_at}")
         return out
 
     def _violation(self, probe_id: str, invariant: Invariant, eid: str,

@@ -25,6 +25,7 @@ from schemas.events import (
     ProviderDispatched,
     PurgeReason,
     RegistryVersions,
+    SupervisorReviewRecorded,
 )
 from schemas.types import ImageSource, OutboundField, Purpose, Transport
 from services.kit.bus import Publisher
@@ -62,11 +63,13 @@ def purged(probe_id: str, at: datetime) -> ImagePurged:
                        reason=PurgeReason.EXPIRED, expires_at=at, purged_at=at)
 
 
-def submitted(probe_id: str, expires_at: datetime) -> ProbeSubmitted:
+def submitted(probe_id: str, expires_at: datetime, exigent: bool = False) -> ProbeSubmitted:
     return ProbeSubmitted(probe_id=probe_id, request_id=f"req-{probe_id}", case_id="CASE-1",
                           agent_id="agent-7", purpose=Purpose.HUMAN_TRAFFICKING,
                           roi_refs=["ROI-1"], image_source=ImageSource.SURVEILLANCE, nexus=[],
-                          exigent=False, unedited_attestation=True, vault_ref=f"v/{probe_id}",
+                          exigent=exigent,
+                          exigent_justification="imminent threat" if exigent else None,
+                          unedited_attestation=True, vault_ref=f"v/{probe_id}",
                           image_format="jpeg", received_sha256=DIGEST, sanitized_sha256=DIGEST,
                           expires_at=expires_at, submitted_at=now())
 
@@ -183,4 +186,15 @@ def test_candidates_without_lead_marking(audit_service: Audit, kafka_bootstrap: 
     publish(kafka_bootstrap, candidates(good))
     (v,) = seen(kafka_bootstrap, bad, Invariant.CANDIDATES_WITHOUT_LEAD_MARKING)
     assert v.offending_event_id == eid
+    assert none_for(kafka_bootstrap, good)
+
+
+def test_exigent_probe_without_review(audit_service: Audit, kafka_bootstrap: str) -> None:
+    bad, good = probe(), probe()
+    review = SupervisorReviewRecorded(probe_id=good, supervisor_id="sup-1", approved=True,
+                                      reviewed_at=now())
+    publish(kafka_bootstrap, review, submitted(good, later(3600), exigent=True),
+            submitted(bad, later(3600), exigent=True))
+    (v,) = seen(kafka_bootstrap, bad, Invariant.EXIGENT_WITHOUT_REVIEW)
+    assert "review" in v.detail
     assert none_for(kafka_bootstrap, good)
