@@ -4,12 +4,18 @@ them with the store: every record present exactly once, with the same bytes dige
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from schemas.envelope import Envelope
+from schemas.envelope import DecodeError, Envelope
+from schemas.events import ComplianceViolation
+from schemas.types import utcnow
+from services.audit.handlers import AuditPorts, on_record
+from services.audit.invariants import Invariants, InvariantSettings
 from services.audit.store import AuditStore, value_digest
 from services.kit.bus import RawRecord
 
@@ -25,11 +31,13 @@ class ReplayReport:
     duplicate_ids: list[str] = field(default_factory=list)   # one event id at two places
     unknown_to_topics: list[Coord] = field(default_factory=list)  # should still be in Kafka
     aged_out: int = 0                                         # older than the topic's retention
+    violations_found: int = 0                                 # invariants run again on the topics
+    unreported_violations: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.digest_mismatch or self.duplicate_ids
-                    or self.unknown_to_topics)
+                    or self.unknown_to_topics or self.unreported_violations)
 
     def to_json(self) -> dict[str, Any]:
         def coords(items: list[Coord]) -> list[str]:
@@ -40,7 +48,9 @@ class ReplayReport:
                 "digest_mismatch": coords(self.digest_mismatch),
                 "duplicate_ids": self.duplicate_ids[:100],
                 "unknown_to_topics": coords(self.unknown_to_topics),
-                "aged_out": self.aged_out}
+                "aged_out": self.aged_out, "violations_found": self.violations_found,
+                "unreported_violations": [{"offending_event_id": e, "invariant": i}
+                                          for e, i in self.unreported_violations[:100]]}
 
 
 def store_index(directory: Path) -> tuple[dict[Coord, str], list[tuple[Coord, str | None]]]:
@@ -59,7 +69,7 @@ def store_index(directory: Path) -> tuple[dict[Coord, str], list[tuple[Coord, st
         store.close()
 
 
-def cross_check(records: list[tuple[RawRecord, Envelope | Exception]], directory: Path,
+def cross_check(records: list[tuple[RawRecord, Envelope | DecodeError]], directory: Path,
                 probe: str | None = None) -> ReplayReport:
     report = ReplayReport()
     digests, order = store_index(directory)
@@ -96,3 +106,48 @@ def cross_check(records: list[tuple[RawRecord, Envelope | Exception]], directory
                 report.aged_out += 1
             # else: newer than the snapshot of the topics; the next replay sees it
     return report
+
+
+
+class _ReplayClock:
+    """Event time while records are fed (a dispatch is 'seen' when it was sent), the
+    wall clock for the deadline rules at the end."""
+
+    def __init__(self) -> None:
+        self.now: datetime = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def replay_violations(records: list[tuple[RawRecord, Envelope | DecodeError]],
+                            settings: InvariantSettings) -> set[tuple[str, str]]:
+    """Run the invariants again over the topics' records, independently of the audit
+    service: (offending event id, invariant) for every violation found."""
+    clock = _ReplayClock()
+    ordered = sorted(records, key=lambda r: r[1].time if isinstance(r[1], Envelope)
+                     else datetime.min.replace(tzinfo=UTC))
+    found: set[tuple[str, str]] = set()
+    with tempfile.TemporaryDirectory(prefix="frs-replay-") as tmp:
+        store = AuditStore(Path(tmp))
+        try:
+            invariants = Invariants(store, settings, clock)
+            ports = AuditPorts(store, invariants)
+            for raw, decoded in ordered:
+                if isinstance(decoded, Envelope):
+                    clock.now = decoded.time
+                out = await on_record(raw.topic, raw.partition, raw.offset, raw.value,
+                                      decoded, ports, raw.headers)
+                found |= {(v.offending_event_id, v.invariant.value) for v in out
+                          if isinstance(v, ComplianceViolation)}
+            clock.now = utcnow()
+            found |= {(v.offending_event_id, v.invariant.value) for v in invariants.tick()}
+        finally:
+            store.close()
+    return found
+
+
+def reported_violations(records: list[tuple[RawRecord, Envelope | DecodeError]]
+                        ) -> set[tuple[str, str]]:
+    return {(d.event.offending_event_id, d.event.invariant.value) for _, d in records
+            if isinstance(d, Envelope) and isinstance(d.event, ComplianceViolation)}

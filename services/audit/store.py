@@ -77,6 +77,10 @@ class AuditStore:
             if not index.exists():
                 raise FileNotFoundError(f"no audit store at {directory}")
             self._db = sqlite3.connect(f"file:{index}?mode=ro", uri=True, isolation_level=None)
+            if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree'"
+                                    ).fetchone():
+                self._db.close()
+                raise FileNotFoundError(f"audit store at {directory} is not initialized yet")
         else:
             directory.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(index, isolation_level=None)

@@ -119,25 +119,35 @@ async def cmd_verify_proof(args: argparse.Namespace, settings: CliSettings) -> i
 
 
 async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
-    from services.audit.replay import cross_check
+    from services.audit.invariants import InvariantSettings
+    from services.audit.replay import cross_check, replay_violations, reported_violations
     from services.kit.bus import read_topic
 
     directory = _store_dir(args)
     topics = [t.name for t in TOPICS]
     records: list[Any] = await read_topic(settings.kafka_bootstrap, topics)
+    audit = AuditSettings()
+    found = await replay_violations(records, InvariantSettings(
+        audit.clearance_grace_s, audit.expiry_grace_s, audit.exigent_review_s))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.wait
+    reported = reported_violations(records)
     while True:
-        # The store may lag the topics: give the audit service time to catch up.
+        # The store and the violations topic may lag: give the audit service time.
         report = cross_check(records, directory, args.probe)
+        report.violations_found = len(found)
+        report.unreported_violations = sorted(found - reported) if args.probe is None else []
         if report.ok or loop.time() >= deadline:
             break
         await asyncio.sleep(0.5)
+        reported = reported_violations(
+            await read_topic(settings.kafka_bootstrap, ["frs.audit.violations"]))
     human = (f"{'ok' if report.ok else 'MISMATCH'}: {report.topic_records} records in the "
              f"topics, {report.store_leaves} leaves in the store, {len(report.missing)} "
              f"missing, {len(report.digest_mismatch)} altered, {len(report.duplicate_ids)} "
              f"duplicated, {len(report.unknown_to_topics)} unknown to the topics, "
-             f"{report.aged_out} past retention")
+             f"{report.aged_out} past retention; invariants found {len(found)} violations, "
+             f"{len(report.unreported_violations)} never reported by the audit service")
     _emit(args, report.to_json(), human)
     return 0 if report.ok else 1
 

@@ -26,9 +26,10 @@ def audit_env(service_env: dict[str, str], **extra: str) -> dict[str, str]:
 
 
 def store_size(directory: Path) -> int:
-    if not (directory / "index.sqlite3").exists():
-        return 0
-    store = AuditStore(directory, readonly=True)
+    try:
+        store = AuditStore(directory, readonly=True)
+    except FileNotFoundError:
+        return 0  # not created yet
     try:
         return store.size
     finally:

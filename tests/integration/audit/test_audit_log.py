@@ -89,18 +89,31 @@ def test_replay_finds_an_event_missing_from_the_store(
     store_dir = Path(env["FRS_AUDIT_STORE_DIR"])
     audit.start()
     asyncio.run(publish(kafka_bootstrap, [rejected(0, uuid.uuid4().hex[:8])]))
-    expected = len(asyncio.run(read_topic(kafka_bootstrap, ["frs.probe.events"])))
+    expected = len(asyncio.run(read_topic(kafka_bootstrap, [t.name for t in TOPICS])))
     wait_for(lambda: store_size(store_dir) >= expected, what="leaves")
     audit.stop()
     import sqlite3
     con = sqlite3.connect(store_dir / "index.sqlite3")
-    con.execute("DELETE FROM leaves WHERE idx = (SELECT MAX(idx) FROM leaves"
-                " WHERE topic = 'frs.probe.events')")
+    where = "idx = (SELECT MAX(idx) FROM leaves WHERE topic = 'frs.probe.events')"
+    topic, partition, offset = con.execute(
+        f'SELECT topic, partition, "offset" FROM leaves WHERE {where}').fetchone()
+    con.execute(f"DELETE FROM leaves WHERE {where}")
     con.commit()
     con.close()
+    # A forged candidate list published while no audit service runs: replay runs the
+    # invariants again on the topics and finds the violation nobody reported.
+    from tests.integration.audit.test_audit_invariants import candidates, publish_forged
+    eid = publish_forged(kafka_bootstrap, candidates(f"prb-unseen-{uuid.uuid4()}"),
+                         lead_marking="MATCH")
     replay = frs("audit", "replay", "--json", env=env)
     assert replay.returncode == 1
-    assert json.loads(replay.stdout)["missing_count"] == 1
+    out = json.loads(replay.stdout)
+    # The deleted leaf and the forged record (plus whatever the stopped service published
+    # last, such as its final checkpoint, which it never consumed back).
+    assert f"{topic}[{partition}]@{offset}" in out["missing"]
+    assert any(m.startswith("frs.results.events[") for m in out["missing"])
+    assert {"offending_event_id": eid, "invariant": "candidates_without_lead_marking"} \
+        in out["unreported_violations"]
 
 
 def test_checkpoint_verifies_with_go_note_package(
