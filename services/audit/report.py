@@ -148,3 +148,102 @@ def text_report(r: dict[str, Any]) -> str:
     lines.append(f"purge timeliness: {r['purge_timeliness']}")
     lines.append(f"violations: {r['violations'] or 'none'}")
     return "\n".join(lines)
+
+
+def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list) and value and isinstance(value[0], dict):
+        for item in value:
+            key = item.get("provider_id", "?")
+            _flatten(f"{prefix}[{key}]", {k: v for k, v in item.items() if k != "provider_id"},
+                     out)
+    elif isinstance(value, list):
+        out.append((prefix, ";".join(map(str, value))))
+    else:
+        out.append((prefix, "" if value is None else str(value)))
+
+
+def csv_report(r: dict[str, Any]) -> str:
+    import csv
+    import io
+
+    rows: list[tuple[str, str]] = []
+    _flatten("", r, rows)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["metric", "value"])
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _bars(title: str, data: dict[str, Any]) -> str:
+    from html import escape
+
+    items = [(str(k), float(v)) for k, v in data.items() if isinstance(v, int | float)]
+    if not items:
+        return f"<h2>{escape(title)}</h2><p class=none>none</p>"
+    top = max(v for _, v in items) or 1.0
+    row_h, label_w, bar_w = 22, 260, 420
+    rows = []
+    for i, (label, value) in enumerate(items):
+        y = i * row_h
+        w = max(1.0, bar_w * value / top)
+        rows.append(
+            f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">{escape(label)}</text>'
+            f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}"/>'
+            f'<text x="{label_w + w + 6:.1f}" y="{y + 15}">{value:g}</text>')
+    height = row_h * len(items)
+    return (f"<h2>{escape(title)}</h2><svg role=img aria-label=\"{escape(title)}\" "
+            f"width=\"{label_w + bar_w + 60}\" height=\"{height}\">{''.join(rows)}</svg>")
+
+
+def html_report(r: dict[str, Any]) -> str:
+    """One self-contained page: inline CSS and SVG charts, nothing fetched from a network."""
+    from html import escape
+
+    s = r["searches"]
+    providers = {f"{p['provider_id']} {p['name'] or ''} ({p['kind']})": p["searches"]
+                 for p in s["by_provider"]}
+    purge = r["purge_timeliness"]
+    sections = [
+        _bars("Searches by provider kind", s["by_provider_kind"]),
+        _bars("Searches by provider", providers),
+        _bars("Probes by purpose", r["probes"]["by_purpose"]),
+        _bars("Denials by rule", r["denials_by_rule"]),
+        _bars("Candidate list sizes", {str(k): v for k, v in
+                                       r["candidate_list_sizes"]["histogram"].items()}),
+        _bars("Purge timeliness (expired images)",
+              {"on time": purge["expired_purges_on_time"], "late": purge["expired_purges_late"],
+               "not yet purged": purge["submitted_not_yet_purged"]}),
+        _bars("Compliance violations", r["violations"]),
+    ]
+    non_federal = ", ".join(escape(p) for p in s["non_federal_systems_used"]) or "none"
+    window = f"{r['window']['from'] or 'start'} to {r['window']['to'] or 'now'}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<title>frs-broker accountability report</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
+svg text {{ font: 12px system-ui, sans-serif; fill: #222; }}
+svg rect {{ fill: #3b6ea5; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; }}
+.none {{ color: #777; }}
+</style></head><body>
+<h1>Accountability report</h1>
+<p>Window: {escape(window)}. Audit log size: {r['log_size']} leaves.</p>
+<table>
+<tr><th>Searches</th><td>{s['total']}</td></tr>
+<tr><th>Probes submitted / rejected</th><td>{r['probes']['submitted']} /
+ {r['probes']['rejected']}</td></tr>
+<tr><th>Non-federal systems used</th><td>{non_federal}</td></tr>
+<tr><th>Policy cleared / denied</th><td>{r['outcomes']['cleared']} /
+ {r['outcomes']['denied']}</td></tr>
+<tr><th>Candidate lists</th><td>{r['outcomes']['candidate_lists']}</td></tr>
+<tr><th>No response</th><td>{r['outcomes']['no_response']}</td></tr>
+</table>
+{''.join(sections)}
+</body></html>
+"""

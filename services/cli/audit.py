@@ -166,14 +166,26 @@ def _when(text: str | None) -> datetime | None:
 
 
 async def cmd_report(args: argparse.Namespace, settings: CliSettings) -> int:
-    from services.audit.report import build_report, text_report
+    from services.audit.report import build_report, csv_report, html_report, text_report
 
     directory = _store_dir(args)
     late_after = args.late_after if args.late_after is not None else \
         AuditSettings().expiry_grace_s
     report = await asyncio.to_thread(build_report, directory, _when(args.since),
                                      _when(args.until), late_after)
-    _emit(args, report, text_report(report))
+    fmt = "json" if args.json else args.format
+    if fmt == "json":
+        text = json.dumps(report, default=str)
+    elif fmt == "csv":
+        text = csv_report(report).rstrip("\n")
+    elif fmt == "html":
+        text = html_report(report).rstrip("\n")
+    else:
+        text = text_report(report)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
     return 0
 
 
@@ -260,6 +272,9 @@ def register(commands: Any) -> None:
                        help="fsync batch size (repeat; default 50 and 500, the kit's batch_max)")
     bench.add_argument("--workdir", default=None, help="where the scratch stores go")
 
+    report.add_argument("--format", choices=("text", "json", "csv", "html"), default="text",
+                        help="output format (--json is the same as --format json)")
+    report.add_argument("--out", default=None, help="write to this file instead of stdout")
     report.add_argument("--late-after", type=float, default=None,
                         help="seconds past expiry a purge counts as late "
                              "(default FRS_AUDIT_EXPIRY_GRACE_S)")

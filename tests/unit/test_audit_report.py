@@ -153,3 +153,24 @@ def test_invariants_fire_once_and_not_for_redelivered_records(store: AuditStore)
     clock.now = T0 + timedelta(hours=1, seconds=61)
     assert [(v.invariant, v.probe_id) for v in inv.tick()] == [
         (Invariant.IMAGE_PAST_EXPIRY, "p2")]
+
+
+def test_html_and_csv_reports_are_self_contained(store: AuditStore, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    clock = Clock()
+    inv = Invariants(store, InvariantSettings(30, 60), clock)
+    hostile = provider("acme", "commercial").model_copy(update={"name": "Acme <script>"})
+    feed(store, inv, [hostile, submitted("p1", Purpose.HUMAN_TRAFFICKING),
+                      cleared("p1", "acme"), dispatched("p1", "acme")])
+    store.close()
+    html = tmp_path / "r.html"
+    assert frs(["audit", "report", "--format", "html", "--out", str(html),
+                "--store", str(tmp_path / "audit")]) == 0
+    page = html.read_text()
+    assert page.startswith("<!doctype html>") and "<svg" in page
+    assert "Acme &lt;script&gt;" in page and "<script>" not in page
+    assert "http://" not in page and "https://" not in page  # nothing fetched
+    assert frs(["audit", "report", "--format", "csv", "--store", str(tmp_path / "audit")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "metric,value"
+    assert "searches.by_provider_kind.commercial,1" in rows
