@@ -8,9 +8,11 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Gauge
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -27,6 +29,12 @@ from services.kit.service import dlq_for, processor
 from services.kit.settings import ServiceSettings
 
 log = logging.getLogger("frs.audit")
+
+
+@cache
+def log_metrics() -> tuple[Gauge, Gauge]:
+    return (Gauge("frs_audit_tree_size", "Leaves durably in the audit log."),
+            Gauge("frs_audit_checkpoint_tree_size", "Tree size of the last signed checkpoint."))
 
 Job = Callable[[], Coroutine[Any, Any, None]]
 
@@ -93,6 +101,7 @@ def build_app(settings: AuditSettings, publisher: Publisher,
             return
         event = handlers.make_checkpoint(store, policy)
         last_checkpoint_at[0] = now
+        log_metrics()[1].set(event.tree_size)
         log.info("checkpoint signed", extra={"tree_size": event.tree_size})
         await publish([event])
 
@@ -102,6 +111,7 @@ def build_app(settings: AuditSettings, publisher: Publisher,
 
     async def durable() -> None:
         store.commit()
+        log_metrics()[0].set(store.size)
         await checkpoint_if_due()
 
     async def timers() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from schemas.envelope import DecodeError, Envelope
-from schemas.events import ComplianceViolation
-from schemas.types import utcnow
+from schemas.events import ComplianceViolation, ProbeRequested
+from schemas.types import probe_id_for, utcnow
 from services.audit.handlers import AuditPorts, on_record
 from services.audit.invariants import Invariants, InvariantSettings
 from services.audit.store import AuditStore, value_digest
@@ -69,17 +69,73 @@ def store_index(directory: Path) -> tuple[dict[Coord, str], list[tuple[Coord, st
         store.close()
 
 
+def subjects_for(records: list[tuple[RawRecord, Envelope | DecodeError]],
+                 probe: str | None = None, case: str | None = None) -> set[str] | None:
+    """The CloudEvent subjects (probe ids, and request ids for requests) to replay, or None
+    for everything."""
+    if probe is None and case is None:
+        return None
+    subjects: set[str] = set()
+    if probe is not None:
+        subjects.add(probe)
+    for _, decoded in records:
+        if not isinstance(decoded, Envelope):
+            continue
+        data = decoded.event
+        if isinstance(data, ProbeRequested) and probe_id_for(data.request_id) == probe:
+            subjects.add(data.request_id)
+        if case is not None and getattr(data, "case_id", None) == case:
+            if isinstance(data, ProbeRequested):
+                subjects |= {data.request_id, probe_id_for(data.request_id)}
+            elif decoded.subject:
+                subjects.add(decoded.subject)
+    return subjects
+
+
+def selected(records: list[tuple[RawRecord, Envelope | DecodeError]], subjects: set[str] | None,
+             since: datetime | None) -> list[tuple[RawRecord, Envelope | DecodeError]]:
+    out = []
+    for raw, decoded in records:
+        if subjects is not None and (not isinstance(decoded, Envelope)
+                                     or decoded.subject not in subjects):
+            continue
+        if since is not None and (not isinstance(decoded, Envelope) or decoded.time < since):
+            continue
+        out.append((raw, decoded))
+    return out
+
+
+def timeline(records: list[tuple[RawRecord, Envelope | DecodeError]],
+             directory: Path) -> list[dict[str, Any]]:
+    """A probe's or case's events in time order, straight from the topics, each marked
+    with whether the audit log holds it."""
+    digests, _ = store_index(directory)
+    rows = []
+    for raw, decoded in records:
+        if not isinstance(decoded, Envelope):
+            continue
+        coord = (raw.topic, raw.partition, raw.offset)
+        rows.append({"time": decoded.time.isoformat(), "type": decoded.type,
+                     "subject": decoded.subject, "id": decoded.id,
+                     "causationid": decoded.causation_id, "source": decoded.source,
+                     "at": f"{raw.topic}[{raw.partition}]@{raw.offset}",
+                     "in_audit_log": digests.get(coord) == value_digest(raw.value)})
+    return sorted(rows, key=lambda r: str(r["time"]))
+
+
 def cross_check(records: list[tuple[RawRecord, Envelope | DecodeError]], directory: Path,
-                probe: str | None = None) -> ReplayReport:
+                subjects: set[str] | None = None, since: datetime | None = None) -> ReplayReport:
+    """Every record of ``records`` (all of them, or the selected subjects since a time)
+    must be in the store once with the same bytes; with no selection, every leaf that
+    the topics still retain must be in the topics too."""
     report = ReplayReport()
     digests, order = store_index(directory)
     report.store_leaves = len(order)
     earliest: dict[tuple[str, int], int] = {}
     latest: dict[tuple[str, int], int] = {}
     in_topics: set[Coord] = set()
-    for raw, decoded in records:
-        if probe is not None and (not isinstance(decoded, Envelope) or decoded.subject != probe):
-            continue
+    full = subjects is None and since is None
+    for raw, _ in selected(records, subjects, since) if not full else records:
         coord = (raw.topic, raw.partition, raw.offset)
         in_topics.add(coord)
         key = (raw.topic, raw.partition)
@@ -94,7 +150,7 @@ def cross_check(records: list[tuple[RawRecord, Envelope | DecodeError]], directo
     ids = Counter(eid for (topic, _, _), eid in order
                   if eid is not None and not topic.startswith("frs.dlq."))
     report.duplicate_ids = sorted(eid for eid, n in ids.items() if n > 1)
-    if probe is None:
+    if full:
         for coord, _ in order:
             if coord in in_topics:
                 continue

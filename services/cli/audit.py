@@ -120,35 +120,55 @@ async def cmd_verify_proof(args: argparse.Namespace, settings: CliSettings) -> i
 
 async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
     from services.audit.invariants import InvariantSettings
-    from services.audit.replay import cross_check, replay_violations, reported_violations
+    from services.audit.replay import (
+        cross_check,
+        replay_violations,
+        reported_violations,
+        selected,
+        subjects_for,
+        timeline,
+    )
     from services.kit.bus import read_topic
 
     directory = _store_dir(args)
+    since = _when(args.since)
     topics = [t.name for t in TOPICS]
     records: list[Any] = await read_topic(settings.kafka_bootstrap, topics)
+    subjects = subjects_for(records, args.probe, args.case)
+    full = subjects is None and since is None
     audit = AuditSettings()
-    found = await replay_violations(records, InvariantSettings(
+    # The invariants need each probe's whole history: run them on the selection's
+    # subjects from the beginning, whatever --since says.
+    found = await replay_violations(selected(records, subjects, None), InvariantSettings(
         audit.clearance_grace_s, audit.expiry_grace_s, audit.exigent_review_s))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.wait
     reported = reported_violations(records)
     while True:
         # The store and the violations topic may lag: give the audit service time.
-        report = cross_check(records, directory, args.probe)
+        report = cross_check(records, directory, subjects, since)
         report.violations_found = len(found)
-        report.unreported_violations = sorted(found - reported) if args.probe is None else []
+        report.unreported_violations = sorted(found - reported)
         if report.ok or loop.time() >= deadline:
             break
         await asyncio.sleep(0.5)
         reported = reported_violations(
             await read_topic(settings.kafka_bootstrap, ["frs.audit.violations"]))
-    human = (f"{'ok' if report.ok else 'MISMATCH'}: {report.topic_records} records in the "
-             f"topics, {report.store_leaves} leaves in the store, {len(report.missing)} "
-             f"missing, {len(report.digest_mismatch)} altered, {len(report.duplicate_ids)} "
-             f"duplicated, {len(report.unknown_to_topics)} unknown to the topics, "
-             f"{report.aged_out} past retention; invariants found {len(found)} violations, "
-             f"{len(report.unreported_violations)} never reported by the audit service")
-    _emit(args, report.to_json(), human)
+    payload = report.to_json()
+    lines = []
+    if not full:
+        events = timeline(selected(records, subjects, since), directory)
+        payload["timeline"] = events
+        lines = [f"{e['time']}  {e['type']:<34} {e['at']:<32} "
+                 f"{'logged' if e['in_audit_log'] else 'NOT IN AUDIT LOG'}" for e in events]
+    lines.append(
+        f"{'ok' if report.ok else 'MISMATCH'}: {report.topic_records} records in the "
+        f"topics, {report.store_leaves} leaves in the store, {len(report.missing)} "
+        f"missing, {len(report.digest_mismatch)} altered, {len(report.duplicate_ids)} "
+        f"duplicated, {len(report.unknown_to_topics)} unknown to the topics, "
+        f"{report.aged_out} past retention; invariants found {len(found)} violations, "
+        f"{len(report.unreported_violations)} never reported by the audit service")
+    _emit(args, payload, "\n".join(lines))
     return 0 if report.ok else 1
 
 
@@ -253,7 +273,9 @@ def register(commands: Any) -> None:
     replay = _sub(cmds, "replay", "read every topic from the start and cross-check the store",
                   "frs audit replay --json --wait 30", cmd_replay)
     _store_args(replay)
-    replay.add_argument("--probe", default=None, help="only this probe's events")
+    replay.add_argument("--probe", default=None, help="only this probe's events (timeline)")
+    replay.add_argument("--case", default=None, help="only this case's probes (timeline)")
+    replay.add_argument("--since", default=None, help="only events from this ISO time on")
     replay.add_argument("--wait", type=float, default=0.0,
                         help="seconds to let the audit service catch up")
 

@@ -92,6 +92,19 @@ def test_pipeline_with_audit_killed_mid_stream(
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert json.loads(replay.stdout)["ok"]
 
+    one = probe_id_for(request_ids[3])
+    probe_replay = frs("audit", "replay", "--json", "--probe", one, env=env)
+    assert probe_replay.returncode == 0, probe_replay.stdout + probe_replay.stderr
+    steps = json.loads(probe_replay.stdout)["timeline"]
+    assert [e["type"] for e in steps][:3] == [ProbeRequested.TYPE, "frs.probe.submitted.v1",
+                                              "frs.policy.cleared.v1"]
+    assert {e["type"] for e in steps} >= {"frs.provider.dispatched.v1",
+                                          "frs.candidates.received.v1"}
+    assert all(e["in_audit_log"] for e in steps)
+    case_replay = frs("audit", "replay", "--json", "--case", "CASE-AUD", env=env)
+    assert case_replay.returncode == 0
+    assert {e["subject"] for e in json.loads(case_replay.stdout)["timeline"]} >= probe_ids
+
     store = AuditStore(store_dir, readonly=True)
     rows = [r for r in store.rows() if r.subject in probe_ids | set(request_ids)]
     segment = b"".join(store.leaves())
