@@ -63,11 +63,13 @@ async def on_record(topic: str, partition: int, offset: int, value: bytes | None
                     decoded: Envelope | DecodeError, ports: AuditPorts,
                     headers: Headers | None = None) -> list[Event]:
     meta, body = leaf_for(topic, partition, offset, value, decoded)
-    if ports.store.append(meta, body) is None:
-        return []  # redelivered: already in the log, its invariants already checked
-    if ports.invariants is None:
-        return []
-    out: list[ComplianceViolation] = ports.invariants.observe(topic, headers, value, decoded)
+    with ports.store.savepoint():
+        if ports.store.append(meta, body) is None:
+            return []  # redelivered: already in the log, its invariants already checked
+        if ports.invariants is None:
+            return []
+        out: list[ComplianceViolation] = ports.invariants.observe(topic, headers, value,
+                                                                  decoded)
     return list(out)
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,36 @@ class AuditStore:
         self._size += 1
         self.frontier.append(lh)
         return idx
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """One record's effects (its leaf and its invariant state) happen all or not at
+        all: a handler that fails halfway is retried from a clean state."""
+        if not self._in_tx:
+            self._db.execute("BEGIN")
+            self._in_tx = True
+        self._db.execute("SAVEPOINT record")
+        state = (self._pos, self._size, self.frontier.copy())
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO record")
+            self._db.execute("RELEASE record")
+            self._pos, self._size, self.frontier = state
+            if self._segment is not None:
+                self._segment.flush()
+                self._segment.truncate(self._pos)
+            raise
+        self._db.execute("RELEASE record")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A consistent view of a live store for readers (leaves and checkpoints together)."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
 
     def execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         """Run a statement inside the current batch's transaction (invariant state)."""

@@ -74,7 +74,8 @@ def verify_store(directory: Path, verifier: Verifier, origin: str | None = None,
     report = VerifyReport()
     store = AuditStore(directory, readonly=True)
     try:
-        _verify(store, verifier, origin, report, max_findings)
+        with store.snapshot():
+            _verify(store, verifier, origin, report, max_findings)
     finally:
         store.close()
     report.seconds = time.perf_counter() - started

@@ -174,3 +174,42 @@ def test_html_and_csv_reports_are_self_contained(store: AuditStore, tmp_path: Pa
     rows = capsys.readouterr().out.splitlines()
     assert rows[0] == "metric,value"
     assert "searches.by_provider_kind.commercial,1" in rows
+
+
+def test_a_handler_failing_halfway_leaves_no_trace_and_the_retry_succeeds(
+        store: AuditStore, tmp_path: Path) -> None:
+    class Flaky(Invariants):
+        fail = False
+
+        def observe(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            out = super().observe(*args, **kwargs)
+            if Flaky.fail:
+                Flaky.fail = False
+                raise RuntimeError("transient")
+            return out
+
+    clock = Clock()
+    inv = Flaky(store, InvariantSettings(0, 60), clock)
+    feed(store, inv, [submitted("p0", Purpose.FINANCIAL_FRAUD)])
+    rec = encode(dispatched("p1", "fed-ngi"), "/frs/test", time=T0)
+    env = decode(rec.headers, rec.key, rec.value)
+    ports = handlers.AuditPorts(store, inv)
+    Flaky.fail = True
+    with pytest.raises(RuntimeError):
+        asyncio.run(handlers.on_record("frs.dispatch.events", 0, 5, rec.value, env, ports,
+                                       rec.headers))
+    assert store.size == 1 and store.frontier.size == 1
+    assert asyncio.run(handlers.on_record("frs.dispatch.events", 0, 5, rec.value, env, ports,
+                                          rec.headers)) == []
+    store.commit()
+    clock.now = T0 + timedelta(seconds=1)
+    assert [v.invariant for v in inv.tick()] == [Invariant.DISPATCH_WITHOUT_CLEARANCE]
+    store.commit()
+    store.close()
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from services.audit.checkpoint import Signer, Verifier
+    from services.audit.verify import verify_store
+    signer = Signer("t", Ed25519PrivateKey.generate())
+    report = verify_store(tmp_path / "audit", Verifier.parse(signer.verifier_key))
+    assert report.ok and report.tree_size == 2
