@@ -63,13 +63,14 @@ async def on_record(topic: str, partition: int, offset: int, value: bytes | None
                     decoded: Envelope | DecodeError, ports: AuditPorts,
                     headers: Headers | None = None) -> list[Event]:
     meta, body = leaf_for(topic, partition, offset, value, decoded)
+    invariants = ports.invariants
+    if invariants is None or not invariants.concerns(topic, decoded):
+        ports.store.append(meta, body)  # nothing can fail after it: no savepoint needed
+        return []
     with ports.store.savepoint():
         if ports.store.append(meta, body) is None:
             return []  # redelivered: already in the log, its invariants already checked
-        if ports.invariants is None:
-            return []
-        out: list[ComplianceViolation] = ports.invariants.observe(topic, headers, value,
-                                                                  decoded)
+        out: list[ComplianceViolation] = invariants.observe(topic, headers, value, decoded)
     return list(out)
 
 

@@ -58,6 +58,8 @@ CREATE TABLE IF NOT EXISTS inv_violations (
 );
 """
 
+_WATCHED = (PolicyCleared, ProviderDispatched, ImagePurged, ProbeSubmitted,
+            SupervisorReviewRecorded, CandidatesReceived)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ALLOWED = frozenset(f.value for f in MINIMAL_FIELDS)
 
@@ -88,6 +90,14 @@ class Invariants:
             store.commit()
 
     # --- per record --------------------------------------------------------------------
+
+    def concerns(self, topic: str, decoded: Envelope | DecodeError) -> bool:
+        """Whether ``observe`` has anything to do with this record (most have not)."""
+        if topic.startswith("frs.dlq."):
+            return False
+        if isinstance(decoded, DecodeError):
+            return True
+        return isinstance(decoded.event, _WATCHED)
 
     def observe(self, topic: str, headers: Headers | None, value: bytes | None,
                 decoded: Envelope | DecodeError) -> list[ComplianceViolation]:

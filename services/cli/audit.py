@@ -220,8 +220,9 @@ async def cmd_bench(args: argparse.Namespace, settings: CliSettings) -> int:
     result = await asyncio.to_thread(
         run, args.append_leaves, args.verify_leaves, tuple(args.batch or (50, 500)),
         Path(args.workdir) if args.workdir else None)
-    lines = [f"batch {a['batch']:>5}: {a['appends_per_s']:>8} appends/s, raw append+fsync "
-             f"{a['raw_append_fsync_per_s']:>8}/s, ratio {a['ratio_vs_raw']}"
+    lines = [f"batch {a['batch']:>5}: service {a['service_appends_per_s']:>7}/s, store "
+             f"{a['store_appends_per_s']:>7}/s, raw append+fsync "
+             f"{a['raw_append_fsync_per_s']:>7}/s (service/raw {a['service_ratio_vs_raw']})"
              for a in result["appends"]]
     v = result["verify"]
     lines.append(f"verify {v['leaves']} leaves: {v['verify_s']}s (ok={v['ok']})")
