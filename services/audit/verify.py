@@ -69,13 +69,16 @@ def _named_index(leaf: bytes) -> int | None:
 
 
 def verify_store(directory: Path, verifier: Verifier, origin: str | None = None,
-                 *, max_findings: int = 100) -> VerifyReport:
+                 *, max_findings: int = 100, external: list[str] | None = None) -> VerifyReport:
+    """``external``: checkpoint notes kept outside the store (the frs.audit.checkpoints
+    topic, a witness, an auditor's own copies). They count like stored ones, so deleting
+    checkpoints from the store hides nothing; notes by other keys are ignored."""
     started = time.perf_counter()
     report = VerifyReport()
     store = AuditStore(directory, readonly=True)
     try:
         with store.snapshot():
-            _verify(store, verifier, origin, report, max_findings)
+            _verify(store, verifier, origin, report, max_findings, external or [])
     finally:
         store.close()
     report.seconds = time.perf_counter() - started
@@ -83,7 +86,7 @@ def verify_store(directory: Path, verifier: Verifier, origin: str | None = None,
 
 
 def _verify(store: AuditStore, verifier: Verifier, origin: str | None, report: VerifyReport,
-            max_findings: int) -> None:
+            max_findings: int, external: list[str]) -> None:
     add = report.findings.append
     hashes: list[bytes] = []
     expected_pos = 0
@@ -114,16 +117,30 @@ def _verify(store: AuditStore, verifier: Verifier, origin: str | None, report: V
     report.tree_size = n
     tree = Tree(hashes)
     report.root = base64.b64encode(tree.root()).decode()
-    _verify_checkpoints(store, verifier, origin, tree, report)
+    _verify_checkpoints(store, verifier, origin, tree, report, external)
 
 
 def _verify_checkpoints(store: AuditStore, verifier: Verifier, origin: str | None, tree: Tree,
-                        report: VerifyReport) -> None:
+                        report: VerifyReport, external: list[str]) -> None:
     add = report.findings.append
     n = tree.size
     stored = store.checkpoints()
-    report.checkpoints = len(stored)
     opened: list[tuple[int, int, bytes]] = []  # (position, size, root) of valid signatures
+    # External notes are numbered after the stored ones.
+    for k, note in enumerate(external):
+        pos = len(stored) + k
+        if not _signed_by_us(note, verifier):
+            continue  # another log's, or a witness's: not ours to judge
+        try:
+            head = open_checkpoint(note, verifier, origin)
+        except CheckpointError as exc:
+            add(Finding("checkpoint_signature", f"external checkpoint {k}: {exc}",
+                        checkpoint=pos))
+            continue
+        opened.append((pos, head.tree_size, head.root))
+    external_opened = list(opened)
+    opened = []
+    report.checkpoints = len(stored) + len(external_opened)
     for pos, cp in enumerate(stored):
         try:
             head = open_checkpoint(cp.note, verifier, origin)
@@ -134,6 +151,8 @@ def _verify_checkpoints(store: AuditStore, verifier: Verifier, origin: str | Non
             add(Finding("checkpoint_row_mismatch", f"checkpoint {pos}: stored size/root differ"
                                                    " from the signed note", checkpoint=pos))
         opened.append((pos, head.tree_size, head.root))
+    stored_opened = list(opened)
+    opened += external_opened
     # The leaves agree with a checkpoint when the recomputed root at its size is its root.
     agrees = {pos: size <= n and tree.root(size) == root for pos, size, root in opened}
     good_sizes = sorted(size for pos, size, _ in opened if agrees[pos])
@@ -162,12 +181,13 @@ def _verify_checkpoints(store: AuditStore, verifier: Verifier, origin: str | Non
             add(Finding("checkpoint_fork", f"checkpoints {other} and {pos} sign different roots"
                                            f" for size {size}", lower_bound(size), bad))
         by_size.setdefault(size, (pos, root))
-    for (p1, s1, r1), (p2, s2, r2) in itertools.pairwise(opened):
+    for (p1, s1, _), (p2, s2, _) in itertools.pairwise(stored_opened):
         if s2 < s1:
             add(Finding("checkpoint_shrank", f"checkpoint {p2} (size {s2}) follows checkpoint "
                                              f"{p1} (size {s1})", s2, p2))
-            continue
-        if s2 > n:
+    by_growth = sorted(opened, key=lambda c: c[1])
+    for (p1, s1, r1), (p2, s2, r2) in itertools.pairwise(by_growth):
+        if s1 == s2 or s2 > n:
             continue  # already reported: no leaves to build a proof from
         try:
             verify_consistency(s1, s2, r1, r2, tree.consistency_proof(s1, s2))
@@ -176,3 +196,20 @@ def _verify_checkpoints(store: AuditStore, verifier: Verifier, origin: str | Non
                                                    f"(size {s2}): {exc}",
                         lower_bound(s2), p2))
 
+
+
+def _signed_by_us(note: str, verifier: Verifier) -> bool:
+    """Whether the note carries a signature line under our key name and hash."""
+    import base64
+    import binascii
+
+    prefix = f"\u2014 {verifier.name} "
+    for line in note.splitlines():
+        if line.startswith(prefix):
+            try:
+                raw = base64.b64decode(line[len(prefix):], validate=True)
+            except binascii.Error:
+                continue
+            if raw[:4] == verifier.hash:
+                return True
+    return False

@@ -55,7 +55,22 @@ async def cmd_verify(args: argparse.Namespace, settings: CliSettings) -> int:
     from services.audit.verify import verify_store
 
     directory, verifier = _store_dir(args), _verifier(args)
-    report = await asyncio.to_thread(verify_store, directory, verifier, args.origin)
+    external: list[str] = []
+    for name in args.checkpoint:
+        path = Path(name)
+        if not path.is_file():
+            raise Misuse(f"no checkpoint file at {path}")
+        external.append(path.read_text())
+    if args.checkpoints_from_kafka:
+        from schemas.envelope import Envelope
+        from schemas.events import CheckpointPublished
+        from services.kit.bus import read_topic
+
+        external += [d.event.note for _, d in await read_topic(
+            settings.kafka_bootstrap, ["frs.audit.checkpoints"])
+            if isinstance(d, Envelope) and isinstance(d.event, CheckpointPublished)]
+    report = await asyncio.to_thread(verify_store, directory, verifier, args.origin,
+                                     external=external)
     payload = report.to_json()
     if report.ok:
         human = (f"ok: {report.tree_size} leaves, {report.checkpoints} checkpoints verified, "
@@ -70,8 +85,8 @@ async def cmd_verify(args: argparse.Namespace, settings: CliSettings) -> int:
 
 
 async def cmd_vkey(args: argparse.Namespace, settings: CliSettings) -> int:
+    _verifier(args)  # refuses a malformed key
     text = _vkey_text(args)
-    Verifier.parse(text)
     _emit(args, {"verifier_key": text}, text)
     return 0
 
@@ -258,6 +273,10 @@ def register(commands: Any) -> None:
         p.add_argument("--vkey", default=None, help="verifier key NAME+HASH+KEY (trusted)")
         p.add_argument("--vkey-file", default=None, help="file holding the verifier key")
     verify.add_argument("--origin", default=None, help="expected checkpoint origin line")
+    verify.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                        help="a checkpoint note kept outside the store (repeat)")
+    verify.add_argument("--checkpoints-from-kafka", action="store_true",
+                        help="also check every checkpoint published on frs.audit.checkpoints")
     del vkey
 
     proof = _sub(cmds, "proof", "print an inclusion proof bundle for one event",

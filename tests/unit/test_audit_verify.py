@@ -245,3 +245,38 @@ def test_idle_log_does_not_sign_its_own_checkpoints_forever(tmp_path: Path,
     assert handlers.checkpoint_due(store, policy, last_at=0.0, now=100.0)
     assert not handlers.checkpoint_due(store, policy, last_at=95.0, now=100.0)
     store.close()
+
+
+def test_deleting_checkpoints_from_the_store_hides_nothing_from_saved_copies(
+        log: Path, signer: Signer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The auditor kept two of the published notes; the operator then truncates the log,
+    # re-extends it and deletes every checkpoint the store held.
+    store = AuditStore(log, readonly=True)
+    saved = [cp.note for cp in store.checkpoints() if cp.tree_size in (20, 40)]
+    store.close()
+    files = []
+    for i, note in enumerate(saved):
+        files += ["--checkpoint", str(tmp_path / f"cp{i}.note")]
+        (tmp_path / f"cp{i}.note").write_text(note)
+    _truncate(log, 30)
+    store = AuditStore(log)
+    for i in range(30, 40):
+        append(store, i, "new")
+    store.commit()
+    store.close()
+    db(log).execute("DELETE FROM checkpoints")
+    code, out = run_cli(log, signer, capsys)
+    assert code == 0  # nothing left inside the store to contradict the leaves
+    code = frs(["audit", "verify", "--json", "--store", str(log), "--vkey",
+                signer.verifier_key, *files])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1 and out["first_bad_index"] == 20  # the last size an outside copy vouches
+    # A note from another log is ignored, not a finding.
+    other = Signer("another.log/x", Ed25519PrivateKey.generate())
+    (tmp_path / "other.note").write_text(sign_checkpoint(other, "another.log/x", 3, b"\0" * 32))
+    store = AuditStore(tmp_path / "fresh")
+    append(store, 0)
+    store.commit()
+    store.close()
+    assert frs(["audit", "verify", "--store", str(tmp_path / "fresh"), "--vkey",
+                signer.verifier_key, "--checkpoint", str(tmp_path / "other.note")]) == 0
