@@ -49,13 +49,13 @@ def leaf_for(topic: str, partition: int, offset: int, value: bytes | None,
         # The encrypted image never enters the audit log: its digest stands in for it.
         data["image"] = {"ciphertext_sha256": hashlib.sha256(
             decoded.event.image.ciphertext.encode()).hexdigest()}
+    time = decoded.time.isoformat()
     body.update({
         "id": decoded.id, "source": decoded.source, "type": decoded.type,
-        "subject": decoded.subject, "time": decoded.time.isoformat(),
+        "subject": decoded.subject, "time": time,
         "causationid": decoded.causation_id, "traceparent": decoded.traceparent, "data": data,
     })
-    meta = LeafMeta(topic, partition, offset, decoded.id, decoded.type, decoded.subject,
-                    decoded.time.isoformat())
+    meta = LeafMeta(topic, partition, offset, decoded.id, decoded.type, decoded.subject, time)
     return meta, body
 
 

@@ -163,7 +163,12 @@ class Invariants:
 
     def _dispatched(self, event: ProviderDispatched, eid: str) -> list[ComplianceViolation]:
         fields = sorted(f.value for f in event.fields_sent)
-        cleared = self._cleared_fields(event.probe_id, event.provider_id)
+        # One query for both facts this rule needs: the clearance and any purge.
+        ((cleared_json, purged_at),) = self.store.query(
+            "SELECT (SELECT fields FROM inv_cleared WHERE probe_id = ?1 AND provider_id = ?2),"
+            " (SELECT purged_at FROM inv_purged WHERE probe_id = ?1)",
+            (event.probe_id, event.provider_id))
+        cleared = set(json.loads(cleared_json)) if cleared_json is not None else None
         self.store.execute(
             "INSERT OR IGNORE INTO inv_dispatches (event_id, probe_id, provider_id, fields,"
             " sent_at, seen_at, cleared) VALUES (?,?,?,?,?,?,?)",
@@ -172,12 +177,10 @@ class Invariants:
         out = []
         if cleared is not None:
             out += self._check_fields(event.probe_id, event.provider_id, fields, cleared, eid)
-        purged = self.store.query("SELECT purged_at FROM inv_purged WHERE probe_id = ?",
-                                  (event.probe_id,))
-        if purged and datetime.fromisoformat(purged[0][0]) <= event.sent_at:
+        if purged_at is not None and datetime.fromisoformat(purged_at) <= event.sent_at:
             out += self._violation(event.probe_id, Invariant.DISPATCH_AFTER_PURGE, eid,
                                    f"sent to {event.provider_id} at {event.sent_at.isoformat()}"
-                                   f" after the image was purged at {purged[0][0]}")
+                                   f" after the image was purged at {purged_at}")
         return out
 
     def _check_fields(self, probe_id: str, provider: str, sent: list[str],
