@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS leaves (
   UNIQUE (topic, partition, "offset")
 );
 CREATE INDEX IF NOT EXISTS leaves_subject ON leaves(subject);
-CREATE INDEX IF NOT EXISTS leaves_type ON leaves(ce_type);
+CREATE INDEX IF NOT EXISTS leaves_ce_id ON leaves(ce_id);  -- proofs look events up by id
 CREATE TABLE IF NOT EXISTS tree (
   id INTEGER PRIMARY KEY CHECK (id = 0), size INTEGER NOT NULL, frontier BLOB NOT NULL
 );
