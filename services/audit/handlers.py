@@ -35,14 +35,27 @@ class CheckpointPolicy:
     clock: Callable[[], datetime]
 
 
+def _header(headers: Headers | None, name: str) -> str | None:
+    for key, raw in headers or ():
+        if key == name:
+            return raw.decode("utf-8", "replace")[:256]
+    return None
+
+
 def leaf_for(topic: str, partition: int, offset: int, value: bytes | None,
-             decoded: Envelope | DecodeError) -> tuple[LeafMeta, dict[str, Any]]:
+             decoded: Envelope | DecodeError,
+             headers: Headers | None = None) -> tuple[LeafMeta, dict[str, Any]]:
     body: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset,
                             "value_sha256": value_digest(value)}
     if isinstance(decoded, DecodeError):
-        # Unknown bytes might hold anything: keep the digest and the error, not the bytes.
+        # Unknown bytes might hold anything: keep the digest and the error, not the bytes;
+        # the CloudEvent attributes it claims (headers, never the image) stay searchable.
         body["error"] = decoded.code
-        meta = LeafMeta(topic, partition, offset, None, None, None, None)
+        claimed = {a: _header(headers, f"ce_{a}") for a in ("id", "type", "source", "subject",
+                                                            "time")}
+        body.update({a: v for a, v in claimed.items() if v is not None})
+        meta = LeafMeta(topic, partition, offset, claimed["id"], claimed["type"],
+                        claimed["subject"], claimed["time"])
         return meta, body
     data = decoded.event.model_dump(mode="json")
     if isinstance(decoded.event, ProbeRequested):
@@ -62,7 +75,7 @@ def leaf_for(topic: str, partition: int, offset: int, value: bytes | None,
 async def on_record(topic: str, partition: int, offset: int, value: bytes | None,
                     decoded: Envelope | DecodeError, ports: AuditPorts,
                     headers: Headers | None = None) -> list[Event]:
-    meta, body = leaf_for(topic, partition, offset, value, decoded)
+    meta, body = leaf_for(topic, partition, offset, value, decoded, headers)
     invariants = ports.invariants
     if invariants is None or not invariants.concerns(topic, decoded):
         ports.store.append(meta, body)  # nothing can fail after it: no savepoint needed

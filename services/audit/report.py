@@ -47,8 +47,8 @@ def build_report(directory: Path, since: datetime | None = None, until: datetime
         for _, leaf in store.iter_leaves():
             body = json.loads(leaf)
             etype = body.get("type")
-            if etype is None or body.get("topic", "").startswith("frs.dlq."):
-                continue
+            if etype is None or "error" in body or body.get("topic", "").startswith("frs.dlq."):
+                continue  # undecodable records and DLQ copies are not searches
             if etype == ProviderRecord.TYPE:  # registry state: whatever the window
                 kinds[body["data"]["provider_id"]] = body["data"]["kind"]
                 names[body["data"]["provider_id"]] = body["data"]["name"]

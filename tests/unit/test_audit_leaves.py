@@ -37,3 +37,13 @@ def test_undecodable_record_leaf_keeps_only_a_digest() -> None:
     assert value not in canonical(body)
     assert body["error"] == "not_cloudevent" and meta.ce_id is None
     assert json.loads(canonical(body))["value_sha256"]
+
+
+def test_undecodable_record_keeps_the_attributes_it_claims() -> None:
+    headers = [("ce_id", b"ev-1"), ("ce_type", b"frs.candidates.received.v1"),
+               ("ce_subject", b"prb-1"), ("ce_source", b"/frs/results")]
+    meta, body = leaf_for("frs.results.events", 1, 2, b'{"lead_marking":"MATCH"}',
+                          DecodeError("invalid_event", "x"), headers)
+    assert (meta.ce_id, meta.ce_type, meta.subject) == ("ev-1", "frs.candidates.received.v1",
+                                                         "prb-1")
+    assert body["id"] == "ev-1" and "MATCH" not in canonical(body).decode()

@@ -111,6 +111,14 @@ def test_report_counts_searches_kinds_purposes_denials_and_purges(
         ImagePurged(probe_id="p2", vault_ref="v/p2", reason=PurgeReason.EXPIRED,
                     expires_at=T0, purged_at=T0 + timedelta(seconds=500)),
     ])
+    # A forged dispatch record the models refuse is a finding, not a search.
+    from schemas.envelope import DecodeError
+    out = asyncio.run(handlers.on_record(
+        "frs.dispatch.events", 0, 999, b'{"fields_sent":["dna"]}',
+        DecodeError("invalid_event", "x"), handlers.AuditPorts(store, inv),
+        [("ce_type", ProviderDispatched.TYPE.encode()), ("ce_id", b"forged-1")]))
+    assert [v.invariant for v in out] == [Invariant.EXTRA_FIELDS_SENT]  # type: ignore[attr-defined]
+    store.commit()
     store.close()
     code = frs(["audit", "report", "--json", "--store", str(tmp_path / "audit"),
                 "--late-after", "60"])
@@ -125,7 +133,7 @@ def test_report_counts_searches_kinds_purposes_denials_and_purges(
     assert r["purge_timeliness"]["expired_purges_on_time"] == 1
     assert r["purge_timeliness"]["expired_purges_late"] == 1
     assert r["purge_timeliness"]["max_late_s"] == 500
-    assert r["violations"] == {}
+    assert r["violations"] == {}  # the violation event itself was not published here
     later = build_report(tmp_path / "audit", since=T0 + timedelta(days=1))
     assert later["searches"]["total"] == 0
 

@@ -173,3 +173,40 @@ def _signed_by(note: str, vkey: str) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+def test_kill_after_effects_before_commit_redelivery_is_recognized(
+        services: dict[str, ServiceProcess], service_env: dict[str, str],
+        kafka_bootstrap: str) -> None:
+    """The kit's fault switch SIGKILLs the service after a batch's effects (leaves fsynced,
+    violation published) and before the offsets are committed: the restarted service gets
+    the same records again, appends none twice and reports the violation once."""
+    from tests.integration.audit.conftest import violations
+    from tests.integration.audit.test_audit_invariants import candidates, publish_forged
+
+    env = audit_env(service_env)
+    audit = services["audit"]
+    audit.env = env
+    store_dir = Path(env["FRS_AUDIT_STORE_DIR"])
+    probe_id = f"prb-fault-{uuid.uuid4()}"
+    eid = publish_forged(kafka_bootstrap, candidates(probe_id), lead_marking="MATCH")
+    audit.start(FRS_AUDIT_FAULT_KILL_BEFORE_COMMIT="true")
+    assert audit.proc is not None
+    assert audit.proc.wait(timeout=120) == -9  # killed itself once it had a violation out
+    assert "fault injection: SIGKILL before commit" in audit.log_path.read_text()
+    killed_at = store_size(store_dir)
+    assert killed_at > 0
+    audit.start()
+    expected = len(asyncio.run(read_topic(kafka_bootstrap, [t.name for t in TOPICS])))
+    wait_for(lambda: store_size(store_dir) >= expected, timeout=120, what="all leaves")
+    replay = frs("audit", "replay", "--json", "--wait", "30", env=env)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    from services.audit.store import AuditStore
+    store = AuditStore(store_dir, readonly=True)
+    coords = [(r.topic, r.partition, r.offset) for r in store.rows()]
+    ids = [r.ce_id for r in store.rows() if r.ce_id == eid]
+    store.close()
+    assert len(coords) == len(set(coords)) and ids == [eid]
+    # Published once before the kill, and not again for the redelivered record.
+    assert [v.offending_event_id for v in violations(kafka_bootstrap)].count(eid) == 1
+    assert audit.log_path.read_text().count("fault injection") == 1
