@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,8 @@ def _named_index(leaf: bytes) -> int | None:
 
 
 def verify_store(directory: Path, verifier: Verifier, origin: str | None = None,
-                 *, max_findings: int = 100, external: list[str] | None = None) -> VerifyReport:
+                 *, max_findings: int = 100, external: list[str] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """``external``: checkpoint notes kept outside the store (the frs.audit.checkpoints
     topic, a witness, an auditor's own copies). They count like stored ones, so deleting
     checkpoints from the store hides nothing; notes by other keys are ignored."""
@@ -78,7 +80,8 @@ def verify_store(directory: Path, verifier: Verifier, origin: str | None = None,
     store = AuditStore(directory, readonly=True)
     try:
         with store.snapshot():
-            _verify(store, verifier, origin, report, max_findings, external or [])
+            _verify(store, verifier, origin, report, max_findings, external or [],
+                    progress or (lambda done, total: None))
     finally:
         store.close()
     report.seconds = time.perf_counter() - started
@@ -86,12 +89,16 @@ def verify_store(directory: Path, verifier: Verifier, origin: str | None = None,
 
 
 def _verify(store: AuditStore, verifier: Verifier, origin: str | None, report: VerifyReport,
-            max_findings: int, external: list[str]) -> None:
+            max_findings: int, external: list[str], progress: Callable[[int, int], None]
+            ) -> None:
     add = report.findings.append
     hashes: list[bytes] = []
+    total = store.size
     expected_pos = 0
     for row, leaf in store.iter_leaves():
         i = len(hashes)
+        if i % 65536 == 0:
+            progress(i, total)
         idx, pos, length, stored_hash = int(row[0]), int(row[1]), int(row[2]), bytes(row[3])
         if len(report.findings) < max_findings:
             if idx != i:
@@ -114,6 +121,7 @@ def _verify(store: AuditStore, verifier: Verifier, origin: str | None, report: V
         hashes.append(lh)
         expected_pos = pos + length
     n = len(hashes)
+    progress(n, total)
     report.tree_size = n
     tree = Tree(hashes)
     report.root = base64.b64encode(tree.root()).decode()

@@ -43,6 +43,22 @@ def _verifier(args: argparse.Namespace) -> Verifier:
         raise Misuse(f"bad verifier key: {exc}") from None
 
 
+def _progress(label: str) -> Any:
+    """A one-line progress display on stderr when stdout is a terminal; silence if not."""
+    if not sys.stdout.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        pct = 100 * done // total if total else 100
+        bar = "#" * (pct // 4)
+        sys.stderr.write(f"\r{label} [{bar:<25}] {done}/{total} leaves")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
 def _store_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None,
                         help="audit store directory (default FRS_AUDIT_STORE_DIR)")
@@ -70,7 +86,7 @@ async def cmd_verify(args: argparse.Namespace, settings: CliSettings) -> int:
             settings.kafka_bootstrap, ["frs.audit.checkpoints"])
             if isinstance(d, Envelope) and isinstance(d.event, CheckpointPublished)]
     report = await asyncio.to_thread(verify_store, directory, verifier, args.origin,
-                                     external=external)
+                                     external=external, progress=_progress("verify"))
     payload = report.to_json()
     if report.ok:
         human = (f"ok: {report.tree_size} leaves, {report.checkpoints} checkpoints verified, "
