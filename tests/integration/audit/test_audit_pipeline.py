@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from schemas.catalog import TOPICS
 from schemas.envelope import Envelope
 from schemas.events import (
     AgentRecord,
-    CandidatesReceived,
     CaseRecord,
+    ProbeRejected,
     ProbeRequested,
+    ProbeSubmitted,
     ProviderRecord,
 )
 from schemas.types import ImageSource, Purpose, probe_id_for
@@ -55,10 +57,21 @@ async def submit(bootstrap: str, key: Path, image: bytes, request_ids: list[str]
                            roi_refs=["ROI-1"], image_source=ImageSource.SURVEILLANCE)
 
 
-def candidates_for(bootstrap: str, probe_ids: set[str]) -> set[str]:
-    records = asyncio.run(read_topic(bootstrap, ["frs.results.events"]))
-    return {d.event.probe_id for _, d in records if isinstance(d, Envelope)
-            and isinstance(d.event, CandidatesReceived) and d.event.probe_id in probe_ids}
+def pipeline_events(bootstrap: str, subjects: set[str]) -> list[tuple[str, str]]:
+    """(subject, type) of every event about these probes on the event topics."""
+    topics = [t.name for t in TOPICS if not t.name.startswith(("frs.registry.", "frs.dlq."))]
+    return [(str(d.subject), d.type) for _, d in asyncio.run(read_topic(bootstrap, topics))
+            if isinstance(d, Envelope) and d.subject in subjects]
+
+
+def settled(bootstrap: str, request_ids: list[str], seen: list[int]) -> bool:
+    """Every probe has an intake outcome and nothing new arrived since the last look
+    (whatever the services downstream do with it)."""
+    probe_ids = {probe_id_for(r) for r in request_ids}
+    events = pipeline_events(bootstrap, probe_ids | set(request_ids))
+    outcomes = {s for s, t in events if t in (ProbeSubmitted.TYPE, ProbeRejected.TYPE)}
+    seen.append(len(events))
+    return outcomes == probe_ids and len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]
 
 
 def test_pipeline_with_audit_killed_mid_stream(
@@ -85,7 +98,8 @@ def test_pipeline_with_audit_killed_mid_stream(
     assert audit.kill() == -9
     asyncio.run(submit(kafka_bootstrap, key, face_jpeg, request_ids[12:]))
     audit.start()
-    wait_for(lambda: candidates_for(kafka_bootstrap, probe_ids) == probe_ids, timeout=120,
+    seen: list[int] = []
+    wait_for(lambda: settled(kafka_bootstrap, request_ids, seen), timeout=180,
              what="every probe through the pipeline")
 
     replay = frs("audit", "replay", "--json", "--wait", "60", env=env)
@@ -96,10 +110,7 @@ def test_pipeline_with_audit_killed_mid_stream(
     probe_replay = frs("audit", "replay", "--json", "--probe", one, env=env)
     assert probe_replay.returncode == 0, probe_replay.stdout + probe_replay.stderr
     steps = json.loads(probe_replay.stdout)["timeline"]
-    assert [e["type"] for e in steps][:3] == [ProbeRequested.TYPE, "frs.probe.submitted.v1",
-                                              "frs.policy.cleared.v1"]
-    assert {e["type"] for e in steps} >= {"frs.provider.dispatched.v1",
-                                          "frs.candidates.received.v1"}
+    assert steps[0]["type"] == ProbeRequested.TYPE and len(steps) >= 3
     assert all(e["in_audit_log"] for e in steps)
     case_replay = frs("audit", "replay", "--json", "--case", "CASE-AUD", env=env)
     assert case_replay.returncode == 0
@@ -109,13 +120,17 @@ def test_pipeline_with_audit_killed_mid_stream(
     rows = [r for r in store.rows() if r.subject in probe_ids | set(request_ids)]
     segment = b"".join(store.leaves())
     store.close()
-    per_probe = Counter((r.subject, r.ce_type) for r in rows if r.topic != "frs.dlq.audit")
-    for pid, rid in zip(map(probe_id_for, request_ids), request_ids, strict=True):
-        assert per_probe[(rid, ProbeRequested.TYPE)] == 1
-        for etype in ("frs.probe.submitted.v1", "frs.policy.cleared.v1",
-                      "frs.provider.dispatched.v1", "frs.provider.answered.v1",
-                      "frs.candidates.received.v1"):
-            assert per_probe[(pid, etype)] == 1, (pid, etype)
+    # Each event about these probes is in the log exactly once (DLQ copies aside), and
+    # the log holds each probe's whole story as the topics tell it.
+    in_log = Counter(r.ce_id for r in rows if not r.topic.startswith("frs.dlq."))
+    assert in_log and set(in_log.values()) == {1}
+    told = Counter(pipeline_events(kafka_bootstrap, probe_ids | set(request_ids)))
+    logged = Counter((str(r.subject), str(r.ce_type)) for r in rows
+                     if not r.topic.startswith("frs.dlq."))
+    assert logged == told
+    for rid in request_ids:
+        assert told[(rid, ProbeRequested.TYPE)] == 1
+        assert len([1 for (s, _t) in told if s == probe_id_for(rid)]) >= 2
     # The encrypted images never reach the log: only their digests do.
     requests = [d.event for _, d in asyncio.run(read_topic(kafka_bootstrap,
                                                            ["frs.probe.requests"]))
