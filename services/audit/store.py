@@ -109,7 +109,10 @@ class AuditStore:
     def _load_frontier(self) -> Frontier:
         row = self._db.execute("SELECT size, frontier FROM tree WHERE id = 0").fetchone()
         if row is not None and int(row[0]) == self._size:
-            return Frontier.from_bytes(int(row[0]), bytes(row[1]))
+            try:
+                return Frontier.from_bytes(int(row[0]), bytes(row[1]))
+            except ValueError:
+                pass  # damaged: rebuild below (verify judges the leaves, not this row)
         # Missing or stale (an older store): rebuild once from the stored leaf hashes.
         frontier = Frontier()
         for (h,) in self._db.execute("SELECT leaf_hash FROM leaves ORDER BY idx"):
