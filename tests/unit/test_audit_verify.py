@@ -280,3 +280,10 @@ def test_deleting_checkpoints_from_the_store_hides_nothing_from_saved_copies(
     store.close()
     assert frs(["audit", "verify", "--store", str(tmp_path / "fresh"), "--vkey",
                 signer.verifier_key, "--checkpoint", str(tmp_path / "other.note")]) == 0
+
+
+def test_missing_segment_fails_at_leaf_zero(log: Path, signer: Signer,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    (log / "leaves.seg").unlink()
+    code, out = run_cli(log, signer, capsys)
+    assert code == 1 and out["first_bad_index"] == 0
