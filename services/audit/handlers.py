@@ -91,8 +91,8 @@ def checkpoint_due(store: AuditStore, policy: CheckpointPolicy, last_at: float,
                    now: float) -> bool:
     last = store.last_checkpoint()
     last_size = last.tree_size if last else 0
-    if last is not None and store.size == last_size:
-        return False
+    if store.size == 0 or (last is not None and store.size == last_size):
+        return False  # nothing (new) to sign
     if store.size - last_size >= policy.every_n:
         return True
     if now - last_at < policy.interval_s:
