@@ -6,8 +6,8 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
 from contextlib import AsyncExitStack
+from typing import Any
 
 from services.kit.bus import Processor
 from services.kit.metrics import serve_metrics
