@@ -231,9 +231,11 @@ def run(append_leaves: int = 100_000, verify_leaves: int = 1_000_000,
         "segment_bytes": (base / "v" / "leaves.seg").stat().st_size,
     }
     results["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    best = max(a["service_appends_per_s"] for a in results["appends"])
-    results["targets"] = {"service_appends_per_s>=20000": best >= 20_000,
-                          "verify_1M_s<=30": report.seconds <= 30}
+    store_best = max(a["store_appends_per_s"] for a in results["appends"])
+    service_best = max(a["service_appends_per_s"] for a in results["appends"])
+    results["targets"] = {"store_appends_per_s>=20000": store_best >= 20_000,
+                          "service_appends_per_s>=20000": service_best >= 20_000,
+                          f"verify_{verify_leaves}_s<=30": report.seconds <= 30}
     _remove(base)
     return results
 
