@@ -266,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_intake.register(commands)
     dispatch_cli.register(commands)
     from services.cli import acl as acl_cli
+    from services.cli import audit as audit_cli
 
     acl_cli.register(commands)
+    audit_cli.register(commands)
     return parser
 
 
