@@ -15,7 +15,7 @@ from typing import Any
 from schemas.catalog import TOPICS
 from services.audit.app import AuditSettings
 from services.audit.checkpoint import CheckpointError, Verifier
-from services.cli.main import CliSettings, Misuse, _emit, _sub
+from services.cli.common import BENCH_HELP, CliSettings, Misuse, emit, group, subcommand
 
 
 def _store_dir(args: argparse.Namespace) -> Path:
@@ -96,14 +96,14 @@ async def cmd_verify(args: argparse.Namespace, settings: CliSettings) -> int:
                  if report.first_bad_index is not None else "FAILED"]
         lines += [f"  {f.kind}: {f.detail}" for f in report.findings[:20]]
         human = "\n".join(lines)
-    _emit(args, payload, human)
+    emit(args, payload, human)
     return 0 if report.ok else 1
 
 
 async def cmd_vkey(args: argparse.Namespace, settings: CliSettings) -> int:
     _verifier(args)  # refuses a malformed key
     text = _vkey_text(args)
-    _emit(args, {"verifier_key": text}, text)
+    emit(args, {"verifier_key": text}, text)
     return 0
 
 
@@ -140,9 +140,9 @@ async def cmd_verify_proof(args: argparse.Namespace, settings: CliSettings) -> i
     try:
         line = verify_bundle(bundle, verifier)
     except (ProofError, CheckpointError) as exc:
-        _emit(args, {"ok": False, "error": str(exc)}, f"FAILED: {exc}")
+        emit(args, {"ok": False, "error": str(exc)}, f"FAILED: {exc}")
         return 1
-    _emit(args, {"ok": True, "detail": line}, f"ok: {line}")
+    emit(args, {"ok": True, "detail": line}, f"ok: {line}")
     return 0
 
 
@@ -199,7 +199,7 @@ async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
         f"duplicated, {len(report.unknown_to_topics)} unknown to the topics, "
         f"{report.aged_out} past retention; invariants found {len(found)} violations, "
         f"{len(report.unreported_violations)} never reported by the audit service")
-    _emit(args, payload, "\n".join(lines))
+    emit(args, payload, "\n".join(lines))
     return 0 if report.ok else 1
 
 
@@ -257,20 +257,8 @@ async def cmd_bench(args: argparse.Namespace, settings: CliSettings) -> int:
              for a in result["appends"]]
     v = result["verify"]
     lines.append(f"verify {v['leaves']} leaves: {v['verify_s']}s (ok={v['ok']})")
-    _emit(args, result, "\n".join(lines))
+    emit(args, result, "\n".join(lines))
     return 0
-
-
-def _subcommands(commands: Any, name: str, help_text: str) -> Any:
-    """The sub-command group ``name``, created unless another module already made it."""
-    parser = commands.choices.get(name)
-    if parser is None:
-        parser = commands.add_parser(name, help=help_text)
-        return parser.add_subparsers(dest=f"{name}_command", required=True)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return parser.add_subparsers(dest=f"{name}_command", required=True)
 
 
 # --- parser ---------------------------------------------------------------------------
@@ -280,11 +268,11 @@ def register(commands: Any) -> None:
     audit = commands.add_parser("audit", help="verify, replay and report on the audit log")
     cmds = audit.add_subparsers(dest="audit_command", required=True)
 
-    verify = _sub(cmds, "verify", "recompute the Merkle log, check every signed checkpoint",
+    verify = subcommand(cmds, "verify", "recompute the Merkle log, check every signed checkpoint",
                   "frs audit verify --json --vkey \"$(cat .state/keys/audit-checkpoint.vkey)\"",
                   cmd_verify)
     _store_args(verify)
-    for p in (verify, vkey := _sub(cmds, "vkey", "print the log's note verifier key",
+    for p in (verify, vkey := subcommand(cmds, "vkey", "print the log's note verifier key",
                                    "frs audit vkey", cmd_vkey)):
         p.add_argument("--vkey", default=None, help="verifier key NAME+HASH+KEY (trusted)")
         p.add_argument("--vkey-file", default=None, help="file holding the verifier key")
@@ -295,18 +283,18 @@ def register(commands: Any) -> None:
                         help="also check every checkpoint published on frs.audit.checkpoints")
     del vkey
 
-    proof = _sub(cmds, "proof", "print an inclusion proof bundle for one event",
+    proof = subcommand(cmds, "proof", "print an inclusion proof bundle for one event",
                  "frs audit proof 3f1c...-event-id --out proof.json", cmd_proof)
     _store_args(proof)
     proof.add_argument("event_id", help="CloudEvents id of the event")
     proof.add_argument("--out", default=None, help="also write the bundle to this file")
-    vproof = _sub(cmds, "verify-proof", "check an inclusion proof bundle offline",
+    vproof = subcommand(cmds, "verify-proof", "check an inclusion proof bundle offline",
                   "frs audit verify-proof proof.json --vkey NAME+HASH+KEY", cmd_verify_proof)
     vproof.add_argument("bundle", help="file written by `frs audit proof --out`")
     vproof.add_argument("--vkey", default=None, help="verifier key NAME+HASH+KEY (trusted)")
     vproof.add_argument("--vkey-file", default=None, help="file holding the verifier key")
 
-    replay = _sub(cmds, "replay", "read every topic from the start and cross-check the store",
+    replay = subcommand(cmds, "replay", "read every topic from the start and cross-check the store",
                   "frs audit replay --json --wait 30", cmd_replay)
     _store_args(replay)
     replay.add_argument("--probe", default=None, help="only this probe's events (timeline)")
@@ -315,13 +303,13 @@ def register(commands: Any) -> None:
     replay.add_argument("--wait", type=float, default=0.0,
                         help="seconds to let the audit service catch up")
 
-    report = _sub(cmds, "report", "accountability report: searches by provider, provider kind"
+    report = subcommand(cmds, "report", "accountability report: searches by provider, provider kind"
                   " and purpose, outcomes, denials by rule, purge timeliness, violations",
                   "frs audit report --json --from 2026-01-01 --to 2026-02-01", cmd_report)
     _store_args(report)
     report.add_argument("--from", dest="since", default=None, help="ISO start (inclusive)")
     report.add_argument("--to", dest="until", default=None, help="ISO end (exclusive)")
-    bench = _sub(_subcommands(commands, "bench", "benchmarks (JSON, with a baseline)"),
+    bench = subcommand(group(commands, "bench", BENCH_HELP),
                  "audit", "audit log append throughput (fsync batching) and verify time",
                  "frs bench audit --json", cmd_bench)
     bench.add_argument("--append-leaves", type=int, default=100_000)
