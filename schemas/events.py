@@ -427,6 +427,7 @@ class Invariant(StrEnum):
     IMAGE_PAST_EXPIRY = "image_past_expiry"
     EXTRA_FIELDS_SENT = "extra_fields_sent"
     CANDIDATES_WITHOUT_LEAD_MARKING = "candidates_without_lead_marking"
+    EXIGENT_WITHOUT_REVIEW = "exigent_without_review"
 
 
 class ComplianceViolation(Event):

@@ -140,3 +140,12 @@ def face_jpeg(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(data.astronaut()).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def secured_bus(directory: Path) -> dict[str, object]:
+    """Settings for a secured bus (required outside local mode), with placeholder files."""
+    for name in ("ca.crt", "password"):
+        (directory / name).write_text("x")
+    return {"kafka_bootstrap": "kafka.internal:9092", "kafka_security_protocol": "SASL_SSL",
+            "kafka_ca_file": directory / "ca.crt", "kafka_sasl_username": "svc",
+            "kafka_sasl_password_file": directory / "password"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
-from services.audit.app import AuditSettings, build
+from services.audit.app import AuditSettings, build_app
 from services.kit.runtime import run_service
 from services.kit.service import main_entry, start_publisher
 
@@ -12,7 +12,8 @@ from services.kit.service import main_entry, start_publisher
 async def main(settings: AuditSettings) -> None:
     stack = AsyncExitStack()
     publisher = await start_publisher(settings, stack)
-    await run_service(settings, build(settings, publisher, stack), stack)
+    processors, background = build_app(settings, publisher, stack)
+    await run_service(settings, processors, stack, background)
 
 
 if __name__ == "__main__":

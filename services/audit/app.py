@@ -1,21 +1,76 @@
-"""Audit service: consumes every catalog topic, DLQs included, into the audit store."""
+"""Audit service: consumes every catalog topic, DLQs included, into the audit store,
+checks the compliance invariants, and signs checkpoints of the log."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
+from datetime import datetime
+from functools import cache
 from pathlib import Path
+from typing import Any
 
+from prometheus_client import Gauge, Histogram
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.catalog import TOPICS
 from schemas.envelope import DecodeError, Envelope
-from schemas.events import Event
+from schemas.events import CandidatesReceived, Event, ProbeRequested
+from schemas.types import probe_id_for, utcnow
 from services.audit import handlers
+from services.audit.checkpoint import Signer, load_or_create_key
+from services.audit.invariants import Invariants, InvariantSettings
 from services.audit.store import AuditStore
 from services.kit.bus import Processor, Publisher, RawRecord, Route
 from services.kit.service import dlq_for, processor
 from services.kit.settings import ServiceSettings
+
+log = logging.getLogger("frs.audit")
+
+
+@cache
+def log_metrics() -> tuple[Gauge, Gauge, Gauge]:
+    return (Gauge("frs_audit_tree_size", "Leaves durably in the audit log."),
+            Gauge("frs_audit_checkpoint_tree_size", "Tree size of the last signed checkpoint."),
+            Gauge("frs_audit_last_checkpoint_timestamp_seconds",
+                  "Unix time the last checkpoint was signed."))
+
+
+@cache
+def end_to_end_seconds() -> Histogram:
+    # The audit service sees every event, so it alone can time a probe across services.
+    return Histogram("frs_audit_end_to_end_seconds",
+                     "From a probe's request to each candidate list received for it.",
+                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
+
+
+class RequestTimes:
+    """When each recent probe was requested (CloudEvent time), bounded in memory: a
+    restart only loses latency samples, never audit data."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._times: OrderedDict[str, datetime] = OrderedDict()
+
+    def observe(self, envelope: Envelope) -> float | None:
+        """Record a request; return the latency when this is a candidate list."""
+        event = envelope.event
+        if isinstance(event, ProbeRequested):
+            self._times[probe_id_for(event.request_id)] = envelope.time
+            if len(self._times) > self.capacity:
+                self._times.popitem(last=False)
+        elif isinstance(event, CandidatesReceived):
+            requested = self._times.get(event.probe_id)
+            if requested is not None:
+                return max(0.0, (envelope.time - requested).total_seconds())
+        return None
+
+Job = Callable[[], Coroutine[Any, Any, None]]
 
 
 class AuditSettings(ServiceSettings):
@@ -23,21 +78,107 @@ class AuditSettings(ServiceSettings):
                                       populate_by_name=True)
     service: str = "audit"
     metrics_port: int = Field(9304, description="Port for /metrics.")
+    group_id: str = Field("frs-audit", description="Consumer group of the audit log.")
     store_dir: Path = Field(Path(".state/audit"), description="Audit segment files and index.")
+    origin: str = Field("frs-broker.local/audit", pattern=r"^[^\s+]+$",
+                        description="Checkpoint origin line and note key name.")
+    signing_key_file: Path | None = Field(
+        None, description="Ed25519 checkpoint key (PEM, 0600); default "
+                          "<FRS_STATE_DIR>/keys/audit-checkpoint.pem.")
+    checkpoint_every_n: int = Field(1000, ge=1, description="Sign a checkpoint every N leaves.")
+    checkpoint_interval_s: float = Field(10.0, gt=0, description="...or every T seconds.")
+    clearance_grace_s: float = Field(
+        30.0, ge=0, description="How long a dispatch may precede its clearance in the log.")
+    expiry_grace_s: float = Field(
+        300.0, ge=0, description="How long past expires_at an image may stay unpurged.")
+    exigent_review_s: float = Field(
+        72 * 3600.0, ge=0, description="How long an exigent probe may wait for its review.")
+    tick_s: float = Field(1.0, gt=0, description="Timer rules and time checkpoints, period.")
+
+    def key_file(self) -> Path:
+        return self.signing_key_file or self.state_dir / "keys" / "audit-checkpoint.pem"
 
 
-def build(settings: AuditSettings, publisher: Publisher, stack: AsyncExitStack) -> list[Processor]:
+def signer_for(settings: AuditSettings) -> Signer:
+    signer = Signer(settings.origin, load_or_create_key(settings.key_file()))
+    # The verifier key is public: auditors take it from here (or from the log's operator).
+    vkey = settings.key_file().with_suffix(".vkey")
+    if not vkey.exists() or vkey.read_text().strip() != signer.verifier_key:
+        vkey.write_text(signer.verifier_key + "\n")
+    return signer
+
+
+def build_app(settings: AuditSettings, publisher: Publisher,
+              stack: AsyncExitStack) -> tuple[list[Processor], list[Job]]:
     store = AuditStore(settings.store_dir)
     stack.callback(store.close)
-    ports = handlers.AuditPorts(store=store)
+    invariants = Invariants(store, InvariantSettings(settings.clearance_grace_s,
+                                                     settings.expiry_grace_s,
+                                                     settings.exigent_review_s), utcnow)
+    ports = handlers.AuditPorts(store=store, invariants=invariants)
+    policy = handlers.CheckpointPolicy(signer_for(settings), settings.origin,
+                                       settings.checkpoint_every_n,
+                                       settings.checkpoint_interval_s, utcnow)
+    last_checkpoint_at = [time.monotonic()]
+
+    async def publish(events: list[Event]) -> None:
+        try:
+            await publisher.publish(events)
+        except Exception as exc:  # kept in the store; the next one is published again
+            log.error("publish failed", extra={"error": type(exc).__name__,
+                                               "count": len(events)})
+
+    async def checkpoint_if_due() -> None:
+        now = time.monotonic()
+        if store.in_tx or not handlers.checkpoint_due(store, policy, last_checkpoint_at[0],
+                                                      now):
+            return
+        event = handlers.make_checkpoint(store, policy)
+        last_checkpoint_at[0] = now
+        log_metrics()[1].set(event.tree_size)
+        log_metrics()[2].set(event.published_at.timestamp())
+        log.info("checkpoint signed", extra={"tree_size": event.tree_size})
+        await publish([event])
+
+    request_times = RequestTimes()
+    tree, checkpointed, checkpoint_ts = log_metrics()
+    tree.set(store.size)
+    last = store.last_checkpoint()
+    if last is not None:
+        checkpointed.set(last.tree_size)
+        checkpoint_ts.set(datetime.fromisoformat(last.created_at).timestamp())
 
     async def record(raw: RawRecord, decoded: Envelope | DecodeError) -> list[Event]:
-        return await handlers.on_record(raw.topic, raw.partition, raw.offset, raw.value,
-                                        decoded, ports)
+        out = await handlers.on_record(raw.topic, raw.partition, raw.offset, raw.value,
+                                       decoded, ports, raw.headers)
+        if isinstance(decoded, Envelope):
+            latency = request_times.observe(decoded)
+            if latency is not None:
+                end_to_end_seconds().observe(latency)
+        return out
 
     async def durable() -> None:
         store.commit()
+        log_metrics()[0].set(store.size)
+        await checkpoint_if_due()
 
-    route = Route("audit", "frs-audit", tuple(t.name for t in TOPICS), {}, dlq_for("audit"),
+    async def timers() -> None:
+        while True:
+            await asyncio.sleep(settings.tick_s)
+            if store.in_tx:
+                continue  # a batch is open; its own commit hook runs the checks next
+            violations = invariants.tick()
+            store.commit()
+            if violations:
+                for v in violations:
+                    log.warning("compliance violation", extra={"invariant": v.invariant.value})
+                await publish(list(violations))
+            await checkpoint_if_due()
+
+    route = Route("audit", settings.group_id, tuple(t.name for t in TOPICS), {}, dlq_for("audit"),
                   on_record=record, before_commit=durable)
-    return [processor(settings, route, publisher)]
+    return [processor(settings, route, publisher)], [timers]
+
+
+def build(settings: AuditSettings, publisher: Publisher, stack: AsyncExitStack) -> list[Processor]:
+    return build_app(settings, publisher, stack)[0]

@@ -1,47 +1,116 @@
-"""Audit handler: every record on every frs.* topic becomes one leaf in the store."""
+"""Audit handlers: every record on every frs.* topic becomes one leaf in the store, the
+compliance invariants see every new record, and the log's head is signed as checkpoints."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from schemas.envelope import DecodeError, Envelope
-from schemas.events import Event, ProbeRequested
-from services.audit.store import AuditStore, LeafMeta, canonical, value_digest
+from schemas.catalog import TOPIC_FOR_EVENT
+from schemas.envelope import DecodeError, Envelope, Headers
+from schemas.events import CheckpointPublished, ComplianceViolation, Event, ProbeRequested
+from services.audit.checkpoint import Signer, sign_checkpoint
+from services.audit.invariants import Invariants
+from services.audit.store import AuditStore, LeafMeta, value_digest
+
+CHECKPOINT_TOPIC = TOPIC_FOR_EVENT[CheckpointPublished].name
 
 
 @dataclass(frozen=True)
 class AuditPorts:
     store: AuditStore
+    invariants: Invariants | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    signer: Signer
+    origin: str
+    every_n: int
+    interval_s: float
+    clock: Callable[[], datetime]
+
+
+def _header(headers: Headers | None, name: str) -> str | None:
+    for key, raw in headers or ():
+        if key == name:
+            return raw.decode("utf-8", "replace")[:256]
+    return None
 
 
 def leaf_for(topic: str, partition: int, offset: int, value: bytes | None,
-             decoded: Envelope | DecodeError) -> tuple[LeafMeta, bytes]:
+             decoded: Envelope | DecodeError,
+             headers: Headers | None = None) -> tuple[LeafMeta, dict[str, Any]]:
     body: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset,
                             "value_sha256": value_digest(value)}
     if isinstance(decoded, DecodeError):
-        # Unknown bytes might hold anything: keep the digest and the error, not the bytes.
+        # Unknown bytes might hold anything: keep the digest and the error, not the bytes;
+        # the CloudEvent attributes it claims (headers, never the image) stay searchable.
         body["error"] = decoded.code
-        meta = LeafMeta(topic, partition, offset, None, None, None, None)
-        return meta, canonical(body)
+        claimed = {a: _header(headers, f"ce_{a}") for a in ("id", "type", "source", "subject",
+                                                            "time")}
+        body.update({a: v for a, v in claimed.items() if v is not None})
+        meta = LeafMeta(topic, partition, offset, claimed["id"], claimed["type"],
+                        claimed["subject"], claimed["time"])
+        return meta, body
     data = decoded.event.model_dump(mode="json")
     if isinstance(decoded.event, ProbeRequested):
         # The encrypted image never enters the audit log: its digest stands in for it.
         data["image"] = {"ciphertext_sha256": hashlib.sha256(
             decoded.event.image.ciphertext.encode()).hexdigest()}
+    time = decoded.time.isoformat()
     body.update({
         "id": decoded.id, "source": decoded.source, "type": decoded.type,
-        "subject": decoded.subject, "time": decoded.time.isoformat(),
+        "subject": decoded.subject, "time": time,
         "causationid": decoded.causation_id, "traceparent": decoded.traceparent, "data": data,
     })
-    meta = LeafMeta(topic, partition, offset, decoded.id, decoded.type, decoded.subject,
-                    decoded.time.isoformat())
-    return meta, canonical(body)
+    meta = LeafMeta(topic, partition, offset, decoded.id, decoded.type, decoded.subject, time)
+    return meta, body
 
 
 async def on_record(topic: str, partition: int, offset: int, value: bytes | None,
-                    decoded: Envelope | DecodeError, ports: AuditPorts) -> list[Event]:
-    meta, leaf = leaf_for(topic, partition, offset, value, decoded)
-    ports.store.append(meta, leaf)
-    return []
+                    decoded: Envelope | DecodeError, ports: AuditPorts,
+                    headers: Headers | None = None) -> list[Event]:
+    meta, body = leaf_for(topic, partition, offset, value, decoded, headers)
+    invariants = ports.invariants
+    if invariants is None or not invariants.concerns(topic, decoded):
+        ports.store.append(meta, body)  # nothing can fail after it: no savepoint needed
+        return []
+    with ports.store.savepoint():
+        if ports.store.append(meta, body) is None:
+            return []  # redelivered: already in the log, its invariants already checked
+        out: list[ComplianceViolation] = invariants.observe(topic, headers, value, decoded)
+    return list(out)
+
+
+def checkpoint_due(store: AuditStore, policy: CheckpointPolicy, last_at: float,
+                   now: float) -> bool:
+    last = store.last_checkpoint()
+    last_size = last.tree_size if last else 0
+    if store.size == 0 or (last is not None and store.size == last_size):
+        return False  # nothing (new) to sign
+    if store.size - last_size >= policy.every_n:
+        return True
+    if now - last_at < policy.interval_s:
+        return False
+    # Our own checkpoints come back as leaves: those alone do not call for another one,
+    # or an idle log would sign a new head every interval forever.
+    fresh = store.query("SELECT COUNT(*) FROM leaves WHERE idx >= ? AND topic != ?",
+                        (last_size, CHECKPOINT_TOPIC))
+    return last is None or int(fresh[0][0]) > 0
+
+
+def make_checkpoint(store: AuditStore, policy: CheckpointPolicy) -> CheckpointPublished:
+    """Sign the committed head, keep it in the store, return the event to publish."""
+    root = store.frontier.root()
+    size = store.frontier.size
+    note = sign_checkpoint(policy.signer, policy.origin, size, root)
+    now = policy.clock()
+    store.add_checkpoint(size, root, note, now.isoformat())
+    return CheckpointPublished(origin=policy.origin, tree_size=size,
+                               root_hash=base64.b64encode(root).decode(), note=note,
+                               published_at=now)

@@ -1,31 +1,46 @@
 """Append-only audit store: a segment file of leaves plus a SQLite index.
 
-Each leaf is the canonical JSON of one record (topic, partition, offset, CloudEvent
-attributes and data), with anything that could hold image bytes replaced by its digest.
-The SQLite row is the commit point: on open, segment bytes past the last indexed leaf
-(a crash between the two writes) are cut off. (topic, partition, offset) is unique, so
-a redelivered record is recognized and not appended twice."""
+Each leaf is the canonical JSON of one record (its index in the log, topic, partition,
+offset, CloudEvent attributes and data), with anything that could hold image bytes
+replaced by its digest. The SQLite row is the commit point: on open, segment bytes past
+the last indexed leaf (a crash between the two writes) are cut off. (topic, partition,
+offset) is unique, so a redelivered record is recognized and not appended twice.
+
+The index keeps each leaf's RFC 9162 hash and the tree's right edge (``Frontier``), so
+an append costs O(log n) hashes and signed checkpoints never recompute the tree."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from services.audit.merkle import Frontier, leaf_hash
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leaves (
   idx INTEGER PRIMARY KEY,
   topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL,
   ce_id TEXT, ce_type TEXT, subject TEXT, time TEXT,
-  seg_pos INTEGER NOT NULL, seg_len INTEGER NOT NULL,
+  seg_pos INTEGER NOT NULL, seg_len INTEGER NOT NULL, leaf_hash BLOB NOT NULL,
   UNIQUE (topic, partition, "offset")
 );
 CREATE INDEX IF NOT EXISTS leaves_subject ON leaves(subject);
-CREATE INDEX IF NOT EXISTS leaves_type ON leaves(ce_type);
+CREATE INDEX IF NOT EXISTS leaves_ce_id ON leaves(ce_id);  -- proofs look events up by id
+CREATE TABLE IF NOT EXISTS tree (
+  id INTEGER PRIMARY KEY CHECK (id = 0), size INTEGER NOT NULL, frontier BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+  seq INTEGER PRIMARY KEY, tree_size INTEGER NOT NULL, root BLOB NOT NULL,
+  note TEXT NOT NULL, created_at TEXT NOT NULL
+);
 """
 
 
@@ -40,76 +55,208 @@ class LeafMeta:
     time: str | None
 
 
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    seq: int
+    tree_size: int
+    root: bytes
+    note: str
+    created_at: str
+
+
 def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class AuditStore:
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: Path, *, readonly: bool = False) -> None:
         self.directory = directory
-        self._db = sqlite3.connect(directory / "index.sqlite3", isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self.readonly = readonly
         self._segment_path = directory / "leaves.seg"
+        index = directory / "index.sqlite3"
+        if readonly:
+            # Auditors read a live store: never truncate, never write.
+            if not index.exists():
+                raise FileNotFoundError(f"no audit store at {directory}")
+            self._db = sqlite3.connect(f"file:{index}?mode=ro", uri=True, isolation_level=None)
+            if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tree'"
+                                    ).fetchone():
+                self._db.close()
+                raise FileNotFoundError(f"audit store at {directory} is not initialized yet")
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(index, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
         row = self._db.execute(
             "SELECT seg_pos + seg_len FROM leaves ORDER BY idx DESC LIMIT 1"
         ).fetchone()
         committed = int(row[0]) if row else 0
-        self._segment = open(self._segment_path, "ab+")  # noqa: SIM115 - lives with the store
-        if self._segment.seek(0, os.SEEK_END) > committed:
-            self._segment.truncate(committed)  # torn write after the last committed leaf
         self._pos = committed
         self._size = self._count()
         self._in_tx = False
+        self._segment = None
+        if not readonly:
+            self._segment = open(self._segment_path, "ab+")  # noqa: SIM115 - lives with the store
+            if self._segment.seek(0, os.SEEK_END) > committed:
+                self._segment.truncate(committed)  # torn write after the last committed leaf
+        self.frontier = self._load_frontier()
 
     def _count(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM leaves").fetchone()[0])
+        row = self._db.execute("SELECT MAX(idx) FROM leaves").fetchone()
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    def _load_frontier(self) -> Frontier:
+        row = self._db.execute("SELECT size, frontier FROM tree WHERE id = 0").fetchone()
+        if row is not None and int(row[0]) == self._size:
+            try:
+                return Frontier.from_bytes(int(row[0]), bytes(row[1]))
+            except ValueError:
+                pass  # damaged: rebuild below (verify judges the leaves, not this row)
+        # Missing or stale (an older store): rebuild once from the stored leaf hashes.
+        frontier = Frontier()
+        for (h,) in self._db.execute("SELECT leaf_hash FROM leaves ORDER BY idx"):
+            frontier.append(bytes(h))
+        return frontier
 
     @property
     def size(self) -> int:
         return self._size
 
-    def append(self, meta: LeafMeta, leaf: bytes) -> int | None:
+    @property
+    def in_tx(self) -> bool:
+        return self._in_tx
+
+    def append(self, meta: LeafMeta, body: dict[str, Any]) -> int | None:
         """Append one leaf; returns its index, or None when this record is already in."""
         if not self._in_tx:
             self._db.execute("BEGIN")
             self._in_tx = True
+        idx = self._size
+        # The leaf names its own index: a deleted or reordered leaf shows at once.
+        leaf = canonical({**body, "index": idx})
+        lh = leaf_hash(leaf)
         try:
             self._db.execute(
                 'INSERT INTO leaves (idx, topic, partition, "offset", ce_id, ce_type, subject,'
-                " time, seg_pos, seg_len) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (self._size, meta.topic, meta.partition, meta.offset, meta.ce_id, meta.ce_type,
-                 meta.subject, meta.time, self._pos, len(leaf)),
+                " time, seg_pos, seg_len, leaf_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (idx, meta.topic, meta.partition, meta.offset, meta.ce_id, meta.ce_type,
+                 meta.subject, meta.time, self._pos, len(leaf), lh),
             )
         except sqlite3.IntegrityError:
             return None
+        assert self._segment is not None
         self._segment.write(leaf)
         self._pos += len(leaf)
         self._size += 1
-        return self._size - 1
+        self.frontier.append(lh)
+        return idx
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """One record's effects (its leaf and its invariant state) happen all or not at
+        all: a handler that fails halfway is retried from a clean state."""
+        if not self._in_tx:
+            self._db.execute("BEGIN")
+            self._in_tx = True
+        self._db.execute("SAVEPOINT record")
+        state = (self._pos, self._size, self.frontier.copy())
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO record")
+            self._db.execute("RELEASE record")
+            self._pos, self._size, self.frontier = state
+            if self._segment is not None:
+                self._segment.flush()
+                self._segment.truncate(self._pos)
+            raise
+        self._db.execute("RELEASE record")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A consistent view of a live store for readers (leaves and checkpoints together)."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        """Run a statement inside the current batch's transaction (invariant state)."""
+        if not self._in_tx and not self.readonly:
+            self._db.execute("BEGIN")
+            self._in_tx = True
+        return self._db.execute(sql, args)
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        return self._db.execute(sql, args).fetchall()
 
     def commit(self) -> None:
         """Durable before the consumer commits: fsync the segment, then the index."""
         if not self._in_tx:
             return
+        assert self._segment is not None
         self._segment.flush()
         os.fsync(self._segment.fileno())
+        self._db.execute(
+            "INSERT INTO tree (id, size, frontier) VALUES (0, ?, ?) ON CONFLICT(id) DO UPDATE"
+            " SET size = excluded.size, frontier = excluded.frontier",
+            (self.frontier.size, self.frontier.to_bytes()),
+        )
         self._db.execute("COMMIT")
         self._in_tx = False
 
+    # --- checkpoints ----------------------------------------------------------------
+
+    def add_checkpoint(self, tree_size: int, root: bytes, note: str, created_at: str) -> None:
+        if self._in_tx:
+            raise RuntimeError("commit the batch before writing a checkpoint")
+        self._db.execute(
+            "INSERT INTO checkpoints (tree_size, root, note, created_at) VALUES (?,?,?,?)",
+            (tree_size, root, note, created_at),
+        )
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        return [StoredCheckpoint(int(s), int(n), bytes(r), str(t), str(c)) for s, n, r, t, c in
+                self._db.execute("SELECT seq, tree_size, root, note, created_at FROM checkpoints"
+                                 " ORDER BY seq")]
+
+    def last_checkpoint(self) -> StoredCheckpoint | None:
+        cps = self._db.execute(
+            "SELECT seq, tree_size, root, note, created_at FROM checkpoints"
+            " ORDER BY seq DESC LIMIT 1").fetchone()
+        if cps is None:
+            return None
+        s, n, r, t, c = cps
+        return StoredCheckpoint(int(s), int(n), bytes(r), str(t), str(c))
+
+    # --- reading ----------------------------------------------------------------------
+
     def leaves(self, start: int = 0, end: int | None = None) -> list[bytes]:
-        rows = self._db.execute(
-            "SELECT seg_pos, seg_len FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx",
-            (start, end if end is not None else self._size),
-        ).fetchall()
-        out = []
-        with open(self._segment_path, "rb") as f:
-            for pos, length in rows:
-                f.seek(pos)
-                out.append(f.read(length))
-        return out
+        return [leaf for _, leaf in self.iter_leaves(start, end)]
+
+    def iter_leaves(self, start: int = 0, end: int | None = None
+                    ) -> Iterator[tuple[tuple[Any, ...], bytes]]:
+        """(index row, leaf bytes) in index order; the row is (idx, seg_pos, seg_len,
+        leaf_hash). Reads the segment sequentially in large blocks."""
+        cur = self._db.execute(
+            "SELECT idx, seg_pos, seg_len, leaf_hash FROM leaves WHERE idx >= ? AND idx < ?"
+            " ORDER BY idx", (start, end if end is not None else 1 << 62),
+        )
+        # A missing segment reads as empty: every leaf then shows as short, not a crash.
+        source = open(self._segment_path, "rb") if self._segment_path.exists() \
+            else io.BytesIO()  # noqa: SIM115
+        with source as f:
+            block_start, block = 0, b""
+            for row in cur:
+                pos, length = int(row[1]), int(row[2])
+                if pos < block_start or pos + length > block_start + len(block):
+                    f.seek(pos)
+                    block_start, block = pos, f.read(max(length, 1 << 20))
+                rel = pos - block_start
+                yield row, block[rel:rel + length]
 
     def rows(self, subject: str | None = None) -> list[LeafMeta]:
         query = 'SELECT topic, partition, "offset", ce_id, ce_type, subject, time FROM leaves'
@@ -120,8 +267,10 @@ class AuditStore:
         return [LeafMeta(*r) for r in self._db.execute(query + " ORDER BY idx", args)]
 
     def close(self) -> None:
-        self.commit()
-        self._segment.close()
+        if not self.readonly:
+            self.commit()
+        if self._segment is not None:
+            self._segment.close()
         self._db.close()
 
 

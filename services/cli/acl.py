@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.cli.main import CliSettings, Misuse, _emit, _sub
+from services.cli.common import CliSettings, Misuse, emit, subcommand
 from services.kit.acls import ACL_FILE, AclFile, bindings, load, markdown_table
 
 KAFKA_DIR = ACL_FILE.parent
@@ -72,7 +72,7 @@ async def cmd_acl_apply(args: argparse.Namespace, _settings: CliSettings) -> int
         return 2
     summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     summary["bindings"] = len(wanted)
-    _emit(args, summary, f"ACLs: {summary['created']} created, {summary['deleted']} deleted, "
+    emit(args, summary, f"ACLs: {summary['created']} created, {summary['deleted']} deleted, "
                          f"{summary['unchanged']} unchanged ({len(wanted)} in {args.file})")
     return 0
 
@@ -89,7 +89,7 @@ async def cmd_acl_check(args: argparse.Namespace, _settings: CliSettings) -> int
     actual = {tuple(line.split("\t")) for line in done.stdout.splitlines() if line.strip()}
     missing = sorted(wanted - actual)
     extra = sorted(actual - wanted)
-    _emit(args, {"missing": missing, "extra": extra},
+    emit(args, {"missing": missing, "extra": extra},
           "broker ACLs match the file" if not (missing or extra)
           else "\n".join([*(f"missing {' '.join(m)}" for m in missing),
                           *(f"extra   {' '.join(e)}" for e in extra)]))
@@ -98,7 +98,7 @@ async def cmd_acl_check(args: argparse.Namespace, _settings: CliSettings) -> int
 
 async def cmd_acl_table(args: argparse.Namespace, _settings: CliSettings) -> int:
     doc = _load(args.file)
-    _emit(args, {name: g.model_dump() for name, g in doc.principals.items()},
+    emit(args, {name: g.model_dump() for name, g in doc.principals.items()},
           markdown_table(doc))
     return 0
 
@@ -106,10 +106,10 @@ async def cmd_acl_table(args: argparse.Namespace, _settings: CliSettings) -> int
 def register(commands: Any) -> None:
     acl = commands.add_parser("acl", help="least privilege on the bus: Kafka ACLs")
     cmds = acl.add_subparsers(dest="acl_command", required=True)
-    apply_ = _sub(cmds, "apply", "make the broker's ACLs exactly those of the ACL file "
+    apply_ = subcommand(cmds, "apply", "make the broker's ACLs exactly those of the ACL file "
                   "(idempotent: a second run changes nothing)",
                   "frs acl apply --admin-config .state/kafka/admin.properties", cmd_acl_apply)
-    check = _sub(cmds, "check", "compare the broker's ACLs with the ACL file (exit 1 if "
+    check = subcommand(cmds, "check", "compare the broker's ACLs with the ACL file (exit 1 if "
                  "they differ)", "frs acl check --admin-config .state/kafka/admin.properties",
                  cmd_acl_check)
     for p in (apply_, check):
@@ -117,7 +117,7 @@ def register(commands: Any) -> None:
                        help="Java client properties of the admin (default: "
                             "$FRS_KAFKA_ADMIN_CONFIG)")
         p.add_argument("--jars", default=str(default_jars()), help="the broker's Kafka jars")
-    table = _sub(cmds, "table", "print the ACL file as the README's markdown table",
+    table = subcommand(cmds, "table", "print the ACL file as the README's markdown table",
                  "frs acl table", cmd_acl_table)
     for p in (apply_, check, table):
         p.add_argument("--file", default=str(ACL_FILE), help="the ACL file")

@@ -30,6 +30,7 @@ from PIL import Image
 
 from schemas.events import ProbeRequested, ProbeSubmitted
 from schemas.types import ImageSource, Purpose, utcnow
+from services.cli.common import BENCH_HELP, group
 from services.intake import handlers
 from services.intake.crypto import encrypt_image
 from services.intake.outcomes import OutcomeLog
@@ -152,19 +153,8 @@ async def cmd_bench_intake(args: argparse.Namespace, _settings: object) -> int:
     return 0
 
 
-def _bench_commands(commands: Any) -> Any:
-    """The ``bench`` group's subparsers, shared with other areas' benchmarks."""
-    existing = commands.choices.get("bench")
-    if existing is not None:
-        for action in existing._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                return action
-    bench = commands.add_parser("bench", help="benchmarks, as JSON with same-run baselines")
-    return bench.add_subparsers(dest="bench_command", required=True)
-
-
 def register(commands: Any) -> None:
-    parser: argparse.ArgumentParser = _bench_commands(commands).add_parser(
+    parser: argparse.ArgumentParser = group(commands, "bench", BENCH_HELP).add_parser(
         "intake", help="images/s of the full intake path vs bare decode+re-encode+Haar",
         description="images/s of the full intake path (decrypt, sanitize, quality, vault "
                     "put) and of bare Pillow decode+re-encode+Haar on the same images, "

@@ -35,6 +35,7 @@ from schemas.events import (
     RegistryVersions,
 )
 from schemas.types import ImageSource, OutboundField, Purpose, Transport
+from services.cli.common import BENCH_HELP, group, subcommand
 from services.dispatch.transports.https import client_tls_context
 from services.kit.bus import Publisher, all_partitions
 from services.kit.kafka import client_options
@@ -113,8 +114,8 @@ async def _baseline(session: aiohttp.ClientSession, url: str, n: int, concurrenc
 
 
 async def _start_groups_at_end(bootstrap: str, groups: list[tuple[str, str]]) -> None:
-    for group, topic in groups:
-        consumer = AIOKafkaConsumer(**client_options(bootstrap=bootstrap), group_id=group,
+    for group_id, topic in groups:
+        consumer = AIOKafkaConsumer(**client_options(bootstrap=bootstrap), group_id=group_id,
                                     enable_auto_commit=False)
         await consumer.start()
         try:
@@ -223,22 +224,9 @@ async def cmd_bench_dispatch(args: argparse.Namespace, settings: ServiceSettings
     return 0 if ok else 1
 
 
-def bench_commands(commands: Any) -> Any:
-    """The ``frs bench`` subcommands, shared with other areas' benchmarks."""
-    existing = commands.choices.get("bench")
-    if existing is not None:
-        for action in existing._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                return action
-    bench = commands.add_parser("bench", help="benchmarks (JSON, against a same-run baseline)")
-    return bench.add_subparsers(dest="bench_command", required=True)
-
-
 def register(commands: Any) -> None:
-    from services.cli.main import _sub
-
-    bench_cmds = bench_commands(commands)
-    p = _sub(bench_cmds, "dispatch",
+    bench_cmds = group(commands, "bench", BENCH_HELP)
+    p = subcommand(bench_cmds, "dispatch",
              "sends in flight and sends/s of one dispatch process vs raw aiohttp",
              "frs bench dispatch --json --latency 1 --probes 600", cmd_bench_dispatch)
     p.add_argument("--latency", type=float, default=1.0, help="vendor latency per send, s")

@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,28 +26,16 @@ from schemas.catalog import TOPICS
 from schemas.envelope import Envelope
 from schemas.events import AgentRecord, CaseRecord, Event, ProviderRecord
 from schemas.types import ImageSource, Purpose, probe_id_for
+from services.cli import acl as acl_cli
+from services.cli import audit as audit_cli
 from services.cli import bench_intake
 from services.cli import dispatch as dispatch_cli
+from services.cli import policy as policy_cli
+from services.cli import results as results_cli
 from services.cli.client import submit_probe
+from services.cli.common import CliSettings, Misuse, emit, subcommand
 from services.kit.bus import Publisher, read_topic
-from services.kit.settings import ServiceSettings
 from services.kit.topics import ensure_topics
-
-
-class CliSettings(ServiceSettings):
-    service: str = "cli"
-
-
-class Misuse(Exception):
-    """Wrong arguments or input: exit 2 with a one-line hint."""
-
-
-def _emit(args: argparse.Namespace, payload: Any, human: str) -> None:
-    if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(payload, default=str) + "\n")
-    else:
-        sys.stdout.write(human + "\n")
-
 
 # --- topics ---------------------------------------------------------------------------
 
@@ -56,7 +44,7 @@ async def cmd_topics_create(args: argparse.Namespace, settings: CliSettings) -> 
     statuses = await ensure_topics(settings.kafka_bootstrap, replication=args.replication)
     payload = [{"topic": s.name, "action": s.action, "detail": s.detail} for s in statuses]
     lines = [f"{s.action:8} {s.name} {s.detail}".rstrip() for s in statuses]
-    _emit(args, payload, "\n".join(lines))
+    emit(args, payload, "\n".join(lines))
     return 0
 
 
@@ -83,7 +71,7 @@ async def cmd_submit(args: argparse.Namespace, settings: CliSettings) -> int:
         raise Misuse(f"invalid request: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") \
             from None
     payload = {"request_id": request.request_id, "probe_id": probe_id_for(request.request_id)}
-    _emit(args, payload, f"submitted request {payload['request_id']} as probe "
+    emit(args, payload, f"submitted request {payload['request_id']} as probe "
                          f"{payload['probe_id']}")
     return 0
 
@@ -118,10 +106,10 @@ async def cmd_timeline(args: argparse.Namespace, settings: CliSettings) -> int:
             break
         if asyncio.get_running_loop().time() > deadline:
             sys.stderr.write(f"frs: {args.until} not seen for {probe_id} within {args.wait}s\n")
-            _emit(args, events, "\n".join(_line(e) for e in events))
+            emit(args, events, "\n".join(_line(e) for e in events))
             return 1
         await asyncio.sleep(0.5)
-    _emit(args, events, "\n".join(_line(e) for e in events) or f"no events for {probe_id}")
+    emit(args, events, "\n".join(_line(e) for e in events) or f"no events for {probe_id}")
     return 0
 
 
@@ -157,7 +145,7 @@ async def cmd_registry_put(args: argparse.Namespace, settings: CliSettings) -> i
     async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
         await publisher.publish(records)
     payload = [r.model_dump(mode="json") for r in records]
-    _emit(args, payload, f"published {len(records)} {args.kind} entr"
+    emit(args, payload, f"published {len(records)} {args.kind} entr"
                          f"{'y' if len(records) == 1 else 'ies'}")
     return 0
 
@@ -181,26 +169,11 @@ async def cmd_registry_demo(args: argparse.Namespace, settings: CliSettings) -> 
     ]
     async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
         await publisher.publish(records)
-    _emit(args, {"published": len(records)}, f"published {len(records)} demo registry entries")
+    emit(args, {"published": len(records)}, f"published {len(records)} demo registry entries")
     return 0
 
 
 # --- parser ---------------------------------------------------------------------------
-
-Command = Callable[[argparse.Namespace, CliSettings], Any]
-
-
-def _sub(subparsers: Any, name: str, help_text: str, example: str, func: Command,
-         json_flag: bool = True) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    if json_flag:
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.set_defaults(func=func)
-    return parser
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -212,11 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     topics = commands.add_parser("topics", help="manage the catalog's Kafka topics")
     topics_cmds = topics.add_subparsers(dest="topics_command", required=True)
-    create = _sub(topics_cmds, "create", "create or check every catalog topic (idempotent)",
+    create = subcommand(topics_cmds, "create", "create or check every catalog topic (idempotent)",
                   "frs topics create --json", cmd_topics_create)
     create.add_argument("--replication", type=int, default=1, help="replication factor")
 
-    submit = _sub(commands, "submit", "encrypt a probe photo to the intake and submit it",
+    submit = subcommand(commands, "submit", "encrypt a probe photo to the intake and submit it",
                   "frs submit --image face.jpg --case CASE-1 --agent agent-7 "
                   "--purpose human_trafficking --roi ROI-1 --source surveillance --nexus VA",
                   cmd_submit)
@@ -235,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--request-id", default=None, help="idempotency key (default: new)")
     submit.add_argument("--intake-public-key", default=".state/keys/intake.key.pub.pem")
 
-    timeline = _sub(commands, "timeline", "print a probe's events in order",
+    timeline = subcommand(commands, "timeline", "print a probe's events in order",
                     "frs timeline prb-... --until frs.candidates.received.v1 --wait 30",
                     cmd_timeline)
     timeline.add_argument("probe", help="probe id (prb-...) or request id")
@@ -244,30 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     registry = commands.add_parser("registry", help="publish registry entries")
     registry_cmds = registry.add_subparsers(dest="registry_command", required=True)
-    put = _sub(registry_cmds, "put", "publish case, agent or provider entries",
+    put = subcommand(registry_cmds, "put", "publish case, agent or provider entries",
                "frs registry put case --entry '{\"case_id\":\"C-1\",\"status\":\"open\","
                "\"offense_category\":\"financial_fraud\",\"roi_refs\":[\"ROI-1\"]}'",
                cmd_registry_put)
     put.add_argument("kind", choices=sorted(_REGISTRY_MODELS))
     put.add_argument("--entry", dest="json_entry", default=None, help="JSON object or list")
     put.add_argument("--file", default=None, help="file with a JSON object or list")
-    demo = _sub(registry_cmds, "demo", "seed a demo case, agents and provider",
+    demo = subcommand(registry_cmds, "demo", "seed a demo case, agents and provider",
                 "frs registry demo --endpoint https://127.0.0.1:8443/search", cmd_registry_demo)
     demo.add_argument("--endpoint", default="https://127.0.0.1:8443/search",
                       help="the demo provider's HTTPS search URL (the vendor simulator)")
-
-    # The area modules import this one for its helpers: import them late.
-    from services.cli import policy as policy_cli
-    from services.cli import results as results_cli
 
     policy_cli.register_registry(registry_cmds)
     policy_cli.register(commands)
     results_cli.register(commands)
     bench_intake.register(commands)
     dispatch_cli.register(commands)
-    from services.cli import acl as acl_cli
-
     acl_cli.register(commands)
+    audit_cli.register(commands)
     from services.cli import bench_pipeline
 
     bench_pipeline.register(commands)

@@ -28,7 +28,7 @@ from schemas.events import (
     SupervisorReviewRecorded,
 )
 from schemas.types import probe_id_for
-from services.cli.main import CliSettings, Misuse, _emit, _sub
+from services.cli.common import CliSettings, Misuse, emit, subcommand
 from services.intake.policy.engine import (
     POLICY_DIR,
     POLICY_FILE,
@@ -74,7 +74,7 @@ async def _set_status(args: argparse.Namespace, settings: CliSettings, status: s
         {**current.model_dump(), "status": status, "updated_at": datetime.now(UTC)})
     async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
         await publisher.publish([record])
-    _emit(args, record.model_dump(mode="json"),
+    emit(args, record.model_dump(mode="json"),
           f"provider {record.provider_id} is now {status} (was {current.status})")
     return 0
 
@@ -109,7 +109,7 @@ async def cmd_policy_validate(args: argparse.Namespace, _settings: CliSettings) 
                "rules": rules}
     human = (f"valid: {len(rules)} rules, digest {payload['digest']}" if not errors
              else "\n".join(f"error: {e}" for e in errors))
-    _emit(args, payload, human)
+    emit(args, payload, human)
     return 0 if not errors else 1
 
 
@@ -212,7 +212,7 @@ async def cmd_policy_explain(args: argparse.Namespace, settings: CliSettings) ->
                                     "registries": registries,
                                     "result": _explain(again)}
         reports.append(report)
-    _emit(args, reports, "\n".join(_human(r) for r in reports))
+    emit(args, reports, "\n".join(_human(r) for r in reports))
     return 1 if differs else 0
 
 
@@ -230,7 +230,7 @@ async def cmd_exigent_review(args: argparse.Namespace, settings: CliSettings) ->
     async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
         await publisher.publish([event])
     verdict = "approved" if args.approve else "rejected"
-    _emit(args, event.model_dump(mode="json"),
+    emit(args, event.model_dump(mode="json"),
           f"recorded supervisor review of {probe_id} by {args.supervisor}: {verdict}")
     return 0
 
@@ -253,7 +253,7 @@ async def cmd_exigent_pending(args: argparse.Namespace, settings: CliSettings) -
         elif isinstance(e, ExigentReviewOverdue) and e.probe_id in flagged:
             flagged[e.probe_id]["overdue"] = True
     pending = [v for k, v in sorted(flagged.items()) if k not in reviewed]
-    _emit(args, pending, "\n".join(
+    emit(args, pending, "\n".join(
         f"{p['probe_id']} case {p['case_id']} cleared {p['decided_at']}"
         f"{' OVERDUE' if p['overdue'] else ''} bypassed: {', '.join(p['bypassed_rules']) or '-'}"
         for p in pending) or "no exigent clearance awaits review")
@@ -267,7 +267,7 @@ def register_registry(registry_cmds: Any) -> None:
     """Adds ``suspend`` and ``activate`` under ``frs registry``."""
     for name, func, verb in (("suspend", cmd_registry_suspend, "suspend"),
                              ("activate", cmd_registry_activate, "re-activate")):
-        p = _sub(registry_cmds, name,
+        p = subcommand(registry_cmds, name,
                  f"{verb} a provider at once: publishes its updated registry entry",
                  f"frs registry {name} va-state --json", func)
         p.add_argument("provider", help="provider id")
@@ -276,11 +276,11 @@ def register_registry(registry_cmds: Any) -> None:
 def register(commands: Any) -> None:
     policy = commands.add_parser("policy", help="validate and explain Cedar policy decisions")
     policy_cmds = policy.add_subparsers(dest="policy_command", required=True)
-    v = _sub(policy_cmds, "validate",
+    v = subcommand(policy_cmds, "validate",
              "type-check the Cedar policies against the schema (exit 1 on errors)",
              "frs policy validate --json", cmd_policy_validate)
     v.add_argument("--dir", default=str(POLICY_DIR), help="directory of the policy files")
-    e = _sub(policy_cmds, "explain",
+    e = subcommand(policy_cmds, "explain",
              "print each provider's decision for a probe with its rule ids; --replay "
              "re-evaluates it from its recorded inputs (exit 1 if the result differs)",
              "frs policy explain prb-... --replay", cmd_policy_explain)
@@ -291,7 +291,7 @@ def register(commands: Any) -> None:
 
     exigent = commands.add_parser("exigent", help="supervisor review of exigent clearances")
     exigent_cmds = exigent.add_subparsers(dest="exigent_command", required=True)
-    r = _sub(exigent_cmds, "review", "record a supervisor's review of an exigent clearance",
+    r = subcommand(exigent_cmds, "review", "record a supervisor's review of an exigent clearance",
              "frs exigent review prb-... --supervisor sup-1 --approve --notes 'justified'",
              cmd_exigent_review)
     r.add_argument("probe", help="probe id (prb-...) or request id")
@@ -300,5 +300,5 @@ def register(commands: Any) -> None:
     verdict.add_argument("--approve", dest="approve", action="store_true")
     verdict.add_argument("--reject", dest="approve", action="store_false")
     r.add_argument("--notes", default="", help="review notes")
-    _sub(exigent_cmds, "pending", "list exigent clearances still awaiting review (exit 1 "
+    subcommand(exigent_cmds, "pending", "list exigent clearances still awaiting review (exit 1 "
          "if any)", "frs exigent pending --json", cmd_exigent_pending)

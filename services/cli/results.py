@@ -21,7 +21,7 @@ from schemas.events import (
     ReviewCompleted,
     ReviewRequested,
 )
-from services.cli.main import CliSettings, Misuse, _emit, _sub
+from services.cli.common import CliSettings, Misuse, emit, subcommand
 from services.kit.bus import Publisher, read_topic
 
 
@@ -71,7 +71,7 @@ async def cmd_review_list(args: argparse.Namespace, settings: CliSettings) -> in
     shown = [_describe(p) for p in reviews.values() if args.all or not p.completed]
     lines = [f"{r['probe_id']}  {'done' if r['completed'] else 'PENDING'}  "
              f"{len(r['candidates'])} candidates  ({r['reason']})" for r in shown]
-    _emit(args, shown, "\n".join(lines) or "no pending reviews")
+    emit(args, shown, "\n".join(lines) or "no pending reviews")
     return 0
 
 
@@ -140,7 +140,7 @@ async def cmd_review_complete(args: argparse.Namespace, settings: CliSettings) -
                             conclusions=conclusions, completed_at=datetime.now(UTC))
     async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
         await publisher.publish([event])
-    _emit(args, event.model_dump(mode="json"),
+    emit(args, event.model_dump(mode="json"),
           f"recorded {len(conclusions)} conclusion(s) for {args.probe} by {args.examiner}")
     return 0
 
@@ -148,10 +148,10 @@ async def cmd_review_complete(args: argparse.Namespace, settings: CliSettings) -
 def register(commands: Any) -> None:
     review = commands.add_parser("review", help="examiner review of candidate lists")
     review_cmds = review.add_subparsers(dest="review_command", required=True)
-    listing = _sub(review_cmds, "list", "list probes waiting for examiner review",
+    listing = subcommand(review_cmds, "list", "list probes waiting for examiner review",
                    "frs review list --json", cmd_review_list)
     listing.add_argument("--all", action="store_true", help="include completed reviews")
-    complete = _sub(
+    complete = subcommand(
         review_cmds, "complete",
         "record an examiner's conclusion for every candidate of a probe (leads only)",
         "frs review complete prb-... --examiner ex-1 "

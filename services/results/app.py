@@ -41,7 +41,9 @@ from services.kit.registry import Registries
 from services.kit.service import dlq_for, processor
 from services.kit.settings import ServiceSettings
 from services.results import handlers, tracking
+from services.results.mailbox import start_mailbox
 from services.results.store import TrackerStore
+from services.results.webhook import start_webhook
 
 log = logging.getLogger("frs.results")
 
@@ -164,12 +166,8 @@ async def start_channels(settings: ResultsSettings, publisher: Publisher,
                          registries: Registries, stack: AsyncExitStack) -> None:
     """Start the configured inbound channels; a failure to bind fails the service start."""
     if settings.webhook_cert_file is not None:
-        from services.results.webhook import start_webhook
-
         await start_webhook(settings, publisher, registries, stack)
     if settings.smime_cert_file is not None:
-        from services.results.mailbox import start_mailbox
-
         await start_mailbox(settings, publisher, registries, stack)
 
 

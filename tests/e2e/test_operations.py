@@ -50,8 +50,9 @@ def exported_families(port: int) -> set[str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     names = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
-    # Counters are declared without their _total suffix in the TYPE line.
-    return names | {f"{n}_total" for n in names}
+    # Counters are declared without their _total suffix in the TYPE line; histograms are
+    # queried by their _bucket, _sum and _count series.
+    return names | {f"{n}_{s}" for n in names for s in ("total", "bucket", "sum", "count")}
 
 
 @pytest.fixture

@@ -429,10 +429,12 @@ async def test_email_unknown_outcome_resends_by_default_and_purge_blocks_sends(e
 
 def test_settings_refuse_test_images_and_plain_smtp_outside_local_mode(tmp_path: Any) -> None:
     from services.dispatch.app import DispatchSettings
+    from tests.conftest import secured_bus
 
     image = tmp_path / "x.jpg"
     image.write_bytes(b"x")
-    base = {"FRS_LOCAL_MODE": False, "FRS_KAFKA_BOOTSTRAP": "kafka:9092"}
+    # Outside local mode the bus itself must be secured (services/kit/kafka.py).
+    base = {"local_mode": False, **secured_bus(tmp_path)}
     with pytest.raises(ValidationError, match="IMAGE_SOURCE"):
         DispatchSettings(**base, image_source="test-file", test_image_file=image,
                          smtp_starttls=True)

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.intake.app import IntakeSettings
+from tests.conftest import secured_bus
 
 
 def test_defaults_and_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -23,11 +24,11 @@ def test_defaults_and_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
             assert field.description, f"{name} has no documented meaning"
 
 
-def test_refuses_local_key_outside_local_mode() -> None:
+def test_refuses_local_key_outside_local_mode(tmp_path: Path) -> None:
+    bus = secured_bus(tmp_path)
     with pytest.raises(ValidationError, match="KEK_BACKEND=kms"):
-        IntakeSettings(local_mode=False, kafka_bootstrap="kafka.internal:9092")
+        IntakeSettings(local_mode=False, **bus)
     with pytest.raises(ValidationError, match="KMS_KEY_ID"):
         IntakeSettings(kek_backend="kms")
-    ok = IntakeSettings(local_mode=False, kafka_bootstrap="kafka.internal:9092",
-                        kek_backend="kms", kms_key_id="alias/frs-vault")
+    ok = IntakeSettings(local_mode=False, **bus, kek_backend="kms", kms_key_id="alias/frs-vault")
     assert ok.kms_key_id == "alias/frs-vault"

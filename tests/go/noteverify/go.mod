@@ -1,0 +1,5 @@
+module frs-broker/tests/go/noteverify
+
+go 1.26.0
+
+require golang.org/x/mod v0.43.0

@@ -1,0 +1,200 @@
+"""REQ-INVARIANTS on the real broker: publish the offending events directly, as a faulty
+or hostile service would, and see the audit service's ComplianceViolation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from schemas.envelope import encode
+from schemas.events import (
+    Candidate,
+    CandidatesReceived,
+    ClearedProvider,
+    ComplianceViolation,
+    Event,
+    ImagePurged,
+    Invariant,
+    PolicyCleared,
+    ProbeSubmitted,
+    ProviderDispatched,
+    PurgeReason,
+    RegistryVersions,
+    SupervisorReviewRecorded,
+)
+from schemas.types import ImageSource, OutboundField, Purpose, Transport
+from services.kit.bus import Publisher
+from tests.conftest import ServiceProcess
+from tests.integration.audit.conftest import later, now, violations, wait_for
+
+pytestmark = pytest.mark.integration
+DIGEST = "0" * 64
+ALL_FIELDS = [OutboundField.PHOTO, OutboundField.AGENT_ID, OutboundField.REQUEST_REF]
+
+
+def probe() -> str:
+    return f"prb-test-{uuid.uuid4()}"
+
+
+def cleared(probe_id: str, provider: str, fields: list[OutboundField]) -> PolicyCleared:
+    return PolicyCleared(probe_id=probe_id, case_id="CASE-1",
+                         cleared=[ClearedProvider(provider_id=provider, transport=Transport.HTTPS,
+                                                  fields=fields)],
+                         policy_digest=DIGEST, registry_versions=RegistryVersions(),
+                         decided_at=now())
+
+
+def dispatched(probe_id: str, provider: str, fields: list[OutboundField],
+               sent_at: datetime | None = None) -> ProviderDispatched:
+    sent = sent_at or now()
+    return ProviderDispatched(probe_id=probe_id, provider_id=provider, dispatch_id=f"d-{probe_id}",
+                              transport=Transport.HTTPS, fields_sent=fields,
+                              request_ref=f"ref-{uuid.uuid4()}", sent_at=sent,
+                              response_due_at=later(3600), deletion_due_at=later(86400))
+
+
+def purged(probe_id: str, at: datetime) -> ImagePurged:
+    return ImagePurged(probe_id=probe_id, vault_ref=f"vault/{probe_id}",
+                       reason=PurgeReason.EXPIRED, expires_at=at, purged_at=at)
+
+
+def submitted(probe_id: str, expires_at: datetime, exigent: bool = False) -> ProbeSubmitted:
+    return ProbeSubmitted(probe_id=probe_id, request_id=f"req-{probe_id}", case_id="CASE-1",
+                          agent_id="agent-7", purpose=Purpose.HUMAN_TRAFFICKING,
+                          roi_refs=["ROI-1"], image_source=ImageSource.SURVEILLANCE, nexus=[],
+                          exigent=exigent,
+                          exigent_justification="imminent threat" if exigent else None,
+                          unedited_attestation=True, vault_ref=f"v/{probe_id}",
+                          image_format="jpeg", received_sha256=DIGEST, sanitized_sha256=DIGEST,
+                          expires_at=expires_at, submitted_at=now())
+
+
+def candidates(probe_id: str) -> CandidatesReceived:
+    return CandidatesReceived(probe_id=probe_id, provider_id="fed-ngi", channel="webhook",
+                              candidates=[Candidate(rank=1, score=0.9, score_scale="0-1",
+                                                    gallery="g", candidate_ref="c-1")],
+                              threshold=0.0, list_size=1, algorithm="a",
+                              algorithm_version="1", received_at=now())
+
+
+async def _publish(bootstrap: str, events: list[Event]) -> None:
+    async with Publisher(bootstrap, source="/frs/test") as publisher:
+        for e in events:  # one at a time: the order matters to some rules
+            await publisher.publish([e])
+
+
+def publish(bootstrap: str, *events: Event) -> None:
+    asyncio.run(_publish(bootstrap, list(events)))
+
+
+def publish_forged(bootstrap: str, event: Event, **overrides: object) -> str:
+    """A record with a valid envelope whose JSON body was edited by hand."""
+    record = encode(event, "/frs/results")
+    body = json.loads(record.value)
+    body.update(overrides)
+
+    async def send() -> None:
+        async with Publisher(bootstrap, source="/frs/test") as publisher:
+            from schemas.catalog import topic_for
+            fut = await publisher.send_raw(topic_for(event).name, record.key,
+                                           json.dumps(body).encode(), record.headers)
+            await fut
+
+    asyncio.run(send())
+    return dict(record.headers)["ce_id"].decode()
+
+
+def seen(bootstrap: str, probe_id: str, invariant: Invariant,
+         timeout: float = 60.0) -> list[ComplianceViolation]:
+    return wait_for(lambda: [v for v in violations(bootstrap) if v.probe_id == probe_id
+                             and v.invariant == invariant], timeout,
+                    f"{invariant.value} for {probe_id}")
+
+
+def none_for(bootstrap: str, probe_id: str) -> bool:
+    return not [v for v in violations(bootstrap) if v.probe_id == probe_id]
+
+
+Audit = tuple[ServiceProcess, Path]
+
+
+def test_dispatch_without_clearance(audit_service: Audit, kafka_bootstrap: str) -> None:
+    bad, good, other = probe(), probe(), probe()
+    publish(kafka_bootstrap, dispatched(bad, "fed-ngi", ALL_FIELDS))
+    # Cleared for another provider only: still no clearance for fed-ngi.
+    publish(kafka_bootstrap, cleared(other, "state-va", ALL_FIELDS),
+            dispatched(other, "fed-ngi", ALL_FIELDS))
+    # Dispatch consumed before its clearance (topics interleave): not a violation.
+    publish(kafka_bootstrap, dispatched(good, "fed-ngi", ALL_FIELDS),
+            cleared(good, "fed-ngi", ALL_FIELDS))
+    (v,) = seen(kafka_bootstrap, bad, Invariant.DISPATCH_WITHOUT_CLEARANCE)
+    assert "fed-ngi" in v.detail
+    seen(kafka_bootstrap, other, Invariant.DISPATCH_WITHOUT_CLEARANCE)
+    assert none_for(kafka_bootstrap, good)
+
+
+def test_dispatch_after_purge(audit_service: Audit, kafka_bootstrap: str) -> None:
+    bad, good = probe(), probe()
+    t0 = now()
+    publish(kafka_bootstrap, cleared(bad, "fed-ngi", ALL_FIELDS), purged(bad, t0),
+            dispatched(bad, "fed-ngi", ALL_FIELDS, sent_at=later(1)))
+    publish(kafka_bootstrap, cleared(good, "fed-ngi", ALL_FIELDS),
+            dispatched(good, "fed-ngi", ALL_FIELDS, sent_at=t0), purged(good, later(1)))
+    (v,) = seen(kafka_bootstrap, bad, Invariant.DISPATCH_AFTER_PURGE)
+    assert "purged" in v.detail
+    assert none_for(kafka_bootstrap, good)
+
+
+def test_image_past_expiry(audit_service: Audit, kafka_bootstrap: str) -> None:
+    bad, good = probe(), probe()
+    expired = later(-30)
+    # The control's purge goes first so that no timer tick can fall between the two.
+    publish(kafka_bootstrap, purged(good, later(-29)), submitted(good, expired),
+            submitted(bad, expired))
+    (v,) = seen(kafka_bootstrap, bad, Invariant.IMAGE_PAST_EXPIRY)
+    assert v.offending_event_id == bad
+    assert none_for(kafka_bootstrap, good)
+
+
+def test_extra_fields_sent(audit_service: Audit, kafka_bootstrap: str) -> None:
+    narrow, forged, good = probe(), probe(), probe()
+    publish(kafka_bootstrap,
+            cleared(narrow, "fed-ngi", [OutboundField.PHOTO, OutboundField.REQUEST_REF]),
+            dispatched(narrow, "fed-ngi", ALL_FIELDS))
+    # A dispatch record listing a field outside REQ-MINIMAL that the model would refuse.
+    publish(kafka_bootstrap, cleared(forged, "fed-ngi", ALL_FIELDS))
+    eid = publish_forged(kafka_bootstrap, dispatched(forged, "fed-ngi", ALL_FIELDS),
+                         fields_sent=["photo", "agent_id", "request_ref", "case_notes"])
+    publish(kafka_bootstrap, cleared(good, "fed-ngi", ALL_FIELDS),
+            dispatched(good, "fed-ngi", ALL_FIELDS))
+    (v,) = seen(kafka_bootstrap, narrow, Invariant.EXTRA_FIELDS_SENT)
+    assert "agent_id" in v.detail
+    (f,) = seen(kafka_bootstrap, forged, Invariant.EXTRA_FIELDS_SENT)
+    assert f.offending_event_id == eid and "case_notes" in f.detail
+    assert none_for(kafka_bootstrap, good)
+
+
+def test_candidates_without_lead_marking(audit_service: Audit, kafka_bootstrap: str) -> None:
+    bad, good = probe(), probe()
+    eid = publish_forged(kafka_bootstrap, candidates(bad),
+                         lead_marking="POSITIVE IDENTIFICATION", mode="identification")
+    publish(kafka_bootstrap, candidates(good))
+    (v,) = seen(kafka_bootstrap, bad, Invariant.CANDIDATES_WITHOUT_LEAD_MARKING)
+    assert v.offending_event_id == eid
+    assert none_for(kafka_bootstrap, good)
+
+
+def test_exigent_probe_without_review(audit_service: Audit, kafka_bootstrap: str) -> None:
+    bad, good = probe(), probe()
+    review = SupervisorReviewRecorded(probe_id=good, supervisor_id="sup-1", approved=True,
+                                      reviewed_at=now())
+    publish(kafka_bootstrap, review, submitted(good, later(3600), exigent=True),
+            submitted(bad, later(3600), exigent=True))
+    (v,) = seen(kafka_bootstrap, bad, Invariant.EXIGENT_WITHOUT_REVIEW)
+    assert "review" in v.detail
+    assert none_for(kafka_bootstrap, good)

@@ -1,0 +1,223 @@
+"""Accountability report and invariants over a store filled through the real codec."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from schemas.envelope import decode, encode
+from schemas.events import (
+    ClearedProvider,
+    Event,
+    ImagePurged,
+    Invariant,
+    PolicyCleared,
+    PolicyDenied,
+    ProbeSubmitted,
+    ProviderDenial,
+    ProviderDispatched,
+    ProviderRecord,
+    PurgeReason,
+    RegistryVersions,
+    RuleDenial,
+)
+from schemas.types import ImageSource, OutboundField, Purpose, Transport
+from services.audit import handlers
+from services.audit.invariants import Invariants, InvariantSettings
+from services.audit.report import build_report
+from services.audit.store import AuditStore
+from services.cli.main import main as frs
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+D = "0" * 64
+FIELDS = list(OutboundField)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def submitted(pid: str, purpose: Purpose) -> ProbeSubmitted:
+    return ProbeSubmitted(probe_id=pid, request_id=f"r-{pid}", case_id="C-1", agent_id="a-1",
+                          purpose=purpose, roi_refs=["ROI-1"],
+                          image_source=ImageSource.SURVEILLANCE, nexus=["VA"], exigent=False,
+                          unedited_attestation=True, vault_ref=f"v/{pid}", image_format="jpeg",
+                          received_sha256=D, sanitized_sha256=D,
+                          expires_at=T0 + timedelta(hours=1), submitted_at=T0)
+
+
+def dispatched(pid: str, provider: str, at: datetime = T0) -> ProviderDispatched:
+    return ProviderDispatched(probe_id=pid, provider_id=provider, dispatch_id=f"d-{pid}",
+                              transport=Transport.HTTPS, fields_sent=FIELDS,
+                              request_ref="ref", sent_at=at, response_due_at=at,
+                              deletion_due_at=at)
+
+
+def provider(pid: str, kind: str) -> ProviderRecord:
+    return ProviderRecord(provider_id=pid, name=pid.upper(), kind=kind,  # type: ignore[arg-type]
+                          transport=Transport.HTTPS, endpoint="https://x", updated_at=T0)
+
+
+def cleared(pid: str, *providers: str) -> PolicyCleared:
+    return PolicyCleared(probe_id=pid, case_id="C-1",
+                         cleared=[ClearedProvider(provider_id=p, transport=Transport.HTTPS,
+                                                  fields=FIELDS) for p in providers],
+                         denied=[ProviderDenial(provider_id="state-md", rules=[
+                             RuleDenial(rule_id="nexus", message="no nexus")])],
+                         policy_digest=D, registry_versions=RegistryVersions(), decided_at=T0)
+
+
+def feed(store: AuditStore, inv: Invariants, events: list[Event]) -> list[Invariant]:
+    found = []
+    for i, event in enumerate(events):
+        rec = encode(event, "/frs/test", time=T0)
+        env = decode(rec.headers, rec.key, rec.value)
+        out = asyncio.run(handlers.on_record(f"frs.t.{type(event).__name__}", 0,
+                                             store.size + i, rec.value, env,
+                                             handlers.AuditPorts(store, inv), rec.headers))
+        found += [v.invariant for v in out]  # type: ignore[attr-defined]
+    store.commit()
+    return found
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AuditStore:
+    return AuditStore(tmp_path / "audit")
+
+
+def test_report_counts_searches_kinds_purposes_denials_and_purges(
+        store: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clock = Clock()
+    inv = Invariants(store, InvariantSettings(30, 60), clock)
+    feed(store, inv, [
+        provider("fed-ngi", "federal"), provider("state-va", "state_local"),
+        provider("acme", "commercial"),
+        submitted("p1", Purpose.HUMAN_TRAFFICKING), submitted("p2", Purpose.FINANCIAL_FRAUD),
+        cleared("p1", "fed-ngi", "state-va"), cleared("p2", "acme"),
+        dispatched("p1", "fed-ngi"), dispatched("p1", "state-va"), dispatched("p2", "acme"),
+        PolicyDenied(probe_id="p3", case_id="C-1", denied=[ProviderDenial(
+            provider_id="fed-ngi", rules=[RuleDenial(rule_id="training", message="x")])],
+            policy_digest=D, registry_versions=RegistryVersions(), decided_at=T0),
+        ImagePurged(probe_id="p1", vault_ref="v/p1", reason=PurgeReason.EXPIRED,
+                    expires_at=T0, purged_at=T0 + timedelta(seconds=5)),
+        ImagePurged(probe_id="p2", vault_ref="v/p2", reason=PurgeReason.EXPIRED,
+                    expires_at=T0, purged_at=T0 + timedelta(seconds=500)),
+    ])
+    # A forged dispatch record the models refuse is a finding, not a search.
+    from schemas.envelope import DecodeError
+    out = asyncio.run(handlers.on_record(
+        "frs.dispatch.events", 0, 999, b'{"fields_sent":["dna"]}',
+        DecodeError("invalid_event", "x"), handlers.AuditPorts(store, inv),
+        [("ce_type", ProviderDispatched.TYPE.encode()), ("ce_id", b"forged-1")]))
+    assert [v.invariant for v in out] == [Invariant.EXTRA_FIELDS_SENT]  # type: ignore[attr-defined]
+    store.commit()
+    store.close()
+    code = frs(["audit", "report", "--json", "--store", str(tmp_path / "audit"),
+                "--late-after", "60"])
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert r["searches"]["total"] == 3
+    assert r["searches"]["by_provider_kind"] == {"federal": 1, "state_local": 1,
+                                                 "commercial": 1}
+    assert r["searches"]["non_federal_systems_used"] == ["acme", "state-va"]
+    assert r["probes"]["by_purpose"] == {"human_trafficking": 1, "financial_fraud": 1}
+    assert r["denials_by_rule"] == {"nexus": 2, "training": 1}
+    assert r["purge_timeliness"]["expired_purges_on_time"] == 1
+    assert r["purge_timeliness"]["expired_purges_late"] == 1
+    assert r["purge_timeliness"]["max_late_s"] == 500
+    assert r["violations"] == {}  # the violation event itself was not published here
+    later = build_report(tmp_path / "audit", since=T0 + timedelta(days=1))
+    assert later["searches"]["total"] == 0
+
+
+def test_invariants_fire_once_and_not_for_redelivered_records(store: AuditStore) -> None:
+    clock = Clock()
+    inv = Invariants(store, InvariantSettings(clearance_grace_s=30, expiry_grace_s=60), clock)
+    assert feed(store, inv, [dispatched("p1", "fed-ngi")]) == []
+    clock.now = T0 + timedelta(seconds=31)
+    assert [v.invariant for v in inv.tick()] == [Invariant.DISPATCH_WITHOUT_CLEARANCE]
+    assert inv.tick() == []
+    # Same coordinates again (a redelivery): no leaf, no second evaluation.
+    rec = encode(dispatched("p1", "fed-ngi"), "/frs/test")
+    env = decode(rec.headers, rec.key, rec.value)
+    out = asyncio.run(handlers.on_record("frs.t.ProviderDispatched", 0, 0, rec.value, env,
+                                         handlers.AuditPorts(store, inv), rec.headers))
+    assert out == [] and store.size == 1
+    # Expiry: an hour after submission plus the grace, unless purged.
+    feed(store, inv, [submitted("p2", Purpose.FINANCIAL_FRAUD),
+                      submitted("p3", Purpose.FINANCIAL_FRAUD),
+                      ImagePurged(probe_id="p3", vault_ref="v", reason=PurgeReason.EXPIRED,
+                                  expires_at=T0, purged_at=T0)])
+    clock.now = T0 + timedelta(hours=1, seconds=30)
+    assert inv.tick() == []
+    clock.now = T0 + timedelta(hours=1, seconds=61)
+    assert [(v.invariant, v.probe_id) for v in inv.tick()] == [
+        (Invariant.IMAGE_PAST_EXPIRY, "p2")]
+
+
+def test_html_and_csv_reports_are_self_contained(store: AuditStore, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    clock = Clock()
+    inv = Invariants(store, InvariantSettings(30, 60), clock)
+    hostile = provider("acme", "commercial").model_copy(update={"name": "Acme <script>"})
+    feed(store, inv, [hostile, submitted("p1", Purpose.HUMAN_TRAFFICKING),
+                      cleared("p1", "acme"), dispatched("p1", "acme")])
+    store.close()
+    html = tmp_path / "r.html"
+    assert frs(["audit", "report", "--format", "html", "--out", str(html),
+                "--store", str(tmp_path / "audit")]) == 0
+    page = html.read_text()
+    assert page.startswith("<!doctype html>") and "<svg" in page
+    assert "Acme &lt;script&gt;" in page and "<script>" not in page
+    assert "http://" not in page and "https://" not in page  # nothing fetched
+    assert frs(["audit", "report", "--format", "csv", "--store", str(tmp_path / "audit")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "metric,value"
+    assert "searches.by_provider_kind.commercial,1" in rows
+
+
+def test_a_handler_failing_halfway_leaves_no_trace_and_the_retry_succeeds(
+        store: AuditStore, tmp_path: Path) -> None:
+    class Flaky(Invariants):
+        fail = False
+
+        def observe(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            out = super().observe(*args, **kwargs)
+            if Flaky.fail:
+                Flaky.fail = False
+                raise RuntimeError("transient")
+            return out
+
+    clock = Clock()
+    inv = Flaky(store, InvariantSettings(0, 60), clock)
+    feed(store, inv, [submitted("p0", Purpose.FINANCIAL_FRAUD)])
+    rec = encode(dispatched("p1", "fed-ngi"), "/frs/test", time=T0)
+    env = decode(rec.headers, rec.key, rec.value)
+    ports = handlers.AuditPorts(store, inv)
+    Flaky.fail = True
+    with pytest.raises(RuntimeError):
+        asyncio.run(handlers.on_record("frs.dispatch.events", 0, 5, rec.value, env, ports,
+                                       rec.headers))
+    assert store.size == 1 and store.frontier.size == 1
+    assert asyncio.run(handlers.on_record("frs.dispatch.events", 0, 5, rec.value, env, ports,
+                                          rec.headers)) == []
+    store.commit()
+    clock.now = T0 + timedelta(seconds=1)
+    assert [v.invariant for v in inv.tick()] == [Invariant.DISPATCH_WITHOUT_CLEARANCE]
+    store.commit()
+    store.close()
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from services.audit.checkpoint import Signer, Verifier
+    from services.audit.verify import verify_store
+    signer = Signer("t", Ed25519PrivateKey.generate())
+    report = verify_store(tmp_path / "audit", Verifier.parse(signer.verifier_key))
+    assert report.ok and report.tree_size == 2
