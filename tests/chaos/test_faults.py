@@ -56,10 +56,12 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnBroker]:
 
 
 async def make_run(broker: OwnBroker, tmp: Path, image: bytes,
-                   behaviour: VendorBehaviour | None = None) -> ChaosRun:
+                   behaviour: VendorBehaviour | None = None,
+                   env: dict[str, str] | None = None) -> ChaosRun:
     # A short answer deadline: an answer lost to a fault settles as NoResponse quickly.
     run = ChaosRun(broker.bootstrap, tmp, image, behaviour=behaviour or VendorBehaviour(),
-                   response_deadline_s=DEADLINE_S, extra_env=dict(CHAOS_ENV))
+                   response_deadline_s=DEADLINE_S,
+                   extra_env=dict(CHAOS_ENV) if env is None else env)
     return await run.start()
 
 
@@ -210,7 +212,8 @@ async def test_vendor_times_out_fails_malformed_and_answers_twice(
 ) -> None:
     behaviour = VendorBehaviour(error_rate=0.2, timeout_rate=0.05, hang_s=6.0,
                                 malformed_rate=0.1, answer_twice=True)
-    run = await make_run(own_broker, tmp_path, face_jpeg, behaviour)
+    # Images keep their normal lifetime here: a send racing a purge is the next test.
+    run = await make_run(own_broker, tmp_path, face_jpeg, behaviour, env={})
     try:
         await run.submit(PROBES, RATE)
         report = await run.check()
@@ -219,5 +222,25 @@ async def test_vendor_times_out_fails_malformed_and_answers_twice(
         # The faults were real: more raw requests than accepted sends.
         assert raw > report.stats["sends"], (raw, report.stats["sends"])
         verdict("vendor_misbehaves", report, raw_requests=raw)
+    finally:
+        await run.stop()
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "finding (dispatch): a send retried after the vendor timed out goes out after the "
+    "purger shredded the image (audit: dispatch_after_purge). Seen with a 10 s TTL and a "
+    "vendor hanging past the 5 s client timeout: 3 of 60 probes. Suggested fix: re-check "
+    "the vault entry (not purged, not past expiry) before every attempt, not once per "
+    "clearance. Not strict: the race does not hit every run."))
+async def test_vendor_hangs_while_the_image_expires_no_send_after_purge(
+    own_broker: OwnBroker, tmp_path: Path, face_jpeg: bytes
+) -> None:
+    behaviour = VendorBehaviour(timeout_rate=0.5, hang_s=6.0)
+    run = await make_run(own_broker, tmp_path, face_jpeg, behaviour,
+                         env={"FRS_INTAKE_IMAGE_TTL_HOURS": str(8 / 3600),
+                              "FRS_INTAKE_PURGE_INTERVAL_S": "1"})
+    try:
+        await run.submit(max(20, PROBES // 3), RATE)
+        verdict("vendor_hangs_past_expiry", await run.check())
     finally:
         await run.stop()
