@@ -12,7 +12,8 @@ export STATE
 
 # prometheus/promtool: the alert-rule tests and the scrape e2e; tcpdump: the loopback
 # capture test of the secured bus.
-ensure_tools prometheus prometheus promtool prometheus tcpdump tcpdump
+ensure_tools prometheus prometheus promtool prometheus tcpdump tcpdump \
+  docker-compose docker-compose
 ensure_venv
 ensure_npm_tools
 deploy/kafka/broker.sh fetch

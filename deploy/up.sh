@@ -20,6 +20,7 @@ ensure_venv
 export FRS_STATE_DIR=$STATE
 export FRS_INTAKE_PRIVATE_KEY_FILE=$STATE/keys/intake.key.pem
 export FRS_AUDIT_STORE_DIR=$STATE/audit
+export FRS_AUDIT_CHECKPOINT_INTERVAL_S=${FRS_AUDIT_CHECKPOINT_INTERVAL_S:-2}
 export FRS_KAFKA_PORT=${FRS_KAFKA_PORT:-19092}
 export FRS_KAFKA_STATE=$STATE/kafka
 secure=${FRS_KAFKA_SECURE:-1}
@@ -96,8 +97,29 @@ log "event timeline of $request_id (time, type, topic[partition]@offset, source)
 (as_principal auditor "$PY" -m services.cli timeline "$request_id" \
   --until frs.probe.settled.v1 --wait 90)
 
+log "verifying the audit log against its signed checkpoints (frs audit verify)"
+sleep "$FRS_AUDIT_CHECKPOINT_INTERVAL_S"  # let the audit service sign the latest leaves
+(as_principal auditor "$PY" -m services.cli audit verify \
+  --vkey-file "$STATE/keys/audit-checkpoint.vkey" --checkpoints-from-kafka)
+log "accountability report (frs audit report; --format html for a page)"
+(as_principal auditor "$PY" -m services.cli audit report)
+
 if [ "$demo" = 1 ]; then
   exit 0
 fi
-log "running; Ctrl-C stops everything this script started"
+if command -v prometheus >/dev/null; then
+  log "starting Prometheus on http://127.0.0.1:9090 (rules: deploy/prometheus/alerts.yml)"
+  start_bg prometheus "$STATE/logs/prometheus.log" prometheus \
+    --config.file=deploy/prometheus/prometheus.yml --storage.tsdb.path="$STATE/prometheus" \
+    --web.listen-address=127.0.0.1:9090
+fi
+cat <<EOF
+Running. Ctrl-C stops everything this script started.
+  metrics      http://127.0.0.1:9301/metrics (intake, policy) 9302 (dispatch) 9303 (results) 9304 (audit)
+  Prometheus   http://127.0.0.1:9090 when installed; dashboard: deploy/grafana/
+  logs         .state/logs/
+  audit        frs audit verify --vkey-file .state/keys/audit-checkpoint.vkey
+               frs audit report --format html --out report.html
+  submit       frs submit --image photo.jpg --case CASE-1 --agent agent-7 --purpose financial_fraud --roi ROI-1 --source mug_shot --intake-public-key .state/keys/intake.key.pub.pem
+EOF
 wait

@@ -28,7 +28,7 @@ from schemas.events import AgentRecord, CaseRecord, Event, ProviderRecord
 from schemas.types import ImageSource, Purpose, probe_id_for
 from services.cli import acl as acl_cli
 from services.cli import audit as audit_cli
-from services.cli import bench_intake
+from services.cli import bench_intake, settings_doc
 from services.cli import dispatch as dispatch_cli
 from services.cli import policy as policy_cli
 from services.cli import results as results_cli
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     dispatch_cli.register(commands)
     acl_cli.register(commands)
     audit_cli.register(commands)
+    settings_doc.register(commands)
     from services.cli import bench_pipeline
 
     bench_pipeline.register(commands)

@@ -65,26 +65,30 @@ class DispatchSettings(ServiceSettings):
     https_timeout_s: float = Field(10.0, gt=0, description="Whole-request timeout.")
     # S/MIME email
     smtp_host: str = Field("127.0.0.1", description="Outbound SMTP relay.")
-    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_port: int = Field(25, ge=1, le=65535, description="Port of the outbound SMTP relay.")
     smtp_from: str = Field("frs-dispatch@frs-broker.local", description="Envelope sender.")
     smtp_starttls: bool = Field(False, description="STARTTLS to the relay (required outside "
                                                    "local mode).")
-    smtp_username: str | None = None
-    smtp_password: SecretStr | None = None
-    smtp_timeout_s: float = Field(30.0, gt=0)
+    smtp_username: str | None = Field(None, description="SMTP AUTH user, if the relay wants one.")
+    smtp_password: SecretStr | None = Field(
+        None, description="SMTP AUTH password (kept as a secret, never logged).")
+    smtp_timeout_s: float = Field(30.0, gt=0, description="Timeout of one SMTP session, s.")
     unknown_outcome_email: Literal["resend", "fail"] = Field(
         "resend", description="After a crash mid-send: resend with the same Message-ID, or "
                               "fail with outcome_unknown.")
     # Rekognition
-    rekognition_region: str = Field("us-east-1")
+    rekognition_region: str = Field("us-east-1", description="AWS region of Rekognition.")
     rekognition_endpoint_url: str | None = Field(None, description="Tests: a moto server.")
-    rekognition_threshold: float = Field(80.0, ge=0, le=100)
-    rekognition_quality_filter: str = Field("AUTO")
+    rekognition_threshold: float = Field(
+        80.0, ge=0, le=100, description="FaceMatchThreshold sent to SearchFacesByImage.")
+    rekognition_quality_filter: str = Field(
+        "AUTO", description="QualityFilter sent to SearchFacesByImage.")
     # Resilience
-    retry_max_attempts: int = Field(5, ge=1)
-    retry_base_delay_s: float = Field(0.2, ge=0)
-    retry_max_delay_s: float = Field(10.0, ge=0)
-    attempt_timeout_s: float = Field(30.0, gt=0)
+    retry_max_attempts: int = Field(5, ge=1, description="Attempts per send before failing.")
+    retry_base_delay_s: float = Field(
+        0.2, ge=0, description="First retry delay, s; doubles, with jitter.")
+    retry_max_delay_s: float = Field(10.0, ge=0, description="Longest retry delay, s.")
+    attempt_timeout_s: float = Field(30.0, gt=0, description="Timeout of one attempt, s.")
     provider_concurrency: int = Field(256, ge=1, description="Sends in flight per provider.")
     breaker_failures: int = Field(5, ge=1, description="Transient failures that open it.")
     breaker_open_s: float = Field(10.0, gt=0, description="Open time before a trial call.")

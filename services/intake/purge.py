@@ -59,6 +59,7 @@ class Purger:
         clock: Callable[[], datetime],
         *,
         interval_s: float = 60.0,
+        gauge_interval_s: float = 5.0,
         fault_kill_mid_purge: int = 0,
     ) -> None:
         self.vault = vault
@@ -66,6 +67,7 @@ class Purger:
         self.publish = publish
         self.clock = clock
         self.interval_s = interval_s
+        self.gauge_interval_s = gauge_interval_s
         self.fault_kill_mid_purge = fault_kill_mid_purge
         self.metrics = purge_metrics()
         self._shredded = 0
@@ -107,23 +109,36 @@ class Purger:
             log.info("image purged", extra={"probe_id": done.probe_id,
                                             "reason": event.reason.value})
             announced.append(event)
-        self.metrics.past_expiry.set(index.count_past_expiry(self.clock()))
-        self.metrics.objects.set(index.count_stored())
+        self.refresh_gauges()
         if due or moved:
             log.info("purge sweep done", extra={"purged": len(announced),
                                                 "case_closed_moved": moved})
         return announced
 
+    def refresh_gauges(self) -> None:
+        """Between sweeps too: an object that expires now is visible to operators now,
+        not at the next sweep (and a purger that keeps failing stays visible)."""
+        index = self.vault.index
+        self.metrics.past_expiry.set(index.count_past_expiry(self.clock()))
+        self.metrics.objects.set(index.count_stored())
+
     async def run(self) -> None:
-        """Sweep now, then every ``interval_s``, until cancelled."""
+        """Sweep now, then every ``interval_s``, until cancelled; gauges every
+        ``gauge_interval_s``."""
         log.info("purger started", extra={"interval_s": self.interval_s})
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time()
         while True:
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Storage or broker trouble: keep the state, try again next sweep.
-                self.metrics.sweep_failures.inc()
-                log.warning("purge sweep failed", extra={"error": type(exc).__name__})
-            await asyncio.sleep(self.interval_s)
+            if loop.time() >= next_sweep:
+                next_sweep = loop.time() + self.interval_s
+                try:
+                    await self.sweep()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # Storage or broker trouble: keep the state, try again next sweep.
+                    self.metrics.sweep_failures.inc()
+                    log.warning("purge sweep failed", extra={"error": type(exc).__name__})
+            else:
+                self.refresh_gauges()
+            await asyncio.sleep(max(0.0, min(self.gauge_interval_s, next_sweep - loop.time())))

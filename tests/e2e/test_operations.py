@@ -61,7 +61,14 @@ def prometheus(system: System, tmp_path: Path) -> Any:
     assert binary, "prometheus missing: deploy/test.sh installs Debian's prometheus package"
     config = yaml.safe_load((PROM / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-    config["rule_files"] = [str(PROM / "alerts.yml")]
+    # The rules as shipped, but with no waiting period, so the test can make one fire
+    # without waiting ten minutes (the durations have their own promtool unit tests).
+    rules = yaml.safe_load((PROM / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("for", None)
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
+    config["rule_files"] = [str(tmp_path / "alerts.yml")]
     config["scrape_configs"][0]["static_configs"] = [
         {"targets": [f"127.0.0.1:{metrics_port(p.log_path)}"], "labels": {"service": name}}
         for name, p in system.services.items()
@@ -152,3 +159,41 @@ def test_prometheus_sees_the_flow_and_no_alert_fires(
         assert names <= exported, f"{source}: not exported: {sorted(names - exported)}"
         for pattern in patterns:
             assert any(re.fullmatch(pattern, n) for n in exported), (source, pattern)
+
+
+def firing(base: str) -> set[str]:
+    return {a["labels"]["alertname"] for a in query(base, "/api/v1/alerts")["alerts"]
+            if a["state"] == "firing"}
+
+
+def test_an_image_forced_past_expiry_fires_its_alert(
+    system: System, prometheus: str, tmp_path: Path, face_jpeg: bytes
+) -> None:
+    assert system.frs("registry", "demo", "--endpoint", system.vendor_url).returncode == 0
+    time.sleep(3)  # a few evaluations of a healthy system first
+    assert firing(prometheus) == set()
+    # The intake again, on the same /metrics port, now keeping images about a second and
+    # sweeping once an hour: the next probe's image outlives its expiry.
+    intake = system.services["intake"]
+    port = metrics_port(intake.log_path)
+    routes = intake.log_path.read_text().count('"consumer started"')
+    assert intake.stop() == 0
+    intake.start(FRS_INTAKE_METRICS_PORT=str(port), FRS_INTAKE_IMAGE_TTL_HOURS="0.0003",
+                 FRS_INTAKE_PURGE_INTERVAL_S="3600")
+    intake.wait_log('"consumer started"', timeout=90, count=2 * routes)
+    image = tmp_path / "face.jpg"
+    image.write_bytes(face_jpeg)
+    key = Path(system.env["FRS_INTAKE_PRIVATE_KEY_FILE"]).with_suffix(".pub.pem")
+    request_id = f"req-{uuid.uuid4()}"
+    submitted = system.frs("submit", "--image", str(image), "--case", "CASE-1", "--agent",
+                           "agent-7", "--purpose", "financial_fraud", "--roi", "ROI-1",
+                           "--source", "mug_shot", "--request-id", request_id,
+                           "--intake-public-key", str(key))
+    assert submitted.returncode == 0, submitted.stderr
+    assert system.frs("timeline", request_id, "--until", "frs.probe.submitted.v1",
+                      "--wait", "60").returncode == 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "FrsImagePastExpiry" not in firing(prometheus):
+        time.sleep(1)
+    assert "FrsImagePastExpiry" in firing(prometheus), query(prometheus, "/api/v1/alerts")
+    assert value(prometheus, "max(frs_intake_vault_objects_past_expiry)") >= 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -129,3 +131,21 @@ async def test_restart_mid_sweep_finishes_it(tmp_path: Path) -> None:
     for ref, blob in copies.items():
         with pytest.raises(ObjectPurged):
             vault2.open_blob(ref, blob)
+
+
+async def test_gauges_follow_expiry_between_sweeps(tmp_path: Path) -> None:
+    vault, clock = make_vault(tmp_path), Clock()
+    fill(vault, 2, ttl_h=1)
+    purger = Purger(vault, dict, Sink(), clock, interval_s=3600, gauge_interval_s=0.01)
+    task = asyncio.create_task(purger.run())
+    try:
+        await asyncio.sleep(0.1)  # the first sweep ran: nothing was due
+        assert gauge() == 0
+        assert REGISTRY.get_sample_value("frs_intake_vault_objects") == 2
+        clock.now = T0 + timedelta(hours=2)  # expired, and the next sweep is an hour away
+        await asyncio.sleep(0.1)
+        assert gauge() == 2
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -87,3 +87,25 @@ def test_every_query_names_a_declared_metric() -> None:
         for pattern in patterns:
             assert any(re.fullmatch(pattern, d) for d in series), \
                 f"{source}: {pattern} matches no declared metric"
+
+
+def test_compose_file_is_valid_and_runs_every_service() -> None:
+    compose = shutil.which("docker-compose")
+    assert compose, "docker-compose missing: deploy/test.sh installs Debian's docker-compose"
+    result = subprocess.run([compose, "-f", "deploy/compose.yaml", "config"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name in ("kafka", "topics", "intake", "dispatch", "results", "audit", "prometheus"):
+        assert name in services, name
+    for name in ("intake", "dispatch", "results", "audit"):
+        assert services[name]["command"] == ["python", "-m", f"services.{name}"]
+        assert services[name]["environment"]["FRS_KAFKA_BOOTSTRAP"] == "kafka:9092"
+    # Everything the image copies exists, and its scrape config is a valid one.
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
+        assert (ROOT / source).exists(), source
+    check = subprocess.run([shutil.which("promtool") or "promtool", "check", "config",
+                            "compose.prometheus.yml"], cwd=PROM, capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -1,0 +1,74 @@
+"""`frs settings`: every setting of every service, its environment variable, default and
+meaning, generated from the Settings classes (the README's table comes from here)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pydantic import AliasChoices
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
+
+from services.audit.app import AuditSettings
+from services.cli.common import CliSettings, emit, subcommand
+from services.dispatch.app import DispatchSettings
+from services.intake.app import IntakeSettings
+from services.intake.policy.settings import PolicySettings
+from services.kit.settings import ServiceSettings
+from services.results.app import ResultsSettings
+
+SCOPES: tuple[tuple[str, type[BaseSettings]], ...] = (
+    ("every service", ServiceSettings), ("intake", IntakeSettings), ("policy", PolicySettings),
+    ("dispatch", DispatchSettings), ("results", ResultsSettings), ("audit", AuditSettings),
+)
+
+
+def _env_name(cls: type[BaseSettings], name: str, field: FieldInfo) -> str:
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    # The base class's own fields take each service's prefix.
+    prefix = str(cls.model_config.get("env_prefix", "")) or "FRS_<SVC>_"
+    return f"{prefix}{name.upper()}"
+
+
+def _default(field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        return "(computed)"
+    value = field.get_default()
+    return "-" if value is None else str(value)
+
+
+def rows() -> list[dict[str, str]]:
+    """One row per setting; a subclass lists only what it adds or overrides."""
+    out: list[dict[str, str]] = []
+    shared = ServiceSettings.model_fields
+    for scope, cls in SCOPES:
+        for name, field in cls.model_fields.items():
+            if name == "service":
+                continue
+            inherited = cls is not ServiceSettings and name in shared
+            if inherited and field.default == shared[name].default:
+                continue
+            out.append({"scope": scope, "variable": _env_name(cls, name, field),
+                        "default": _default(field), "meaning": field.description or ""})
+    return out
+
+
+def markdown() -> str:
+    lines = ["| scope | variable | default | meaning |", "|---|---|---|---|"]
+    for r in rows():
+        meaning = r["meaning"].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {r['scope']} | `{r['variable']}` | `{r['default']}` | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+async def cmd_settings(args: argparse.Namespace, _settings: CliSettings) -> int:
+    emit(args, rows(), markdown().rstrip("\n"))
+    return 0
+
+
+def register(commands: Any) -> None:
+    subcommand(commands, "settings", "list every setting: variable, default, meaning",
+               "frs settings --json", cmd_settings)
