@@ -134,9 +134,22 @@ async def test_sigstop_consumer_past_session_timeout_then_sigcont(chaos: ChaosRu
     verdict("sigstop_zombie", await chaos.check())
 
 
+@pytest.fixture
+async def chaos_long_ttl(own_broker: OwnBroker, tmp_path: Path, face_jpeg: bytes
+                         ) -> AsyncIterator[ChaosRun]:
+    """Images keep their normal lifetime: the outage must not race the purger (that race,
+    dispatch sending after a purge, is the known finding tested on its own)."""
+    run = await make_run(own_broker, tmp_path, face_jpeg, env={})
+    try:
+        yield run
+    finally:
+        await run.stop()
+
+
 async def test_broker_killed_and_restarted_mid_stream(
-    chaos: ChaosRun, own_broker: OwnBroker
+    chaos_long_ttl: ChaosRun, own_broker: OwnBroker
 ) -> None:
+    chaos = chaos_long_ttl
     point = random_points(PROBES, 1, SEED)[0]
 
     async def during(i: int) -> None:
