@@ -113,7 +113,7 @@ async def _baseline(session: aiohttp.ClientSession, url: str, n: int, concurrenc
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def _start_groups_at_end(bootstrap: str, groups: list[tuple[str, str]]) -> None:
+async def start_groups_at_end(bootstrap: str, groups: list[tuple[str, str]]) -> None:
     for group_id, topic in groups:
         consumer = AIOKafkaConsumer(**client_options(bootstrap=bootstrap), group_id=group_id,
                                     enable_auto_commit=False)
@@ -171,7 +171,7 @@ async def cmd_bench_dispatch(args: argparse.Namespace, settings: ServiceSettings
                     decisions.append(dec)
                 group = f"frs-bench-{run_id}"
                 # Only this run's events: the groups start at the current log end.
-                await _start_groups_at_end(settings.kafka_bootstrap, [
+                await start_groups_at_end(settings.kafka_bootstrap, [
                     (group, POLICY_DECISIONS.name),
                     (f"{group}-probes-bench", PROBE_EVENTS.name)])
                 async with Publisher(settings.kafka_bootstrap, source="/frs/bench") as pub:

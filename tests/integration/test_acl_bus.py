@@ -31,6 +31,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
+from deploy.simulators.demo import setup
 from schemas.catalog import TOPICS
 from schemas.events import CaseRecord
 from schemas.types import Purpose
@@ -39,7 +40,7 @@ from services.kit.acls import allows, load
 from services.kit.bus import Publisher, read_topic
 from services.kit.kafka import KafkaSettings, client_options
 from services.kit.topics import ensure_topics
-from tests.conftest import ROOT, ServiceProcess
+from tests.conftest import ROOT, ServiceProcess, free_port_pair
 
 pytestmark = pytest.mark.integration
 
@@ -328,6 +329,13 @@ def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
             "FRS_AUDIT_STORE_DIR": str(tmp_path / "audit"), "FRS_LOG_LEVEL": "INFO"}
     for name in ("intake", "dispatch", "results", "audit"):
         base[f"FRS_{name.upper()}_METRICS_PORT"] = "0"
+    # The provider: the vendor simulator, answering on the results webhook (as up.sh does).
+    demo_env = setup(tmp_path / "demo", webhook_port=free_port_pair())
+    base.update(demo_env.service_env)
+    vendor = subprocess.Popen(demo_env.vendor_args, cwd=ROOT, env=base, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    assert vendor.stdout is not None
+    vendor_url = json.loads(vendor.stdout.readline())["url"]
     # Ids that occur nowhere else, so finding them in the capture means the bus leaked.
     tag = uuid.uuid4().hex[:12]
     case_id, agent_id, request_id = f"CASE-{tag}", f"agent-{tag}", f"req-{tag}"
@@ -341,7 +349,7 @@ def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
     try:
         for proc in procs.values():
             proc.wait_log('"consumer started"', timeout=90)
-        demo = secure.cli("operator", "registry", "demo", extra=base)
+        demo = secure.cli("operator", "registry", "demo", "--endpoint", vendor_url, extra=base)
         assert demo.returncode == 0, demo.stderr
         year = "2099-01-01T00:00:00Z"
         for kind, entry in (
@@ -397,6 +405,8 @@ def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
         for proc in procs.values():
             if proc.proc is not None and proc.proc.poll() is None:
                 proc.stop()
+        vendor.terminate()
+        vendor.wait(timeout=30)
         if capture is not None:
             capture.send_signal(signal.SIGTERM)
             capture.wait(timeout=30)

@@ -30,7 +30,7 @@ from deploy.simulators.inbox import InboxSimulator
 from deploy.simulators.rekognition import RekognitionSimulator
 from deploy.simulators.tls import SimulatorCA
 from deploy.simulators.vendor import VendorBehaviour, VendorSimulator
-from schemas.catalog import DISPATCH_EVENTS, PROVIDER_RESPONSES
+from schemas.catalog import DISPATCH_EVENTS, POLICY_DECISIONS, PROVIDER_RESPONSES
 from schemas.envelope import Envelope
 from schemas.events import (
     DispatchFailed,
@@ -41,7 +41,7 @@ from schemas.events import (
     ProviderRecord,
 )
 from schemas.types import OutboundField, Transport
-from services.cli.dispatch import cleared, synthetic_clearance
+from services.cli.dispatch import cleared, start_groups_at_end, synthetic_clearance
 from services.kit.bus import Publisher, read_topic
 from tests.conftest import ServiceProcess
 
@@ -100,6 +100,8 @@ async def rig(kafka_bootstrap: str, services: dict[str, ServiceProcess], tmp_pat
         "FRS_DISPATCH_RETRY_BASE_DELAY_S": "0.05",
         "FRS_DISPATCH_RETRY_MAX_DELAY_S": "0.5",
     }, tag, face_jpeg, [])
+    # Clearances other tests left on the topic are not this rig's: start after them.
+    await start_groups_at_end(kafka_bootstrap, [(f"frs-dispatch-{tag}", POLICY_DECISIONS.name)])
     yield r
     if r.dispatch.proc is not None and r.dispatch.proc.poll() is None:
         await r.stop()

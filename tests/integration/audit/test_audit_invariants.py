@@ -21,15 +21,15 @@ from schemas.events import (
     ImagePurged,
     Invariant,
     PolicyCleared,
-    ProbeSubmitted,
     ProviderDispatched,
     PurgeReason,
     RegistryVersions,
     SupervisorReviewRecorded,
 )
-from schemas.types import ImageSource, OutboundField, Purpose, Transport
+from schemas.types import OutboundField, Transport
 from services.kit.bus import Publisher
 from tests.conftest import ServiceProcess
+from tests.factories import submitted
 from tests.integration.audit.conftest import later, now, violations, wait_for
 
 pytestmark = pytest.mark.integration
@@ -61,17 +61,6 @@ def dispatched(probe_id: str, provider: str, fields: list[OutboundField],
 def purged(probe_id: str, at: datetime) -> ImagePurged:
     return ImagePurged(probe_id=probe_id, vault_ref=f"vault/{probe_id}",
                        reason=PurgeReason.EXPIRED, expires_at=at, purged_at=at)
-
-
-def submitted(probe_id: str, expires_at: datetime, exigent: bool = False) -> ProbeSubmitted:
-    return ProbeSubmitted(probe_id=probe_id, request_id=f"req-{probe_id}", case_id="CASE-1",
-                          agent_id="agent-7", purpose=Purpose.HUMAN_TRAFFICKING,
-                          roi_refs=["ROI-1"], image_source=ImageSource.SURVEILLANCE, nexus=[],
-                          exigent=exigent,
-                          exigent_justification="imminent threat" if exigent else None,
-                          unedited_attestation=True, vault_ref=f"v/{probe_id}",
-                          image_format="jpeg", received_sha256=DIGEST, sanitized_sha256=DIGEST,
-                          expires_at=expires_at, submitted_at=now())
 
 
 def candidates(probe_id: str) -> CandidatesReceived:

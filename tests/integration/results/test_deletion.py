@@ -4,11 +4,15 @@ then refuses it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from schemas.catalog import DISPATCH_EVENTS
+from schemas.catalog import DISPATCH_EVENTS, POLICY_DECISIONS
 from schemas.events import DeletionConfirmed, DeletionOverdue, DispatchFailed
+from services.cli.dispatch import start_groups_at_end
 from tests.conftest import ServiceProcess
+from tests.factories import submitted
 from tests.integration.results.conftest import (
     cleared,
     count,
@@ -26,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_missed_deletion_deadline_suspends_provider_and_dispatch_refuses_it(
-    kafka_bootstrap: str, services: dict[str, ServiceProcess]
+    kafka_bootstrap: str, services: dict[str, ServiceProcess], face_jpeg: bytes
 ) -> None:
     probe, late, prompt = uid("prb"), uid("late"), uid("prompt")
     await publish(kafka_bootstrap, [provider_record(late), provider_record(prompt)])
@@ -48,12 +52,19 @@ async def test_missed_deletion_deadline_suspends_provider_and_dispatch_refuses_i
     assert results.stop() == 0
     assert count(await results_for(kafka_bootstrap, probe), DeletionOverdue) == 1
 
-    # Dispatch (as built on this branch) reads the registry and refuses the provider.
+    # Dispatch reads the registry and refuses the suspended provider. Its own consumer
+    # group starts after the clearances other tests left on the topic.
     dispatch = services["dispatch"]
-    dispatch.start()
-    dispatch.wait_log("consumer started")
+    group = uid("frs-dispatch-deletion")
+    await start_groups_at_end(kafka_bootstrap, [(group, POLICY_DECISIONS.name)])
+    image = Path(dispatch.env["FRS_STATE_DIR"]) / "probe.jpg"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    image.write_bytes(face_jpeg)
+    dispatch.start(FRS_DISPATCH_GROUP_ID=group, FRS_DISPATCH_IMAGE_SOURCE="test-file",
+                   FRS_DISPATCH_TEST_IMAGE_FILE=str(image))
+    dispatch.wait_log("consumer started", count=2)
     probe2 = uid("prb")
-    await publish(kafka_bootstrap, [cleared(probe2, late)])
+    await publish(kafka_bootstrap, [submitted(probe2), cleared(probe2, late)])
     out = await wait_for(kafka_bootstrap, probe2, lambda es: count(es, DispatchFailed) >= 1,
                          topic=DISPATCH_EVENTS.name)
     [refusal] = [e for e in out if isinstance(e, DispatchFailed)]
