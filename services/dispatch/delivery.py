@@ -67,6 +67,7 @@ async def deliver(
     *,
     record_attempt: Callable[[], Awaitable[int]],
     still_active: Callable[[], bool],
+    image_sendable: Callable[[], Awaitable[bool]] | None = None,
     hooks: DeliveryHooks | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: Callable[[], float] = random.random,
@@ -81,6 +82,9 @@ async def deliver(
             await sleep(policy.delay(retry - 1, rng))
         if not still_active():
             return Failed(DispatchFailure.SUSPENDED, "provider suspended before send", attempts)
+        if image_sendable is not None and not await image_sendable():
+            return Failed(DispatchFailure.IMAGE_PURGED, "image purged or expired before send",
+                          attempts)
         try:
             breaker.acquire()
         except CircuitOpen as exc:

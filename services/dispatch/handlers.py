@@ -188,7 +188,9 @@ async def _decide_and_send(event: PolicyCleared, cleared: ClearedProvider, info:
     outcome = await deliver(
         request, transport, ports.guards, ports.retry,
         record_attempt=lambda: ports.ledger.record_attempt(event.probe_id, provider_id),
-        still_active=still_active, hooks=ports.hooks, sleep=ports.sleep,
+        still_active=still_active,
+        image_sendable=lambda: ports.images.sendable(info.vault_ref),
+        hooks=ports.hooks, sleep=ports.sleep,
     )
     done = ports.clock()
     if not isinstance(outcome, Delivered):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,11 @@ class ImageGone(Exception):
 
 class ImageSource(Protocol):
     async def get(self, vault_ref: str) -> bytes: ...
+
+    async def sendable(self, vault_ref: str) -> bool:
+        """Still stored and not past its expiry: checked before every send attempt, so a
+        retry never sends an image the purger has destroyed or is due to destroy."""
+        ...
 
 
 class StaticImageSource:
@@ -38,6 +44,9 @@ class StaticImageSource:
         if vault_ref in self._gone:
             raise ImageGone(vault_ref)
         return self._image
+
+    async def sendable(self, vault_ref: str) -> bool:
+        return vault_ref not in self._gone
 
 
 class VaultImageSource:
@@ -59,6 +68,14 @@ class VaultImageSource:
         except self._gone as exc:
             raise ImageGone(type(exc).__name__) from None
         return image
+
+    async def sendable(self, vault_ref: str) -> bool:
+        def check() -> bool:
+            entry = self._vault.index.get(vault_ref)
+            return bool(entry is not None and entry.state == "stored"
+                        and entry.expires_at > datetime.now(UTC))
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, check)
 
     def close(self) -> None:
         if self._close_vault is not None:

@@ -198,6 +198,24 @@ async def test_open_circuit_ends_in_circuit_open_and_suspension_stops_retries() 
     assert isinstance(out, Failed) and out.reason is DispatchFailure.SUSPENDED
 
 
+async def test_a_retry_never_sends_an_image_purged_meanwhile() -> None:
+    # The first attempt hangs past its timeout; the purger destroys the image meanwhile:
+    # the retry must not go out (chaos finding: dispatch_after_purge).
+    transport = ScriptedTransport([TransientError("timeout"), None])
+    sendable = iter([True, False])
+
+    async def image_sendable() -> bool:
+        return next(sendable)
+
+    out = await deliver(_request(), transport,
+                        ProviderGuards(concurrency=1, failure_threshold=9, open_s=1),
+                        RetryPolicy(max_attempts=5), record_attempt=_counter(),
+                        still_active=lambda: True, image_sendable=image_sendable,
+                        sleep=_no_sleep)
+    assert isinstance(out, Failed) and out.reason is DispatchFailure.IMAGE_PURGED
+    assert transport.calls == 1 and out.attempts == 1
+
+
 def test_backoff_is_exponential_with_full_jitter() -> None:
     policy = RetryPolicy(base_delay_s=0.5, max_delay_s=3)
     assert [policy.delay(r, lambda: 1.0) for r in range(4)] == [0.5, 1.0, 2.0, 3.0]
