@@ -239,12 +239,8 @@ async def test_vendor_times_out_fails_malformed_and_answers_twice(
         await run.stop()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "finding (dispatch): a send retried after the vendor timed out goes out after the "
-    "purger shredded the image (audit: dispatch_after_purge). Seen with a 10 s TTL and a "
-    "vendor hanging past the 5 s client timeout: 3 of 60 probes. Suggested fix: re-check "
-    "the vault entry (not purged, not past expiry) before every attempt, not once per "
-    "clearance. Not strict: the race does not hit every run."))
+# Was a finding (dispatch sent a retry after the purger shredded the image); dispatch now
+# re-checks the vault entry (stored, not past expiry) before every attempt.
 async def test_vendor_hangs_while_the_image_expires_no_send_after_purge(
     own_broker: OwnBroker, tmp_path: Path, face_jpeg: bytes
 ) -> None:
