@@ -49,19 +49,21 @@ if [ $# -gt 0 ]; then
   "$PY" -m pytest -q -p no:cacheprovider "$@"
   rc=$?
 else
-  # The end-to-end tier gets a broker of its own, so registry entries and consumer groups
-  # left by other tiers cannot change what it sees.
-  log "pytest: unit, integration, contract"
-  "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/e2e
+  # The end-to-end and benchmark tiers each get a broker of their own, so registry
+  # entries and consumer groups left by other tiers cannot change what they see.
+  log "pytest: unit, integration, contract, chaos"
+  "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/e2e --ignore=tests/perf
   rc=$?
-  log "pytest: end to end, on a fresh broker"
-  if [ "$own_broker" = 1 ]; then
-    env -u FRS_KAFKA_BOOTSTRAP "$PY" -m pytest -q -p no:cacheprovider tests/e2e
-  else
-    "$PY" -m pytest -q -p no:cacheprovider tests/e2e
-  fi
-  rc2=$?
-  [ "$rc" = 0 ] && rc=$rc2
+  for tier in perf e2e; do
+    log "pytest: $tier, on a fresh broker"
+    if [ "$own_broker" = 1 ]; then
+      env -u FRS_KAFKA_BOOTSTRAP "$PY" -m pytest -q -p no:cacheprovider "tests/$tier"
+    else
+      "$PY" -m pytest -q -p no:cacheprovider "tests/$tier"
+    fi
+    rc2=$?
+    [ "$rc" = 0 ] && rc=$rc2
+  done
 fi
 set -e
 # pytest exits 5 when it collected nothing: that is a failure of the suite, not a pass.

@@ -4,6 +4,7 @@ meaning, generated from the Settings classes (the README's table comes from here
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from pydantic import AliasChoices
@@ -33,10 +34,15 @@ def _env_name(cls: type[BaseSettings], name: str, field: FieldInfo) -> str:
     return f"{prefix}{name.upper()}"
 
 
+_ROOT = Path(__file__).resolve().parents[2]
+
+
 def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
         return "(computed)"
     value = field.get_default()
+    if isinstance(value, Path) and value.is_absolute() and value.is_relative_to(_ROOT):
+        return str(value.relative_to(_ROOT))  # the same in every checkout
     return "-" if value is None else str(value)
 
 
