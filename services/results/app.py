@@ -87,6 +87,9 @@ class ResultsSettings(ServiceSettings):
         300, ge=1, description="Accepted clock skew of X-FRS-Timestamp, seconds; also how "
                                "long accepted signatures are remembered against replay.")
     webhook_max_body: int = Field(1_048_576, ge=1024, description="Largest body, bytes.")
+    webhook_unknown_hold_s: float = Field(
+        2.0, ge=0, le=30, description="How long an answer for a request_ref not yet "
+        "recorded waits for dispatch's record of the send before a 404.")
     nonce_db: Path | None = Field(
         None, description="SQLite file of accepted webhook signatures; default "
                           "<FRS_STATE_DIR>/results/nonces.sqlite3.")

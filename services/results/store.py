@@ -116,6 +116,8 @@ class NonceStore:
         self._db = _connect(path)
         self._db.execute("CREATE TABLE IF NOT EXISTS nonces ("
                          "digest TEXT PRIMARY KEY, seen_at REAL NOT NULL)")
+        # Without it every claim's prune scanned the whole window (~20k rows at 35/s).
+        self._db.execute("CREATE INDEX IF NOT EXISTS nonces_seen_at ON nonces (seen_at)")
         self._db.commit()
 
     def claim(self, digest: str, now: float, window_s: float) -> bool:

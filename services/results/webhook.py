@@ -16,9 +16,10 @@ Every call carries three headers:
 
 Answers: 202 accepted (published); 400 body not a JSON object or no request_ref;
 401 unsigned, unknown provider, bad signature or stale timestamp; 403 the request_ref
-belongs to another provider; 404 unknown request_ref (retry later: dispatch may not have
-recorded it yet); 409 replay of an accepted call; 413 body too large; 503 the bus did not
-take it (retry). Every refusal is counted in ``frs_results_webhook_requests_total``.
+belongs to another provider; 404 unknown request_ref after waiting
+``FRS_RESULTS_WEBHOOK_UNKNOWN_HOLD_S`` for dispatch's record of it (retry later); 409 replay
+of an accepted call; 413 body too large; 503 the bus did not take it (retry). Every refusal
+is counted in ``frs_results_webhook_requests_total``.
 
 Candidate photos are not taken in yet: a ``photo`` field on a candidate is dropped before
 anything reaches the bus (image bytes never travel on the bus) and counted.
@@ -111,6 +112,9 @@ class Webhook:
     registries: Registries
     window_s: int
     clock: Callable[[], float] = time.time
+    # A vendor that answers at once can beat dispatch's record of the send to us: such an
+    # answer waits this long for the record before it is refused with 404 (retry later).
+    unknown_hold_s: float = 2.0
 
     def authenticate(self, request: web.Request, body: bytes) -> tuple[str, str]:
         """Returns (provider id, replay digest) or raises Refused."""
@@ -146,7 +150,7 @@ class Webhook:
         if not self.nonces.claim(digest, self.clock(), self.window_s):
             return self._refuse(Refused(409, "replayed"), request)
         try:
-            event = self._event(request.path, provider_id, body)
+            event = await self._event(request.path, provider_id, body)
             await asyncio.wait_for(self.publisher.publish([event]), 30)
         except Refused as refused:
             if refused.status in (403, 404):
@@ -161,14 +165,22 @@ class Webhook:
                                             "type": event.TYPE})
         return web.json_response({"status": "accepted"}, status=202)
 
-    def _event(self, path: str, provider_id: str, body: bytes) -> Event:
+    async def _lookup(self, request_ref: str) -> tuple[str, str] | None:
+        found = self.refs.lookup(request_ref)
+        deadline = time.monotonic() + self.unknown_hold_s
+        while found is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            found = self.refs.lookup(request_ref)
+        return found
+
+    async def _event(self, path: str, provider_id: str, body: bytes) -> Event:
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, ValueError):
             raise Refused(400, "bad_body") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("request_ref"), str):
             raise Refused(400, "bad_body")
-        found = self.refs.lookup(payload["request_ref"])
+        found = await self._lookup(payload["request_ref"])
         if found is None:
             raise Refused(404, "unknown_request")
         probe_id, owner = found
@@ -219,7 +231,8 @@ async def start_webhook(settings: ResultsSettings, publisher: Publisher,
     stack.callback(nonces.close)
     refs = RequestRefs(settings.tracker_path())
     stack.callback(refs.close)
-    webhook = Webhook(secrets, nonces, refs, publisher, registries, settings.webhook_window_s)
+    webhook = Webhook(secrets, nonces, refs, publisher, registries, settings.webhook_window_s,
+                      unknown_hold_s=settings.webhook_unknown_hold_s)
     runner = web.AppRunner(make_app(webhook, settings.webhook_max_body), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)

@@ -38,6 +38,7 @@ from tests.integration.results.conftest import (
 from tests.integration.results.pki import LocalCA
 
 pytestmark = pytest.mark.integration
+HOLD_S = 4.0
 
 
 def free_port() -> int:
@@ -106,6 +107,7 @@ async def hook(services: dict[str, ServiceProcess], tmp_path: Path) -> AsyncIter
     env = {"FRS_RESULTS_WEBHOOK_CERT_FILE": str(cert), "FRS_RESULTS_WEBHOOK_KEY_FILE": str(key),
            "FRS_RESULTS_WEBHOOK_SECRETS_FILE": str(secrets_file),
            "FRS_RESULTS_WEBHOOK_PORT": str(port), "FRS_RESULTS_WEBHOOK_WINDOW_S": "60",
+           "FRS_RESULTS_WEBHOOK_UNKNOWN_HOLD_S": str(HOLD_S),
            "FRS_RESULTS_METRICS_PORT": str(metrics_port)}
     results.start(**env)
     results.wait_log("webhook listening")
@@ -115,6 +117,35 @@ async def hook(services: dict[str, ServiceProcess], tmp_path: Path) -> AsyncIter
         yield Hook(f"https://127.0.0.1:{port}", client_ssl, shared, metrics_port, session,
                    results, env)
     assert results.stop() == 0
+
+
+async def test_answer_that_beats_the_dispatch_record_is_held_not_refused(
+    kafka_bootstrap: str, hook: Hook
+) -> None:
+    """A vendor answering at once can arrive before results has seen ProviderDispatched:
+    the call waits for the record instead of a 404 and a retry."""
+    probe, pid = uid("prb"), "pw-1"
+    sent = dispatched(probe, pid)
+    await publish(kafka_bootstrap, [provider_record(pid, max_candidates=20), cleared(probe, pid)])
+    body = {"request_ref": sent.request_ref, "candidates": candidates(3), "threshold": 0.0,
+            "algorithm": "vendor-x", "algorithm_version": "7.2"}
+    call = asyncio.create_task(hook.post(ANSWERS_PATH, pid, body))
+    await asyncio.sleep(0.5)
+    assert not call.done(), "the answer was decided before its dispatch was recorded"
+    await publish(kafka_bootstrap, [sent])
+    status, reply = await call
+    assert (status, reply) == (202, {"status": "accepted"})
+    events = await wait_for(kafka_bootstrap, probe,
+                            lambda es: count(es, CandidatesReceived) >= 1)
+    assert count(events, CandidatesReceived) == 1
+    # A reference that never gets a record: refused after the hold, and counted.
+    before = hook.metric("unknown_request")
+    started = time.monotonic()
+    status, reply = await hook.post(ANSWERS_PATH, pid, {"request_ref": uid("never-sent"),
+                                                        "candidates": []})
+    assert (status, reply) == (404, {"error": "unknown_request"})
+    assert time.monotonic() - started >= HOLD_S - 0.1
+    assert hook.metric("unknown_request") == before + 1
 
 
 def candidates(n: int) -> list[dict[str, Any]]:
