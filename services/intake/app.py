@@ -106,6 +106,9 @@ class IntakeSettings(ServiceSettings):
             raise ValueError("FRS_INTAKE_KEK_BACKEND=kms is required outside local mode")
         if self.kek_backend == "kms" and not self.kms_key_id:
             raise ValueError("FRS_INTAKE_KMS_KEY_ID is required with the kms key backend")
+        if self.clock_max_age_s <= self.clock_resample_s:
+            # Samples would go stale before the next is due: every other sweep skipped.
+            raise ValueError("FRS_INTAKE_CLOCK_MAX_AGE_S must exceed FRS_INTAKE_CLOCK_RESAMPLE_S")
         return self
 
     @property

@@ -77,7 +77,7 @@ async def test_now_is_the_lower_bound_extrapolated_by_the_monotonic_clock() -> N
                                                   abs=2e-6)
 
 
-async def test_no_early_answer_whatever_the_round_trip() -> None:
+async def test_no_early_answer_whatever_the_round_trip_time() -> None:
     """The lower bound never passes the broker's true time, however the trip splits."""
     mono = Mono()
     for rtt in (0.0, 0.05, 1.5):
