@@ -89,6 +89,14 @@ REGISTRY_PROVIDERS = Topic(
     "frs.registry.providers", "provider_id", 1, -1, "compact", (ev.ProviderRecord,),
     "Approved providers, jurisdictions, transports and status.", _COMPACT,
 )
+# Not an event topic: each record is a clock probe (the writing service's name, nothing
+# else). LogAppendTime makes the broker stamp it with its own time and return that time in
+# the produce response: the trusted time the intake's purger judges expiry by.
+BROKER_CLOCK = Topic(
+    "frs.clock", "service", 1, HOUR_MS, "delete", (),
+    "Broker clock samples (LogAppendTime); raw records holding the writer's service name.",
+    {"message.timestamp.type": "LogAppendTime", "segment.ms": str(HOUR_MS)},
+)
 
 SERVICES = ("intake", "policy", "dispatch", "results", "audit")
 
@@ -114,6 +122,7 @@ TOPICS: tuple[Topic, ...] = (
     REGISTRY_CASES,
     REGISTRY_AGENTS,
     REGISTRY_PROVIDERS,
+    BROKER_CLOCK,
     *DLQ_TOPICS,
 )
 

@@ -67,6 +67,12 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
         ("Images purged /s", "ops", [
             ("sum by (reason) (rate(frs_intake_images_purged_total[5m]))", "{{reason}}")]),
     ]),
+    ("Trusted time (the purger follows the broker's clock)", [
+        ("Clock skew, intake minus broker", "s", [
+            ("max(frs_intake_clock_skew_seconds)", "skew")]),
+        ("Purge sweeps skipped (no broker clock) /s", "ops", [
+            ("sum(rate(frs_intake_purge_sweeps_skipped_total[5m]))", "skipped")]),
+    ]),
     ("Audit", [
         ("Audit tree size", "short", [("max(frs_audit_tree_size)", "leaves"),
                                       ("max(frs_audit_checkpoint_tree_size)", "checkpointed")]),

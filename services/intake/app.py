@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +46,7 @@ from services.intake.vault import (
     open_db,
 )
 from services.kit.bus import Processor, Publisher, RawRecord, Route
+from services.kit.clock import BrokerClock, kafka_stamp
 from services.kit.registry import Registries
 from services.kit.service import dlq_for, processor
 from services.kit.settings import ServiceSettings
@@ -91,6 +92,13 @@ class IntakeSettings(ServiceSettings):
     kms_endpoint_url: str | None = Field(None, description="KMS endpoint; None: AWS.")
     aws_region: str = Field("us-east-1", description="Region for S3 and KMS clients.")
     purge_interval_s: float = Field(60.0, gt=0, description="Seconds between purge sweeps.")
+    # Trusted time (services/kit/clock.py): expiries are stamped and judged by the broker's.
+    clock_resample_s: float = Field(30.0, gt=0, description="Seconds between samples of the "
+                                    "broker's clock (a record on frs.clock).")
+    clock_max_age_s: float = Field(300.0, gt=0, description="Oldest broker clock sample a "
+                                   "purge sweep may use; older: the sweep is skipped.")
+    clock_skew_warn_s: float = Field(5.0, ge=0, description="Local-vs-broker clock skew, "
+                                     "seconds, above which the purger logs a warning.")
     fault_kill_mid_purge: int = Field(
         0, ge=0, description="Tests only: SIGKILL after shredding the Nth object, "
         "before announcing it.")
@@ -101,6 +109,9 @@ class IntakeSettings(ServiceSettings):
             raise ValueError("FRS_INTAKE_KEK_BACKEND=kms is required outside local mode")
         if self.kek_backend == "kms" and not self.kms_key_id:
             raise ValueError("FRS_INTAKE_KMS_KEY_ID is required with the kms key backend")
+        if self.clock_max_age_s <= self.clock_resample_s:
+            # Samples would go stale before the next is due: every other sweep skipped.
+            raise ValueError("FRS_INTAKE_CLOCK_MAX_AGE_S must exceed FRS_INTAKE_CLOCK_RESAMPLE_S")
         return self
 
     @property
@@ -137,19 +148,27 @@ def open_vault(settings: IntakeSettings, stack: AsyncExitStack) -> tuple[Vault, 
     return vault, OutcomeLog(conn)
 
 
+def broker_clock(settings: IntakeSettings, publisher: Publisher) -> BrokerClock:
+    return BrokerClock(kafka_stamp(publisher, settings.service),
+                       resample_s=settings.clock_resample_s, max_age_s=settings.clock_max_age_s)
+
+
 def build_purger(settings: IntakeSettings, publisher: Publisher, registries: Registries,
-                 vault: Vault) -> Purger:
+                 vault: Vault, trusted: BrokerClock) -> Purger:
     async def publish(events: Sequence[Event]) -> None:
         await publisher.publish(events)
 
     return Purger(vault, lambda: registries.cases, publish, utcnow,
                   interval_s=settings.purge_interval_s,
-                  fault_kill_mid_purge=settings.fault_kill_mid_purge)
+                  fault_kill_mid_purge=settings.fault_kill_mid_purge,
+                  trusted=trusted, skew_warn_s=settings.clock_skew_warn_s)
 
 
 def build(settings: IntakeSettings, publisher: Publisher, registries: Registries,
-          stack: AsyncExitStack, vault: tuple[Vault, OutcomeLog] | None = None
-          ) -> list[Processor]:
+          stack: AsyncExitStack, vault: tuple[Vault, OutcomeLog] | None = None,
+          admission_clock: Callable[[], datetime] = utcnow) -> list[Processor]:
+    """``admission_clock`` stamps submission times and expiries; the service passes the
+    broker clock's lower bound (an expiry a little early, never late)."""
     probe_vault, outcomes = vault or open_vault(settings, stack)
     # OpenCV releases the GIL, so threads give the image work both cores; its own thread
     # pool would only add contention on top of ours.
@@ -159,7 +178,7 @@ def build(settings: IntakeSettings, publisher: Publisher, registries: Registries
     stack.callback(image_worker.shutdown, wait=True, cancel_futures=True)
     intake_ports = handlers.IntakePorts(
         private_key=load_or_create_private_key(settings.private_key_file),
-        clock=utcnow, image_ttl=timedelta(hours=settings.image_ttl_hours),
+        clock=admission_clock, image_ttl=timedelta(hours=settings.image_ttl_hours),
         vault=probe_vault, outcomes=outcomes,
         limits=SanitizeLimits(max_bytes=settings.max_image_bytes,
                               max_pixels=settings.max_image_pixels,

@@ -7,7 +7,12 @@ timers, so a restart loses nothing. Each sweep:
    wrapped data key, publishes ImagePurged (and waits for the broker's ack), marks it
    announced. Every step is recorded, so a sweep cut short by a crash is finished by
    the next one: at worst one ImagePurged is published twice, never zero times.
-3. sets a gauge of objects still past expiry (zero when the purger keeps up)."""
+3. sets a gauge of objects still past expiry (zero when the purger keeps up).
+
+"Past expiry" is judged by the broker's clock (services/kit/clock.py), never by the local
+one: a local clock running fast would purge early, one running slow would keep images too
+long. The purger takes the lower bound of the broker's time, so nothing is purged before
+its expiry, and measures how far the local clock is off (gauge, warning)."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from schemas.events import CaseRecord, Event, ImagePurged, PurgeReason
 from services.intake.vault import Vault
+from services.kit.clock import BrokerClock
 
 log = logging.getLogger("frs.intake.purge")
 
@@ -34,6 +40,8 @@ class PurgeMetrics:
     past_expiry: Gauge
     purged: Counter
     sweep_failures: Counter
+    sweeps_skipped: Counter
+    clock_skew: Gauge
 
 
 @cache
@@ -47,10 +55,19 @@ def purge_metrics() -> PurgeMetrics:
                        ["reason"]),
         sweep_failures=Counter("frs_intake_purge_sweep_failures_total",
                                "Purge sweeps that stopped on an error (retried next sweep)."),
+        sweeps_skipped=Counter("frs_intake_purge_sweeps_skipped_total",
+                               "Purge sweeps skipped for want of a recent sample of the "
+                               "broker's clock (retried next sweep)."),
+        clock_skew=Gauge("frs_intake_clock_skew_seconds",
+                         "Local clock minus the broker's clock, seconds (positive: fast)."),
     )
 
 
 class Purger:
+    """``clock`` is the local clock. With ``trusted`` (the service always passes the
+    broker's clock) expiry is judged by ``trusted`` alone and ``clock`` is only measured
+    against it; without it (unit tests, tools) ``clock`` is taken as true time."""
+
     def __init__(
         self,
         vault: Vault,
@@ -61,6 +78,8 @@ class Purger:
         interval_s: float = 60.0,
         gauge_interval_s: float = 5.0,
         fault_kill_mid_purge: int = 0,
+        trusted: BrokerClock | None = None,
+        skew_warn_s: float = 5.0,
     ) -> None:
         self.vault = vault
         self.cases = cases
@@ -69,6 +88,8 @@ class Purger:
         self.interval_s = interval_s
         self.gauge_interval_s = gauge_interval_s
         self.fault_kill_mid_purge = fault_kill_mid_purge
+        self.trusted = trusted
+        self.skew_warn_s = skew_warn_s
         self.metrics = purge_metrics()
         self._shredded = 0
 
@@ -82,8 +103,35 @@ class Purger:
                 moved += self.vault.index.expire_case(case_id, now)
         return moved
 
+    async def trusted_now(self) -> datetime | None:
+        """The time to judge expiry by, or None: skip this sweep.
+
+        Without a recent broker sample the sweep is skipped rather than run on the local
+        clock: a skipped sweep is retried at the next interval (and the broker being out
+        of reach, the purges could not be announced anyway), while an early purge cannot
+        be undone. A sample up to ``max_age_s`` old still serves: the monotonic clock
+        carries it forward within known bounds."""
+        if self.trusted is None:
+            return self.clock()
+        await self.trusted.refresh()
+        if not self.trusted.fresh():
+            self.metrics.sweeps_skipped.inc()
+            age = self.trusted.age()
+            log.warning("purge sweep skipped: no recent sample of the broker's clock",
+                        extra={"sample_age_s": None if age is None else round(age, 1)})
+            return None
+        lower, upper = self.trusted.bounds()
+        skew = (self.clock() - (lower + (upper - lower) / 2)).total_seconds()
+        self.metrics.clock_skew.set(skew)
+        if abs(skew) > self.skew_warn_s:
+            log.warning("local clock disagrees with the broker's",
+                        extra={"skew_s": round(skew, 3), "warn_above_s": self.skew_warn_s})
+        return lower
+
     async def sweep(self) -> list[ImagePurged]:
-        now = self.clock()
+        now = await self.trusted_now()
+        if now is None:
+            return []
         moved = self.close_cases(now)
         index = self.vault.index
         due = index.due(now)
@@ -119,7 +167,11 @@ class Purger:
         """Between sweeps too: an object that expires now is visible to operators now,
         not at the next sweep (and a purger that keeps failing stays visible)."""
         index = self.vault.index
-        self.metrics.past_expiry.set(index.count_past_expiry(self.clock()))
+        if self.trusted is None:
+            self.metrics.past_expiry.set(index.count_past_expiry(self.clock()))
+        elif self.trusted.last is not None:
+            # The lower bound stays valid however old the sample: no broker call here.
+            self.metrics.past_expiry.set(index.count_past_expiry(self.trusted.now()))
         self.metrics.objects.set(index.count_stored())
 
     async def run(self) -> None:

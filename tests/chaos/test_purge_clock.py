@@ -1,7 +1,11 @@
 """A purger whose clock runs 10 minutes fast or slow (injected clock), on a real vault and
 the real broker: nothing may be purged before its expiry (in true time), nothing left
 past expiry plus grace. The checker judges by true time, not by the times the purger
-writes into its own ImagePurged events (a skewed clock would vouch for itself)."""
+writes into its own ImagePurged events (a skewed clock would vouch for itself).
+
+The purger is built as the intake builds it: the skewed local clock plus the broker's clock
+(LogAppendTime samples on frs.clock). The broker runs on this machine, so its clock is true
+time; the local clock the purger is handed is the one that lies."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from schemas.catalog import PROBE_EVENTS
 from schemas.envelope import Envelope
@@ -25,6 +30,7 @@ from services.intake.vault import (
     probe_ref,
 )
 from services.kit.bus import Publisher, read_topic
+from services.kit.clock import BrokerClock, kafka_stamp
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 SKEW = timedelta(minutes=10)
@@ -56,11 +62,6 @@ def test_violations_check_can_fail() -> None:
     assert violations(expiries, {"b"}, now) == {"purged_early": [], "past_expiry": []}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: the purger trusts its own clock; 10 min fast purges images up to 10 min "
-    "before expiry, 10 min slow leaves them up to 10 min past it (grace is 2 min). "
-    "Suggested fix (intake): bound the clock against the broker's record timestamps or a "
-    "trusted time source and refuse to sweep when they disagree by more than the grace."))
 @pytest.mark.parametrize("skew", [SKEW, -SKEW], ids=["fast", "slow"])
 async def test_purger_with_a_skewed_clock_keeps_true_time(
     kafka_bootstrap: str, tmp_path: Path, skew: timedelta
@@ -75,7 +76,8 @@ async def test_purger_with_a_skewed_clock_keeps_true_time(
         vault.put(probe_id=probe, case_id="CASE-1", data=b"\xff\xd8 sealed test bytes",
                   created_at=now - timedelta(hours=1), expires_at=expiries[probe])
     async with Publisher(kafka_bootstrap, "/chaos/purger") as pub:
-        purger = Purger(vault, dict, pub.publish, lambda: utcnow() + skew)
+        trusted = BrokerClock(kafka_stamp(pub, "intake"))
+        purger = Purger(vault, dict, pub.publish, lambda: utcnow() + skew, trusted=trusted)
         await purger.sweep()
     true_now = utcnow()
     announced = {d.event.probe_id for _r, d in await read_topic(kafka_bootstrap,
@@ -88,3 +90,6 @@ async def test_purger_with_a_skewed_clock_keeps_true_time(
     assert announced == set(expiries) - stored
     found = violations(expiries, announced, true_now)
     assert found == {"purged_early": [], "past_expiry": []}, found
+    # The purger saw its local clock for what it is.
+    measured = REGISTRY.get_sample_value("frs_intake_clock_skew_seconds")
+    assert measured == pytest.approx(skew.total_seconds(), abs=5)

@@ -215,6 +215,12 @@ def test_nobody_but_audit_writes_audit_topics(secure: SecureBroker, principal: s
         run(try_write(secure.settings(principal), topic))
 
 
+@pytest.mark.parametrize("principal", [p for p in PRINCIPALS if p != "intake"])
+def test_only_intake_writes_the_clock_topic(secure: SecureBroker, principal: str) -> None:
+    with pytest.raises(WRITE_DENIED):
+        run(try_write(secure.settings(principal), "frs.clock"))
+
+
 @pytest.mark.parametrize("topic", TOPIC_NAMES)
 def test_auditor_writes_nothing(secure: SecureBroker, topic: str) -> None:
     with pytest.raises(WRITE_DENIED):
@@ -374,6 +380,14 @@ def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
         assert timeline.returncode == 0, timeline.stderr
         events = json.loads(timeline.stdout)
         assert [e["type"] for e in events if e["type"] in FLOW] == FLOW
+        # The intake read the broker's clock on its own identity (it would not have started
+        # otherwise) and its purger swept by it.
+        clock = run(read_topic("", ["frs.clock"], kafka=secure.settings("auditor")))
+        assert b"intake" in {r.key for r, _ in clock}
+        intake_log = procs["intake"].log_path.read_text()
+        assert '"purger started"' in intake_log
+        assert "broker clock sample failed" not in intake_log
+        assert "purge sweep skipped" not in intake_log
         # The audit service, on its own identity, records each of them exactly once.
         ids = {e["id"] for e in events}
         deadline = time.monotonic() + 60

@@ -6,7 +6,13 @@ import re
 
 import pytest
 
-from schemas.catalog import AUDIT_CHECKPOINTS, AUDIT_VIOLATIONS, PROBE_REQUESTS, TOPICS
+from schemas.catalog import (
+    AUDIT_CHECKPOINTS,
+    AUDIT_VIOLATIONS,
+    BROKER_CLOCK,
+    PROBE_REQUESTS,
+    TOPICS,
+)
 from services.kit.acls import AclFile, Binding, allows, bindings, load, markdown_table
 from tests.conftest import ROOT
 
@@ -40,6 +46,13 @@ def test_only_upstream_writes_probe_requests_and_only_intake_acts_on_them() -> N
 def test_nobody_but_audit_writes_the_audit_topics() -> None:
     for topic in (AUDIT_CHECKPOINTS.name, AUDIT_VIOLATIONS.name):
         assert {p for p in DOC.principals if allows(DOC, p, "WRITE", topic)} == {"audit"}
+
+
+def test_only_intake_writes_the_clock_topic_and_nobody_needs_to_read_it() -> None:
+    assert {p for p in DOC.principals if allows(DOC, p, "WRITE", BROKER_CLOCK.name)} == {"intake"}
+    # The intake reads the broker's time from the produce response: no READ is granted
+    # for it (audit and auditors read it through their frs.* prefix like everything else).
+    assert not allows(DOC, "intake", "READ", BROKER_CLOCK.name)
 
 
 def test_auditors_read_everything_and_write_nothing() -> None:

@@ -22,6 +22,7 @@ from services.intake.vault import (
     VaultIndex,
     open_db,
 )
+from services.kit.clock import BrokerClock
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -149,3 +150,82 @@ async def test_gauges_follow_expiry_between_sweeps(tmp_path: Path) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# --- judged by the broker's clock (services/kit/clock.py) ------------------------------
+
+
+class Broker:
+    """A fake clock topic: the broker's time is T0 + the monotonic time elapsed."""
+
+    def __init__(self) -> None:
+        self.mono = 0.0
+        self.up = True
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    async def stamp(self) -> int:
+        if not self.up:
+            raise ConnectionError("broker down")
+        return int((T0.timestamp() + self.mono) * 1000)
+
+
+def skipped() -> float:
+    return REGISTRY.get_sample_value("frs_intake_purge_sweeps_skipped_total") or 0.0
+
+
+@pytest.mark.parametrize("skew", [timedelta(minutes=10), timedelta(minutes=-10)],
+                         ids=["fast", "slow"])
+async def test_a_skewed_local_clock_neither_purges_early_nor_late(
+        tmp_path: Path, skew: timedelta) -> None:
+    vault, sink, broker = make_vault(tmp_path), Sink(), Broker()
+    early = fill(vault, 1, "C1", ttl_h=1)  # expires T0+1h
+    late = fill(vault, 1, "C2", ttl_h=1.1)  # T0+1h06
+    trusted = BrokerClock(broker.stamp, monotonic=broker.monotonic)
+    purger = Purger(vault, dict, sink, lambda: T0 + timedelta(seconds=broker.mono) + skew,
+                    trusted=trusted, skew_warn_s=5)
+    broker.mono = 3600 - 60  # a minute before the first expiry, in the broker's time
+    assert await purger.sweep() == []
+    assert REGISTRY.get_sample_value("frs_intake_clock_skew_seconds") == pytest.approx(
+        skew.total_seconds(), abs=0.01)
+    broker.mono = 3600 + 60
+    assert [e.vault_ref for e in await purger.sweep()] == early
+    broker.mono = 3960 + 60
+    assert [e.vault_ref for e in await purger.sweep()] == late
+
+
+async def test_no_broker_sample_no_sweep(tmp_path: Path) -> None:
+    vault, sink, broker = make_vault(tmp_path), Sink(), Broker()
+    fill(vault, 2, ttl_h=1)
+    broker.up = False
+    trusted = BrokerClock(broker.stamp, max_age_s=300, monotonic=broker.monotonic)
+    # The local clock says everything expired long ago: it must not be believed.
+    purger = Purger(vault, dict, sink, lambda: T0 + timedelta(days=30), trusted=trusted)
+    before = skipped()
+    assert await purger.sweep() == []
+    assert skipped() == before + 1
+    assert vault.index.count_stored() == 2 and sink.events == []
+    broker.up = True
+    broker.mono = 7200
+    assert len(await purger.sweep()) == 2  # the next sweep, with a sample, does the work
+
+
+async def test_a_sample_too_old_stops_the_sweep_until_the_broker_answers(
+        tmp_path: Path) -> None:
+    vault, sink, broker = make_vault(tmp_path), Sink(), Broker()
+    fill(vault, 1, ttl_h=1)
+    trusted = BrokerClock(broker.stamp, resample_s=30, max_age_s=300,
+                          monotonic=broker.monotonic)
+    purger = Purger(vault, dict, sink, lambda: T0, trusted=trusted)
+    assert await purger.sweep() == []  # sampled at T0
+    broker.up = False
+    before = skipped()
+    broker.mono = 200  # resample fails; a 200 s old sample still serves
+    assert await purger.sweep() == []
+    assert skipped() == before
+    broker.mono = 3700  # expired now, but the last sample is an hour old
+    assert await purger.sweep() == []
+    assert skipped() == before + 1 and vault.index.count_stored() == 1
+    broker.up = True
+    assert len(await purger.sweep()) == 1

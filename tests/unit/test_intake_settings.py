@@ -32,3 +32,10 @@ def test_refuses_local_key_outside_local_mode(tmp_path: Path) -> None:
         IntakeSettings(kek_backend="kms")
     ok = IntakeSettings(local_mode=False, **bus, kek_backend="kms", kms_key_id="alias/frs-vault")
     assert ok.kms_key_id == "alias/frs-vault"
+
+
+def test_broker_clock_samples_must_not_go_stale_between_resamples() -> None:
+    s = IntakeSettings()
+    assert (s.clock_resample_s, s.clock_max_age_s, s.clock_skew_warn_s) == (30.0, 300.0, 5.0)
+    with pytest.raises(ValidationError, match="CLOCK_MAX_AGE_S"):
+        IntakeSettings(clock_resample_s=60, clock_max_age_s=30)
