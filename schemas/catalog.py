@@ -126,6 +126,8 @@ TOPICS: tuple[Topic, ...] = (
     *DLQ_TOPICS,
 )
 
+# What the audit log records: every topic but the clock samples (no event, no person).
+AUDITED_TOPICS: tuple[Topic, ...] = tuple(t for t in TOPICS if t is not BROKER_CLOCK)
 TOPIC_BY_NAME: dict[str, Topic] = {t.name: t for t in TOPICS}
 TOPIC_FOR_EVENT: dict[type[ev.Event], Topic] = {e: t for t in TOPICS for e in t.events}
 

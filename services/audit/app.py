@@ -18,7 +18,7 @@ from prometheus_client import Gauge, Histogram
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from schemas.catalog import TOPICS
+from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import DecodeError, Envelope
 from schemas.events import CandidatesReceived, Event, ProbeRequested
 from schemas.types import probe_id_for, utcnow
@@ -175,7 +175,8 @@ def build_app(settings: AuditSettings, publisher: Publisher,
                 await publish(list(violations))
             await checkpoint_if_due()
 
-    route = Route("audit", settings.group_id, tuple(t.name for t in TOPICS), {}, dlq_for("audit"),
+    route = Route("audit", settings.group_id, tuple(t.name for t in AUDITED_TOPICS), {},
+                  dlq_for("audit"),
                   on_record=record, before_commit=durable)
     return [processor(settings, route, publisher)], [timers]
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from schemas.catalog import TOPICS
+from schemas.catalog import AUDITED_TOPICS
 from services.audit.app import AuditSettings
 from services.audit.checkpoint import CheckpointError, Verifier
 from services.cli.common import BENCH_HELP, CliSettings, Misuse, emit, group, subcommand
@@ -163,7 +163,7 @@ async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
 
     directory = _store_dir(args)
     since = _when(args.since)
-    topics = [t.name for t in TOPICS]
+    topics = [t.name for t in AUDITED_TOPICS]
     records: list[Any] = await read_topic(settings.kafka_bootstrap, topics)
     subjects = subjects_for(records, args.probe, args.case)
     full = subjects is None and since is None

@@ -22,7 +22,7 @@ from aiokafka.errors import (
 )
 from pydantic import ValidationError
 
-from schemas.catalog import TOPICS
+from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import Envelope
 from schemas.events import AgentRecord, CaseRecord, Event, ProviderRecord
 from schemas.types import ImageSource, Purpose, probe_id_for
@@ -97,7 +97,7 @@ def _timeline(
 async def cmd_timeline(args: argparse.Namespace, settings: CliSettings) -> int:
     probe_id = args.probe if args.probe.startswith("prb-") else probe_id_for(args.probe)
     request_id = None if args.probe.startswith("prb-") else args.probe
-    topics = [t.name for t in TOPICS if not t.name.startswith("frs.registry.")]
+    topics = [t.name for t in AUDITED_TOPICS if not t.name.startswith("frs.registry.")]
     deadline = asyncio.get_running_loop().time() + args.wait
     while True:
         events = _timeline(await read_topic(settings.kafka_bootstrap, topics), probe_id,

@@ -2,7 +2,9 @@
 
 The loop is the same for every service: fetch a batch, decode each record into its
 CloudEvent envelope and typed model, call the handler, publish what it returns, wait
-until every published record is acknowledged by all in-sync replicas, then commit. A
+until every published record is acknowledged by all in-sync replicas, then commit. The
+wait and the commit of one batch overlap the handling of the next (not for routes with a
+``before_commit`` hook), so a round trip to the broker is not paid per batch twice. A
 record that cannot be decoded, or whose handler keeps failing, goes to the service's
 DLQ with its original headers plus error headers, and the partition moves on.
 Records with the same key are handled in order; different keys run concurrently.
@@ -172,22 +174,45 @@ class Processor:
         await self._consumer.start()
         log.info("consumer started", extra={"group": self.route.group_id,
                                             "topics": ",".join(self.route.topics)})
+        finishing: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
+                if finishing is not None and finishing.done():
+                    finishing.result()  # a failed acknowledgement or commit stops the loop
                 batch = await self._consumer.getmany(timeout_ms=200, max_records=self.batch_max)
-                if batch:
-                    await self._handle_batch(batch)
+                if not batch:
+                    continue
+                if self.route.before_commit is not None and finishing is not None:
+                    # The hook makes local state durable; it must not take in effects of
+                    # a batch whose outputs are not yet acknowledged, so no overlap here.
+                    await finishing
+                pending = await self._handle_batch(batch)
+                # Acknowledgements and the commit of this batch overlap the handling of the
+                # next one (one batch at a time: commits stay in order, memory bounded).
+                finishing = asyncio.create_task(self._finish_batch(batch, pending, finishing))
         finally:
-            await self._consumer.stop()
-            log.info("consumer stopped", extra={"group": self.route.group_id})
+            try:
+                if finishing is not None:
+                    await finishing
+            finally:
+                await self._consumer.stop()
+                log.info("consumer stopped", extra={"group": self.route.group_id})
 
-    async def _handle_batch(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+    async def _handle_batch(self, batch: dict[TopicPartition, list[ConsumerRecord]]
+                            ) -> list[asyncio.Future[Any]]:
         by_key: dict[tuple[TopicPartition, bytes | None], list[ConsumerRecord]] = {}
         for tp, records in batch.items():
             for record in records:
                 by_key.setdefault((tp, record.key), []).append(record)
         pending: list[asyncio.Future[Any]] = []
         await asyncio.gather(*(self._handle_in_order(rs, pending) for rs in by_key.values()))
+        return pending
+
+    async def _finish_batch(self, batch: dict[TopicPartition, list[ConsumerRecord]],
+                            pending: list[asyncio.Future[Any]],
+                            previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await previous
         # Effects are durable before the offsets move: at-least-once, never at-most-once.
         if pending:
             await asyncio.gather(*pending)

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from schemas.catalog import TOPICS
+from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import DecodeError, Envelope
 from schemas.events import (
     CandidatesReceived,
@@ -305,7 +305,7 @@ def check_relay(inputs: Sequence[Envelope], outputs: Sequence[Envelope],
 async def collect(bootstrap: str, topics: Sequence[str] | None = None,
                   max_s: float = 120.0) -> list[Record]:
     """Every record of every catalog topic, from the beginning to the current end."""
-    names = list(topics) if topics is not None else [t.name for t in TOPICS]
+    names = list(topics) if topics is not None else [t.name for t in AUDITED_TOPICS]
     return await read_topic(bootstrap, names, max_s=max_s)
 
 

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata
 
-from schemas.catalog import TOPICS
+from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import Envelope
 from schemas.events import PolicyDenied, ProbeRejected, ProbeSettled, ProviderDispatched
 from schemas.types import utcnow
@@ -43,7 +43,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "frs-results": ("frs.provider.responses",),
     "frs-results-tracker": ("frs.probe.events", "frs.policy.decisions", "frs.dispatch.events",
                             "frs.results.events"),
-    "frs-audit": tuple(t.name for t in TOPICS),
+    "frs-audit": tuple(t.name for t in AUDITED_TOPICS),
 }
 # Images live IMAGE_TTL_S in the chaos runs and the purger sweeps every second: purges
 # happen under the faults, and an image still held PURGE_GRACE after expiry is a violation.
@@ -172,7 +172,7 @@ class ChaosRun(PipelineRig):
             for name, proc in self.procs.items():
                 if name != "audit":
                     await proc.wait_exit()
-            await caught_up(self.bootstrap, "frs-audit", [t.name for t in TOPICS])
+            await caught_up(self.bootstrap, "frs-audit", [t.name for t in AUDITED_TOPICS])
             audit.signal(signal.SIGTERM)
             await audit.wait_exit()
             from services.audit.store import AuditStore
@@ -180,7 +180,7 @@ class ChaosRun(PipelineRig):
             store = AuditStore(self.workdir / "audit")
             rows = [(r.topic, r.partition, r.offset, r.ce_id) for r in store.rows()]
             store.close()
-        records = await read_topic(self.bootstrap, [t.name for t in TOPICS], max_s=180)
+        records = await read_topic(self.bootstrap, [t.name for t in AUDITED_TOPICS], max_s=180)
         mine = self.probes
         refs = {d.event.request_ref: (d.event.probe_id, d.event.provider_id)
                 for _r, d in records

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas.catalog import TOPICS
+from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import Envelope
 from schemas.events import CheckpointPublished, ProbeRejected, RejectReason
 from services.kit.bus import Publisher, read_topic
@@ -58,7 +58,7 @@ def test_sigkill_mid_stream_keeps_every_event_exactly_once(
     killed_at = store_size(store_dir)
     asyncio.run(publish(kafka_bootstrap, [rejected(i, run) for i in range(total // 2, total)]))
     audit.start()
-    expected = len(asyncio.run(read_topic(kafka_bootstrap, [t.name for t in TOPICS])))
+    expected = len(asyncio.run(read_topic(kafka_bootstrap, [t.name for t in AUDITED_TOPICS])))
     wait_for(lambda: store_size(store_dir) >= expected, timeout=120, what="all leaves")
     assert killed_at < expected
 
@@ -93,7 +93,7 @@ def test_replay_finds_an_event_missing_from_the_store(
     store_dir = Path(env["FRS_AUDIT_STORE_DIR"])
     audit.start()
     asyncio.run(publish(kafka_bootstrap, [rejected(0, uuid.uuid4().hex[:8])]))
-    expected = len(asyncio.run(read_topic(kafka_bootstrap, [t.name for t in TOPICS])))
+    expected = len(asyncio.run(read_topic(kafka_bootstrap, [t.name for t in AUDITED_TOPICS])))
     wait_for(lambda: store_size(store_dir) >= expected, what="leaves")
     audit.stop()
     import sqlite3
@@ -197,7 +197,7 @@ def test_kill_after_effects_before_commit_redelivery_is_recognized(
     killed_at = store_size(store_dir)
     assert killed_at > 0
     audit.start()
-    expected = len(asyncio.run(read_topic(kafka_bootstrap, [t.name for t in TOPICS])))
+    expected = len(asyncio.run(read_topic(kafka_bootstrap, [t.name for t in AUDITED_TOPICS])))
     wait_for(lambda: store_size(store_dir) >= expected, timeout=120, what="all leaves")
     replay = frs("audit", "replay", "--json", "--wait", "30", env=env)
     assert replay.returncode == 0, replay.stdout + replay.stderr
