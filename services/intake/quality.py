@@ -12,8 +12,8 @@ frontal cascade's false positives on real photos would otherwise read as a secon
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import cv2
@@ -43,11 +43,19 @@ class QualityGate:
     max_exposure: float = 0.90
 
 
-@cache
+_local = threading.local()
+
+
 def _cascade(name: str = _CASCADE) -> Any:
-    classifier = cv2.CascadeClassifier(cv2.data.haarcascades + name)  # type: ignore[attr-defined]
-    if classifier.empty():
-        raise RuntimeError(f"OpenCV Haar cascade {name} could not be loaded")
+    """One classifier per thread: OpenCV's CascadeClassifier is not safe to share (two
+    image threads on one instance corrupted the heap)."""
+    cache: dict[str, Any] = _local.__dict__.setdefault("cascades", {})
+    classifier = cache.get(name)
+    if classifier is None:
+        classifier = cv2.CascadeClassifier(cv2.data.haarcascades + name)  # type: ignore[attr-defined]
+        if classifier.empty():
+            raise RuntimeError(f"OpenCV Haar cascade {name} could not be loaded")
+        cache[name] = classifier
     return classifier
 
 

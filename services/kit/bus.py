@@ -142,6 +142,7 @@ class Processor:
         retry_backoff_s: float = 0.2,
         batch_max: int = 500,
         concurrency: int = 64,
+        commit_interval_s: float = 0.0,
         kill_before_commit: bool = False,
         kafka: KafkaSettings | None = None,
     ) -> None:
@@ -151,6 +152,10 @@ class Processor:
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self.batch_max = batch_max
+        self.commit_interval_s = commit_interval_s
+        # Offsets whose batches are done (effects acknowledged) but not yet committed.
+        self._done: dict[TopicPartition, int] = {}
+        self._committed_at = 0.0
         self._slots = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
         self._metrics = processor_metrics(route.service)
@@ -181,6 +186,8 @@ class Processor:
                     finishing.result()  # a failed acknowledgement or commit stops the loop
                 batch = await self._consumer.getmany(timeout_ms=200, max_records=self.batch_max)
                 if not batch:
+                    if self._done and (finishing is None or finishing.done()):
+                        finishing = asyncio.create_task(self._commit(finishing, force=True))
                     continue
                 if self.route.before_commit is not None and finishing is not None:
                     # The hook makes local state durable; it must not take in effects of
@@ -192,8 +199,7 @@ class Processor:
                 finishing = asyncio.create_task(self._finish_batch(batch, pending, finishing))
         finally:
             try:
-                if finishing is not None:
-                    await finishing
+                await self._commit(finishing, force=True)
             finally:
                 await self._consumer.stop()
                 log.info("consumer stopped", extra={"group": self.route.group_id})
@@ -223,9 +229,31 @@ class Processor:
             log.warning("fault injection: SIGKILL before commit",
                         extra={"group": self.route.group_id})
             os.kill(os.getpid(), signal.SIGKILL)
-        # Partitions revoked while the batch ran are the new owner's to commit.
+        for tp, records in batch.items():
+            self._done[tp] = records[-1].offset + 1
+        self.processed += sum(len(r) for r in batch.values())
+        await self._commit(None, force=False)
+        for tp, records in batch.items():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None and tp in self._consumer.assignment():
+                self._metrics.consumer_lag.labels(tp.topic).set(
+                    max(0, highwater - records[-1].offset - 1)
+                )
+
+    async def _commit(self, previous: asyncio.Task[None] | None, *, force: bool) -> None:
+        """Commit the done offsets, at most every ``commit_interval_s`` unless forced: each
+        commit is a replicated write on the broker, and a later one only means more
+        redelivery after a crash (handlers are idempotent), never a lost record."""
+        if previous is not None:
+            await previous
+        if not self._done or (not force and time.monotonic() - self._committed_at
+                              < self.commit_interval_s):
+            return
+        # Partitions revoked meanwhile are the new owner's to commit.
         assigned = self._consumer.assignment()
-        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if tp in assigned}
+        offsets = {tp: offset for tp, offset in self._done.items() if tp in assigned}
+        self._done.clear()
+        self._committed_at = time.monotonic()
         try:
             if offsets:
                 await self._consumer.commit(offsets)
@@ -234,15 +262,6 @@ class Processor:
             # ran); the next owner redelivers, handlers are idempotent, so this costs only
             # repeated work.
             log.warning("commit failed after rebalance", extra={"group": self.route.group_id})
-        self.processed += sum(len(r) for r in batch.values())
-        for tp, records in batch.items():
-            if tp not in assigned:
-                continue
-            highwater = self._consumer.highwater(tp)
-            if highwater is not None:
-                self._metrics.consumer_lag.labels(tp.topic).set(
-                    max(0, highwater - records[-1].offset - 1)
-                )
 
     async def _handle_in_order(
         self, records: list[ConsumerRecord], pending: list[asyncio.Future[Any]]

@@ -17,6 +17,7 @@ def processor(settings: ServiceSettings, route: Route, publisher: Publisher) -> 
         route, publisher, settings.kafka_bootstrap,
         max_retries=settings.max_retries, retry_backoff_s=settings.retry_backoff_s,
         batch_max=settings.batch_max, concurrency=settings.concurrency,
+        commit_interval_s=settings.commit_interval_s,
         kill_before_commit=settings.fault_kill_before_commit, kafka=settings,
     )
 

@@ -30,6 +30,9 @@ class ServiceSettings(KafkaSettings):
     retry_backoff_s: float = Field(0.2, ge=0.0, description="First retry delay; doubles.")
     batch_max: int = Field(500, ge=1, description="Records fetched per poll.")
     concurrency: int = Field(64, ge=1, description="Probes handled at once (ordered per key).")
+    commit_interval_s: float = Field(
+        0.5, ge=0.0, description="Least time between offset commits of a consumer (done "
+        "records only; a crash redelivers at most this much, a clean stop commits all).")
     fault_kill_before_commit: bool = Field(
         False, description="Tests only: SIGKILL itself after a batch's sends, before commit."
     )

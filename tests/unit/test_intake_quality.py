@@ -65,3 +65,15 @@ def test_orientation_matters_for_detection() -> None:
     raw = s.jpeg_with_metadata()
     assert assess(_img(raw)).faces_found == 0
     assert assess(sanitize(raw).image).faces_found == 1
+
+
+def test_assess_is_safe_from_several_image_threads() -> None:
+    # Intake runs the image work on several threads; one shared OpenCV classifier failed
+    # there with cv2.error and heap corruption.
+    from concurrent.futures import ThreadPoolExecutor
+
+    photos = [s.face_jpeg(), s.two_faces_jpeg(), s.no_face_jpeg()] * 8
+    serial = [assess(_img(p)) for p in photos[:3]]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        reports = list(pool.map(lambda p: assess(_img(p)), photos))
+    assert reports == serial * 8
