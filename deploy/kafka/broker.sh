@@ -14,6 +14,7 @@
 #   FRS_KAFKA_STATE [deploy/kafka/.state]   data dir, pid file and log
 #   FRS_KAFKA_JARS  [~/.cache/frs-broker/kafka-<version>]   jar cache
 #   FRS_KAFKA_HEAP  [512m]
+#   FRS_KAFKA_JVM_OPTS  [-XX:+UseG1GC -XX:TieredStopAtLevel=1]   JVM flags (see common.sh)
 set -euo pipefail
 # Shared with cluster.sh: $here, $version, $jars (the jar cache), fetch, die.
 # shellcheck source=deploy/kafka/common.sh
@@ -30,7 +31,7 @@ python=${FRS_PYTHON:-python3}
 
 running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
-java_opts=(-Xms128m -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true
+java_opts=(-Xms128m -Xmx"$heap" "${jvm_flags[@]}" -Djava.awt.headless=true
   -Dlog4j2.configurationFile="$here/log4j2.properties")
 java_cmd() { java "${java_opts[@]}" -cp "$jars/*" "$@"; }
 

@@ -7,6 +7,12 @@ jars=${FRS_KAFKA_JARS:-${XDG_CACHE_HOME:-$HOME/.cache}/frs-broker/kafka-$version
 
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 
+# JVM flags of every broker we start. C1 only (TieredStopAtLevel=1): on a 2-core machine
+# the C2 compiler kept a core's tenth busy for minutes and doubled the broker's CPU per
+# probe at 50 probes/s (frs bench pipeline: p99 450 -> 106 ms); steady-state throughput
+# of the raw relay was no lower. FRS_KAFKA_JVM_OPTS replaces them.
+read -r -a jvm_flags <<< "${FRS_KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:TieredStopAtLevel=1}"
+
 fetch() {
   [ -f "$jars/.complete" ] && return 0
   command -v mvn >/dev/null || die "mvn not found: install Maven (apt-get install maven)"
@@ -40,7 +46,7 @@ stop_pidfile() {  # stop_pidfile PIDFILE NAME: TERM, wait up to 20 s, then KILL
 
 start_java_broker() {  # start_java_broker PROPERTIES LOG PIDFILE HEAP
   # java itself in the background, so the pid file names the broker, not a subshell.
-  java -Xms128m -Xmx"$4" -XX:+UseG1GC -Djava.awt.headless=true \
+  java -Xms128m -Xmx"$4" "${jvm_flags[@]}" -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$here/log4j2.properties" -cp "$jars/*" \
     kafka.Kafka "$1" >>"$2" 2>&1 &
   echo $! > "$3"
