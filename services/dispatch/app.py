@@ -20,8 +20,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS
-from schemas.envelope import Envelope
-from schemas.events import Event, ImagePurged, PolicyCleared, ProbeSubmitted
+from schemas.events import ImagePurged, PolicyCleared, ProbeSubmitted
 from schemas.types import Transport, utcnow
 from services.dispatch import handlers
 from services.dispatch.breaker import ProviderGuards
@@ -33,7 +32,7 @@ from services.dispatch.transports.base import ProviderTransport
 from services.dispatch.transports.https import HttpsTransport, client_tls_context
 from services.dispatch.transports.rekognition import RekognitionTransport
 from services.dispatch.transports.smime_email import SmimeEmailTransport
-from services.kit.bus import Processor, Publisher, Route
+from services.kit.bus import Processor, Publisher, Route, bind
 from services.kit.registry import Registries
 from services.kit.service import dlq_for, processor
 from services.kit.settings import ServiceSettings
@@ -205,24 +204,14 @@ def build(settings: DispatchSettings, publisher: Publisher, registries: Registri
             await ledger.heartbeat()
             await asyncio.sleep(settings.claim_lease_s / 5)
 
-    async def policy_cleared(event: Any, _env: Envelope) -> list[Event]:
-        assert isinstance(event, PolicyCleared)
-        return await handlers.on_policy_cleared(event, ports)
-
-    async def probe_submitted(event: Any, _env: Envelope) -> list[Event]:
-        assert isinstance(event, ProbeSubmitted)
-        return await handlers.on_probe_submitted(event, ports)
-
-    async def image_purged(event: Any, _env: Envelope) -> list[Event]:
-        assert isinstance(event, ImagePurged)
-        return await handlers.on_image_purged(event, ports)
-
     sends = Route("dispatch", settings.group_id, (POLICY_DECISIONS.name,),
-                  {PolicyCleared: policy_cleared}, dlq_for("dispatch"))
+                  dict([bind(PolicyCleared, handlers.on_policy_cleared, ports)]),
+                  dlq_for("dispatch"))
     # Not shared between instances: clearances and submissions of one probe may be assigned
     # to different instances, so each one keeps every claim check.
     probes = Route("dispatch", probes_group(settings), (PROBE_EVENTS.name,),
-                   {ProbeSubmitted: probe_submitted, ImagePurged: image_purged},
+                   dict([bind(ProbeSubmitted, handlers.on_probe_submitted, ports),
+                         bind(ImagePurged, handlers.on_image_purged, ports)]),
                    dlq_for("dispatch"))
     return DispatchApp([processor(settings, probes, publisher),
                         processor(settings, sends, publisher)], [heartbeat])

@@ -7,14 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import cv2
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS, PROBE_REQUESTS
-from schemas.envelope import DecodeError, Envelope
+from schemas.envelope import DecodeError
 from schemas.events import (
     Event,
     PolicyCleared,
@@ -45,7 +45,7 @@ from services.intake.vault import (
     VaultIndex,
     open_db,
 )
-from services.kit.bus import Processor, Publisher, RawRecord, Route
+from services.kit.bus import Processor, Publisher, RawRecord, Route, bind
 from services.kit.clock import BrokerClock, kafka_stamp
 from services.kit.registry import Registries
 from services.kit.service import dlq_for, processor
@@ -204,32 +204,19 @@ def build(settings: IntakeSettings, publisher: Publisher, registries: Registries
     start_overdue_watch(store, publisher, utcnow, policy_settings.review_check_interval_s,
                         stack)
 
-    async def probe_requested(event: Any, _env: Envelope) -> list[Event]:
-        assert isinstance(event, ProbeRequested)
-        return await handlers.on_probe_requested(event, intake_ports)
-
     async def invalid_request(raw: RawRecord, err: DecodeError) -> list[Event]:
         return await handlers.on_invalid_request(raw.key, err, intake_ports)
 
-    async def probe_submitted(event: Any, _env: Envelope) -> list[Event]:
-        assert isinstance(event, ProbeSubmitted)
-        return await handlers.on_probe_submitted(event, policy_ports)
-
-    async def decision_for_review(event: Any, _env: Envelope) -> list[Event]:
-        assert isinstance(event, PolicyCleared)
-        return await policy.on_decision_for_review(event, review_ports)
-
-    async def supervisor_review(event: Any, _env: Envelope) -> list[Event]:
-        assert isinstance(event, SupervisorReviewRecorded)
-        return await policy.on_supervisor_review(event, review_ports)
-
     intake = Route("intake", "frs-intake", (PROBE_REQUESTS.name,),
-                   {ProbeRequested: probe_requested}, dlq_for("intake"),
-                   on_invalid=invalid_request)
+                   dict([bind(ProbeRequested, handlers.on_probe_requested, intake_ports)]),
+                   dlq_for("intake"), on_invalid=invalid_request)
     gate = Route("policy", "frs-policy", (PROBE_EVENTS.name,),
-                 {ProbeSubmitted: probe_submitted}, dlq_for("policy"))
+                 dict([bind(ProbeSubmitted, handlers.on_probe_submitted, policy_ports)]),
+                 dlq_for("policy"))
     reviews = Route("policy", "frs-policy-reviews", (POLICY_DECISIONS.name,),
-                    {PolicyCleared: decision_for_review,
-                     SupervisorReviewRecorded: supervisor_review}, dlq_for("policy"))
+                    dict([bind(PolicyCleared, policy.on_decision_for_review, review_ports),
+                          bind(SupervisorReviewRecorded, policy.on_supervisor_review,
+                               review_ports)]),
+                    dlq_for("policy"))
     return [processor(settings, intake, publisher), processor(settings, gate, publisher),
             processor(settings, reviews, publisher)]

@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -37,6 +37,20 @@ InvalidHandler = Callable[["RawRecord", DecodeError], Awaitable[Sequence[Event]]
 # Sees every record, decodable or not (the audit log records everything, DLQs included).
 RecordHandler = Callable[["RawRecord", "Envelope | DecodeError"], Awaitable[Sequence[Event]]]
 BatchHook = Callable[[], Awaitable[None]]
+E = TypeVar("E", bound=Event)
+P = TypeVar("P")
+
+
+def bind(event_type: type[E], handler: Callable[[E, P], Awaitable[Sequence[Event]]],
+         ports: P) -> tuple[type[Event], Handler]:
+    """A Route entry for a plain handler of one event type and its ports."""
+
+    async def call(event: Any, _envelope: Envelope) -> Sequence[Event]:
+        if not isinstance(event, event_type):  # the Route maps types to handlers: a bug
+            raise TypeError(f"{handler.__name__} got {type(event).__name__}")
+        return await handler(event, ports)
+
+    return event_type, call
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from schemas.catalog import (
 from schemas.envelope import Envelope
 from schemas.events import DeletionOverdue, Event, ProviderAnswered, ProviderRecord
 from schemas.types import utcnow
-from services.kit.bus import Processor, Publisher, Route, all_partitions
+from services.kit.bus import Processor, Publisher, Route, all_partitions, bind
 from services.kit.kafka import client_options
 from services.kit.registry import Registries
 from services.kit.service import dlq_for, processor
@@ -131,12 +131,9 @@ def build_all(settings: ResultsSettings, publisher: Publisher, registries: Regis
               stack: AsyncExitStack) -> tuple[list[Processor], list[Job]]:
     ports = handlers.ResultsPorts(registries=registries, clock=utcnow)
 
-    async def provider_answered(event: Any, _env: Envelope) -> list[Event]:
-        assert isinstance(event, ProviderAnswered)
-        return await handlers.on_provider_answered(event, ports)
-
     normalizer = Route("results", "frs-results", (PROVIDER_RESPONSES.name,),
-                       {ProviderAnswered: provider_answered}, dlq_for("results"))
+                       dict([bind(ProviderAnswered, handlers.on_provider_answered, ports)]),
+                       dlq_for("results"))
 
     store = TrackerStore(settings.tracker_path())
     stack.callback(store.close)

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -31,6 +31,7 @@ from schemas.events import (
 DEFAULT_MAX_CANDIDATES = 20
 # A list longer than this is not a candidate list; refuse it rather than sort it.
 MAX_RAW_CANDIDATES = 1000
+M = TypeVar("M", bound=BaseModel)
 # Keys a channel may add around the answer (the webhook's request reference).
 ENVELOPE_KEYS = frozenset({"request_ref"})
 
@@ -105,25 +106,36 @@ def _errors(exc: ValidationError) -> str:
                      for e in exc.errors()[:5])[:2000]
 
 
+def _answer(model: type[M], payload: Mapping[str, Any]) -> M:
+    """The answer's body (envelope keys dropped), strictly validated."""
+    try:
+        return model.model_validate({k: v for k, v in payload.items()
+                                     if k not in ENVELOPE_KEYS})
+    except ValidationError as exc:
+        raise Rejection(RejectCode.INVALID_ANSWER, _errors(exc)) from None
+
+
+def _each(model: type[M], items: list[Any], label: str) -> list[M]:
+    """Every listed candidate strictly validated; too long a list is refused unread."""
+    if len(items) > MAX_RAW_CANDIDATES:
+        raise Rejection(RejectCode.TOO_MANY_CANDIDATES,
+                        f"{len(items)} candidates > {MAX_RAW_CANDIDATES}")
+    out: list[M] = []
+    for i, raw in enumerate(items):
+        try:
+            out.append(model.model_validate(raw))
+        except ValidationError as exc:
+            raise Rejection(RejectCode.INVALID_CANDIDATE, f"{label} {i}: {_errors(exc)}") \
+                from None
+    return out
+
+
 def parse_answer(payload: Any, cap: int) -> tuple[list[Candidate], int, _RawAnswer]:
     """Validate strictly, sort by rank, cut to ``cap``; returns (kept, received, answer)."""
     if not isinstance(payload, Mapping):
         raise Rejection(RejectCode.NOT_AN_OBJECT, "answer is not a JSON object")
-    body = {k: v for k, v in payload.items() if k not in ENVELOPE_KEYS}
-    try:
-        answer = _RawAnswer.model_validate(body)
-    except ValidationError as exc:
-        raise Rejection(RejectCode.INVALID_ANSWER, _errors(exc)) from None
-    if len(answer.candidates) > MAX_RAW_CANDIDATES:
-        raise Rejection(RejectCode.TOO_MANY_CANDIDATES,
-                        f"{len(answer.candidates)} candidates > {MAX_RAW_CANDIDATES}")
-    parsed: list[_RawCandidate] = []
-    for i, raw in enumerate(answer.candidates):
-        try:
-            parsed.append(_RawCandidate.model_validate(raw))
-        except ValidationError as exc:
-            raise Rejection(RejectCode.INVALID_CANDIDATE, f"candidate {i}: {_errors(exc)}") \
-                from None
+    answer = _answer(_RawAnswer, payload)
+    parsed = _each(_RawCandidate, answer.candidates, "candidate")
     ranks = [c.rank for c in parsed]
     if len(set(ranks)) != len(ranks):
         raise Rejection(RejectCode.DUPLICATE_RANK, "two candidates share a rank")
@@ -160,21 +172,8 @@ class _RekognitionAnswer(BaseModel):
 
 def from_rekognition(payload: Mapping[str, Any], gallery: str) -> dict[str, Any]:
     """AWS's shape -> the answer format. Rekognition ranks by similarity (0-100)."""
-    body = {k: v for k, v in payload.items() if k not in ENVELOPE_KEYS}
-    try:
-        answer = _RekognitionAnswer.model_validate(body)
-    except ValidationError as exc:
-        raise Rejection(RejectCode.INVALID_ANSWER, _errors(exc)) from None
-    if len(answer.FaceMatches) > MAX_RAW_CANDIDATES:
-        raise Rejection(RejectCode.TOO_MANY_CANDIDATES,
-                        f"{len(answer.FaceMatches)} candidates > {MAX_RAW_CANDIDATES}")
-    matches: list[_RekognitionMatch] = []
-    for i, raw in enumerate(answer.FaceMatches):
-        try:
-            matches.append(_RekognitionMatch.model_validate(raw))
-        except ValidationError as exc:
-            raise Rejection(RejectCode.INVALID_CANDIDATE, f"match {i}: {_errors(exc)}") \
-                from None
+    answer = _answer(_RekognitionAnswer, payload)
+    matches = _each(_RekognitionMatch, answer.FaceMatches, "match")
     matches.sort(key=lambda m: -m.Similarity)
     return {
         "candidates": [{"rank": i + 1, "score": m.Similarity, "score_scale": "0-100",
