@@ -5,7 +5,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")
 jars=${FRS_KAFKA_JARS:-${XDG_CACHE_HOME:-$HOME/.cache}/frs-broker/kafka-$version}
 
-die() { echo "$(basename "$0"): $*" >&2; exit 1; }
+# shellcheck source=deploy/java.sh
+source "$here/../java.sh"
 
 # JVM flags of every broker we start. C1 only (TieredStopAtLevel=1): on a 2-core machine
 # the C2 compiler kept a core's tenth busy for minutes and doubled the broker's CPU per
@@ -13,15 +14,7 @@ die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 # of the raw relay was no lower. FRS_KAFKA_JVM_OPTS replaces them.
 read -r -a jvm_flags <<< "${FRS_KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:TieredStopAtLevel=1}"
 
-fetch() {
-  [ -f "$jars/.complete" ] && return 0
-  command -v mvn >/dev/null || die "mvn not found: install Maven (apt-get install maven)"
-  echo "fetching Kafka $version jars into $jars (once)" >&2
-  mkdir -p "$jars"
-  mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$jars" >&2 || die "mvn could not fetch the Kafka jars"
-  touch "$jars/.complete"
-}
+fetch() { fetch_jars "$here/pom.xml" "$jars" "Kafka $version"; }
 
 storage_tool() { java -cp "$jars/*" kafka.tools.StorageTool "$@"; }
 
@@ -30,19 +23,6 @@ wait_ready() {  # wait_ready BOOTSTRAP SECONDS [MIN_NODES]
 }
 
 port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-pid_running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
-stop_pidfile() {  # stop_pidfile PIDFILE NAME: TERM, wait up to 20 s, then KILL
-  if ! pid_running "$1"; then rm -f "$1"; echo "$2 not running"; return 0; fi
-  local pid
-  pid=$(cat "$1")
-  kill -TERM "$pid"
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-  rm -f "$1"
-  echo "$2 stopped (pid $pid)"
-}
 
 start_java_broker() {  # start_java_broker PROPERTIES LOG PIDFILE HEAP
   # java itself in the background, so the pid file names the broker, not a subshell.

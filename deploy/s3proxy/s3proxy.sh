@@ -24,19 +24,12 @@ heap=${FRS_S3PROXY_HEAP:-256m}
 pidfile=$state/s3proxy.pid
 endpoint=http://127.0.0.1:$port
 
-die() { echo "s3proxy.sh: $*" >&2; exit 1; }
+# shellcheck source=deploy/java.sh
+source "$here/../java.sh"
 
-fetch() {
-  [ -f "$jars/.complete" ] && return 0
-  command -v mvn >/dev/null || die "mvn not found: install Maven (apt-get install maven)"
-  echo "fetching s3proxy $version jars into $jars (once)" >&2
-  mkdir -p "$jars"
-  mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$jars" >&2 || die "mvn could not fetch the s3proxy jars"
-  touch "$jars/.complete"
-}
+fetch() { fetch_jars "$here/pom.xml" "$jars" "s3proxy $version"; }
 
-running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+running() { pid_running "$pidfile"; }
 
 answers() {
   # Any HTTP status (403 for an unsigned request) means the server is up.
@@ -80,16 +73,7 @@ PROPS
   echo "s3proxy ready at $endpoint (pid $(cat "$pidfile"))"
 }
 
-stop() {
-  if ! running; then rm -f "$pidfile"; echo "s3proxy not running"; return 0; fi
-  local pid
-  pid=$(cat "$pidfile")
-  kill -TERM "$pid"
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-  rm -f "$pidfile"
-  echo "s3proxy stopped (pid $pid)"
-}
+stop() { stop_pidfile "$pidfile" s3proxy; }
 
 status() {
   running || { echo "s3proxy not running"; return 3; }

@@ -322,8 +322,8 @@ async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: in
 
 
 async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
-    if args.probes < 1 or args.low_rate <= 0 or args.low_probes < 1:
-        sys.stderr.write("frs: --probes, --low-rate and --low-probes must be positive\n")
+    if args.probes < 1 or args.low_rate <= 0 or args.low_probes < 1 or args.warmup < 1:
+        sys.stderr.write("frs: --probes, --low-rate, --low-probes, --warmup must be positive\n")
         return 2
     image = Path(args.image).read_bytes() if args.image else default_image()
     bootstrap = settings.kafka_bootstrap
@@ -335,7 +335,7 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
         broker_pid = int((Path(env["FRS_KAFKA_STATE"]) / "broker.pid").read_text())
     try:
         result = await run_bench(bootstrap, args.probes, args.low_rate, args.low_probes,
-                                 args.with_audit, image, broker_pid)
+                                 args.with_audit, image, broker_pid, args.warmup)
     finally:
         if broker_env is not None:
             await asyncio.to_thread(
@@ -410,6 +410,8 @@ def register(commands: Any) -> None:
                         "many messages for the raw relay")
     parser.add_argument("--low-rate", type=float, default=50.0, help="probes/s, latency phase")
     parser.add_argument("--low-probes", type=int, default=500, help="probes, latency phase")
+    parser.add_argument("--warmup", type=int, default=300,
+                        help="probes first, unmeasured (connections, the broker's JIT)")
     parser.add_argument("--with-audit", action="store_true",
                         help="also run the audit service (it reads every topic)")
     parser.add_argument("--own-broker", action="store_true",

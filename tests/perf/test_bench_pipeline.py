@@ -26,7 +26,7 @@ def test_percentile_picks_the_nearest_rank() -> None:
 def test_bench_pipeline_prints_the_ratio(kafka_bootstrap: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "services.cli", "bench", "pipeline", "--json", "--probes", "60",
-         "--low-probes", "30", "--low-rate", "20"],
+         "--low-probes", "30", "--low-rate", "20", "--warmup", "20"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "FRS_KAFKA_BOOTSTRAP": kafka_bootstrap,
              "PYTHONPATH": str(ROOT)})
@@ -41,4 +41,8 @@ def test_bench_pipeline_prints_the_ratio(kafka_bootstrap: str) -> None:
     assert set(result["rss_mb"]) == {"intake", "dispatch", "results"}
     assert all(r["max_load"] and r["max_load"] > 10 for r in result["rss_mb"].values())
     assert low["stages_ms"]["settled"]["n"] == 30
+    assert result["warmup_probes"] == 20
+    # On the session broker (not started by the bench) only this process is measured.
+    assert set(high["cpu_ms_per_probe_outside_services"]) == {"bench_process"}
+    assert high["cpu_ms_per_probe_outside_services"]["bench_process"] > 0
     assert set(result["met"]) == {"ratio", "probes_per_s", "p99_at_low_rate", "rss"}
