@@ -29,7 +29,7 @@ iport=$((port + 2))
 secure=${FRS_KAFKA_SECURE:-0}
 python=${FRS_PYTHON:-python3}
 
-running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+running() { pid_running "$pidfile"; }
 
 java_opts=(-Xms128m -Xmx"$heap" "${jvm_flags[@]}" -Djava.awt.headless=true
   -Dlog4j2.configurationFile="$here/log4j2.properties")
@@ -140,16 +140,7 @@ resume() {
   wait_ready 90 || { tail -20 "$state/broker.log" >&2; die "broker did not become ready"; }
 }
 
-stop() {
-  if ! running; then rm -f "$pidfile"; echo "broker not running"; return 0; fi
-  local pid
-  pid=$(cat "$pidfile")
-  kill -TERM "$pid"
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-  rm -f "$pidfile"
-  echo "broker stopped (pid $pid)"
-}
+stop() { stop_pidfile "$pidfile" broker; }
 
 status() {
   running || { echo "broker not running"; return 3; }
