@@ -10,7 +10,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from services.cli import bench_intake, settings_doc
 from services.cli import dispatch as dispatch_cli
 from services.cli import policy as policy_cli
 from services.cli import results as results_cli
-from services.cli.client import submit_probe
+from services.cli.client import demo_registry, submit_probe
 from services.cli.common import CliSettings, Misuse, emit, subcommand
 from services.kit.bus import Publisher, read_topic
 from services.kit.topics import ensure_topics
@@ -152,21 +152,7 @@ async def cmd_registry_put(args: argparse.Namespace, settings: CliSettings) -> i
 
 async def cmd_registry_demo(args: argparse.Namespace, settings: CliSettings) -> int:
     """Seed one open case, one trained agent and one active provider for the demo."""
-    now = datetime.now(UTC)
-    year = now + timedelta(days=365)
-    records: list[Event] = [
-        CaseRecord(case_id="CASE-1", status="open",
-                   offense_category=Purpose.HUMAN_TRAFFICKING, roi_refs=["ROI-1"],
-                   updated_at=now),
-        AgentRecord(agent_id="agent-7", role="agent", training_valid_until=year,
-                    supervisor_id="sup-1", updated_at=now),
-        AgentRecord(agent_id="sup-1", role="supervisor", training_valid_until=year,
-                    updated_at=now),
-        ProviderRecord(provider_id="fed-ngi", name="Federal 1:N gallery (simulated)",
-                       kind="federal", transport="https",
-                       endpoint=args.endpoint,
-                       attestation_valid_until=year, updated_at=now),
-    ]
+    records = demo_registry("fed-ngi", "Federal 1:N gallery (simulated)", args.endpoint)
     async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
         await publisher.publish(records)
     emit(args, {"published": len(records)}, f"published {len(records)} demo registry entries")

@@ -19,15 +19,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from deploy.simulators.tls import SimulatorCA
 from deploy.simulators.vendor import VendorBehaviour, VendorSimulator
-from schemas.events import AgentRecord, CaseRecord, Event, ProviderRecord
-from schemas.types import ImageSource, Purpose, Transport, probe_id_for
-from services.cli.client import build_request
+from schemas.types import ImageSource, Purpose, probe_id_for
+from services.cli.client import build_request, demo_registry
 from services.kit.bus import Publisher
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -173,23 +171,9 @@ class PipelineRig:
         return self
 
     async def seed_registry(self) -> None:
-        now = datetime.now(UTC)
-        year = now + timedelta(days=365)
         assert self.vendor is not None
-        records: list[Event] = [
-            CaseRecord(case_id="CASE-1", status="open",
-                       offense_category=Purpose.HUMAN_TRAFFICKING, roi_refs=["ROI-1"],
-                       updated_at=now),
-            AgentRecord(agent_id="agent-7", role="agent", training_valid_until=year,
-                        supervisor_id="sup-1", updated_at=now),
-            AgentRecord(agent_id="sup-1", role="supervisor", training_valid_until=year,
-                        updated_at=now),
-            ProviderRecord(provider_id=PROVIDER, name="Federal 1:N gallery (simulator)",
-                           kind="federal", transport=Transport.HTTPS, endpoint=self.vendor.url,
-                           attestation_valid_until=year,
-                           response_deadline_s=self.response_deadline_s,
-                           updated_at=now),
-        ]
+        records = demo_registry(PROVIDER, "Federal 1:N gallery (simulator)", self.vendor.url,
+                                self.response_deadline_s)
         async with Publisher(self.bootstrap, source="/frs/rig") as publisher:
             await publisher.publish(records)
 
