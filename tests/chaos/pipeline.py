@@ -26,7 +26,13 @@ from aiokafka.structs import OffsetAndMetadata
 
 from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import Envelope
-from schemas.events import PolicyDenied, ProbeRejected, ProbeSettled, ProviderDispatched
+from schemas.events import (
+    PolicyDenied,
+    ProbeRejected,
+    ProbeSettled,
+    ProbeSubmitted,
+    ProviderDispatched,
+)
 from schemas.types import utcnow
 from services.cli.pipeline_rig import PipelineRig
 from services.kit.bus import read_topic
@@ -137,28 +143,35 @@ class ChaosRun(PipelineRig):
             conn.close()
         return {ref: datetime.fromtimestamp(ts, UTC) for ref, ts in rows}
 
-    async def wait_terminal(self, timeout: float = max(240.0, PROBES / 4)) -> None:  # noqa: ASYNC109
-        """Until every acknowledged request has a terminal outcome (or the timeout)."""
+    async def wait_terminal(self, timeout: float = max(240.0, PROBES / 4)  # noqa: ASYNC109
+                            ) -> float:
+        """Until every acknowledged request has a terminal outcome (or the timeout); returns
+        the latest image expiry stamped so far (Unix time)."""
         deadline = time.monotonic() + timeout
         wanted = self.probes
+        last_expiry = time.time()
         while time.monotonic() < deadline:
             records = await read_topic(self.bootstrap, ["frs.probe.events",
                                                         "frs.policy.decisions",
                                                         "frs.results.events"])
             done = {d.subject for _r, d in records
                     if isinstance(d, Envelope) and d.type in TERMINAL_TYPES}
+            last_expiry = max([last_expiry] + [
+                d.event.expires_at.timestamp() for _r, d in records
+                if isinstance(d, Envelope) and isinstance(d.event, ProbeSubmitted)])
             if wanted <= done:
-                return
+                break
             await asyncio.sleep(1.0)
+        return last_expiry
 
     async def check(self, **kwargs: Any) -> Report:
         """Wait for the outcomes, stop audit (its store is read after a clean drain), read
         every topic and the simulator's counts, and check the history."""
-        await self.wait_terminal()
-        # Past the last image's expiry plus grace, so a missed purge shows; and audit
-        # records the tail of the run before it drains.
-        last = max(self.submitted_at.values(), default=time.time())
-        await asyncio.sleep(max(3.0, last + IMAGE_TTL_S + PURGE_GRACE.total_seconds() + 2
+        last_expiry = await self.wait_terminal()
+        # Past the last image's expiry (as intake stamped it, not submission + TTL: intake
+        # may lag) plus grace, so every image's purge is checked; and audit records the tail
+        # of the run before it drains.
+        await asyncio.sleep(max(3.0, last_expiry + PURGE_GRACE.total_seconds() + 2
                                 - time.time()))
         audit = self.procs.get("audit")
         rows: list[tuple[str, int, int, str | None]] | None = None
