@@ -82,9 +82,6 @@ async def deliver(
             await sleep(policy.delay(retry - 1, rng))
         if not still_active():
             return Failed(DispatchFailure.SUSPENDED, "provider suspended before send", attempts)
-        if image_sendable is not None and not await image_sendable():
-            return Failed(DispatchFailure.IMAGE_PURGED, "image purged or expired before send",
-                          attempts)
         try:
             breaker.acquire()
         except CircuitOpen as exc:
@@ -93,6 +90,12 @@ async def deliver(
             await sleep(min(max(exc.retry_after_s, 0.0), policy.max_delay_s) * (0.5 + rng()))
             continue
         async with guards.limit(provider_id):
+            # Checked with the slot held, right before the send: a wait for a slot behind
+            # a hanging vendor outlasted an image's expiry (chaos, 1,000 probes).
+            if image_sendable is not None and not await image_sendable():
+                breaker.release()
+                return Failed(DispatchFailure.IMAGE_PURGED,
+                              "image purged or expired before send", attempts)
             attempts = await record_attempt()  # durable before anything leaves
             hooks.in_flight(provider_id, 1)
             started = time.perf_counter()

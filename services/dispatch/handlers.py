@@ -201,7 +201,8 @@ async def _decide_and_send(event: PolicyCleared, cleared: ClearedProvider, info:
         probe_id=event.probe_id, provider_id=provider_id, dispatch_id=claim.dispatch_id,
         transport=provider.transport,
         fields_sent=sorted(payload.fields_sent(), key=order.index),
-        request_ref=claim.request_ref, sent_at=done,
+        # When the image left: the start of the attempt that succeeded.
+        request_ref=claim.request_ref, sent_at=done - timedelta(seconds=outcome.seconds),
         response_due_at=done + timedelta(seconds=provider.response_deadline_s),
         deletion_due_at=done + timedelta(seconds=provider.deletion_deadline_s),
         payload_sha256=payload_digest(payload), attempts=outcome.attempts,

@@ -11,13 +11,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 
 class ImageGone(Exception):
     """The image was purged (or never stored): nothing may be sent."""
+
+
+# An image this close to its expiry is not sent: the send must start before the purge can
+# (the purger acts only past expiry), even if the event loop stalls between check and send.
+SEND_MARGIN = timedelta(seconds=2)
 
 
 class ImageSource(Protocol):
@@ -73,7 +78,7 @@ class VaultImageSource:
         def check() -> bool:
             entry = self._vault.index.get(vault_ref)
             return bool(entry is not None and entry.state == "stored"
-                        and entry.expires_at > datetime.now(UTC))
+                        and entry.expires_at > datetime.now(UTC) + SEND_MARGIN)
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, check)
 

@@ -124,6 +124,11 @@ def check(
     by_probe: dict[str, list[Envelope]] = defaultdict(list)
     requested: dict[str, str] = {}  # probe id -> request id
     for raw, dec in records:
+        if raw.topic.startswith("frs.dlq."):
+            # Which service gave up on what, and why: every DLQ entry shows in the figures.
+            head = dict(raw.headers)
+            report.stats[f"dlq {head.get('frs_error_service', b'?').decode()} "
+                         f"{head.get('frs_error_code', b'?').decode()}"] += 1
         if isinstance(dec, DecodeError):
             report.stats["undecodable"] += 1
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -214,6 +215,31 @@ async def test_a_retry_never_sends_an_image_purged_meanwhile() -> None:
                         sleep=_no_sleep)
     assert isinstance(out, Failed) and out.reason is DispatchFailure.IMAGE_PURGED
     assert transport.calls == 1 and out.attempts == 1
+
+
+async def test_an_image_that_expires_while_waiting_for_a_send_slot_is_not_sent() -> None:
+    # Every slot is held (a hanging vendor); the image expires meanwhile: once a slot
+    # frees, the check runs again and nothing goes out (chaos finding at 1,000 probes).
+    guards = ProviderGuards(concurrency=1, failure_threshold=9, open_s=1)
+    transport = ScriptedTransport([None])
+    expired = asyncio.Event()
+
+    async def image_sendable() -> bool:
+        return not expired.is_set()
+
+    request = _request()
+    slot = guards.limit(request.provider.provider_id)
+    await slot.acquire()
+    send = asyncio.create_task(deliver(
+        request, transport, guards, RetryPolicy(max_attempts=3), record_attempt=_counter(),
+        still_active=lambda: True, image_sendable=image_sendable, sleep=_no_sleep))
+    await asyncio.sleep(0.05)
+    assert not send.done()
+    expired.set()
+    slot.release()
+    out = await send
+    assert isinstance(out, Failed) and out.reason is DispatchFailure.IMAGE_PURGED
+    assert transport.calls == 0 and out.attempts == 0
 
 
 def test_backoff_is_exponential_with_full_jitter() -> None:
