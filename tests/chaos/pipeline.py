@@ -158,7 +158,8 @@ class ChaosRun(PipelineRig):
                     if isinstance(d, Envelope) and d.type in TERMINAL_TYPES}
             last_expiry = max([last_expiry] + [
                 d.event.expires_at.timestamp() for _r, d in records
-                if isinstance(d, Envelope) and isinstance(d.event, ProbeSubmitted)])
+                if isinstance(d, Envelope) and isinstance(d.event, ProbeSubmitted)
+                and d.subject in wanted])
             if wanted <= done:
                 break
             await asyncio.sleep(1.0)
@@ -168,11 +169,12 @@ class ChaosRun(PipelineRig):
         """Wait for the outcomes, stop audit (its store is read after a clean drain), read
         every topic and the simulator's counts, and check the history."""
         last_expiry = await self.wait_terminal()
-        # Past the last image's expiry (as intake stamped it, not submission + TTL: intake
-        # may lag) plus grace, so every image's purge is checked; and audit records the tail
-        # of the run before it drains.
-        await asyncio.sleep(max(3.0, last_expiry + PURGE_GRACE.total_seconds() + 2
-                                - time.time()))
+        # Past this run's last image expiry (as intake stamped it, not submission + TTL:
+        # intake may lag) plus grace, so every image's purge is checked; and audit records
+        # the tail of the run before it drains. A run on the normal image lifetime (days)
+        # has nothing due: it waits only for that tail.
+        wait = last_expiry + PURGE_GRACE.total_seconds() + 2 - time.time()
+        await asyncio.sleep(3.0 if wait > 10 * IMAGE_TTL_S else max(3.0, wait))
         audit = self.procs.get("audit")
         rows: list[tuple[str, int, int, str | None]] | None = None
         if audit is not None:
