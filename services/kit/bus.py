@@ -250,9 +250,10 @@ class Processor:
             self._done[tp] = records[-1].offset + 1
         self.processed += sum(len(r) for r in batch.values())
         await self._commit(None, force=False)
+        assigned = self._consumer.assignment()
         for tp, records in batch.items():
             highwater = self._consumer.highwater(tp)
-            if highwater is not None and tp in self._consumer.assignment():
+            if highwater is not None and tp in assigned:
                 self._metrics.consumer_lag.labels(tp.topic).set(
                     max(0, highwater - records[-1].offset - 1)
                 )
