@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from schemas.catalog import topic_for
 from schemas.envelope import DecodeError, Envelope, Headers, child_traceparent, decode, encode
@@ -275,11 +274,13 @@ class Processor:
         try:
             if offsets:
                 await self._consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError):
-            # A rebalance took the partitions (IllegalStateError: revoked while the batch
-            # ran); the next owner redelivers, handlers are idempotent, so this costs only
-            # repeated work.
-            log.warning("commit failed after rebalance", extra={"group": self.route.group_id})
+        except Exception as exc:
+            # A rebalance took the partitions (CommitFailedError, IllegalStateError, or
+            # aiokafka's assertions on group state mid-rebalance, seen at stop): the next
+            # owner redelivers and handlers are idempotent, so a commit that does not happen
+            # costs only repeated work, never a lost record. It must not crash the service.
+            log.warning("commit failed", extra={"group": self.route.group_id,
+                                                "error": type(exc).__name__})
 
     async def _handle_in_order(
         self, records: list[ConsumerRecord], pending: list[asyncio.Future[Any]]
