@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from schemas.catalog import topic_for
 from schemas.envelope import DecodeError, Envelope, Headers, child_traceparent, decode, encode
@@ -249,10 +250,11 @@ class Processor:
             self._done[tp] = records[-1].offset + 1
         self.processed += sum(len(r) for r in batch.values())
         await self._commit(None, force=False)
+        # Only partitions still ours: aiokafka asserts on highwater() of a revoked one.
         assigned = self._consumer.assignment()
         for tp, records in batch.items():
-            highwater = self._consumer.highwater(tp)
-            if highwater is not None and tp in assigned:
+            highwater = self._consumer.highwater(tp) if tp in assigned else None
+            if highwater is not None:
                 self._metrics.consumer_lag.labels(tp.topic).set(
                     max(0, highwater - records[-1].offset - 1)
                 )
@@ -274,11 +276,10 @@ class Processor:
         try:
             if offsets:
                 await self._consumer.commit(offsets)
-        except Exception as exc:
-            # A rebalance took the partitions (CommitFailedError, IllegalStateError, or
-            # aiokafka's assertions on group state mid-rebalance, seen at stop): the next
-            # owner redelivers and handlers are idempotent, so a commit that does not happen
-            # costs only repeated work, never a lost record. It must not crash the service.
+        except KafkaError as exc:
+            # A rebalance took the partitions (CommitFailedError, IllegalStateError) or the
+            # coordinator moved: the next owner redelivers and handlers are idempotent, so a
+            # commit that does not happen costs only repeated work, never a lost record.
             log.warning("commit failed", extra={"group": self.route.group_id,
                                                 "error": type(exc).__name__})
 

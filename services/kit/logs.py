@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+_FRAMES = 6
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
@@ -30,6 +33,11 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             # The type only: exception messages can quote the input that caused them.
             line["exc_type"] = record.exc_info[0].__name__
+            # Where it was raised, as file:line of the innermost frames: a crash can be
+            # traced without a message or a local value ever reaching the log.
+            line["exc_at"] = " < ".join(
+                f"{Path(frame.filename).name}:{frame.lineno}"
+                for frame in reversed(traceback.extract_tb(record.exc_info[2])[-_FRAMES:]))
         return json.dumps(line, separators=(",", ":"))
 
 

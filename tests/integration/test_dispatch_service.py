@@ -406,8 +406,9 @@ async def test_rebalance_between_live_instances_sends_nothing_twice(
             second.start(**env, FRS_DISPATCH_INSTANCE_ID="dispatch-b")
             try:
                 by_pair = await outcomes(rig.bootstrap, probes, 2 * n, timeout_s=180)
-                assert await rig.stop() == 0
-                assert await asyncio.to_thread(second.stop) == 0
+                for proc in (rig.dispatch, second):
+                    code = await asyncio.to_thread(proc.stop)
+                    assert code == 0, proc.log_path.read_text(errors="replace")[-4000:]
             finally:
                 if second.proc is not None and second.proc.poll() is None:
                     second.kill()
