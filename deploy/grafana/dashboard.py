@@ -42,6 +42,10 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
         ("Handler failures /s", "ops", [
             (f'sum by (service) (rate({{__name__=~"frs_({SVC})_handler_failures_total"}}[5m]))',
              "{{service}}")]),
+        ("Prerequisite waits /s", "ops", [
+            ("sum by (service) "
+             f'(rate({{__name__=~"frs_({SVC})_prerequisite_waits_total"}}[5m]))',
+             "{{service}}")]),
     ]),
     ("Providers", [
         ("Dispatch outcomes /s", "ops", [

@@ -12,7 +12,7 @@ import socket
 import uuid
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack, ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -196,7 +196,12 @@ class DispatchApp:
 
 def build(settings: DispatchSettings, publisher: Publisher, registries: Registries,
           stack: AsyncExitStack) -> DispatchApp:
-    ports = build_ports(settings, registries, stack)
+    probes_proc: list[Processor] = []  # built below, from a route that needs the ports
+
+    async def probes_behind() -> bool:
+        return await probes_proc[0].behind()
+
+    ports = replace(build_ports(settings, registries, stack), probes_behind=probes_behind)
     ledger = ports.ledger
 
     async def heartbeat() -> None:
@@ -213,5 +218,5 @@ def build(settings: DispatchSettings, publisher: Publisher, registries: Registri
                    dict([bind(ProbeSubmitted, handlers.on_probe_submitted, ports),
                          bind(ImagePurged, handlers.on_image_purged, ports)]),
                    dlq_for("dispatch"))
-    return DispatchApp([processor(settings, probes, publisher),
-                        processor(settings, sends, publisher)], [heartbeat])
+    probes_proc.append(processor(settings, probes, publisher))
+    return DispatchApp([probes_proc[0], processor(settings, sends, publisher)], [heartbeat])

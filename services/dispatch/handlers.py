@@ -29,13 +29,24 @@ from services.dispatch.images import ImageGone, ImageSource
 from services.dispatch.ledger import Claim, Ledger, ProbeInfo
 from services.dispatch.payloads import PhotoNotCleared, build_payload, payload_digest
 from services.dispatch.transports.base import ProviderTransport, SendRequest
+from services.kit.bus import NotYet
 from services.kit.registry import Registries
 
 log = logging.getLogger("frs.dispatch")
 
 
 class ProbeNotYetKnown(Exception):
-    """The clearance arrived before its ProbeSubmitted: the kit retries, then the DLQ."""
+    """No submission for the clearance, though this instance has read every submission on
+    the bus: the kit retries, then the DLQ."""
+
+
+class ProbeBehind(NotYet):
+    """The submission is not here yet because this instance's probes route is behind (a
+    restart, a backlog): it is on its way, so the clearance waits, however long."""
+
+
+async def _never_behind() -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class DispatchPorts:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     hooks: DeliveryHooks = field(default_factory=DeliveryHooks)
     probe_wait_s: float = 10.0
+    # Whether this instance's probes route still has submissions to read (kit Processor).
+    probes_behind: Callable[[], Awaitable[bool]] = _never_behind
     # Email cannot prove a crashed send did not go out: resend with the same Message-ID,
     # or give up with outcome_unknown. HTTPS and Rekognition always resend safely.
     unknown_outcome_email: Literal["resend", "fail"] = "resend"
@@ -80,6 +93,8 @@ async def _wait_for_probe(probe_id: str, ports: DispatchPorts) -> ProbeInfo:
         if info is not None and info.purged:
             return info
         if asyncio.get_running_loop().time() >= deadline:
+            if await ports.probes_behind():
+                raise ProbeBehind(probe_id)
             raise ProbeNotYetKnown(probe_id)
         await ports.sleep(0.1)
 

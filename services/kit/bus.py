@@ -6,13 +6,16 @@ until every published record is acknowledged by all in-sync replicas, then commi
 wait and the commit of one batch overlap the handling of the next (not for routes with a
 ``before_commit`` hook), so a round trip to the broker is not paid per batch twice. A
 record that cannot be decoded, or whose handler keeps failing, goes to the service's
-DLQ with its original headers plus error headers, and the partition moves on.
+DLQ with its original headers plus error headers, and the partition moves on. A handler
+that raises ``NotYet`` (a valid record whose prerequisite is still on its way) is retried
+for as long as the processor runs and never dead-lettered.
 Records with the same key are handled in order; different keys run concurrently.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -51,6 +54,16 @@ def bind(event_type: type[E], handler: Callable[[E, P], Awaitable[Sequence[Event
         return await handler(event, ports)
 
     return event_type, call
+
+
+class NotYet(Exception):
+    """The record is valid but something it needs has not arrived yet (another route of
+    the service is behind). Retried without limit while the processor runs, never sent to
+    the DLQ; at stop the batch is left uncommitted, so the next owner handles it again."""
+
+
+class _LeftForNextOwner(Exception):
+    """Stop came while a record waited on ``NotYet``: its batch must not be committed."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,8 @@ class Processor:
         self._committed_at = 0.0
         self._slots = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
+        self._abandoning = False
+        self._in_hand = 0  # records fetched and not yet handled
         self._metrics = processor_metrics(route.service)
         options: dict[str, Any] = {
             **client_options(kafka, bootstrap),
@@ -192,6 +207,26 @@ class Processor:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def behind(self) -> bool:
+        """Whether records already on this route's partitions are still to be handled
+        here: before the first assignment and fetch, while a batch is in hand, or while a
+        partition's end (as of its latest fetch) is past what was handed out."""
+        if self._in_hand:
+            return True
+        assigned = self._consumer.assignment()
+        if not assigned:
+            return True
+        for tp in assigned:
+            end = self._consumer.highwater(tp)
+            if end is None:
+                return True
+            try:
+                if await self._consumer.position(tp) < end:
+                    return True
+            except KafkaError:  # revoked meanwhile: a rebalance is under way
+                return True
+        return False
+
     async def run(self) -> None:
         await self._consumer.start()
         log.info("consumer started", extra={"group": self.route.group_id,
@@ -210,10 +245,15 @@ class Processor:
                     # The hook makes local state durable; it must not take in effects of
                     # a batch whose outputs are not yet acknowledged, so no overlap here.
                     await finishing
+                self._in_hand = sum(len(records) for records in batch.values())
                 pending = await self._handle_batch(batch)
+                self._in_hand = 0
                 # Acknowledgements and the commit of this batch overlap the handling of the
                 # next one (one batch at a time: commits stay in order, memory bounded).
                 finishing = asyncio.create_task(self._finish_batch(batch, pending, finishing))
+        except _LeftForNextOwner:
+            log.info("stopped with a waiting batch left uncommitted",
+                     extra={"group": self.route.group_id})
         finally:
             try:
                 await self._commit(finishing, force=True)
@@ -228,7 +268,14 @@ class Processor:
             for record in records:
                 by_key.setdefault((tp, record.key), []).append(record)
         pending: list[asyncio.Future[Any]] = []
-        await asyncio.gather(*(self._handle_in_order(rs, pending) for rs in by_key.values()))
+        # Every key's records run to the end before a failure is raised: nothing is left
+        # running behind a processor that stops.
+        results = await asyncio.gather(
+            *(self._handle_in_order(rs, pending) for rs in by_key.values()),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return pending
 
     async def _finish_batch(self, batch: dict[TopicPartition, list[ConsumerRecord]],
@@ -288,6 +335,8 @@ class Processor:
     ) -> None:
         async with self._slots:
             for record in records:
+                if self._abandoning:
+                    return  # stop came while an earlier record of the batch waited
                 pending.extend(await self._handle_record(record))
 
     async def _handle_record(self, record: ConsumerRecord) -> list[asyncio.Future[Any]]:
@@ -323,10 +372,26 @@ class Processor:
         envelope = decoded if isinstance(decoded, Envelope) else None
         self._metrics.events_in.labels(etype).inc()
         delay = self.retry_backoff_s
-        for attempt in range(self.max_retries + 1):
+        attempt = 0
+        waited = 0
+        while True:
             started = time.perf_counter()
             try:
                 outputs = await call()
+            except NotYet as exc:
+                waited += 1
+                if waited == 1 or waited % 20 == 0:
+                    log.info("waiting for a prerequisite",
+                             extra={"type": etype, "offset": raw.offset, "waits": waited,
+                                    "reason": type(exc).__name__})
+                self._metrics.waits.labels(etype).inc()
+                pause = min(self.retry_backoff_s * 2 ** min(waited, 6), 5.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
+                if self._stopping.is_set():
+                    self._abandoning = True
+                    raise _LeftForNextOwner from exc
+                continue
             except Exception as exc:
                 self._metrics.handler_failures.labels(etype).inc()
                 log.warning(
@@ -336,6 +401,7 @@ class Processor:
                 )
                 if attempt == self.max_retries:
                     return [await self._to_dlq(raw, "handler_failed", type(exc).__name__)]
+                attempt += 1
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
@@ -345,7 +411,6 @@ class Processor:
                 futures.append(await self.publisher.send(out, envelope))
                 self._metrics.events_out.labels(out.TYPE).inc()
             return futures
-        return []
 
     async def _invalid(self, raw: RawRecord, err: DecodeError) -> list[asyncio.Future[Any]]:
         log.warning("undecodable record", extra={"topic": raw.topic, "partition": raw.partition,

@@ -18,6 +18,7 @@ class ProcessorMetrics:
     events_in: Counter
     events_out: Counter
     handler_failures: Counter
+    waits: Counter
     dlq: Counter
     handler_seconds: Histogram
     consumer_lag: Gauge
@@ -31,6 +32,11 @@ def processor_metrics(service: str) -> ProcessorMetrics:
         events_out=Counter(f"{p}_events_out_total", "Events published, by type.", ["type"]),
         handler_failures=Counter(
             f"{p}_handler_failures_total", "Handler attempts that raised, by type.", ["type"]
+        ),
+        waits=Counter(
+            f"{p}_prerequisite_waits_total",
+            "Handler attempts put off because a prerequisite had not arrived, by type.",
+            ["type"],
         ),
         dlq=Counter(f"{p}_dlq_total", "Records sent to the dead-letter topic.", ["reason"]),
         handler_seconds=Histogram(

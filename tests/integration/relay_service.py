@@ -1,18 +1,20 @@
 """A minimal service built on the kit alone, for crash and DLQ tests of the kit itself.
 
 It reads RELAY_TOPIC and answers each DispatchFailed with a ProbeRejected for the same
-probe, through the same Processor every real service uses."""
+probe, through the same Processor every real service uses. A DispatchFailed whose detail
+is "needs-file" waits (kit ``NotYet``) until the file RELAY_READY_FILE exists."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from schemas.envelope import Envelope
 from schemas.events import DispatchFailed, Event, ProbeRejected, RejectReason
-from services.kit.bus import Route
+from services.kit.bus import NotYet, Route
 from services.kit.logs import setup_logging
 from services.kit.runtime import run_service
 from services.kit.service import processor, start_publisher
@@ -28,6 +30,8 @@ class RelaySettings(ServiceSettings):
 
 async def relay(event: Any, envelope: Envelope) -> list[Event]:
     assert isinstance(event, DispatchFailed)
+    if event.detail == "needs-file" and not Path(os.environ["RELAY_READY_FILE"]).exists():
+        raise NotYet(event.probe_id)
     return [ProbeRejected(probe_id=event.probe_id, request_id=envelope.id,
                           reason=RejectReason.INVALID_FIELDS, detail="relayed")]
 

@@ -3,19 +3,22 @@ commit, poison records to the DLQ without blocking the partition, idempotent top
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from schemas.catalog import TOPICS, Topic
-from schemas.envelope import encode
-from schemas.events import DispatchFailed, DispatchFailure, ProbeRejected
+from schemas.envelope import Envelope, encode
+from schemas.events import DispatchFailed, DispatchFailure, Event, ProbeRejected
 from schemas.types import utcnow
-from services.kit.bus import Publisher
+from services.kit.bus import Processor, Publisher, Route, read_topic
 from services.kit.topics import ensure_topics
 from tests.conftest import ROOT
 from tests.helpers import events_of, subject_is, wait_for
@@ -36,16 +39,18 @@ async def relay_topics(kafka_bootstrap: str) -> None:
 
 
 
-def start_relay(service_env: dict[str, str], log: Path, kill: bool) -> subprocess.Popen[bytes]:
-    env = {**service_env, "RELAY_KILL_BEFORE_COMMIT": "1" if kill else "0"}
+def start_relay(service_env: dict[str, str], log: Path, kill: bool,
+                ready_file: Path | None = None) -> subprocess.Popen[bytes]:
+    env = {**service_env, "RELAY_KILL_BEFORE_COMMIT": "1" if kill else "0",
+           "RELAY_READY_FILE": str(ready_file or log.with_suffix(".ready"))}
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "tests.integration.relay_service"],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def failed(probe_id: str) -> DispatchFailed:
+def failed(probe_id: str, detail: str = "test") -> DispatchFailed:
     return DispatchFailed(probe_id=probe_id, provider_id="prov-1",
-                          reason=DispatchFailure.RETRIES_EXHAUSTED, detail="test",
+                          reason=DispatchFailure.RETRIES_EXHAUSTED, detail=detail,
                           failed_at=utcnow())
 
 
@@ -83,6 +88,75 @@ async def test_sigkill_after_handling_before_commit_redelivers(
     finally:
         third.terminate()
         third.wait(timeout=60)
+
+
+async def test_a_record_waiting_on_a_prerequisite_is_never_dead_lettered(
+    kafka_bootstrap: str, relay_topics: None, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """NotYet is retried past every retry limit, and a stop while it waits leaves the
+    record uncommitted, so the next run handles it once the prerequisite is there."""
+    probe = f"prb-{uuid.uuid4()}"
+    ready = tmp_path / "ready"
+    async with Publisher(kafka_bootstrap, "/test") as pub:
+        await (await pub.send(failed(probe, "needs-file"), topic=RELAY_TOPIC))
+    log = tmp_path / "relay.log"
+    first = start_relay(service_env, log, kill=False, ready_file=ready)
+    try:
+        # Far longer than the 3 retries with backoff from 0.2 s that would dead-letter it.
+        deadline = time.monotonic() + 30
+        while log.read_text().count("waiting for a prerequisite") < 1:
+            assert time.monotonic() < deadline and first.poll() is None, log.read_text()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(4)
+    finally:
+        first.terminate()
+        assert first.wait(timeout=60) == 0, log.read_text()
+    text = log.read_text()
+    assert "sent to DLQ" not in text and "handler failed" not in text
+    assert "stopped with a waiting batch left uncommitted" in text
+    with pytest.raises(AssertionError):
+        await wait_for(kafka_bootstrap, ["frs.probe.events", RELAY_DLQ],
+                       lambda r, _d: r.key == probe.encode(), timeout=2)
+    ready.touch()
+    second = start_relay(service_env, log, kill=False, ready_file=ready)
+    try:
+        out = await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe))
+        assert [type(e.event) for e in events_of(out)] == [ProbeRejected]
+    finally:
+        second.terminate()
+        assert second.wait(timeout=60) == 0
+    assert "sent to DLQ" not in log.read_text()
+
+
+async def test_behind_is_false_only_once_every_record_on_the_partitions_was_handled(
+    kafka_bootstrap: str, relay_topics: None
+) -> None:
+    handled: list[str] = []
+
+    async def slow(event: Any, _envelope: Envelope) -> list[Event]:
+        await asyncio.sleep(0.02)
+        handled.append(event.probe_id)
+        return []
+
+    async with Publisher(kafka_bootstrap, "/test") as pub:
+        await asyncio.gather(*[await pub.send(failed(f"prb-behind-{i}"), topic=RELAY_TOPIC)
+                               for i in range(40)])
+        route = Route("relay_behind", f"frs-test-behind-{uuid.uuid4().hex[:8]}",
+                      (RELAY_TOPIC,), {DispatchFailed: slow}, RELAY_DLQ)
+        proc = Processor(route, pub, kafka_bootstrap, batch_max=5, concurrency=1)
+        assert await proc.behind()  # not even assigned yet
+        task = asyncio.create_task(proc.run())
+        try:
+            deadline = time.monotonic() + 60
+            while await proc.behind():
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.01)
+            # Caught up: everything on the topic (this test's 40 and earlier tests') is done.
+            on_topic = await read_topic(kafka_bootstrap, [RELAY_TOPIC])
+            assert len(handled) == len(on_topic) >= 40
+        finally:
+            proc.stop()
+            await task
 
 
 async def test_poison_records_go_to_dlq_and_partition_moves_on(

@@ -42,6 +42,7 @@ from services.dispatch.transports.base import (
     SendResult,
     TransientError,
 )
+from services.kit.bus import NotYet
 from services.kit.registry import Registries
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -346,6 +347,30 @@ async def test_handler_failures(env: Env) -> None:
         DispatchFailure.IMAGE_PURGED]
     with pytest.raises(handlers.ProbeNotYetKnown):
         await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-3"),
+                                         ports)
+
+
+async def test_clearance_waits_while_the_probes_route_is_behind(env: Env) -> None:
+    env.registries.apply(_provider("web"))
+    lagging = {"now": True}
+
+    async def probes_behind() -> bool:
+        return lagging["now"]
+
+    ports = env.ports(probes_behind=probes_behind)
+    event = _cleared(("web", Transport.HTTPS), probe="prb-late")
+    # The submission is still on its way: the kit retries a NotYet without limit, no DLQ.
+    with pytest.raises(handlers.ProbeBehind) as caught:
+        await handlers.on_policy_cleared(event, ports)
+    assert isinstance(caught.value, NotYet) and env.https.calls == 0
+    await handlers.on_probe_submitted(_submitted("prb-late"), ports)
+    out = await handlers.on_policy_cleared(event, ports)
+    assert [e.provider_id for e in out if isinstance(e, ProviderDispatched)] == ["web"]
+    assert env.https.calls == 1
+    # Caught up and still no submission: a clearance for an unknown probe (retries, DLQ).
+    lagging["now"] = False
+    with pytest.raises(handlers.ProbeNotYetKnown):
+        await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-x"),
                                          ports)
 
 

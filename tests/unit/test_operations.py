@@ -14,7 +14,8 @@ from tests.conftest import ROOT
 PROM = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
 # The kit gives every consumer group's service these families (services/kit/metrics.py).
-KIT_FAMILIES = ("events_in_total", "events_out_total", "handler_failures_total", "dlq_total",
+KIT_FAMILIES = ("events_in_total", "events_out_total", "handler_failures_total",
+                "prerequisite_waits_total", "dlq_total",
                 "handler_seconds", "consumer_lag_messages")
 NAME = re.compile(r"\bfrs_[a-z_]+\b")
 PATTERN = re.compile(r'__name__=~"([^"]+)"')
