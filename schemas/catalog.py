@@ -35,11 +35,14 @@ class Topic:
 # encrypted images and lives one hour; DLQs live a week, long enough for an operator.
 _EVENT_RETENTION = 365 * DAY_MS
 
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_DLQ_BYTES = MAX_REQUEST_BYTES + 64 * 1024
+
 PROBE_REQUESTS = Topic(
     "frs.probe.requests", "request_id", 3, HOUR_MS, "delete", (ev.ProbeRequested,),
     "Upstream submissions; the image is encrypted to the intake's key.",
     # A 10 MB image is ~13.4 MB once encrypted and base64-encoded: above the broker's 1 MB.
-    {"max.message.bytes": str(16 * 1024 * 1024)},
+    {"max.message.bytes": str(MAX_REQUEST_BYTES)},
 )
 PROBE_EVENTS = Topic(
     "frs.probe.events", "probe_id", 3, _EVENT_RETENTION, "delete",
@@ -105,6 +108,8 @@ def dlq_topic(service: str) -> Topic:
     return Topic(
         f"frs.dlq.{service}", "original key", 1, 7 * DAY_MS, "delete", (),
         f"Messages the {service} consumer could not process, with error headers.",
+        # A dead-lettered probe request is as large as the request, plus error headers.
+        {"max.message.bytes": str(MAX_DLQ_BYTES)},
     )
 
 

@@ -196,12 +196,7 @@ class DispatchApp:
 
 def build(settings: DispatchSettings, publisher: Publisher, registries: Registries,
           stack: AsyncExitStack) -> DispatchApp:
-    probes_proc: list[Processor] = []  # built below, from a route that needs the ports
-
-    async def probes_behind() -> bool:
-        return await probes_proc[0].behind()
-
-    ports = replace(build_ports(settings, registries, stack), probes_behind=probes_behind)
+    ports = build_ports(settings, registries, stack)
     ledger = ports.ledger
 
     async def heartbeat() -> None:
@@ -209,14 +204,16 @@ def build(settings: DispatchSettings, publisher: Publisher, registries: Registri
             await ledger.heartbeat()
             await asyncio.sleep(settings.claim_lease_s / 5)
 
-    sends = Route("dispatch", settings.group_id, (POLICY_DECISIONS.name,),
-                  dict([bind(PolicyCleared, handlers.on_policy_cleared, ports)]),
-                  dlq_for("dispatch"))
     # Not shared between instances: clearances and submissions of one probe may be assigned
     # to different instances, so each one keeps every claim check.
-    probes = Route("dispatch", probes_group(settings), (PROBE_EVENTS.name,),
-                   dict([bind(ProbeSubmitted, handlers.on_probe_submitted, ports),
-                         bind(ImagePurged, handlers.on_image_purged, ports)]),
-                   dlq_for("dispatch"))
-    probes_proc.append(processor(settings, probes, publisher))
-    return DispatchApp([probes_proc[0], processor(settings, sends, publisher)], [heartbeat])
+    probes = processor(settings, Route(
+        "dispatch", probes_group(settings), (PROBE_EVENTS.name,),
+        dict([bind(ProbeSubmitted, handlers.on_probe_submitted, ports),
+              bind(ImagePurged, handlers.on_image_purged, ports)]),
+        dlq_for("dispatch")), publisher)
+    # A clearance waits while that route is behind, rather than take its probe for unknown.
+    sends = processor(settings, Route(
+        "dispatch", settings.group_id, (POLICY_DECISIONS.name,),
+        dict([bind(PolicyCleared, handlers.on_policy_cleared, replace(ports, probes=probes))]),
+        dlq_for("dispatch")), publisher)
+    return DispatchApp([probes, sends], [heartbeat])

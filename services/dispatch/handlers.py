@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, Protocol
 
 from schemas.events import (
     ClearedProvider,
@@ -45,8 +45,25 @@ class ProbeBehind(NotYet):
     restart, a backlog): it is on its way, so the clearance waits, however long."""
 
 
-async def _never_behind() -> bool:
-    return False
+class FeedProgress(Protocol):
+    """Where a route of this process stands in its topic (a kit Processor)."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    async def mark(self) -> object: ...
+
+    async def reached(self, mark: object) -> bool: ...
+
+
+class _AlwaysCaughtUp:
+    stopping = False
+
+    async def mark(self) -> object:
+        return None
+
+    async def reached(self, mark: object) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -60,8 +77,8 @@ class DispatchPorts:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     hooks: DeliveryHooks = field(default_factory=DeliveryHooks)
     probe_wait_s: float = 10.0
-    # Whether this instance's probes route still has submissions to read (kit Processor).
-    probes_behind: Callable[[], Awaitable[bool]] = _never_behind
+    # This instance's probes route: has it read every submission sent before a clearance?
+    probes: FeedProgress = field(default_factory=_AlwaysCaughtUp)
     # Email cannot prove a crashed send did not go out: resend with the same Message-ID,
     # or give up with outcome_unknown. HTTPS and Rekognition always resend safely.
     unknown_outcome_email: Literal["resend", "fail"] = "resend"
@@ -86,14 +103,21 @@ async def on_image_purged(event: ImagePurged, ports: DispatchPorts) -> list[Even
 async def _wait_for_probe(probe_id: str, ports: DispatchPorts) -> ProbeInfo:
     # The two topics are consumed independently; the submission is normally already here.
     deadline = asyncio.get_running_loop().time() + ports.probe_wait_s
+    mark: object = None
     while True:
         info = await ports.ledger.probe(probe_id)
         if info is not None and info.vault_ref:
             return info
         if info is not None and info.purged:
             return info
+        if mark is None:
+            # The submission was on the bus before its clearance was made: once the probes
+            # route has handled everything up to this mark, a missing one does not exist.
+            mark = await ports.probes.mark() or "unknown"
+        if ports.probes.stopping:
+            raise ProbeBehind(probe_id)  # left for the next run, not concluded now
         if asyncio.get_running_loop().time() >= deadline:
-            if await ports.probes_behind():
+            if not await ports.probes.reached(mark):
                 raise ProbeBehind(probe_id)
             raise ProbeNotYetKnown(probe_id)
         await ports.sleep(0.1)

@@ -24,10 +24,16 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import KafkaError
 
-from schemas.catalog import topic_for
+from schemas.catalog import MAX_DLQ_BYTES, topic_for
 from schemas.envelope import DecodeError, Envelope, Headers, child_traceparent, decode, encode
 from schemas.events import Event
 from services.kit.kafka import KafkaSettings, client_options
@@ -63,7 +69,18 @@ class NotYet(Exception):
 
 
 class _LeftForNextOwner(Exception):
-    """Stop came while a record waited on ``NotYet``: its batch must not be committed."""
+    """Stop came while a record waited or failed: its batch must not be committed."""
+
+
+class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, on_revoked: Callable[[Iterable[TopicPartition]], None]) -> None:
+        self._on_revoked = on_revoked
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -88,7 +105,7 @@ class Publisher:
             "acks": "all",
             "linger_ms": 2,
             "max_batch_size": 256 * 1024,
-            "max_request_size": 16 * 1024 * 1024,
+            "max_request_size": MAX_DLQ_BYTES,  # the largest record: a dead-lettered request
         }
         options.update(producer_options)
         self._producer = AIOKafkaProducer(**options)
@@ -170,6 +187,7 @@ class Processor:
         batch_max: int = 500,
         concurrency: int = 64,
         commit_interval_s: float = 0.0,
+        stop_timeout_s: float = 60.0,
         kill_before_commit: bool = False,
         kafka: KafkaSettings | None = None,
     ) -> None:
@@ -180,13 +198,19 @@ class Processor:
         self.retry_backoff_s = retry_backoff_s
         self.batch_max = batch_max
         self.commit_interval_s = commit_interval_s
+        self.stop_timeout_s = stop_timeout_s
         # Offsets whose batches are done (effects acknowledged) but not yet committed.
         self._done: dict[TopicPartition, int] = {}
         self._committed_at = 0.0
         self._slots = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
         self._abandoning = False
-        self._in_hand = 0  # records fetched and not yet handled
+        # Bumped for a partition each time a rebalance takes it: a batch fetched under an
+        # older epoch never records its offsets, even if the partition has come back.
+        self._epoch: dict[TopicPartition, int] = {}
+        self._batch_epoch: dict[TopicPartition, int] = {}
+        # First offset per partition of the batch in hand (fetched, not yet handled).
+        self._in_hand_from: dict[TopicPartition, int] = {}
         self._metrics = processor_metrics(route.service)
         options: dict[str, Any] = {
             **client_options(kafka, bootstrap),
@@ -201,31 +225,51 @@ class Processor:
             "fetch_max_bytes": 8 * 1024 * 1024,
         }
         options.update(route.consumer_options)
-        self._consumer = AIOKafkaConsumer(*route.topics, **options)
+        self._consumer = AIOKafkaConsumer(**options)
+        self._consumer.subscribe(list(route.topics), listener=_Revocations(self._revoked))
         self.processed = 0
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def behind(self) -> bool:
-        """Whether records already on this route's partitions are still to be handled
-        here: before the first assignment and fetch, while a batch is in hand, or while a
-        partition's end (as of its latest fetch) is past what was handed out."""
-        if self._in_hand:
-            return True
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def _revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        for tp in revoked:
+            self._epoch[tp] = self._epoch.get(tp, 0) + 1
+            self._done.pop(tp, None)  # the next owner commits it
+
+    async def mark(self) -> object:
+        """The end of this route's partitions now, for ``reached`` (None if unknown)."""
         assigned = self._consumer.assignment()
-        if not assigned:
-            return True
-        for tp in assigned:
-            end = self._consumer.highwater(tp)
-            if end is None:
-                return True
-            try:
-                if await self._consumer.position(tp) < end:
-                    return True
-            except KafkaError:  # revoked meanwhile: a rebalance is under way
-                return True
-        return False
+        if not assigned or self.stopping:
+            return None
+        try:
+            ends = await asyncio.wait_for(self._consumer.end_offsets(list(assigned)), 5.0)
+        except (KafkaError, TimeoutError):
+            return None
+        return dict(ends)
+
+    async def reached(self, mark: object) -> bool:
+        """Whether every record that was on the partitions at ``mark`` has been handled
+        here. False whenever that is not known (no mark, stopping, a rebalance under way):
+        the caller then waits rather than concluding that a record does not exist."""
+        if not isinstance(mark, dict) or self.stopping:
+            return False
+        for tp, end in mark.items():
+            if tp not in self._consumer.assignment():
+                return False
+            upto = self._in_hand_from.get(tp)
+            if upto is None:
+                try:  # the next offset getmany hands out; waits only before a first fetch
+                    upto = await asyncio.wait_for(self._consumer.position(tp), 1.0)
+                except (KafkaError, TimeoutError):
+                    return False
+            if upto < end:
+                return False
+        return True
 
     async def run(self) -> None:
         await self._consumer.start()
@@ -245,18 +289,28 @@ class Processor:
                     # The hook makes local state durable; it must not take in effects of
                     # a batch whose outputs are not yet acknowledged, so no overlap here.
                     await finishing
-                self._in_hand = sum(len(records) for records in batch.values())
+                self._batch_epoch = {tp: self._epoch.get(tp, 0) for tp in batch}
+                self._in_hand_from = {tp: records[0].offset for tp, records in batch.items()}
                 pending = await self._handle_batch(batch)
-                self._in_hand = 0
+                self._in_hand_from = {}
+                if finishing is not None:
+                    # At most one batch finishing behind the one in hand: a stalled commit
+                    # or acknowledgement holds the loop instead of queueing batches.
+                    await asyncio.wait({finishing})
+                    finishing.result()
                 # Acknowledgements and the commit of this batch overlap the handling of the
-                # next one (one batch at a time: commits stay in order, memory bounded).
-                finishing = asyncio.create_task(self._finish_batch(batch, pending, finishing))
+                # next one; commits stay in order.
+                finishing = asyncio.create_task(self._finish_batch(
+                    batch, dict(self._batch_epoch), pending, finishing))
         except _LeftForNextOwner:
-            log.info("stopped with a waiting batch left uncommitted",
+            log.info("stopped with a batch left uncommitted for the next owner",
                      extra={"group": self.route.group_id})
         finally:
             try:
-                await self._commit(finishing, force=True)
+                await asyncio.wait_for(self._commit(finishing, force=True), self.stop_timeout_s)
+            except TimeoutError:
+                # The broker does not answer: uncommitted offsets are redelivered later.
+                log.warning("final commit timed out", extra={"group": self.route.group_id})
             finally:
                 await self._consumer.stop()
                 log.info("consumer stopped", extra={"group": self.route.group_id})
@@ -273,12 +327,15 @@ class Processor:
         results = await asyncio.gather(
             *(self._handle_in_order(rs, pending) for rs in by_key.values()),
             return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        # A real failure outranks a record left for the next owner at stop.
+        failures = sorted((r for r in results if isinstance(r, BaseException)),
+                          key=lambda r: isinstance(r, _LeftForNextOwner))
+        if failures:
+            raise failures[0]
         return pending
 
     async def _finish_batch(self, batch: dict[TopicPartition, list[ConsumerRecord]],
+                            epochs: dict[TopicPartition, int],
                             pending: list[asyncio.Future[Any]],
                             previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
@@ -294,7 +351,8 @@ class Processor:
                         extra={"group": self.route.group_id})
             os.kill(os.getpid(), signal.SIGKILL)
         for tp, records in batch.items():
-            self._done[tp] = records[-1].offset + 1
+            if self._epoch.get(tp, 0) == epochs[tp]:  # else revoked since: not ours
+                self._done[tp] = records[-1].offset + 1
         self.processed += sum(len(r) for r in batch.values())
         await self._commit(None, force=False)
         # Only partitions still ours: aiokafka asserts on highwater() of a revoked one.
@@ -340,6 +398,7 @@ class Processor:
                 pending.extend(await self._handle_record(record))
 
     async def _handle_record(self, record: ConsumerRecord) -> list[asyncio.Future[Any]]:
+        tp = TopicPartition(record.topic, record.partition)
         raw = RawRecord(
             record.topic, record.partition, record.offset, record.key, record.value,
             [(k, bytes(v)) for k, v in (record.headers or ())],
@@ -379,6 +438,8 @@ class Processor:
             try:
                 outputs = await call()
             except NotYet as exc:
+                if self._epoch.get(tp, 0) != self._batch_epoch.get(tp, 0):
+                    return []  # revoked while waiting: the new owner handles it
                 waited += 1
                 if waited == 1 or waited % 20 == 0:
                     log.info("waiting for a prerequisite",
@@ -399,6 +460,10 @@ class Processor:
                     extra={"type": etype, "offset": raw.offset, "attempt": attempt + 1,
                            "error": type(exc).__name__},
                 )
+                if self._stopping.is_set():
+                    # Not dead-lettered for a failure that may be the stop's own doing.
+                    self._abandoning = True
+                    raise _LeftForNextOwner from exc
                 if attempt == self.max_retries:
                     return [await self._to_dlq(raw, "handler_failed", type(exc).__name__)]
                 attempt += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -31,18 +32,39 @@ async def run_service(
         loop.add_signal_handler(sig, stopping.set)
     async with stack:
         tasks = [asyncio.create_task(p.run()) for p in processors]
-        extra = [asyncio.create_task(job()) for job in background]
+        extra = [asyncio.create_task(_supervised(job)) for job in background]
         waiter = asyncio.create_task(stopping.wait())
-        done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
-        # Drain: each processor finishes its batch, waits for its sends and commits.
+        await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+        # Drain: each processor finishes its batch, waits for its sends and commits. The
+        # background jobs run on meanwhile: dispatch's heartbeat keeps its claims alive.
         for p in processors:
             p.stop()
+        drained = await asyncio.gather(*tasks, return_exceptions=True)
         for job in extra:
             job.cancel()
-        await asyncio.gather(*tasks, *extra, return_exceptions=True)
+        await asyncio.gather(*extra, return_exceptions=True)
         waiter.cancel()
-        for task in done:
-            if task is not waiter and task.exception() is not None:
-                log.error("processor crashed", exc_info=task.exception())
-                raise SystemExit(1)
+        crashed = [r for r in drained if isinstance(r, BaseException)]
+        for exc in crashed:
+            log.error("processor crashed", exc_info=exc)
+        if crashed:
+            raise SystemExit(1)
     log.info("service stopped")
+
+
+async def _supervised(job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a background job (claim heartbeat, audit timers, purger) for the life of the
+    service: one that fails or ends is logged and started again, never silently lost."""
+    name = getattr(job, "__qualname__", "job")
+    delay = 1.0
+    while True:
+        started = time.monotonic()
+        try:
+            await job()
+            log.error("background job ended", extra={"job": name})
+        except Exception as exc:
+            log.error("background job failed", exc_info=exc, extra={"job": name})
+        if time.monotonic() - started > 60:
+            delay = 1.0  # it ran a good while: a fresh failure, not a crash loop
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 30.0)

@@ -2,7 +2,7 @@
 
 It reads RELAY_TOPIC and answers each DispatchFailed with a ProbeRejected for the same
 probe, through the same Processor every real service uses. A DispatchFailed whose detail
-is "needs-file" waits (kit ``NotYet``) until the file RELAY_READY_FILE exists."""
+is "needs-file:<path>" waits (kit ``NotYet``) until that file exists."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ class RelaySettings(ServiceSettings):
 
 async def relay(event: Any, envelope: Envelope) -> list[Event]:
     assert isinstance(event, DispatchFailed)
-    if event.detail == "needs-file" and not Path(os.environ["RELAY_READY_FILE"]).exists():
+    needs, _, path = event.detail.partition(":")
+    if needs == "needs-file" and not Path(path).exists():
         raise NotYet(event.probe_id)
     return [ProbeRejected(probe_id=event.probe_id, request_id=envelope.id,
                           reason=RejectReason.INVALID_FIELDS, detail="relayed")]

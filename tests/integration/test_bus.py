@@ -39,10 +39,8 @@ async def relay_topics(kafka_bootstrap: str) -> None:
 
 
 
-def start_relay(service_env: dict[str, str], log: Path, kill: bool,
-                ready_file: Path | None = None) -> subprocess.Popen[bytes]:
-    env = {**service_env, "RELAY_KILL_BEFORE_COMMIT": "1" if kill else "0",
-           "RELAY_READY_FILE": str(ready_file or log.with_suffix(".ready"))}
+def start_relay(service_env: dict[str, str], log: Path, kill: bool) -> subprocess.Popen[bytes]:
+    env = {**service_env, "RELAY_KILL_BEFORE_COMMIT": "1" if kill else "0"}
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "tests.integration.relay_service"],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -98,37 +96,42 @@ async def test_a_record_waiting_on_a_prerequisite_is_never_dead_lettered(
     probe = f"prb-{uuid.uuid4()}"
     ready = tmp_path / "ready"
     async with Publisher(kafka_bootstrap, "/test") as pub:
-        await (await pub.send(failed(probe, "needs-file"), topic=RELAY_TOPIC))
-    log = tmp_path / "relay.log"
-    first = start_relay(service_env, log, kill=False, ready_file=ready)
+        await (await pub.send(failed(probe, f"needs-file:{ready}"), topic=RELAY_TOPIC))
     try:
-        # Far longer than the 3 retries with backoff from 0.2 s that would dead-letter it.
-        deadline = time.monotonic() + 30
-        while log.read_text().count("waiting for a prerequisite") < 1:
-            assert time.monotonic() < deadline and first.poll() is None, log.read_text()
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(4)
+        log = tmp_path / "relay.log"
+        first = start_relay(service_env, log, kill=False)
+        try:
+            # Far longer than the 3 retries with backoff from 0.2 s that would dead-letter it.
+            deadline = time.monotonic() + 30
+            while log.read_text().count("waiting for a prerequisite") < 1:
+                assert time.monotonic() < deadline and first.poll() is None, log.read_text()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(4)
+        finally:
+            first.terminate()
+            assert first.wait(timeout=60) == 0, log.read_text()
+        text = log.read_text()
+        assert "sent to DLQ" not in text and "handler failed" not in text
+        assert "stopped with a batch left uncommitted for the next owner" in text
+        try:
+            with pytest.raises(AssertionError):
+                await wait_for(kafka_bootstrap, ["frs.probe.events", RELAY_DLQ],
+                               lambda r, _d: r.key == probe.encode(), timeout=2)
+        finally:
+            ready.touch()  # whatever happens, later tests' relays can handle the record
+        second = start_relay(service_env, log, kill=False)
+        try:
+            out = await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe))
+            assert [type(e.event) for e in events_of(out)] == [ProbeRejected]
+        finally:
+            second.terminate()
+            assert second.wait(timeout=60) == 0
     finally:
-        first.terminate()
-        assert first.wait(timeout=60) == 0, log.read_text()
-    text = log.read_text()
-    assert "sent to DLQ" not in text and "handler failed" not in text
-    assert "stopped with a waiting batch left uncommitted" in text
-    with pytest.raises(AssertionError):
-        await wait_for(kafka_bootstrap, ["frs.probe.events", RELAY_DLQ],
-                       lambda r, _d: r.key == probe.encode(), timeout=2)
-    ready.touch()
-    second = start_relay(service_env, log, kill=False, ready_file=ready)
-    try:
-        out = await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe))
-        assert [type(e.event) for e in events_of(out)] == [ProbeRejected]
-    finally:
-        second.terminate()
-        assert second.wait(timeout=60) == 0
+        ready.touch()  # a failure here must not leave the record blocking later tests
     assert "sent to DLQ" not in log.read_text()
 
 
-async def test_behind_is_false_only_once_every_record_on_the_partitions_was_handled(
+async def test_reached_only_once_every_record_up_to_the_mark_was_handled(
     kafka_bootstrap: str, relay_topics: None
 ) -> None:
     handled: list[str] = []
@@ -144,19 +147,32 @@ async def test_behind_is_false_only_once_every_record_on_the_partitions_was_hand
         route = Route("relay_behind", f"frs-test-behind-{uuid.uuid4().hex[:8]}",
                       (RELAY_TOPIC,), {DispatchFailed: slow}, RELAY_DLQ)
         proc = Processor(route, pub, kafka_bootstrap, batch_max=5, concurrency=1)
-        assert await proc.behind()  # not even assigned yet
+        assert await proc.mark() is None  # not assigned yet: no mark, so never "reached"
+        assert not await proc.reached(None)
         task = asyncio.create_task(proc.run())
         try:
             deadline = time.monotonic() + 60
-            while await proc.behind():
+            mark = None
+            while mark is None:
                 assert time.monotonic() < deadline and not task.done()
+                mark = await proc.mark()
                 await asyncio.sleep(0.01)
-            # Caught up: everything on the topic (this test's 40 and earlier tests') is done.
-            on_topic = await read_topic(kafka_bootstrap, [RELAY_TOPIC])
-            assert len(handled) == len(on_topic) >= 40
+            on_topic = len(await read_topic(kafka_bootstrap, [RELAY_TOPIC]))
+            # Later records do not move a mark already taken.
+            await (await pub.send(failed("prb-behind-late"), topic=RELAY_TOPIC))
+            checks = 0
+            while not await proc.reached(mark):
+                assert time.monotonic() < deadline and not task.done()
+                checks += 1
+                await asyncio.sleep(0.01)
+            assert checks > 0  # 40 records at 20 ms each: not reached at once
+            # Everything before the mark (this test's 40 and earlier tests') is handled.
+            assert len(handled) >= on_topic >= 40
+            assert {f"prb-behind-{i}" for i in range(40)} <= set(handled)
         finally:
             proc.stop()
             await task
+        assert not await proc.reached(mark)  # stopped: nothing more will be read
 
 
 async def test_poison_records_go_to_dlq_and_partition_moves_on(

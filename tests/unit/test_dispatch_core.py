@@ -350,27 +350,50 @@ async def test_handler_failures(env: Env) -> None:
                                          ports)
 
 
+class _Feed:
+    """A probes route that has read up to ``handled``; a mark is its end at that time."""
+
+    def __init__(self) -> None:
+        self.end = 0
+        self.handled = 0
+        self.stopping = False
+        self.marks: list[object] = []
+
+    async def mark(self) -> object:
+        self.marks.append(self.end)
+        self.end += 5  # submissions keep arriving after the mark
+        return self.marks[-1]
+
+    async def reached(self, mark: object) -> bool:
+        assert isinstance(mark, int)
+        return self.handled >= mark
+
+
 async def test_clearance_waits_while_the_probes_route_is_behind(env: Env) -> None:
     env.registries.apply(_provider("web"))
-    lagging = {"now": True}
-
-    async def probes_behind() -> bool:
-        return lagging["now"]
-
-    ports = env.ports(probes_behind=probes_behind)
+    feed = _Feed()
+    feed.end = 10  # ten submissions on the bus, none read yet by this instance
+    ports = env.ports(probes=feed)
     event = _cleared(("web", Transport.HTTPS), probe="prb-late")
-    # The submission is still on its way: the kit retries a NotYet without limit, no DLQ.
+    # The submission is among those still to read: the kit retries a NotYet without limit.
     with pytest.raises(handlers.ProbeBehind) as caught:
         await handlers.on_policy_cleared(event, ports)
     assert isinstance(caught.value, NotYet) and env.https.calls == 0
+    assert feed.marks == [10]  # one mark per attempt, taken at the first miss
     await handlers.on_probe_submitted(_submitted("prb-late"), ports)
     out = await handlers.on_policy_cleared(event, ports)
     assert [e.provider_id for e in out if isinstance(e, ProviderDispatched)] == ["web"]
-    assert env.https.calls == 1
-    # Caught up and still no submission: a clearance for an unknown probe (retries, DLQ).
-    lagging["now"] = False
+    assert env.https.calls == 1 and feed.marks == [10]  # found at once: no mark needed
+    # Everything up to the mark read and still no submission: an unknown probe (retries,
+    # then the DLQ), although later submissions keep arriving and are not all read.
+    feed.handled = feed.end
     with pytest.raises(handlers.ProbeNotYetKnown):
         await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-x"),
+                                         ports)
+    # At stop nothing is concluded: the clearance is left for the next run.
+    feed.stopping = True
+    with pytest.raises(handlers.ProbeBehind):
+        await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-y"),
                                          ports)
 
 
