@@ -137,6 +137,9 @@ class RejectReason(StrEnum):
     FACE_TOO_SMALL = "face_too_small"
     TOO_BLURRED = "too_blurred"
     BAD_EXPOSURE = "bad_exposure"
+    # A redelivered request whose image was stored, then purged, before its outcome was
+    # recorded: it is never stored again.
+    IMAGE_PURGED = "image_purged"
 
 
 class ProbeRejected(Event):

@@ -59,6 +59,7 @@ class InboxBehaviour:
     candidates: int = 5
     answer_twice: bool = False
     deletion_receipt: bool = True
+    hang_after_accept_s: float = 0.0  # take the mail, then answer late (a lost 250)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ class _Handler:
             task = asyncio.create_task(inbox.answer(content))
             inbox._tasks.add(task)
             task.add_done_callback(inbox._tasks.discard)
+        if b.hang_after_accept_s:
+            await asyncio.sleep(b.hang_after_accept_s)
         return "250 OK"
 
 

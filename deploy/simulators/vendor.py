@@ -57,6 +57,7 @@ class VendorBehaviour:
     candidates: int = 5
     deletion_receipt: bool = True
     answer_delay_s: float = 0.0
+    redirect_to: str | None = None  # answer 307 to this Location (a hostile or moved vendor)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,9 @@ class VendorSimulator:
             photo_bytes=len(photo_bytes), header_names=tuple(sorted(request.headers)),
             accepted=False,
         )
+        if b.redirect_to is not None:
+            self.state.received.append(record)
+            return web.Response(status=307, headers={"Location": b.redirect_to})
         if b.latency_s:
             await asyncio.sleep(b.latency_s)
         # Checked after the work, at accept time: a resend racing the original is a duplicate.

@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 
 from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS
 from schemas.events import (
@@ -113,18 +114,28 @@ async def _baseline(session: aiohttp.ClientSession, url: str, n: int, concurrenc
     await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def start_groups_at_end(bootstrap: str, groups: list[tuple[str, str]]) -> None:
+async def start_groups_at_end(bootstrap: str, groups: list[tuple[str, str]],
+                              timeout_s: float = 60.0) -> None:
+    """Commit each group at its topic's end. A group still holding a member that died
+    (until its session times out) refuses a commit from outside: retried meanwhile."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
     for group_id, topic in groups:
-        consumer = AIOKafkaConsumer(**client_options(bootstrap=bootstrap), group_id=group_id,
-                                    enable_auto_commit=False)
-        await consumer.start()
-        try:
-            partitions = await all_partitions(consumer, [topic])
-            consumer.assign(partitions)
-            end = await consumer.end_offsets(partitions)
-            await consumer.commit({tp: offset for tp, offset in end.items()})
-        finally:
-            await consumer.stop()
+        while True:
+            consumer = AIOKafkaConsumer(**client_options(bootstrap=bootstrap),
+                                        group_id=group_id, enable_auto_commit=False)
+            await consumer.start()
+            try:
+                partitions = await all_partitions(consumer, [topic])
+                consumer.assign(partitions)
+                end = await consumer.end_offsets(partitions)
+                await consumer.commit({tp: offset for tp, offset in end.items()})
+                break
+            except KafkaError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+            finally:
+                await consumer.stop()
+            await asyncio.sleep(1.0)
 
 
 def _spawn(module_args: list[str], env: dict[str, str], stdout: int) -> subprocess.Popen[bytes]:

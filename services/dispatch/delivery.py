@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from schemas.events import DispatchFailure
 from services.dispatch.breaker import CircuitOpen, ProviderGuards
 from services.dispatch.transports.base import (
+    AmbiguousError,
     PermanentError,
     ProviderTransport,
     SendRequest,
@@ -26,10 +27,17 @@ class RetryPolicy:
     base_delay_s: float = 0.2
     max_delay_s: float = 10.0
     attempt_timeout_s: float = 30.0
+    # False: a send that may have arrived unconfirmed (AmbiguousError, or a timeout) on a
+    # transport that cannot resend safely ends as outcome_unknown instead of a resend.
+    resend_ambiguous: bool = True
 
     def delay(self, retry: int, rng: Callable[[], float] = random.random) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**retry)]."""
         return float(rng() * min(self.max_delay_s, self.base_delay_s * 2.0**retry))
+
+
+class ClaimLost(Exception):
+    """The claim was taken over by another instance before this attempt: do not send."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ async def deliver(
     *,
     record_attempt: Callable[[], Awaitable[int]],
     still_active: Callable[[], bool],
-    image_sendable: Callable[[], Awaitable[bool]] | None = None,
+    send_window: Callable[[], Awaitable[float]] | None = None,
     hooks: DeliveryHooks | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: Callable[[], float] = random.random,
@@ -89,34 +97,55 @@ async def deliver(
             # Waiting out the open period costs a try, so an open circuit ends the send.
             await sleep(min(max(exc.retry_after_s, 0.0), policy.max_delay_s) * (0.5 + rng()))
             continue
-        async with guards.limit(provider_id):
-            # Checked with the slot held, right before the send: a wait for a slot behind
-            # a hanging vendor outlasted an image's expiry (chaos, 1,000 probes).
-            if image_sendable is not None and not await image_sendable():
+        settled = False  # the breaker was told how the attempt went
+        try:
+            async with guards.limit(provider_id):
+                # Checked with the slot held, right before the send: a wait for a slot
+                # behind a hanging vendor outlasted an image's expiry (chaos, 1,000 probes).
+                # The attempt must also end inside the window: cancelled before the image
+                # expires, a send still queued (a thread pool, a slow connect) never leaves.
+                window = policy.attempt_timeout_s
+                if send_window is not None:
+                    window = min(window, await send_window())
+                    if window <= 0:
+                        return Failed(DispatchFailure.IMAGE_PURGED,
+                                      "image purged or expired before send", attempts)
+                count = await record_attempt()  # durable before anything leaves
+                if count == 0:
+                    raise ClaimLost(provider_id)
+                attempts = count
+                hooks.in_flight(provider_id, 1)
+                started = time.perf_counter()
+                try:
+                    async with asyncio.timeout(window):
+                        result = await transport.send(request)
+                except (TransientError, TimeoutError) as exc:
+                    breaker.failure()
+                    settled = True
+                    last = exc.code if isinstance(exc, TransientError) else "timeout"
+                    hooks.attempt(provider_id, "transient", time.perf_counter() - started)
+                    ambiguous = not isinstance(exc, TransientError) or \
+                        isinstance(exc, AmbiguousError)
+                    if ambiguous and not (transport.idempotent_resend
+                                          or policy.resend_ambiguous):
+                        return Failed(DispatchFailure.OUTCOME_UNKNOWN,
+                                      f"{last}: it may have arrived; not resending", attempts)
+                    continue
+                except PermanentError as exc:
+                    hooks.attempt(provider_id, "permanent", time.perf_counter() - started)
+                    return Failed(DispatchFailure.PERMANENT_ERROR, exc.code, attempts)
+                finally:
+                    hooks.in_flight(provider_id, -1)
+                breaker.success()
+                settled = True
+                seconds = time.perf_counter() - started
+                hooks.attempt(provider_id, "sent", seconds)
+                return Delivered(result, attempts, seconds)
+        finally:
+            # Any other way out (no send, a permanent answer, an unexpected error) gives a
+            # half-open circuit's trial back, or the provider stayed open for good.
+            if not settled:
                 breaker.release()
-                return Failed(DispatchFailure.IMAGE_PURGED,
-                              "image purged or expired before send", attempts)
-            attempts = await record_attempt()  # durable before anything leaves
-            hooks.in_flight(provider_id, 1)
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(policy.attempt_timeout_s):
-                    result = await transport.send(request)
-            except (TransientError, TimeoutError) as exc:
-                breaker.failure()
-                last = exc.code if isinstance(exc, TransientError) else "timeout"
-                hooks.attempt(provider_id, "transient", time.perf_counter() - started)
-                continue
-            except PermanentError as exc:
-                breaker.release()
-                hooks.attempt(provider_id, "permanent", time.perf_counter() - started)
-                return Failed(DispatchFailure.PERMANENT_ERROR, exc.code, attempts)
-            finally:
-                hooks.in_flight(provider_id, -1)
-            breaker.success()
-            seconds = time.perf_counter() - started
-            hooks.attempt(provider_id, "sent", seconds)
-            return Delivered(result, attempts, seconds)
     if last == "circuit_open":
         return Failed(DispatchFailure.CIRCUIT_OPEN, "circuit open for the whole retry budget",
                       attempts)

@@ -24,7 +24,7 @@ from schemas.events import (
 )
 from schemas.types import OutboundField, Transport
 from services.dispatch.breaker import ProviderGuards
-from services.dispatch.delivery import Delivered, DeliveryHooks, RetryPolicy, deliver
+from services.dispatch.delivery import ClaimLost, Delivered, DeliveryHooks, RetryPolicy, deliver
 from services.dispatch.images import ImageGone, ImageSource
 from services.dispatch.ledger import Claim, Ledger, ProbeInfo
 from services.dispatch.payloads import PhotoNotCleared, build_payload, payload_digest
@@ -38,6 +38,11 @@ log = logging.getLogger("frs.dispatch")
 class ProbeNotYetKnown(Exception):
     """No submission for the clearance, though this instance has read every submission on
     the bus: the kit retries, then the DLQ."""
+
+
+class ClaimBusy(NotYet):
+    """Stopping while another live instance holds the claim: its outcome is awaited by
+    whoever handles the clearance next."""
 
 
 class ProbeBehind(NotYet):
@@ -125,9 +130,16 @@ async def _wait_for_probe(probe_id: str, ports: DispatchPorts) -> ProbeInfo:
 
 async def on_policy_cleared(event: PolicyCleared, ports: DispatchPorts) -> list[Event]:
     info = await _wait_for_probe(event.probe_id, ports)
-    results = await asyncio.gather(*(_dispatch_one(event, c, info, ports)
-                                     for c in event.cleared))
-    return [e for events in results for e in events]
+    # One send per provider, however often a clearance names it.
+    cleared = list({c.provider_id: c for c in reversed(event.cleared)}.values())[::-1]
+    # Every provider's send runs to its end before a failure is raised: a retry of this
+    # clearance must find the others done, never still in flight (it would send again).
+    results = await asyncio.gather(*(_dispatch_one(event, c, info, ports) for c in cleared),
+                                   return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [e for events in results if not isinstance(events, BaseException) for e in events]
 
 
 def _failed(event: PolicyCleared, provider_id: str, reason: DispatchFailure, detail: str,
@@ -147,10 +159,20 @@ async def _dispatch_one(event: PolicyCleared, cleared: ClearedProvider, info: Pr
         return claim.outcome  # already sent or failed: re-emit, never resend
     try:
         events = await _decide_and_send(event, cleared, info, claim, ports)
-        await ledger.complete(event.probe_id, provider_id, events)
+        recorded = await ledger.complete(event.probe_id, provider_id, events)
+    except ClaimLost:
+        ledger.release(event.probe_id, provider_id)
+        recorded = False
     except BaseException:
         ledger.release(event.probe_id, provider_id)
         raise
+    if not recorded:
+        # Another instance took the claim over (our heartbeat had stopped): its outcome is
+        # the one on record, and it emits it; ours is dropped so there is only one.
+        log.warning("claim taken over while sending",
+                    extra={"probe_id": event.probe_id, "provider": provider_id})
+        now = await ledger.claim(event.probe_id, provider_id)
+        return now.outcome if now.state == "done" else []
     for e in events:
         if isinstance(e, ProviderDispatched):
             ports.hooks.outcome(provider_id, "dispatched")
@@ -168,15 +190,25 @@ async def _await_other_owner(probe_id: str, provider_id: str, claim: Claim,
     while its heartbeat is fresh, then take the claim over."""
     log.info("waiting for another instance's claim",
              extra={"probe_id": probe_id, "provider": provider_id, "owner": claim.owner})
+    # Staleness is judged on this instance's own time: the owner's heartbeat has not moved
+    # for a whole lease while we watched. Comparing wall clocks across hosts (or across a
+    # clock step) could take a live claim.
+    seen, still_for = (claim.owner, claim.heartbeat_at), 0.0
     while claim.state == "unknown" and claim.owner != ports.ledger.owner:
-        beat = claim.heartbeat_at or claim.claimed_at
-        if (ports.clock() - beat).total_seconds() > ports.claim_lease_s:
-            log.warning("taking over an abandoned claim",
-                        extra={"probe_id": probe_id, "provider": provider_id})
-            await ports.ledger.take_over(probe_id, provider_id)
-            break
+        if ports.probes.stopping:
+            raise ClaimBusy(probe_id)  # left for the next run, not concluded now
+        if still_for >= ports.claim_lease_s:
+            if await ports.ledger.take_over(probe_id, provider_id, claim):
+                log.warning("took over an abandoned claim",
+                            extra={"probe_id": probe_id, "provider": provider_id})
+                return await ports.ledger.claim(probe_id, provider_id)
+            still_for = 0.0  # it moved (or another instance won): watch again
         await ports.sleep(0.2)
         claim = await ports.ledger.claim(probe_id, provider_id)
+        if (claim.owner, claim.heartbeat_at) == seen:
+            still_for += 0.2
+        else:
+            seen, still_for = (claim.owner, claim.heartbeat_at), 0.0
     return claim
 
 
@@ -228,7 +260,7 @@ async def _decide_and_send(event: PolicyCleared, cleared: ClearedProvider, info:
         request, transport, ports.guards, ports.retry,
         record_attempt=lambda: ports.ledger.record_attempt(event.probe_id, provider_id),
         still_active=still_active,
-        image_sendable=lambda: ports.images.sendable(info.vault_ref),
+        send_window=lambda: ports.images.send_window(info.vault_ref),
         hooks=ports.hooks, sleep=ports.sleep,
     )
     done = ports.clock()

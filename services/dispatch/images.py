@@ -28,9 +28,10 @@ SEND_MARGIN = timedelta(seconds=2)
 class ImageSource(Protocol):
     async def get(self, vault_ref: str) -> bytes: ...
 
-    async def sendable(self, vault_ref: str) -> bool:
-        """Still stored and not past its expiry: checked before every send attempt, so a
-        retry never sends an image the purger has destroyed or is due to destroy."""
+    async def send_window(self, vault_ref: str) -> float:
+        """Seconds the image may still leave for (0: purged, or too close to its expiry).
+        Checked before every attempt, which must end within it: a retry never sends an
+        image the purger has destroyed or is due to destroy."""
         ...
 
 
@@ -50,8 +51,8 @@ class StaticImageSource:
             raise ImageGone(vault_ref)
         return self._image
 
-    async def sendable(self, vault_ref: str) -> bool:
-        return vault_ref not in self._gone
+    async def send_window(self, vault_ref: str) -> float:
+        return 0.0 if vault_ref in self._gone else float("inf")
 
 
 class VaultImageSource:
@@ -74,13 +75,16 @@ class VaultImageSource:
             raise ImageGone(type(exc).__name__) from None
         return image
 
-    async def sendable(self, vault_ref: str) -> bool:
-        def check() -> bool:
+    async def send_window(self, vault_ref: str) -> float:
+        def check() -> float:
             entry = self._vault.index.get(vault_ref)
-            return bool(entry is not None and entry.state == "stored"
-                        and entry.expires_at > datetime.now(UTC) + SEND_MARGIN)
+            if entry is None or entry.state != "stored":
+                return 0.0
+            left: float = (entry.expires_at - datetime.now(UTC) - SEND_MARGIN).total_seconds()
+            return max(0.0, left)
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, check)
+        window: float = await asyncio.get_running_loop().run_in_executor(self._pool, check)
+        return window
 
     def close(self) -> None:
         if self._close_vault is not None:

@@ -77,10 +77,10 @@ class Ledger(Protocol):
     async def probe(self, probe_id: str) -> ProbeInfo | None: ...
     async def claim(self, probe_id: str, provider_id: str) -> Claim: ...
     async def record_attempt(self, probe_id: str, provider_id: str) -> int: ...
-    async def take_over(self, probe_id: str, provider_id: str) -> None: ...
+    async def take_over(self, probe_id: str, provider_id: str, seen: Claim) -> bool: ...
     async def heartbeat(self) -> int: ...
     def release(self, probe_id: str, provider_id: str) -> None: ...
-    async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> None: ...
+    async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> bool: ...
 
 
 _SCHEMA = """
@@ -237,29 +237,45 @@ class SqliteLedger:
             self._held.add((probe_id, provider_id))  # on the loop thread, like heartbeat()
         return result
 
+    # Every write to a claim is fenced by its owner: an owner whose claim was taken over
+    # (its heartbeat stopped) cannot count an attempt or record an outcome any more.
+
     async def record_attempt(self, probe_id: str, provider_id: str) -> int:
+        """The attempt's number, durable before the send; 0 if the claim is not ours."""
         def bump() -> int:
             row = self._db.execute(
                 "UPDATE sends SET attempts = attempts + 1, heartbeat_at = ? "
-                "WHERE probe_id = ? AND provider_id = ? RETURNING attempts",
-                (utcnow().isoformat(), probe_id, provider_id)).fetchone()
+                "WHERE probe_id = ? AND provider_id = ? AND owner = ? AND state = 'claimed' "
+                "RETURNING attempts",
+                (utcnow().isoformat(), probe_id, provider_id, self.owner)).fetchone()
             return int(row[0]) if row else 0
         return await self._write(bump)
 
-    async def take_over(self, probe_id: str, provider_id: str) -> None:
-        self._held.add((probe_id, provider_id))
-        await self._write(lambda: self._db.execute(
-            "UPDATE sends SET owner = ?, heartbeat_at = ? "
-            "WHERE probe_id = ? AND provider_id = ? AND state = 'claimed'",
-            (self.owner, utcnow().isoformat(), probe_id, provider_id)))
+    async def take_over(self, probe_id: str, provider_id: str, seen: Claim) -> bool:
+        """Take a claim whose owner and heartbeat are still those ``seen``: of two
+        instances taking over one abandoned claim, one wins."""
+        beat = seen.heartbeat_at.isoformat() if seen.heartbeat_at else None
 
-    async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> None:
+        def swap() -> bool:
+            return self._db.execute(
+                "UPDATE sends SET owner = ?, heartbeat_at = ? WHERE probe_id = ? AND "
+                "provider_id = ? AND state = 'claimed' AND owner = ? AND heartbeat_at IS ?",
+                (self.owner, utcnow().isoformat(), probe_id, provider_id, seen.owner, beat),
+            ).rowcount == 1
+        taken = await self._write(swap)
+        if taken:
+            self._held.add((probe_id, provider_id))
+        return taken
+
+    async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> bool:
+        """Record the outcome; False if the claim was taken over meanwhile (not recorded)."""
         outcome = _dump(events)
-        await self._write(lambda: self._db.execute(
+        done = await self._write(lambda: self._db.execute(
             "UPDATE sends SET state = 'done', finished_at = ?, outcome = ? "
-            "WHERE probe_id = ? AND provider_id = ?",
-            (utcnow().isoformat(), outcome, probe_id, provider_id)))
+            "WHERE probe_id = ? AND provider_id = ? AND owner = ? AND state = 'claimed'",
+            (utcnow().isoformat(), outcome, probe_id, provider_id, self.owner)).rowcount == 1)
         self._held.discard((probe_id, provider_id))
+        return bool(done)
 
     def release(self, probe_id: str, provider_id: str) -> None:
         """Stop vouching for a claim this process gave up on (its handler raised): after the

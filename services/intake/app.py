@@ -136,7 +136,9 @@ def _object_store(settings: IntakeSettings) -> ObjectStore:
 
         s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url,
                           region_name=settings.aws_region)
-        return S3ObjectStore(s3, settings.s3_bucket, settings.s3_prefix)
+        store = S3ObjectStore(s3, settings.s3_bucket, settings.s3_prefix)
+        store.refuse_versioned_bucket()
+        return store
     return FileObjectStore(settings.vault_root / "objects")
 
 

@@ -31,7 +31,8 @@ from services.intake.outcomes import OutcomeLog
 from services.intake.policy.handlers import PolicyPorts, on_probe_submitted
 from services.intake.quality import QualityGate, assess, rejection
 from services.intake.sanitize import SanitizedImage, SanitizeError, SanitizeLimits, sanitize
-from services.intake.vault import Vault
+from services.intake.vault import ObjectPurged, Vault
+from services.kit.bus import NotYet
 
 __all__ = ["IntakePorts", "PolicyPorts", "on_invalid_request", "on_probe_requested",
            "on_probe_submitted", "reject_invalid_request"]
@@ -57,6 +58,11 @@ class IntakePorts:
 async def on_probe_requested(event: ProbeRequested, ports: IntakePorts) -> list[Event]:
     prior = ports.outcomes.get(event.request_id)
     if prior is not None:
+        if isinstance(prior, ProbeSubmitted) and not _still_stored(prior.vault_ref, ports):
+            # Its image is gone: a second ProbeSubmitted would ask policy to clear a
+            # purged probe. The outcome was published once; that stands.
+            log.info("duplicate request after purge", extra={"probe_id": prior.probe_id})
+            return []
         # Redelivery or resubmission: the original outcome again, no second probe.
         log.info("duplicate request", extra={"probe_id": prior.probe_id,
                                              "outcome": prior.TYPE})
@@ -70,6 +76,16 @@ async def on_probe_requested(event: ProbeRequested, ports: IntakePorts) -> list[
         log.info("probe submitted", extra={"probe_id": outcome.probe_id,
                                            "vault_ref": outcome.vault_ref})
     return [outcome]
+
+
+def _still_stored(vault_ref: str, ports: IntakePorts) -> bool:
+    entry = ports.vault.index.get(vault_ref)
+    return entry is not None and entry.state == "stored"
+
+
+class VaultUnavailable(NotYet):
+    """The vault (index, object store or KMS) failed: the request waits for it rather
+    than going to the DLQ without an outcome."""
 
 
 def _examine(image: bytes, limits: SanitizeLimits,
@@ -110,8 +126,14 @@ async def _intake(event: ProbeRequested, ports: IntakePorts) -> ProbeSubmitted |
         return reject(*refused)
     now = ports.clock()
     expires_at = now + ports.image_ttl
-    ref = ports.vault.put(probe_id=probe_id, case_id=event.case_id, data=clean.data,
-                          created_at=now, expires_at=expires_at)
+    try:
+        ref = ports.vault.put(probe_id=probe_id, case_id=event.case_id, data=clean.data,
+                              created_at=now, expires_at=expires_at)
+    except ObjectPurged:
+        return reject(RejectReason.IMAGE_PURGED,
+                      "this request's image was stored and purged before; not stored again")
+    except Exception as exc:
+        raise VaultUnavailable(probe_id) from exc
     return ProbeSubmitted(
         probe_id=probe_id, request_id=event.request_id, case_id=event.case_id,
         agent_id=event.agent_id, purpose=event.purpose, roi_refs=event.roi_refs,

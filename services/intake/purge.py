@@ -28,7 +28,7 @@ from functools import cache
 from prometheus_client import Counter, Gauge
 
 from schemas.events import CaseRecord, Event, ImagePurged, PurgeReason
-from services.intake.vault import Vault
+from services.intake.vault import Vault, VaultEntry
 from services.kit.clock import BrokerClock
 
 log = logging.getLogger("frs.intake.purge")
@@ -114,12 +114,17 @@ class Purger:
         if self.trusted is None:
             return self.clock()
         await self.trusted.refresh()
-        if not self.trusted.fresh():
+        if self.trusted.last is None:
             self.metrics.sweeps_skipped.inc()
-            age = self.trusted.age()
-            log.warning("purge sweep skipped: no recent sample of the broker's clock",
-                        extra={"sample_age_s": None if age is None else round(age, 1)})
+            log.warning("purge sweep skipped: the broker's clock was never sampled")
             return None
+        if not self.trusted.fresh():
+            # The lower bound stays valid however old the sample (the monotonic clock
+            # carries it forward), so images are still destroyed on time while the broker
+            # is out of reach; only their announcements wait for it.
+            age = self.trusted.age()
+            log.warning("purging on an old sample of the broker's clock",
+                        extra={"sample_age_s": None if age is None else round(age, 1)})
         lower, upper = self.trusted.bounds()
         skew = (self.clock() - (lower + (upper - lower) / 2)).total_seconds()
         self.metrics.clock_skew.set(skew)
@@ -136,19 +141,35 @@ class Purger:
         index = self.vault.index
         due = index.due(now)
         self.metrics.past_expiry.set(index.count_past_expiry(now))
-        announced: list[ImagePurged] = []
+        # Destroy first, every due object, each on its own: an object that will not go
+        # (a store refusing one delete) or a broker out of reach must not hold back the
+        # rest. Announcements follow; an unannounced purge is announced by a later sweep.
+        shredded: list[VaultEntry] = []
         for entry in due:
             reason = entry.purge_reason or PurgeReason.EXPIRED.value
-            done = self.vault.purge(entry.ref, reason, now)
+            try:
+                shredded.append(self.vault.purge(entry.ref, reason, now, checkpoint=False))
+            except Exception as exc:
+                self.metrics.sweep_failures.inc()
+                log.warning("purge failed", extra={"ref": entry.ref,
+                                                   "error": type(exc).__name__})
+                continue
             self._shredded += 1
             if self.fault_kill_mid_purge and self._shredded >= self.fault_kill_mid_purge:
                 # Fault injection for restart tests: shredded, not yet announced.
                 log.warning("fault injection: SIGKILL mid-sweep", extra={"ref": entry.ref})
                 os.kill(os.getpid(), signal.SIGKILL)
-            assert done.purged_at is not None
+        if shredded and not index.checkpoint():
+            log.warning("purges not announced: the vault index is still being read, its "
+                        "log not yet truncated", extra={"purged": len(shredded)})
+            shredded = []
+        announced: list[ImagePurged] = []
+        for done in shredded:
+            if done.state != "purged" or done.purged_at is None:
+                continue
             event = ImagePurged(
                 probe_id=done.probe_id, vault_ref=done.ref, object_kind=done.kind,
-                reason=PurgeReason(done.purge_reason or reason),
+                reason=PurgeReason(done.purge_reason or PurgeReason.EXPIRED.value),
                 expires_at=done.expires_at, purged_at=done.purged_at,
             )
             await self.publish([event])

@@ -211,6 +211,15 @@ class S3ObjectStore:
     def delete(self, name: str) -> None:
         self._s3.delete_object(Bucket=self.bucket, Key=self.prefix + name)
 
+    def refuse_versioned_bucket(self) -> None:
+        """A bucket that keeps versions turns a delete into a delete marker: the
+        ciphertext would outlive its purge. Such a bucket is refused at start."""
+        status = self._s3.get_bucket_versioning(Bucket=self.bucket).get("Status")
+        if status in ("Enabled", "Suspended"):
+            raise VaultError(f"bucket {self.bucket} keeps object versions (versioning "
+                             f"{status}): a purge could not destroy them; use a bucket "
+                             "whose versioning was never enabled")
+
 
 # --- the index ------------------------------------------------------------------------
 
@@ -299,17 +308,20 @@ class VaultIndex:
                           row[7], row[8], purged)
 
     def upsert(self, entry: VaultEntry, kek_id: str, wrapped_key: bytes) -> None:
+        """Index a new object, or re-key one still stored (a redelivered request). One
+        whose purge has begun is never brought back: ObjectPurged."""
         with self._tx() as c:
-            c.execute(
+            written = c.execute(
                 "INSERT INTO vault_objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(ref) DO UPDATE SET kek_id=excluded.kek_id, "
                 "wrapped_key=excluded.wrapped_key, created_at=excluded.created_at, "
-                "expires_at=excluded.expires_at, state=excluded.state, purge_reason=NULL, "
-                "purged_at=NULL",
+                "expires_at=excluded.expires_at WHERE vault_objects.state='stored'",
                 (entry.ref, entry.probe_id, entry.case_id, entry.kind, entry.object_name,
                  kek_id, wrapped_key, _ts(entry.created_at), _ts(entry.expires_at),
                  entry.state, None, None),
-            )
+            ).rowcount
+        if written == 0:
+            raise ObjectPurged("the object was purged; it is not stored again")
 
     def get(self, ref: str) -> VaultEntry | None:
         row = self.conn.execute(f"SELECT {_COLUMNS} FROM vault_objects WHERE ref=?",
@@ -362,13 +374,22 @@ class VaultIndex:
                       "purge_reason=COALESCE(purge_reason, ?) WHERE ref=? AND state='stored'",
                       (reason, ref))
 
-    def shred(self, ref: str, now: datetime) -> None:
+    def shred(self, ref: str, now: datetime, *, checkpoint: bool = True) -> None:
         """Destroy the wrapped data key; with secure_delete the old bytes are zeroed."""
         with self._tx() as c:
             c.execute("UPDATE vault_objects SET wrapped_key=NULL, state='purged', purged_at=? "
                       "WHERE ref=? AND state IN ('stored','purging')", (_ts(now), ref))
-        # Old page images of the row live on in the WAL until a checkpoint truncates it.
-        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # Old page images of the row live on in the WAL until a checkpoint truncates it
+        # (a sweep of many objects runs one checkpoint at its end instead).
+        if checkpoint:
+            self.checkpoint()
+
+    def checkpoint(self) -> bool:
+        """Fold the WAL into the database and truncate it. False when a reader (dispatch
+        shares this file) kept it from completing: destroyed keys may still be in the
+        WAL, so the purger does not announce until a checkpoint succeeds."""
+        busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        return int(busy) == 0
 
     def mark_announced(self, ref: str) -> None:
         with self._tx() as c:
@@ -431,12 +452,14 @@ class Vault:
             raise UnknownObject("no object is indexed under that reference")
         return entry
 
-    def purge(self, ref: str, reason: str, now: datetime) -> VaultEntry:
-        """Delete the ciphertext, then destroy its wrapped key. Safe to repeat."""
+    def purge(self, ref: str, reason: str, now: datetime, *,
+              checkpoint: bool = True) -> VaultEntry:
+        """Delete the ciphertext, then destroy its wrapped key. Safe to repeat. Without
+        ``checkpoint`` the caller runs ``index.checkpoint()`` before announcing."""
         entry = self._entry(ref)
         if entry.state == "stored":
             self.index.mark_purging(ref, reason)
         if entry.state in ("stored", "purging"):
             self.store.delete(entry.object_name)
-            self.index.shred(ref, now)
+            self.index.shred(ref, now, checkpoint=checkpoint)
         return self._entry(ref)

@@ -242,12 +242,17 @@ class Processor:
             self._done.pop(tp, None)  # the next owner commits it
 
     async def mark(self) -> object:
-        """The end of this route's partitions now, for ``reached`` (None if unknown)."""
-        assigned = self._consumer.assignment()
-        if not assigned or self.stopping:
+        """The end of every partition of this route's topics now, for ``reached`` (None if
+        unknown). Every partition, not only ours: a record on a partition another member
+        of the group holds is not one this processor will ever hand out."""
+        if self.stopping:
+            return None
+        partitions = [TopicPartition(topic, p) for topic in self.route.topics
+                      for p in self._consumer.partitions_for_topic(topic) or ()]
+        if not partitions:
             return None
         try:
-            ends = await asyncio.wait_for(self._consumer.end_offsets(list(assigned)), 5.0)
+            ends = await asyncio.wait_for(self._consumer.end_offsets(partitions), 5.0)
         except (KafkaError, TimeoutError):
             return None
         return dict(ends)
@@ -259,6 +264,8 @@ class Processor:
         if not isinstance(mark, dict) or self.stopping:
             return False
         for tp, end in mark.items():
+            if end == 0:
+                continue  # an empty partition has nothing to hand out
             if tp not in self._consumer.assignment():
                 return False
             upto = self._in_hand_from.get(tp)
@@ -442,9 +449,11 @@ class Processor:
                     return []  # revoked while waiting: the new owner handles it
                 waited += 1
                 if waited == 1 or waited % 20 == 0:
+                    cause = exc.__cause__
                     log.info("waiting for a prerequisite",
                              extra={"type": etype, "offset": raw.offset, "waits": waited,
-                                    "reason": type(exc).__name__})
+                                    "reason": type(exc).__name__,
+                                    "cause": type(cause).__name__ if cause else None})
                 self._metrics.waits.labels(etype).inc()
                 pause = min(self.retry_backoff_s * 2 ** min(waited, 6), 5.0)
                 with contextlib.suppress(TimeoutError):

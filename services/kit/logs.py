@@ -47,5 +47,8 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiokafka", "kafka"):
+    # Never below WARNING, whatever the level: at DEBUG botocore logs request and response
+    # bodies (a Rekognition image, a KMS data key) and urllib3 logs URLs.
+    # Pillow logs EXIF values (GPS among them) at DEBUG.
+    for noisy in ("aiokafka", "kafka", "botocore", "boto3", "s3transfer", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

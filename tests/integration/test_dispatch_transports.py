@@ -10,6 +10,7 @@ import email.policy
 import hashlib
 import json
 import shutil
+import ssl
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,12 @@ from schemas.events import ProviderRecord
 from schemas.types import OutboundField, Transport
 from services.dispatch.ledger import dispatch_id_for, request_ref_for
 from services.dispatch.payloads import build_payload
-from services.dispatch.transports.base import PermanentError, SendRequest, TransientError
+from services.dispatch.transports.base import (
+    AmbiguousError,
+    PermanentError,
+    SendRequest,
+    TransientError,
+)
 from services.dispatch.transports.https import HttpsTransport, client_tls_context
 from services.dispatch.transports.smime_email import SmimeEmailTransport
 
@@ -46,6 +52,17 @@ def request(prov: ProviderRecord, photo: bytes, fields: list[OutboundField] = AL
     return SendRequest(prov, build_payload(prov.transport, fields, photo=photo,
                                            agent_id="agent-7", request_ref=ref),
                        dispatch_id, ref)
+
+
+async def permanent_failure(tls: ssl.SSLContext, url: str, photo: bytes) -> str:
+    """One HTTPS send that must fail for good: its error code."""
+    transport = HttpsTransport(tls)
+    try:
+        with pytest.raises(PermanentError) as caught:
+            await transport.send(request(provider(Transport.HTTPS, url), photo))
+    finally:
+        await transport.close()
+    return caught.value.code
 
 
 async def test_https_sends_only_cleared_fields_over_verified_tls(face_jpeg: bytes) -> None:
@@ -72,18 +89,25 @@ async def test_https_sends_only_cleared_fields_over_verified_tls(face_jpeg: byte
         assert "agent_id" not in second.values
 
 
+async def test_https_never_follows_a_redirect_with_the_photo(face_jpeg: bytes) -> None:
+    async with VendorSimulator() as elsewhere, \
+            VendorSimulator(VendorBehaviour(redirect_to=elsewhere.url)) as vendor:
+        code = await permanent_failure(client_tls_context(vendor.ca_file), vendor.url,
+                                       face_jpeg)
+        assert code == "http_307"
+        assert len(vendor.state.received) == 1
+        # A 307 keeps the body: following it would have sent the photo to an unapproved
+        # host (aiohttp follows by default).
+        assert elsewhere.state.received == []
+
+
 async def test_https_refuses_an_untrusted_server(face_jpeg: bytes) -> None:
     async with VendorSimulator() as sim:
         other_ca = SimulatorCA("someone else")
         path = sim.pki_dir / "other-ca.crt"
         path.write_bytes(other_ca.cert_pem)
-        transport = HttpsTransport(client_tls_context(path))
-        try:
-            with pytest.raises(PermanentError) as err:
-                await transport.send(request(provider(Transport.HTTPS, sim.url), face_jpeg))
-        finally:
-            await transport.close()
-        assert err.value.code == "tls_verify_failed"
+        code = await permanent_failure(client_tls_context(path), sim.url, face_jpeg)
+        assert code == "tls_verify_failed"
         assert sim.state.received == []
 
 
@@ -183,9 +207,10 @@ async def test_smime_errors(face_jpeg: bytes, smime_identity: tuple[str, Path, P
     with InboxSimulator(behaviour=InboxBehaviour(temp_fail_rate=1.0)) as inbox:
         transport = SmimeEmailTransport("127.0.0.1", inbox.port, "dispatch@frs.test",
                                         timeout_s=5)
-        with pytest.raises(TransientError):
+        with pytest.raises(TransientError) as refused:
             await transport.send(request(provider(Transport.SMIME_EMAIL, "inbox@provider.test",
                                                   cert_pem), face_jpeg))
+        assert not isinstance(refused.value, AmbiguousError)  # a 451 answer: not delivered
         with pytest.raises(PermanentError) as err:
             await transport.send(request(provider(Transport.SMIME_EMAIL, "inbox@provider.test"),
                                          face_jpeg))
@@ -295,3 +320,16 @@ async def test_inbox_simulator_replies_signed_and_encrypted_to_the_broker(
     assert answer["kind"] == "answer" and answer["request_ref"] == req.request_ref
     assert [c["rank"] for c in answer["candidates"]] == [1, 2, 3, 4, 5]
     assert receipt == {"kind": "deletion", "request_ref": req.request_ref}
+
+
+async def test_smime_unconfirmed_data_is_ambiguous(
+        face_jpeg: bytes, smime_identity: tuple[str, Path, Path]) -> None:
+    cert_pem, _, _ = smime_identity
+    with InboxSimulator(behaviour=InboxBehaviour(hang_after_accept_s=3)) as inbox:
+        transport = SmimeEmailTransport("127.0.0.1", inbox.port, "dispatch@frs.test",
+                                        timeout_s=1)
+        with pytest.raises(AmbiguousError):
+            await transport.send(request(provider(Transport.SMIME_EMAIL, "inbox@provider.test",
+                                                  cert_pem), face_jpeg))
+        # It did arrive: exactly why a resend could deliver a second copy.
+        assert len(inbox.state.mails) == 1

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from schemas.catalog import PROBE_REQUESTS
 from schemas.events import ProbeRejected, ProbeSubmitted, RejectReason
+from services.cli.dispatch import start_groups_at_end
 from services.intake.crypto import encrypt_image
 from services.intake.sanitize import sanitize
 from services.intake.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
@@ -149,6 +151,9 @@ async def test_each_bad_input_is_rejected_with_its_own_reason(
 async def test_redelivery_after_crash_before_commit_yields_no_second_probe(
     kafka_bootstrap: str, services: dict[str, ServiceProcess], service_env: dict[str, str]
 ) -> None:
+    # Requests other tests left uncommitted are not this test's: the faulty intake must die
+    # on its own request's batch, so its group starts after them.
+    await start_groups_at_end(kafka_bootstrap, [("frs-intake", PROBE_REQUESTS.name)])
     intake = start_intake(services, FRS_INTAKE_FAULT_KILL_BEFORE_COMMIT="true")
     req = make_request(service_env, s.face_jpeg())
     await publish(kafka_bootstrap, [req])

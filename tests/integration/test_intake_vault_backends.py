@@ -148,3 +148,12 @@ async def test_intake_service_on_s3_and_kms_purges_a_closed_case(
     assert index.wrapped_key(event.vault_ref)[1] is None
     assert wrapped not in b"".join(p.read_bytes() for p in files_under(state / "vault"))
     intake.stop()
+
+
+def test_an_unversioned_bucket_passes_the_start_check(
+        s3_server: AwsEndpoint) -> None:  # noqa: F811
+    # s3proxy cannot enable versioning (NotImplemented); the refusal of a versioned
+    # bucket is a unit test. Here: the real call, on a real server, lets a plain bucket by.
+    client = s3_server.client("s3")
+    S3ObjectStore(client, new_bucket(s3_server, f"v-{uuid.uuid4().hex[:12]}")
+                  ).refuse_versioned_bucket()

@@ -37,6 +37,7 @@ from services.dispatch.payloads import (
     build_payload,
 )
 from services.dispatch.transports.base import (
+    AmbiguousError,
     PermanentError,
     SendRequest,
     SendResult,
@@ -80,7 +81,12 @@ async def test_ledger_claim_states_survive_reopen(tmp_path: Any) -> None:
     assert (again.state, again.attempts, again.request_ref) == ("unknown", 1, first.request_ref)
     failed = DispatchFailed(probe_id="prb-1", provider_id="p1",
                             reason=DispatchFailure.SUSPENDED, detail="x", failed_at=NOW)
-    await reopened.complete("prb-1", "p1", [failed])
+    # Another owner (a restart is one) records nothing on a claim it has not taken over.
+    assert not await reopened.complete("prb-1", "p1", [failed])
+    assert await reopened.record_attempt("prb-1", "p1") == 0
+    assert await reopened.take_over("prb-1", "p1", again)
+    assert not await reopened.take_over("prb-1", "p1", again), "the claim moved on"
+    assert await reopened.complete("prb-1", "p1", [failed])
     done = await reopened.claim("prb-1", "p1")
     assert done.state == "done" and done.outcome == [failed]
     await reopened.remember_probe("prb-1", "vault:1", "agent-7")
@@ -204,15 +210,15 @@ async def test_a_retry_never_sends_an_image_purged_meanwhile() -> None:
     # The first attempt hangs past its timeout; the purger destroys the image meanwhile:
     # the retry must not go out (chaos finding: dispatch_after_purge).
     transport = ScriptedTransport([TransientError("timeout"), None])
-    sendable = iter([True, False])
+    windows = iter([30.0, 0.0])
 
-    async def image_sendable() -> bool:
-        return next(sendable)
+    async def send_window() -> float:
+        return next(windows)
 
     out = await deliver(_request(), transport,
                         ProviderGuards(concurrency=1, failure_threshold=9, open_s=1),
                         RetryPolicy(max_attempts=5), record_attempt=_counter(),
-                        still_active=lambda: True, image_sendable=image_sendable,
+                        still_active=lambda: True, send_window=send_window,
                         sleep=_no_sleep)
     assert isinstance(out, Failed) and out.reason is DispatchFailure.IMAGE_PURGED
     assert transport.calls == 1 and out.attempts == 1
@@ -225,15 +231,15 @@ async def test_an_image_that_expires_while_waiting_for_a_send_slot_is_not_sent()
     transport = ScriptedTransport([None])
     expired = asyncio.Event()
 
-    async def image_sendable() -> bool:
-        return not expired.is_set()
+    async def send_window() -> float:
+        return 0.0 if expired.is_set() else 30.0
 
     request = _request()
     slot = guards.limit(request.provider.provider_id)
     await slot.acquire()
     send = asyncio.create_task(deliver(
         request, transport, guards, RetryPolicy(max_attempts=3), record_attempt=_counter(),
-        still_active=lambda: True, image_sendable=image_sendable, sleep=_no_sleep))
+        still_active=lambda: True, send_window=send_window, sleep=_no_sleep))
     await asyncio.sleep(0.05)
     assert not send.done()
     expired.set()
@@ -584,3 +590,148 @@ async def test_a_failing_handler_stops_heartbeating_its_claim(env: Env) -> None:
     assert await env.ledger.heartbeat() == 0
     assert (await env.ledger.claim("prb-1", "web")).state == "unknown"
     assert await env.ledger.heartbeat() == 1, "working on its own claim again: vouch for it"
+
+
+# --- review findings: sibling failures, the breaker's trial, takeover fencing ------------
+
+class _SlowTransport:
+    idempotent_resend = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send(self, request: SendRequest) -> SendResult:
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        return SendResult()
+
+    async def close(self) -> None:
+        return None
+
+
+class _BrokenTransport:
+    """Raises what no transport maps (aiohttp's text() on a body that is not UTF-8)."""
+    idempotent_resend = True
+
+    async def send(self, request: SendRequest) -> SendResult:
+        b"\xff".decode("utf-8")
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_failing_provider_waits_for_its_siblings_so_a_retry_never_resends(
+    env: Env,
+) -> None:
+    env.registries.apply(_provider("mail", Transport.SMIME_EMAIL))
+    env.registries.apply(_provider("web"))
+    slow = _SlowTransport()
+    ports = env.ports(transports={Transport.SMIME_EMAIL: slow,
+                                  Transport.HTTPS: _BrokenTransport()},
+                      retry=RetryPolicy(max_attempts=1), sleep=asyncio.sleep)
+    await handlers.on_probe_submitted(_submitted(), ports)
+    event = _cleared(("mail", Transport.SMIME_EMAIL), ("web", Transport.HTTPS),
+                     ("mail", Transport.SMIME_EMAIL))  # named twice: still one send
+    first = asyncio.create_task(handlers.on_policy_cleared(event, ports))
+    await asyncio.sleep(0.2)
+    assert not first.done(), "the web failure must not return while mail is in flight"
+    slow.release.set()
+    with pytest.raises(UnicodeDecodeError):
+        await first
+    # The kit's retry finds mail done (re-emitted, not resent) and tries web again.
+    with pytest.raises(UnicodeDecodeError):
+        await handlers.on_policy_cleared(event, ports)
+    assert slow.calls == 1
+    assert (await env.ledger.claim("prb-1", "mail")).state == "done"
+
+
+async def test_an_unexpected_error_gives_the_half_open_trial_back() -> None:
+    now = [0.0]
+    guards = ProviderGuards(concurrency=4, failure_threshold=1, open_s=1,
+                            clock=lambda: now[0])
+    breaker = guards.breaker("p1")
+    breaker.acquire()
+    breaker.failure()
+    now[0] = 5.0  # open period over: the next call is the half-open trial
+
+    async def attempt() -> int:
+        return 1
+    with pytest.raises(UnicodeDecodeError):
+        await deliver(_request(), _BrokenTransport(), guards, RetryPolicy(max_attempts=1),
+                      record_attempt=attempt, still_active=lambda: True, sleep=_no_sleep)
+    breaker.acquire()  # raised CircuitOpen forever when the trial was never given back
+
+
+async def test_a_claim_taken_over_mid_send_keeps_only_the_new_owners_outcome(
+    tmp_path: Any,
+) -> None:
+    path = tmp_path / "shared.db"
+    a, b = SqliteLedger(path, owner="a"), SqliteLedger(path, owner="b")
+    env = Env(a)
+    env.registries.apply(_provider("mail", Transport.SMIME_EMAIL))
+    slow = _SlowTransport()
+    ports = env.ports(transports={Transport.SMIME_EMAIL: slow}, sleep=asyncio.sleep)
+    try:
+        await handlers.on_probe_submitted(_submitted(), ports)
+        sending = asyncio.create_task(handlers.on_policy_cleared(
+            _cleared(("mail", Transport.SMIME_EMAIL)), ports))
+        await asyncio.wait_for(slow.started.wait(), 5)
+        # a's heartbeat stopped long enough: b takes the claim over and finishes it.
+        seen = await b.claim("prb-1", "mail")
+        assert await b.take_over("prb-1", "mail", seen)
+        failed = DispatchFailed(probe_id="prb-1", provider_id="mail",
+                                reason=DispatchFailure.RETRIES_EXHAUSTED, detail="b",
+                                failed_at=NOW)
+        assert await b.complete("prb-1", "mail", [failed])
+        slow.release.set()
+        # a's late outcome is not recorded, and a emits the one on record instead.
+        assert await sending == [failed]
+        assert (await a.claim("prb-1", "mail")).outcome == [failed]
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_an_attempt_is_cut_off_before_its_image_expires() -> None:
+    # The vendor hangs and the image has 0.2 s left: the attempt is cancelled inside that
+    # window (not after the 30 s attempt timeout), and no retry goes out after it.
+    windows = iter([0.2, 0.0])
+
+    async def send_window() -> float:
+        return next(windows)
+    hanging = _SlowTransport()
+    started = asyncio.get_running_loop().time()
+    out = await deliver(_request(), hanging,
+                        ProviderGuards(concurrency=1, failure_threshold=9, open_s=1),
+                        RetryPolicy(max_attempts=5, attempt_timeout_s=30),
+                        record_attempt=_counter(), still_active=lambda: True,
+                        send_window=send_window, sleep=_no_sleep)
+    assert asyncio.get_running_loop().time() - started < 5
+    assert isinstance(out, Failed) and out.reason is DispatchFailure.IMAGE_PURGED
+    assert hanging.calls == 1
+
+
+@pytest.mark.parametrize("resend", [True, False])
+async def test_a_mail_that_may_have_arrived_is_resent_only_when_allowed(resend: bool) -> None:
+    async def twice(first: Exception) -> tuple[Delivered | Failed, int]:
+        transport = ScriptedTransport([first, None], idempotent_resend=False)
+        out = await deliver(_request(), transport,
+                            ProviderGuards(concurrency=1, failure_threshold=9, open_s=1),
+                            RetryPolicy(max_attempts=3, resend_ambiguous=resend),
+                            record_attempt=_counter(), still_active=lambda: True,
+                            sleep=_no_sleep)
+        return out, transport.calls
+
+    out, calls = await twice(AmbiguousError("smtp_data_unconfirmed"))
+    if resend:
+        assert isinstance(out, Delivered) and calls == 2
+    else:
+        assert isinstance(out, Failed) and out.reason is DispatchFailure.OUTCOME_UNKNOWN
+        assert calls == 1
+    # A failure before DATA (nothing can have arrived) is retried in both modes.
+    out, calls = await twice(TransientError("smtp_connection"))
+    assert isinstance(out, Delivered) and calls == 2

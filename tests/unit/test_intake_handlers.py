@@ -17,6 +17,7 @@ from services.intake.crypto import encrypt_image
 from services.intake.outcomes import OutcomeLog
 from services.intake.sanitize import sanitize
 from services.intake.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
+from services.kit.bus import NotYet
 from tests import intake_samples as s
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -125,3 +126,45 @@ async def test_image_work_off_the_event_loop(ports: handlers.IntakePorts) -> Non
     assert isinstance(ok, ProbeSubmitted)
     assert isinstance(bad, ProbeRejected) and bad.reason == RejectReason.POLYGLOT
     assert seen and all(name.startswith("intake-image") for name in seen)
+
+
+async def test_a_purged_image_is_never_stored_again(ports: handlers.IntakePorts) -> None:
+    req = request(ports, s.face_jpeg())
+    # The first delivery vaulted the image and died before recording its outcome; the
+    # purger then destroyed it. The redelivered request must not bring it back.
+    [first] = await handlers.on_probe_requested(req, ports)
+    assert isinstance(first, ProbeSubmitted)
+    ports.outcomes.conn.execute("DELETE FROM request_outcomes")
+    ports.vault.purge(first.vault_ref, "expired", T0 + timedelta(days=4))
+    [again] = await handlers.on_probe_requested(req, ports)
+    assert isinstance(again, ProbeRejected) and again.reason is RejectReason.IMAGE_PURGED
+    entry = ports.vault.index.get(first.vault_ref)
+    assert entry is not None and entry.state == "purged"
+    assert ports.vault.index.wrapped_key(first.vault_ref)[1] is None
+
+
+async def test_a_duplicate_after_the_purge_does_not_resubmit(
+        ports: handlers.IntakePorts) -> None:
+    req = request(ports, s.face_jpeg())
+    [first] = await handlers.on_probe_requested(req, ports)
+    assert isinstance(first, ProbeSubmitted)
+    assert await handlers.on_probe_requested(req, ports) == [first]  # still stored
+    ports.vault.purge(first.vault_ref, "expired", T0 + timedelta(days=4))
+    assert await handlers.on_probe_requested(req, ports) == []
+
+
+async def test_a_vault_outage_holds_the_request_instead_of_dead_lettering_it(
+        ports: handlers.IntakePorts) -> None:
+    def refuse(name: str, blob: bytes) -> None:
+        raise ConnectionError("object store unreachable")
+    put = ports.vault.store.put
+    ports.vault.store.put = refuse  # type: ignore[method-assign]
+    req = request(ports, s.face_jpeg())
+    with pytest.raises(handlers.VaultUnavailable) as caught:
+        await handlers.on_probe_requested(req, ports)
+    assert isinstance(caught.value, NotYet)
+    assert isinstance(caught.value.__cause__, ConnectionError)
+    assert ports.outcomes.get(req.request_id) is None  # no outcome yet: it is retried
+    ports.vault.store.put = put  # type: ignore[method-assign]
+    [out] = await handlers.on_probe_requested(req, ports)
+    assert isinstance(out, ProbeSubmitted) and ports.vault.get(out.vault_ref)

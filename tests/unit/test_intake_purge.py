@@ -97,16 +97,38 @@ async def test_closed_case_purges_within_one_sweep(tmp_path: Path) -> None:
     assert all(e.expires_at == clock.now for e in out)
 
 
-async def test_gauge_counts_objects_past_expiry_when_purge_fails(tmp_path: Path) -> None:
+async def test_a_broker_out_of_reach_delays_announcements_not_purges(tmp_path: Path) -> None:
     vault, clock = make_vault(tmp_path), Clock()
-    fill(vault, 3, ttl_h=1)
+    refs = fill(vault, 3, ttl_h=1)
     clock.now = T0 + timedelta(hours=2)
     purger = Purger(vault, dict, Sink(fail_after=0), clock)
     with pytest.raises(ConnectionError):
         await purger.sweep()
-    # The first object is shredded (state 'purged', unannounced); two are still live.
-    assert gauge() == 3
-    assert vault.index.count_past_expiry(clock.now) == 2
+    assert gauge() == 3  # as the sweep began
+    # Every image is destroyed on time although none could be announced yet.
+    assert vault.index.count_past_expiry(clock.now) == 0 and vault.index.count_stored() == 0
+    later = Sink()
+    assert sorted(e.vault_ref for e in await Purger(vault, dict, later, clock).sweep()) \
+        == sorted(refs)
+
+
+async def test_one_object_that_will_not_go_holds_back_no_other(tmp_path: Path) -> None:
+    vault, clock = make_vault(tmp_path), Clock()
+    refs = fill(vault, 3, ttl_h=1)
+    stuck = vault.index.get(refs[0])
+    assert stuck is not None
+    delete = vault.store.delete
+
+    def refuse_one(name: str) -> None:
+        if name == stuck.object_name:
+            raise PermissionError("access denied")
+        delete(name)
+    vault.store.delete = refuse_one  # type: ignore[method-assign]
+    clock.now = T0 + timedelta(hours=2)
+    purger = Purger(vault, dict, Sink(), clock)
+    assert sorted(e.vault_ref for e in await purger.sweep()) == sorted(refs[1:])
+    purger.refresh_gauges()
+    assert gauge() == 1 and vault.index.count_past_expiry(clock.now) == 1
 
 
 async def test_restart_mid_sweep_finishes_it(tmp_path: Path) -> None:
@@ -211,8 +233,7 @@ async def test_no_broker_sample_no_sweep(tmp_path: Path) -> None:
     assert len(await purger.sweep()) == 2  # the next sweep, with a sample, does the work
 
 
-async def test_a_sample_too_old_stops_the_sweep_until_the_broker_answers(
-        tmp_path: Path) -> None:
+async def test_an_old_sample_still_purges_by_its_lower_bound(tmp_path: Path) -> None:
     vault, sink, broker = make_vault(tmp_path), Sink(), Broker()
     fill(vault, 1, ttl_h=1)
     trusted = BrokerClock(broker.stamp, resample_s=30, max_age_s=300,
@@ -224,8 +245,30 @@ async def test_a_sample_too_old_stops_the_sweep_until_the_broker_answers(
     broker.mono = 200  # resample fails; a 200 s old sample still serves
     assert await purger.sweep() == []
     assert skipped() == before
-    broker.mono = 3700  # expired now, but the last sample is an hour old
-    assert await purger.sweep() == []
-    assert skipped() == before + 1 and vault.index.count_stored() == 1
-    broker.up = True
+    broker.mono = 3700  # expired now by the hour-old sample's lower bound: purged
     assert len(await purger.sweep()) == 1
+    assert skipped() == before and vault.index.count_stored() == 0
+
+
+async def test_purges_are_announced_only_once_the_index_log_is_truncated(
+        tmp_path: Path) -> None:
+    import sqlite3
+
+    vault, clock = make_vault(tmp_path), Clock()
+    refs = fill(vault, 2, ttl_h=1)
+    wrapped = [vault.index.wrapped_key(r)[1] for r in refs]
+    # A reader (dispatch shares the file) holds a snapshot: the checkpoint cannot finish,
+    # so the destroyed keys may still sit in the WAL.
+    reader = sqlite3.connect(tmp_path / "intake.db", isolation_level=None, timeout=0.1)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM vault_objects").fetchone()
+    clock.now = T0 + timedelta(hours=2)
+    sink = Sink()
+    purger = Purger(vault, dict, sink, clock)
+    assert await purger.sweep() == [] and sink.events == []
+    assert vault.index.count_stored() == 0  # destroyed all the same
+    reader.execute("COMMIT")
+    reader.close()
+    assert sorted(e.vault_ref for e in await purger.sweep()) == sorted(refs)
+    on_disk = b"".join(p.read_bytes() for p in tmp_path.glob("intake.db*"))
+    assert all(w is not None and w not in on_disk for w in wrapped)

@@ -14,6 +14,7 @@ from services.intake.vault import (
     FileObjectStore,
     LocalKek,
     ObjectPurged,
+    S3ObjectStore,
     Vault,
     VaultError,
     VaultIndex,
@@ -138,3 +139,16 @@ def test_outcome_log_first_wins(tmp_path: Path) -> None:
     log.record("r1", first.model_copy(update={"reason": RejectReason.POLYGLOT}))
     assert log.get("r1") == first
     assert log.get("r2") is None
+
+
+@pytest.mark.parametrize("status", ["Enabled", "Suspended", None])
+def test_a_bucket_that_keeps_versions_is_refused(status: str | None) -> None:
+    class Client:
+        def get_bucket_versioning(self, *, Bucket: str) -> dict[str, str]:
+            return {} if status is None else {"Status": status}
+    store = S3ObjectStore(Client(), "vault")
+    if status is None:
+        store.refuse_versioned_bucket()  # never versioned: a delete destroys the object
+    else:
+        with pytest.raises(VaultError, match="keeps object versions"):
+            store.refuse_versioned_bucket()

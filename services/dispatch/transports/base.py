@@ -32,6 +32,11 @@ class PermanentError(TransportError):
     pass
 
 
+class AmbiguousError(TransientError):
+    """The payload may have reached the provider, but nothing confirmed it (the connection
+    dropped during SMTP DATA): a resend may deliver a second copy."""
+
+
 @dataclass(frozen=True)
 class SendRequest:
     provider: ProviderRecord

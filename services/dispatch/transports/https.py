@@ -72,10 +72,13 @@ class HttpsTransport:
             raise PermanentError("not_https", "provider endpoint must be an https URL")
         headers = {"Content-Type": "application/json", "Idempotency-Key": request.dispatch_id}
         try:
+            # No redirects: aiohttp would resend the photo (307/308 keep the body) to
+            # wherever Location points, plain http included; only the registered endpoint
+            # is approved.
             async with self._client().post(url, data=payload_body(request.payload),
-                                           headers=headers) as response:
+                                           headers=headers, allow_redirects=False) as response:
                 status = response.status
-                text = await response.text()
+                raw = await response.read()
         except TimeoutError as exc:
             raise TransientError("timeout") from exc
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -86,10 +89,10 @@ class HttpsTransport:
             raise TransientError("connection", type(exc).__name__) from exc
         if status >= 500 or status in _TRANSIENT_STATUS:
             raise TransientError(f"http_{status}")
-        if status >= 400:
+        if status >= 300:
             raise PermanentError(f"http_{status}")
         try:
-            body = json.loads(text)
+            body = json.loads(raw)  # bytes: a body that is not UTF-8 is malformed, not a crash
         except ValueError:
             body = None
         if not isinstance(body, dict) or body.get("request_ref") != request.request_ref:

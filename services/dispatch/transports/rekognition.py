@@ -18,6 +18,8 @@ Guarantee: the search is read-only, so a resend after an unknown outcome is harm
 from __future__ import annotations
 
 import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -70,9 +72,14 @@ class RekognitionTransport:
     idempotent_resend = True
 
     def __init__(self, client_for: Any, *, default_threshold: float = 80.0,
-                 default_quality: str = "AUTO") -> None:
+                 default_quality: str = "AUTO", max_workers: int = 16) -> None:
         """``client_for(region | None)`` returns a boto3 Rekognition client (cached)."""
         self._client_for = client_for
+        # boto3 blocks: its calls get threads of their own, not the loop's default pool
+        # (6 threads on 2 cores), where they would queue behind each other and delay
+        # every other to_thread user (the HTTPS resolver among them).
+        self._pool = ThreadPoolExecutor(max_workers=max_workers,
+                                        thread_name_prefix="rekognition")
         self.default_threshold = default_threshold
         self.default_quality = default_quality
 
@@ -95,7 +102,8 @@ class RekognitionTransport:
         client, params = self.search_request(request)
         try:
             # boto3 is synchronous: keep the event loop free while AWS answers.
-            response = await asyncio.to_thread(client.search_faces_by_image, **params)
+            response = await asyncio.get_running_loop().run_in_executor(
+                self._pool, functools.partial(client.search_faces_by_image, **params))
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
             if code in TRANSIENT_CODES:
@@ -122,4 +130,4 @@ class RekognitionTransport:
         return SendResult(answer=answer)
 
     async def close(self) -> None:
-        return None
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from services.dispatch.payloads import payload_body
 from services.dispatch.transports.base import (
+    AmbiguousError,
     PermanentError,
     SendRequest,
     SendResult,
@@ -96,23 +97,29 @@ class SmimeEmailTransport:
 
     async def send(self, request: SendRequest) -> SendResult:
         recipient, message = build_message(request, self.sender, self.domain)
+        client = aiosmtplib.SMTP(
+            hostname=self.host, port=self.port, start_tls=self.starttls, use_tls=False,
+            tls_context=self.tls, username=self.username, password=self.password,
+            timeout=self.timeout_s)
+        in_data = False  # once DATA has begun, a lost answer may hide a delivered mail
         try:
-            await aiosmtplib.send(
-                message, sender=self.sender, recipients=[recipient], hostname=self.host,
-                port=self.port, start_tls=self.starttls, use_tls=False,
-                tls_context=self.tls, username=self.username, password=self.password,
-                timeout=self.timeout_s,
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            codes = [e.code for e in exc.recipients]
-            if all(400 <= c < 500 for c in codes):
+            async with client:
+                await client.mail(self.sender)
+                await client.rcpt(recipient)
+                in_data = True
+                await client.data(message)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            if 400 <= exc.code < 500:
                 raise TransientError("smtp_recipient_4xx") from exc
             raise PermanentError("smtp_recipient_refused") from exc
         except aiosmtplib.SMTPResponseException as exc:
+            # The server answered: whatever the code, it did not take the message.
             if 400 <= exc.code < 500:
                 raise TransientError(f"smtp_{exc.code}") from exc
             raise PermanentError(f"smtp_{exc.code}") from exc
         except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
+            if in_data:
+                raise AmbiguousError("smtp_data_unconfirmed", type(exc).__name__) from exc
             raise TransientError("smtp_connection", type(exc).__name__) from exc
         return SendResult(detail={"message_id": f"<{request.dispatch_id}@{self.domain}>"})
 
