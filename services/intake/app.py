@@ -95,8 +95,9 @@ class IntakeSettings(ServiceSettings):
     # Trusted time (services/kit/clock.py): expiries are stamped and judged by the broker's.
     clock_resample_s: float = Field(30.0, gt=0, description="Seconds between samples of the "
                                     "broker's clock (a record on frs.clock).")
-    clock_max_age_s: float = Field(300.0, gt=0, description="Oldest broker clock sample a "
-                                   "purge sweep may use; older: the sweep is skipped.")
+    clock_max_age_s: float = Field(300.0, gt=0, description="Age of the broker clock "
+                                   "sample past which a purge sweep warns (it still purges "
+                                   "by the sample's lower bound).")
     clock_skew_warn_s: float = Field(5.0, ge=0, description="Local-vs-broker clock skew, "
                                      "seconds, above which the purger logs a warning.")
     fault_kill_mid_purge: int = Field(
@@ -110,7 +111,7 @@ class IntakeSettings(ServiceSettings):
         if self.kek_backend == "kms" and not self.kms_key_id:
             raise ValueError("FRS_INTAKE_KMS_KEY_ID is required with the kms key backend")
         if self.clock_max_age_s <= self.clock_resample_s:
-            # Samples would go stale before the next is due: every other sweep skipped.
+            # Samples would go stale before the next is due: every other sweep warns.
             raise ValueError("FRS_INTAKE_CLOCK_MAX_AGE_S must exceed FRS_INTAKE_CLOCK_RESAMPLE_S")
         return self
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,30 +15,9 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port_block
 
 CLUSTER = ROOT / "deploy" / "kafka" / "cluster.sh"
-
-
-def free_port_block(size: int = 6) -> int:
-    """A base port with ``size`` consecutive free ports (three nodes, two ports each)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + size >= 65000:
-            continue
-        ok = True
-        for p in range(base + 1, base + size):
-            with socket.socket() as s2:
-                try:
-                    s2.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free block of ports")
 
 
 @dataclass
@@ -91,7 +69,7 @@ class Cluster:
 @pytest.fixture(scope="session")
 def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     state = tmp_path_factory.mktemp("cluster")
-    env = {**os.environ, "FRS_CLUSTER_PORT": str(free_port_block()),
+    env = {**os.environ, "FRS_CLUSTER_PORT": str(free_port_block(6)),
            "FRS_CLUSTER_STATE": str(state)}
     subprocess.run([str(CLUSTER), "start"], env=env, check=True, timeout=400)
     try:
