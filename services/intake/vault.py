@@ -19,6 +19,7 @@ FRS_STATE_DIR): ``Vault.get(ref)`` returns the sanitized image or raises ``Objec
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import sqlite3
@@ -173,11 +174,7 @@ class FileObjectStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
 
     def get(self, name: str) -> bytes:
         try:
@@ -186,7 +183,22 @@ class FileObjectStore:
             raise UnknownObject("no stored object under that name") from None
 
     def delete(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
+        path = self._path(name)
+        path.unlink(missing_ok=True)
+        # A write a crash cut short left its temporary copy: that is the object too.
+        for tmp in path.parent.glob(f"{glob.escape(path.stem)}.tmp*"):
+            tmp.unlink(missing_ok=True)
+        # Durable like the write: after a power cut the file must not be back while the
+        # index says purged.
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class S3ObjectStore:

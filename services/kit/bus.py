@@ -164,6 +164,8 @@ class Route:
     topics: tuple[str, ...]
     handlers: Mapping[type[Event], Handler]
     dlq_topic: str
+    # Answers a record that is not an event this route takes (undecodable, or of another
+    # type); without it those go to the DLQ and other types are ignored.
     on_invalid: InvalidHandler | None = None
     on_record: RecordHandler | None = None
     # Runs after a batch's handlers and before its commit: make local effects durable.
@@ -427,6 +429,11 @@ class Processor:
                 return await self._invalid(raw, decoded)
             handler = self.route.handlers.get(type(decoded.event))
             if handler is None:
+                if self.route.on_invalid is not None:
+                    # A route that answers every record (intake's requests) answers a valid
+                    # event of a type it does not take like any record it cannot use.
+                    return await self._invalid(raw, DecodeError(
+                        "unexpected_type", f"{decoded.type} is not taken on {raw.topic}"))
                 return []  # a type this service does not react to
             etype = decoded.type
             envelope_ = decoded

@@ -11,11 +11,20 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from schemas.catalog import PROBE_REQUESTS
-from schemas.events import ProbeRejected, ProbeSubmitted, RejectReason
+from schemas.envelope import encode
+from schemas.events import (
+    DispatchFailed,
+    DispatchFailure,
+    ProbeRejected,
+    ProbeSubmitted,
+    RejectReason,
+)
+from schemas.types import probe_id_for, utcnow
 from services.cli.dispatch import start_groups_at_end
 from services.intake.crypto import encrypt_image
 from services.intake.sanitize import sanitize
 from services.intake.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
+from services.kit.bus import Publisher
 from tests import intake_samples as s
 from tests.conftest import ServiceProcess
 from tests.integration.intake_support import (
@@ -185,4 +194,22 @@ async def test_multi_megabyte_photo_passes_the_bus(
     assert isinstance(env.event, ProbeSubmitted), env.event
     assert env.event.quality is not None and env.event.quality.width == 3000
     assert env.event.received_sha256 == hashlib.sha256(image).hexdigest()
+    intake.stop()
+
+
+async def test_an_event_of_another_type_on_the_requests_topic_gets_an_outcome(
+    kafka_bootstrap: str, services: dict[str, ServiceProcess]
+) -> None:
+    intake = start_intake(services)
+    request_id = new_id("othertype")
+    stray = encode(DispatchFailed(probe_id=probe_id_for(request_id), provider_id="p1",
+                                  reason=DispatchFailure.PERMANENT_ERROR, detail="stray",
+                                  failed_at=utcnow()), "/test")
+    async with Publisher(kafka_bootstrap, "/test") as pub:
+        await (await pub.send_raw(PROBE_REQUESTS.name, request_id.encode(), stray.value,
+                                  stray.headers))
+    [env] = (await outcomes(kafka_bootstrap, [request_id]))[request_id]
+    assert isinstance(env.event, ProbeRejected)
+    assert env.event.reason is RejectReason.INVALID_FIELDS
+    assert env.event.detail.startswith("unexpected_type")
     intake.stop()

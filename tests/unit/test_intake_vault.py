@@ -152,3 +152,16 @@ def test_a_bucket_that_keeps_versions_is_refused(status: str | None) -> None:
     else:
         with pytest.raises(VaultError, match="keeps object versions"):
             store.refuse_versioned_bucket()
+
+
+def test_delete_also_removes_a_copy_a_crashed_write_left(tmp_path: Path) -> None:
+    store = FileObjectStore(tmp_path / "objects")
+    store.put("probe/prb-1", b"ciphertext")
+    # A write of the same object that died between its fsync and its rename.
+    leftover = tmp_path / "objects" / "probe" / "prb-1.tmp4242"
+    leftover.write_bytes(b"ciphertext, half written")
+    other = tmp_path / "objects" / "probe" / "prb-10.tmp4242"
+    other.write_bytes(b"another object's write")
+    store.delete("probe/prb-1")
+    assert not leftover.exists() and not (tmp_path / "objects" / "probe" / "prb-1.bin").exists()
+    assert other.exists()  # prb-10 is not prb-1
