@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from schemas.catalog import PROBE_REQUESTS
+from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS, PROBE_REQUESTS
 from schemas.envelope import encode
 from schemas.events import (
     DispatchFailed,
@@ -160,9 +160,12 @@ async def test_each_bad_input_is_rejected_with_its_own_reason(
 async def test_redelivery_after_crash_before_commit_yields_no_second_probe(
     kafka_bootstrap: str, services: dict[str, ServiceProcess], service_env: dict[str, str]
 ) -> None:
-    # Requests other tests left uncommitted are not this test's: the faulty intake must die
-    # on its own request's batch, so its group starts after them.
-    await start_groups_at_end(kafka_bootstrap, [("frs-intake", PROBE_REQUESTS.name)])
+    # Records other tests left uncommitted are not this test's: the faulty intake (the
+    # fault hits every route of the process) must die on its own request's batch, so each
+    # of its groups starts after them.
+    await start_groups_at_end(kafka_bootstrap, [
+        ("frs-intake", PROBE_REQUESTS.name), ("frs-policy", PROBE_EVENTS.name),
+        ("frs-policy-reviews", POLICY_DECISIONS.name)])
     intake = start_intake(services, FRS_INTAKE_FAULT_KILL_BEFORE_COMMIT="true")
     req = make_request(service_env, s.face_jpeg())
     await publish(kafka_bootstrap, [req])
