@@ -2,13 +2,14 @@
 
 Searches by provider and by provider kind (which non-federal systems were used), by
 purpose; outcomes; denials by rule; candidate list sizes; purge timeliness; compliance
-violations. Only ids, counts and times: never an image, never a key."""
+violations; rejections by reason. Only ids, counts and times: never an image, never a key.
+Every format says its window in words."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,26 @@ from services.audit.store import AuditStore
 FEDERAL = "federal"
 
 
+def _utc(t: datetime) -> datetime:
+    return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _words(t: datetime) -> str:
+    seconds = f":{t.second:02d}" if t.second or t.microsecond else ""
+    fraction = f".{t.microsecond:06d}" if t.microsecond else ""
+    return f"{t:%Y-%m-%d %H:%M}{seconds}{fraction} UTC"
+
+
+def window_words(since: datetime | None, until: datetime | None) -> str:
+    if since and until:
+        return f"from {_words(since)} to {_words(until)}"
+    if since:
+        return f"since {_words(since)}"
+    if until:
+        return f"until {_words(until)}"
+    return "all events in the log (no window given)"
+
+
 def _in_window(time: str | None, since: datetime | None, until: datetime | None) -> bool:
     if time is None:
         return since is None and until is None
@@ -39,6 +60,7 @@ def _in_window(time: str | None, since: datetime | None, until: datetime | None)
 
 def build_report(directory: Path, since: datetime | None = None, until: datetime | None = None,
                  late_after_s: float = 0.0) -> dict[str, Any]:
+    since, until = (_utc(t) if t else None for t in (since, until))
     store = AuditStore(directory, readonly=True)
     try:
         events: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -88,15 +110,15 @@ def build_report(directory: Path, since: datetime | None = None, until: datetime
                       for d in purges if d["reason"] == "expired")
     purged_ids = {d["probe_id"] for d in purges}
     return {
+        # `from` is inclusive, `to` exclusive; the words are for people.
         "window": {"from": since.isoformat() if since else None,
-                   "to": until.isoformat() if until else None},
+                   "to": until.isoformat() if until else None,
+                   "description": window_words(since, until)},
         "log_size": size,
         "probes": {
             "submitted": len(events[ProbeSubmitted.TYPE]),
             "rejected": len(events[ProbeRejected.TYPE]),
             "by_purpose": dict(Counter(purpose_of.values())),
-            "rejected_by_reason": dict(Counter(d["reason"] for d in
-                                               events[ProbeRejected.TYPE])),
         },
         "searches": {
             "total": len(events[ProviderDispatched.TYPE]),
@@ -113,6 +135,9 @@ def build_report(directory: Path, since: datetime | None = None, until: datetime
             "no_response": len(events[NoResponse.TYPE]),
         },
         "denials_by_rule": dict(denials.most_common()),
+        # Whatever codes the log holds, not only the ones this version knows.
+        "rejections_by_reason": dict(Counter(d["reason"] for d in
+                                             events[ProbeRejected.TYPE]).most_common()),
         "candidate_list_sizes": {
             "count": len(sizes), "min": min(sizes, default=None),
             "max": max(sizes, default=None),
@@ -132,9 +157,12 @@ def build_report(directory: Path, since: datetime | None = None, until: datetime
     }
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+
 def text_report(r: dict[str, Any]) -> str:
-    lines = [f"audit log: {r['log_size']} leaves; window {r['window']['from'] or '-'} .. "
-             f"{r['window']['to'] or '-'}",
+    lines = [f"audit log: {r['log_size']} leaves; window: {r['window']['description']}",
              f"probes submitted {r['probes']['submitted']}, rejected {r['probes']['rejected']}",
              f"searches: {r['searches']['total']}"]
     for p in r["searches"]["by_provider"]:
@@ -143,14 +171,15 @@ def text_report(r: dict[str, Any]) -> str:
                  + (", ".join(r["searches"]["non_federal_systems_used"]) or "none"))
     lines.append(f"by purpose: {r['probes']['by_purpose']}")
     lines.append(f"outcomes: {r['outcomes']}")
-    lines.append(f"denials by rule: {r['denials_by_rule']}")
+    lines.append(f"denials by rule: {_counts(r['denials_by_rule'])}")
+    lines.append(f"rejections by reason: {_counts(r['rejections_by_reason'])}")
     lines.append(f"candidate list sizes: {r['candidate_list_sizes']}")
     lines.append(f"purge timeliness: {r['purge_timeliness']}")
     lines.append(f"violations: {r['violations'] or 'none'}")
     return "\n".join(lines)
 
 
-def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
+def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
@@ -162,45 +191,62 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
     elif isinstance(value, list):
         out.append((prefix, ";".join(map(str, value))))
     else:
-        out.append((prefix, "" if value is None else str(value)))
+        out.append((prefix, "" if value is None else value))
+
+
+# OWASP CSV injection: a spreadsheet reads a cell starting with one of these as a formula
+# (NUL from ASVS 1.2.10). Text that starts so gets a leading single quote. Numbers the
+# report computed (an int or float, e.g. a negative max_late_s) stay numbers: they
+# cannot carry a formula. Text that merely looks numeric ("-1" as a provider's name) is
+# still text and is neutralized.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "\0")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, int | float):
+        return str(value)
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def csv_report(r: dict[str, Any]) -> str:
     import csv
     import io
 
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, Any]] = []
     _flatten("", r, rows)
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    # RFC 4180 line ends: the writer then quotes any cell holding a CR or LF, so no cell
+    # can start a row of its own in a spreadsheet (ASVS 1.2.10).
+    writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(["metric", "value"])
-    writer.writerows(rows)
+    writer.writerows((_cell(metric), _cell(value)) for metric, value in rows)
     return buf.getvalue()
 
 
 def _bars(title: str, data: dict[str, Any]) -> str:
+    """A bar chart whose labels are HTML text in a grid column that sizes to them and
+    wraps the long ones: SVG text neither wraps nor measures itself, and cut names off."""
     from html import escape
 
     items = [(str(k), float(v)) for k, v in data.items() if isinstance(v, int | float)]
     if not items:
         return f"<h2>{escape(title)}</h2><p class=none>none</p>"
     top = max(v for _, v in items) or 1.0
-    row_h, label_w, bar_w = 22, 260, 420
     rows = []
-    for i, (label, value) in enumerate(items):
-        y = i * row_h
-        w = max(1.0, bar_w * value / top)
+    for label, value in items:
+        share = max(0.3, 100 * value / top)  # a hairline for zero, so the row reads
         rows.append(
-            f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">{escape(label)}</text>'
-            f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}"/>'
-            f'<text x="{label_w + w + 6:.1f}" y="{y + 15}">{value:g}</text>')
-    height = row_h * len(items)
-    return (f"<h2>{escape(title)}</h2><svg role=img aria-label=\"{escape(title)}\" "
-            f"width=\"{label_w + bar_w + 60}\" height=\"{height}\">{''.join(rows)}</svg>")
+            f"<div class=label>{escape(label)}</div>"
+            f'<svg class=bar viewBox="0 0 100 1" preserveAspectRatio="none" aria-hidden="true">'
+            f'<rect width="{share:.1f}" height="1"/></svg>'
+            f"<div class=value>{value:g}</div>")
+    return (f"<h2>{escape(title)}</h2><div class=bars role=group "
+            f"aria-label=\"{escape(title)}\">{''.join(rows)}</div>")
 
 
 def html_report(r: dict[str, Any]) -> str:
-    """One self-contained page: inline CSS and SVG charts, nothing fetched from a network."""
+    """One self-contained page: inline CSS and SVG bars, nothing fetched from a network."""
     from html import escape
 
     s = r["searches"]
@@ -212,6 +258,7 @@ def html_report(r: dict[str, Any]) -> str:
         _bars("Searches by provider", providers),
         _bars("Probes by purpose", r["probes"]["by_purpose"]),
         _bars("Denials by rule", r["denials_by_rule"]),
+        _bars("Rejections by reason", r["rejections_by_reason"]),
         _bars("Candidate list sizes", {str(k): v for k, v in
                                        r["candidate_list_sizes"]["histogram"].items()}),
         _bars("Purge timeliness (expired images)",
@@ -220,20 +267,24 @@ def html_report(r: dict[str, Any]) -> str:
         _bars("Compliance violations", r["violations"]),
     ]
     non_federal = ", ".join(escape(p) for p in s["non_federal_systems_used"]) or "none"
-    window = f"{r['window']['from'] or 'start'} to {r['window']['to'] or 'now'}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
 <title>frs-broker accountability report</title>
 <style>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
-svg text {{ font: 12px system-ui, sans-serif; fill: #222; }}
-svg rect {{ fill: #3b6ea5; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; }}
+td {{ overflow-wrap: anywhere; }}
 .none {{ color: #777; }}
+/* Labels size the first column up to 32em and wrap past it; nothing is clipped. */
+.bars {{ display: grid; grid-template-columns: fit-content(32em) minmax(8em, 30em) max-content;
+        gap: 4px 8px; align-items: center; font-size: 12px; }}
+.bars .label {{ text-align: right; overflow-wrap: anywhere; }}
+.bars .bar {{ display: block; width: 100%; height: 16px; }}
+.bars rect {{ fill: #3b6ea5; }}
 </style></head><body>
 <h1>Accountability report</h1>
-<p>Window: {escape(window)}. Audit log size: {r['log_size']} leaves.</p>
+<p>Window: {escape(r['window']['description'])}. Audit log size: {r['log_size']} leaves.</p>
 <table>
 <tr><th>Searches</th><td>{s['total']}</td></tr>
 <tr><th>Probes submitted / rejected</th><td>{r['probes']['submitted']} /

@@ -304,7 +304,8 @@ def register(commands: Any) -> None:
                         help="seconds to let the audit service catch up")
 
     report = subcommand(cmds, "report", "accountability report: searches by provider, provider kind"
-                  " and purpose, outcomes, denials by rule, purge timeliness, violations",
+                  " and purpose, outcomes, denials by rule, rejections by reason, purge timeliness,"
+                  " violations; the window is stated in words",
                   "frs audit report --json --from 2026-01-01 --to 2026-02-01", cmd_report)
     _store_args(report)
     report.add_argument("--from", dest="since", default=None, help="ISO start (inclusive)")

