@@ -140,6 +140,10 @@ class RejectReason(StrEnum):
     # A redelivered request whose image was stored, then purged, before its outcome was
     # recorded: it is never stored again.
     IMAGE_PURGED = "image_purged"
+    # The request id was used before with other content (an idempotency key is bound to
+    # its request). Carried under ``reused_probe_id(request_id)``, never the original
+    # probe's id, so nothing keyed by that probe sees it.
+    REQUEST_ID_REUSED = "request_id_reused"
 
 
 class ProbeRejected(Event):

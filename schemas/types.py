@@ -37,6 +37,16 @@ def probe_id_for(request_id: str) -> str:
     return f"prb-{uuid.uuid5(_PROBE_NAMESPACE, request_id)}"
 
 
+# A submission refused for reusing a request id with other content gets a probe id of its
+# own (another namespace: no request id maps onto it), so its ProbeRejected lands on no
+# state of the probe that request id already names.
+_REUSED_NAMESPACE = uuid.uuid5(_PROBE_NAMESPACE, "request-id-reused")
+
+
+def reused_probe_id(request_id: str) -> str:
+    return f"prb-{uuid.uuid5(_REUSED_NAMESPACE, request_id)}"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

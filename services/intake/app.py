@@ -208,7 +208,7 @@ def build(settings: IntakeSettings, publisher: Publisher, registries: Registries
                         stack)
 
     async def invalid_request(raw: RawRecord, err: DecodeError) -> list[Event]:
-        return await handlers.on_invalid_request(raw.key, err, intake_ports)
+        return await handlers.on_invalid_request(raw.key, raw.value, err, intake_ports)
 
     intake = Route("intake", "frs-intake", (PROBE_REQUESTS.name,),
                    dict([bind(ProbeRequested, handlers.on_probe_requested, intake_ports)]),

@@ -1,13 +1,16 @@
 """Intake handlers: plain functions of typed events and ports, returning events to emit.
 
 Intake (``on_probe_requested``): decrypt, attestation, sanitize, quality gate, vault,
-then exactly one ProbeSubmitted or ProbeRejected per request id, recorded so that a
-redelivery re-emits the same outcome. The policy gate (``on_probe_submitted``,
-``PolicyPorts``) lives in ``services.intake.policy`` and is re-exported here."""
+then exactly one ProbeSubmitted or ProbeRejected per request id, recorded with a digest of
+the request's content: the same id with the same content gets the same outcome again, the
+same id with other content a ProbeRejected ``request_id_reused``. The policy gate
+(``on_probe_submitted``, ``PolicyPorts``) lives in ``services.intake.policy`` and is
+re-exported here."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -25,9 +28,15 @@ from schemas.events import (
     QualityReport,
     RejectReason,
 )
-from schemas.types import probe_id_for
+from schemas.types import probe_id_for, reused_probe_id
 from services.intake.crypto import DecryptError, decrypt_image
-from services.intake.outcomes import OutcomeLog
+from services.intake.outcomes import (
+    OutcomeLog,
+    Recorded,
+    content_digest,
+    raw_digest,
+    record_digest,
+)
 from services.intake.policy.handlers import PolicyPorts, on_probe_submitted
 from services.intake.quality import QualityGate, assess, rejection
 from services.intake.sanitize import SanitizedImage, SanitizeError, SanitizeLimits, sanitize
@@ -56,19 +65,18 @@ class IntakePorts:
 
 
 async def on_probe_requested(event: ProbeRequested, ports: IntakePorts) -> list[Event]:
-    prior = ports.outcomes.get(event.request_id)
-    if prior is not None:
-        if isinstance(prior, ProbeSubmitted) and not _still_stored(prior.vault_ref, ports):
-            # Its image is gone: a second ProbeSubmitted would ask policy to clear a
-            # purged probe. The outcome was published once; that stands.
-            log.info("duplicate request after purge", extra={"probe_id": prior.probe_id})
-            return []
-        # Redelivery or resubmission: the original outcome again, no second probe.
-        log.info("duplicate request", extra={"probe_id": prior.probe_id,
-                                             "outcome": prior.TYPE})
-        return [prior]
-    outcome = await _intake(event, ports)
-    ports.outcomes.record(event.request_id, outcome)
+    record = record_digest(event)
+    found = ports.outcomes.find(event.request_id)
+    if found is not None:
+        other = _other_content(found, record, lambda: _content(event, _decrypt(event, ports)),
+                               event.request_id, ports)
+        if other is not None:
+            return [_reused(event.request_id, other, found.event, ports)]
+        return _again(found.event, ports)
+    image = _decrypt(event, ports)
+    outcome = await _intake(event, image, ports)
+    ports.outcomes.record(event.request_id, outcome, content_sha256=_content(event, image),
+                          record_sha256=record)
     if isinstance(outcome, ProbeRejected):
         log.info("probe rejected", extra={"probe_id": outcome.probe_id,
                                           "reason": outcome.reason.value})
@@ -76,6 +84,76 @@ async def on_probe_requested(event: ProbeRequested, ports: IntakePorts) -> list[
         log.info("probe submitted", extra={"probe_id": outcome.probe_id,
                                            "vault_ref": outcome.vault_ref})
     return [outcome]
+
+
+def _decrypt(event: ProbeRequested, ports: IntakePorts) -> bytes | None:
+    try:
+        return decrypt_image(event.image, ports.private_key, event.request_id)
+    except DecryptError:
+        return None
+
+
+def _content(event: ProbeRequested, image: bytes | None) -> str:
+    # A client retry re-encrypts the same photo: the plaintext is what stays the same.
+    if image is not None:
+        return content_digest(event, f"sha256:{hashlib.sha256(image).hexdigest()}")
+    cipher = hashlib.sha256(event.image.ciphertext.encode()).hexdigest()
+    return content_digest(event, f"ciphertext-sha256:{cipher}")
+
+
+def _other_content(found: Recorded, record: str, content: Callable[[], str], request_id: str,
+                   ports: IntakePorts) -> str | None:
+    """None when this is the request ``found`` was recorded for; otherwise the digest of
+    this request's (other) content. ``content`` is computed only when the record differs."""
+    if found.record_sha256 == record:
+        return None  # the identical record again: a redelivery, nothing to decrypt
+    bound = found.content_sha256
+    if bound is None:  # recorded before requests were bound to their content
+        if isinstance(found.event, ProbeRejected):
+            # Its content is unknown. A rejection started nothing downstream, so it stands,
+            # rather than a redelivery getting a second, different outcome.
+            return None
+        # A submission carries every content field and its received image's digest.
+        bound = content_digest(found.event, f"sha256:{found.event.received_sha256}")
+    mine = content()
+    if mine != bound:
+        return mine
+    if found.content_sha256 is None:
+        ports.outcomes.bind(request_id, bound, record)
+    return None
+
+
+def _again(prior: ProbeSubmitted | ProbeRejected, ports: IntakePorts) -> list[Event]:
+    if isinstance(prior, ProbeSubmitted) and not _still_stored(prior.vault_ref, ports):
+        # Its image is gone: a second ProbeSubmitted would ask policy to clear a
+        # purged probe. The outcome was published once; that stands.
+        log.info("duplicate request after purge", extra={"probe_id": prior.probe_id})
+        return []
+    # Redelivery or resubmission of the same request: the original outcome again.
+    log.info("duplicate request", extra={"probe_id": prior.probe_id, "outcome": prior.TYPE})
+    return [prior]
+
+
+def _reused(request_id: str, content: str, prior: ProbeSubmitted | ProbeRejected,
+            ports: IntakePorts) -> ProbeRejected:
+    """The id already names a request with other content: refused under a probe id of its
+    own (``reused_probe_id``), so dispatch, results and audit, which key everything by
+    probe id, never see it as news about the original probe."""
+    again = ports.outcomes.reuse(request_id, content)
+    if again is not None:
+        log.info("duplicate request", extra={"probe_id": again.probe_id, "outcome": again.TYPE})
+        return again
+    rejected = ProbeRejected(
+        probe_id=reused_probe_id(request_id), request_id=request_id,
+        reason=RejectReason.REQUEST_ID_REUSED,
+        detail="this request id was used before for a request with other content; "
+               "submit this request under a new request id",
+        rejected_at=ports.clock())
+    ports.outcomes.record_reuse(request_id, content, rejected)
+    log.warning("request id reused", extra={"probe_id": rejected.probe_id,
+                                            "reason": rejected.reason.value,
+                                            "original_probe_id": prior.probe_id})
+    return rejected
 
 
 def _still_stored(vault_ref: str, ports: IntakePorts) -> bool:
@@ -98,16 +176,15 @@ def _examine(image: bytes, limits: SanitizeLimits,
     return clean, assess(clean.image, gate)
 
 
-async def _intake(event: ProbeRequested, ports: IntakePorts) -> ProbeSubmitted | ProbeRejected:
+async def _intake(event: ProbeRequested, image: bytes | None,
+                  ports: IntakePorts) -> ProbeSubmitted | ProbeRejected:
     probe_id = probe_id_for(event.request_id)
 
     def reject(reason: RejectReason, detail: str) -> ProbeRejected:
         return ProbeRejected(probe_id=probe_id, request_id=event.request_id, reason=reason,
                              detail=detail, rejected_at=ports.clock())
 
-    try:
-        image = decrypt_image(event.image, ports.private_key, event.request_id)
-    except DecryptError:
+    if image is None:
         return reject(RejectReason.UNDECRYPTABLE,
                       "the image does not decrypt with the intake's key")
     if not event.unedited_attestation:
@@ -157,16 +234,22 @@ def reject_invalid_request(key: bytes | None, err: DecodeError) -> ProbeRejected
     )
 
 
-async def on_invalid_request(key: bytes | None, err: DecodeError,
+async def on_invalid_request(key: bytes | None, value: bytes | None, err: DecodeError,
                              ports: IntakePorts) -> list[Event]:
-    """An undecodable request keyed by a request id gets one outcome, like any other."""
+    """An undecodable request keyed by a request id gets one outcome, like any other; its
+    content is its bytes."""
     rejected = reject_invalid_request(key, err)
     if rejected.request_id == "unknown":
         return [rejected]
-    prior = ports.outcomes.get(rejected.request_id)
-    if prior is not None:
-        return [prior]
-    ports.outcomes.record(rejected.request_id, rejected)
+    content = raw_digest(value)
+    found = ports.outcomes.find(rejected.request_id)
+    if found is not None:
+        other = _other_content(found, content, lambda: content, rejected.request_id, ports)
+        if other is not None:
+            return [_reused(rejected.request_id, other, found.event, ports)]
+        return _again(found.event, ports)
+    ports.outcomes.record(rejected.request_id, rejected, content_sha256=content,
+                          record_sha256=content)
     log.info("probe rejected", extra={"probe_id": rejected.probe_id,
                                       "reason": rejected.reason.value})
     return [rejected]

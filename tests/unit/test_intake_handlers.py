@@ -1,8 +1,12 @@
-"""on_probe_requested: one outcome per request id, the right reason, a vaulted probe."""
+"""on_probe_requested: one outcome per request id, the right reason, a vaulted probe; a
+request id bound to its request's content."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from schemas.envelope import DecodeError
 from schemas.events import ProbeRejected, ProbeRequested, ProbeSubmitted, RejectReason
-from schemas.types import ImageSource, Purpose, probe_id_for
+from schemas.types import ImageSource, Purpose, probe_id_for, reused_probe_id
 from services.intake import handlers
 from services.intake.crypto import encrypt_image
 from services.intake.outcomes import OutcomeLog
@@ -59,16 +63,148 @@ async def test_valid_request_is_vaulted_and_submitted(ports: handlers.IntakePort
     assert b"SecretCam" not in stored
 
 
-async def test_redelivery_yields_the_original_outcome(ports: handlers.IntakePorts) -> None:
+def vault_objects(ports: handlers.IntakePorts) -> int:
+    n: int = ports.vault.index.conn.execute("SELECT COUNT(*) FROM vault_objects").fetchone()[0]
+    return n
+
+
+async def test_redelivery_yields_the_original_outcome_without_decrypting(
+        ports: handlers.IntakePorts, monkeypatch: pytest.MonkeyPatch) -> None:
     req = request(ports, s.face_jpeg())
+    decrypted: list[str] = []
+    real = handlers.decrypt_image
+
+    def counting(*args: object) -> bytes:
+        decrypted.append("x")
+        return real(*args)  # type: ignore[arg-type]
+    monkeypatch.setattr(handlers, "decrypt_image", counting)
     [first] = await handlers.on_probe_requested(req, ports)
     [again] = await handlers.on_probe_requested(req, ports)
+    assert isinstance(first, ProbeSubmitted) and again == first
+    assert len(decrypted) == 1  # the identical record is recognized by its digest
+    assert vault_objects(ports) == 1
+
+
+async def test_the_same_photo_re_encrypted_gets_the_same_outcome(
+        ports: handlers.IntakePorts) -> None:
+    first_req = request(ports, s.face_jpeg())
+    [first] = await handlers.on_probe_requested(first_req, ports)
+    # A client retry: the same fields and photo, a fresh encryption and a later clock.
+    retry = request(ports, s.face_jpeg(), requested_at=T0 + timedelta(minutes=5))
+    assert retry.image.ciphertext != first_req.image.ciphertext
+    [again] = await handlers.on_probe_requested(retry, ports)
+    assert isinstance(first, ProbeSubmitted) and again == first
+    assert vault_objects(ports) == 1
+
+
+@pytest.mark.parametrize("change", ["purpose", "photo", "roi", "attestation"])
+async def test_the_same_id_with_other_content_is_request_id_reused(
+        ports: handlers.IntakePorts, change: str) -> None:
+    [first] = await handlers.on_probe_requested(request(ports, s.face_jpeg()), ports)
+    other = {
+        "purpose": lambda: request(ports, s.face_jpeg(), purpose=Purpose.FINANCIAL_FRAUD),
+        "photo": lambda: request(ports, s.face_png()),
+        "roi": lambda: request(ports, s.face_jpeg(), roi_refs=["ROI-1", "ROI-2"]),
+        "attestation": lambda: request(ports, s.face_jpeg(), unedited_attestation=False),
+    }[change]()
+    [out] = await handlers.on_probe_requested(other, ports)
+    assert isinstance(out, ProbeRejected) and out.reason is RejectReason.REQUEST_ID_REUSED
+    assert out.request_id == "req-1"
+    # Its own probe id: nothing keyed by the original probe id sees this rejection.
+    assert out.probe_id == reused_probe_id("req-1") != first.probe_id
+    assert ports.outcomes.get("req-1") == first  # the binding is unchanged
+    assert vault_objects(ports) == 1
+    # A redelivery of the refused request: the same rejection, even later.
+    later = dataclasses.replace(ports, clock=lambda: T0 + timedelta(hours=1))
+    assert await handlers.on_probe_requested(other, later) == [out]
+    # The original request still gets its own outcome.
+    assert await handlers.on_probe_requested(request(ports, s.face_jpeg()), ports) == [first]
+
+
+async def test_a_rejected_request_id_is_bound_too(ports: handlers.IntakePorts) -> None:
+    [first] = await handlers.on_probe_requested(request(ports, s.no_face_jpeg()), ports)
+    assert isinstance(first, ProbeRejected) and first.reason is RejectReason.NO_FACE
+    assert await handlers.on_probe_requested(request(ports, s.no_face_jpeg()), ports) == [first]
+    [out] = await handlers.on_probe_requested(request(ports, s.face_jpeg()), ports)
+    assert isinstance(out, ProbeRejected) and out.reason is RejectReason.REQUEST_ID_REUSED
+    assert vault_objects(ports) == 0
+
+
+async def test_an_undecryptable_request_is_bound_by_its_ciphertext(
+        ports: handlers.IntakePorts) -> None:
+    def wrong_key() -> ProbeRequested:
+        return request(ports, s.face_jpeg()).model_copy(update={"image": encrypt_image(
+            s.face_jpeg(), X25519PrivateKey.generate().public_key(), "req-1")})
+    req = wrong_key()
+    [first] = await handlers.on_probe_requested(req, ports)
+    assert isinstance(first, ProbeRejected) and first.reason is RejectReason.UNDECRYPTABLE
+    assert await handlers.on_probe_requested(req, ports) == [first]
+    [out] = await handlers.on_probe_requested(wrong_key(), ports)
+    assert isinstance(out, ProbeRejected) and out.reason is RejectReason.REQUEST_ID_REUSED
+
+
+async def test_the_reuse_is_logged_without_image_or_key(
+        ports: handlers.IntakePorts, caplog: pytest.LogCaptureFixture) -> None:
+    await handlers.on_probe_requested(request(ports, s.face_jpeg()), ports)
+    other = request(ports, s.face_jpeg(), purpose=Purpose.FINANCIAL_FRAUD)
+    with caplog.at_level(logging.INFO, logger="frs.intake"):
+        await handlers.on_probe_requested(other, ports)
+    [line] = [r for r in caplog.records if r.getMessage() == "request id reused"]
+    assert line.__dict__["probe_id"] == reused_probe_id("req-1")
+    assert line.__dict__["original_probe_id"] == probe_id_for("req-1")
+    logged = " ".join(str(v) for v in line.__dict__.values())
+    for secret in (other.image.ciphertext[:40], other.image.ephemeral_public_key,
+                   other.image.nonce):
+        assert secret not in logged
+
+
+def forget_digests(ports: handlers.IntakePorts) -> None:
+    """Make the recorded rows look like rows written before the binding existed."""
+    ports.outcomes.conn.execute(
+        "UPDATE request_outcomes SET content_sha256 = NULL, record_sha256 = NULL")
+
+
+async def test_a_submission_recorded_without_digest_is_bound_by_its_fields(
+        ports: handlers.IntakePorts) -> None:
+    [first] = await handlers.on_probe_requested(request(ports, s.face_jpeg()), ports)
+    forget_digests(ports)
+    # A ProbeSubmitted carries the request's fields and received image digest: enough.
+    [out] = await handlers.on_probe_requested(
+        request(ports, s.face_jpeg(), purpose=Purpose.FINANCIAL_FRAUD), ports)
+    assert isinstance(out, ProbeRejected) and out.reason is RejectReason.REQUEST_ID_REUSED
+    [again] = await handlers.on_probe_requested(request(ports, s.face_jpeg()), ports)
     assert again == first
-    # Same request id, different image: still the first outcome, no second object.
-    [third] = await handlers.on_probe_requested(request(ports, s.no_face_jpeg()), ports)
-    assert third == first
-    n = ports.vault.index.conn.execute("SELECT COUNT(*) FROM vault_objects").fetchone()[0]
-    assert n == 1
+    found = ports.outcomes.find("req-1")
+    assert found is not None and found.content_sha256 is not None  # bound from now on
+    [other_photo] = await handlers.on_probe_requested(request(ports, s.face_png()), ports)
+    assert isinstance(other_photo, ProbeRejected)
+    assert other_photo.reason is RejectReason.REQUEST_ID_REUSED
+
+
+async def test_a_rejection_recorded_without_digest_stands(ports: handlers.IntakePorts) -> None:
+    [first] = await handlers.on_probe_requested(request(ports, s.no_face_jpeg()), ports)
+    forget_digests(ports)
+    # Its content is unknown: the recorded rejection, never a second kind of outcome.
+    assert await handlers.on_probe_requested(request(ports, s.face_jpeg()), ports) == [first]
+    assert vault_objects(ports) == 0
+
+
+def test_an_outcome_file_from_before_the_binding_keeps_working(tmp_path: Path) -> None:
+    old = ProbeRejected(probe_id=probe_id_for("r-old"), request_id="r-old",
+                        reason=RejectReason.NO_FACE, detail="d", rejected_at=T0)
+    conn = sqlite3.connect(tmp_path / "intake.db", isolation_level=None)
+    conn.executescript("CREATE TABLE request_outcomes (request_id TEXT PRIMARY KEY, "
+                       "probe_id TEXT NOT NULL, event_type TEXT NOT NULL, "
+                       "event_json TEXT NOT NULL);")
+    conn.execute("INSERT INTO request_outcomes VALUES (?,?,?,?)",
+                 ("r-old", old.probe_id, old.TYPE, old.model_dump_json()))
+    log = OutcomeLog(conn)
+    found = log.find("r-old")
+    assert found is not None and found.event == old and found.content_sha256 is None
+    log.record("r-new", old.model_copy(update={"request_id": "r-new"}), content_sha256="c",
+               record_sha256="r")
+    found = OutcomeLog(conn).find("r-new")  # a second open adds nothing twice
+    assert found is not None and (found.content_sha256, found.record_sha256) == ("c", "r")
 
 
 async def test_rejections(ports: handlers.IntakePorts) -> None:
@@ -96,14 +232,24 @@ async def test_rejections(ports: handlers.IntakePorts) -> None:
 
 async def test_invalid_record_gets_one_recorded_outcome(ports: handlers.IntakePorts) -> None:
     err = DecodeError("invalid_event", "purpose: enum")
-    [first] = await handlers.on_invalid_request(b"req-bad", err, ports)
+    [first] = await handlers.on_invalid_request(b"req-bad", b"{1}", err, ports)
     assert isinstance(first, ProbeRejected) and first.reason == RejectReason.INVALID_FIELDS
-    [again] = await handlers.on_invalid_request(b"req-bad", err, ports)
+    [again] = await handlers.on_invalid_request(b"req-bad", b"{1}", err, ports)
     assert again == first
+    [other] = await handlers.on_invalid_request(b"req-bad", b"{2}", err, ports)
+    assert isinstance(other, ProbeRejected) and other.reason is RejectReason.REQUEST_ID_REUSED
+
+
+async def test_an_invalid_record_under_a_used_id_is_request_id_reused(
+        ports: handlers.IntakePorts) -> None:
+    [first] = await handlers.on_probe_requested(request(ports, s.face_jpeg()), ports)
+    err = DecodeError("invalid_event", "purpose: enum")
+    [out] = await handlers.on_invalid_request(b"req-1", b"{}", err, ports)
+    assert isinstance(out, ProbeRejected) and out.reason is RejectReason.REQUEST_ID_REUSED
+    assert out.probe_id != first.probe_id
 
 
 async def test_image_work_off_the_event_loop(ports: handlers.IntakePorts) -> None:
-    import dataclasses
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
