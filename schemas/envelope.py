@@ -3,18 +3,25 @@
 ``encode`` turns a model into a Kafka record; ``decode`` turns a record back into the
 model and its envelope, raising ``DecodeError`` with a machine-readable code for anything
 that is not a well-formed event of a known type.
+
+``time`` is optional in CloudEvents 1.0. When a producer leaves it out, the Kafka record's
+timestamp stands in for it and ``Envelope.time_source`` says so: ``kafka_create_time``
+(the producing client's clock, CreateTime topics) or ``kafka_log_append_time`` (the
+broker's clock, LogAppendTime topics); ``event`` when the event carried its own time.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 from cloudevents.core.bindings import kafka as ce_kafka
-from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.exceptions import BaseCloudEventException, CloudEventValidationError
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from pydantic import ValidationError
@@ -25,8 +32,16 @@ _FORMAT = JSONFormat()
 CONTENT_TYPE = "application/json"
 CAUSATION_EXT = "causationid"
 TRACEPARENT_EXT = "traceparent"
+SPECVERSION = "1.0"
 Headers = list[tuple[str, bytes]]
-_REQUIRED_HEADERS = ("ce_id", "ce_source", "ce_specversion", "ce_time")
+# CloudEvents 1.0's required attributes (ce_type is checked first: without it a record is
+# not a CloudEvent at all). The SDK would invent a missing id: an event without one is
+# not ours. ``time`` is optional: the record's timestamp stands in for it.
+_REQUIRED_HEADERS = ("ce_id", "ce_source", "ce_specversion")
+TimeSource = Literal["event", "kafka_create_time", "kafka_log_append_time"]
+LOG_APPEND_TIME = 1  # ConsumerRecord.timestamp_type when the broker set the timestamp
+# RFC 3339 date-time (section 5.6); "T" and "Z" may be lower case (section 5.6, note).
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,7 @@ class Envelope:
     causation_id: str | None
     traceparent: str | None
     event: Event
+    time_source: TimeSource = "event"
 
 
 class DecodeError(Exception):
@@ -98,20 +114,57 @@ def encode(
     return Record(key=key.encode(), value=message.value, headers=headers)
 
 
-def decode(headers: Headers, key: bytes | None, value: bytes | None) -> Envelope:
+def _event_time(raw: bytes) -> datetime:
+    text = raw.decode("utf-8", "replace")
+    if not _RFC3339.fullmatch(text):
+        raise DecodeError("bad_time", f"ce_time {text[:64]!r} is not an RFC 3339 date-time")
+    try:
+        return datetime.fromisoformat(text.upper())  # the offset as sent, like before
+    except ValueError:  # matches the grammar but names no instant (2026-02-30, :60 seconds)
+        raise DecodeError("bad_time", f"ce_time {text[:64]!r} is not a valid date-time") from None
+
+
+def _record_time(timestamp_ms: int | None, timestamp_type: int | None
+                 ) -> tuple[datetime, TimeSource]:
+    if timestamp_ms is None or timestamp_ms < 0:
+        raise DecodeError("bad_envelope", "missing header(s): ce_time, and the record has no "
+                                          "timestamp to stand in for it")
+    source: TimeSource = ("kafka_log_append_time" if timestamp_type == LOG_APPEND_TIME
+                          else "kafka_create_time")
+    return datetime.fromtimestamp(timestamp_ms / 1000, UTC), source
+
+
+def decode(headers: Headers, key: bytes | None, value: bytes | None, *,
+           timestamp_ms: int | None = None, timestamp_type: int | None = None) -> Envelope:
+    """``timestamp_ms``/``timestamp_type``: the Kafka record's (aiokafka ConsumerRecord
+    ``timestamp``, ``timestamp_type``), used only when the event has no ``ce_time``."""
     header_map = {k: v for k, v in headers}
     if "ce_type" not in header_map:
         raise DecodeError("not_cloudevent", "no ce_type header: not a binary-mode CloudEvent")
-    # The SDK would invent a missing id or time; an event without them is not ours.
     absent = [h for h in _REQUIRED_HEADERS if h not in header_map]
     if absent:
         raise DecodeError("bad_envelope", f"missing header(s): {', '.join(absent)}")
+    specversion = header_map["ce_specversion"].decode("utf-8", "replace")
+    if specversion != SPECVERSION:
+        raise DecodeError("unsupported_specversion",
+                          f"specversion {specversion[:32]!r}; only {SPECVERSION} is accepted")
+    # The time is ours to read (the SDK's parser is laxer than RFC 3339, and it would
+    # invent "now" for an event without one).
+    raw_time = header_map.pop("ce_time", None)
+    time_source: TimeSource = "event"
+    if raw_time is not None:
+        time = _event_time(raw_time)
+    else:
+        time, time_source = _record_time(timestamp_ms, timestamp_type)
     try:
         ce = ce_kafka.from_binary(
             ce_kafka.KafkaMessage(headers=header_map, key=key, value=value or b""),
             _FORMAT,
             CloudEvent,
         )
+    except CloudEventValidationError as exc:
+        names = ", ".join(sorted(exc.errors))[:200]  # header names only, never values
+        raise DecodeError("bad_envelope", f"invalid attribute(s): {names}") from None
     except (BaseCloudEventException, ValueError, UnicodeDecodeError) as exc:
         raise DecodeError("bad_envelope", type(exc).__name__) from None
     model = EVENTS_BY_TYPE.get(ce.get_type())
@@ -128,7 +181,6 @@ def decode(headers: Headers, key: bytes | None, value: bytes | None) -> Envelope
             f"{'.'.join(str(p) for p in e['loc'])}: {e['type']}" for e in exc.errors()[:10]
         )
         raise DecodeError("invalid_event", summary) from None
-    time = ce.get_time() or datetime.now(UTC)
     return Envelope(
         id=ce.get_id(),
         source=ce.get_source(),
@@ -138,4 +190,5 @@ def decode(headers: Headers, key: bytes | None, value: bytes | None) -> Envelope
         causation_id=ce.get_extension(CAUSATION_EXT),
         traceparent=ce.get_extension(TRACEPARENT_EXT),
         event=event,
+        time_source=time_source,
     )

@@ -68,6 +68,10 @@ def leaf_for(topic: str, partition: int, offset: int, value: bytes | None,
         "subject": decoded.subject, "time": time,
         "causationid": decoded.causation_id, "traceparent": decoded.traceparent, "data": data,
     })
+    if decoded.time_source != "event":
+        # The event had no time of its own: say whose clock "time" is. Only then, so a
+        # leaf of an event with its own time is byte for byte what it always was.
+        body["time_source"] = decoded.time_source
     meta = LeafMeta(topic, partition, offset, decoded.id, decoded.type, decoded.subject, time)
     return meta, body
 

@@ -120,6 +120,8 @@ def timeline(records: list[tuple[RawRecord, Envelope | DecodeError]],
                      "causationid": decoded.causation_id, "source": decoded.source,
                      "at": f"{raw.topic}[{raw.partition}]@{raw.offset}",
                      "in_audit_log": digests.get(coord) == value_digest(raw.value)})
+        if decoded.time_source != "event":
+            rows[-1]["time_source"] = decoded.time_source  # the record's, not the event's
     return sorted(rows, key=lambda r: str(r["time"]))
 
 

@@ -414,7 +414,8 @@ class Processor:
         )
         decoded: Envelope | DecodeError
         try:
-            decoded = decode(raw.headers, raw.key, raw.value)
+            decoded = decode(raw.headers, raw.key, raw.value, timestamp_ms=record.timestamp,
+                             timestamp_type=record.timestamp_type)
         except DecodeError as err:
             decoded = err
         on_record = self.route.on_record
@@ -546,7 +547,9 @@ async def read_topic(
                     raw = RawRecord(r.topic, r.partition, r.offset, r.key, r.value,
                                     [(k, bytes(v)) for k, v in (r.headers or ())])
                     try:
-                        out.append((raw, decode(raw.headers, raw.key, raw.value)))
+                        out.append((raw, decode(raw.headers, raw.key, raw.value,
+                                                timestamp_ms=r.timestamp,
+                                                timestamp_type=r.timestamp_type)))
                     except DecodeError as err:
                         out.append((raw, err))
     finally:

@@ -92,7 +92,8 @@ class RegistryFollower:
                     if r.value is None:
                         continue  # tombstone: registries keep history, deletion is a status
                     try:
-                        env = decode([(k, bytes(v)) for k, v in r.headers], r.key, r.value)
+                        env = decode([(k, bytes(v)) for k, v in r.headers], r.key, r.value,
+                                     timestamp_ms=r.timestamp, timestamp_type=r.timestamp_type)
                     except DecodeError as err:
                         log.warning("bad registry record",
                                     extra={"topic": r.topic, "offset": r.offset, "code": err.code})
