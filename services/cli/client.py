@@ -1,15 +1,35 @@
-"""Client for upstream systems: encrypt a probe to the intake's key and publish it."""
+"""Client for upstream systems: encrypt a probe to the intake's key, publish it, and wait
+for its outcome (ProbeSubmitted or ProbeRejected on frs.probe.events)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import TracebackType
 
-from schemas.events import AgentRecord, CaseRecord, Event, ProbeRequested, ProviderRecord
+from aiokafka import AIOKafkaConsumer
+
+from schemas.catalog import PROBE_EVENTS, PROBE_REQUESTS
+from schemas.envelope import CAUSATION_EXT, DecodeError, decode, encode
+from schemas.events import (
+    AgentRecord,
+    CaseRecord,
+    Event,
+    ProbeRejected,
+    ProbeRequested,
+    ProbeSubmitted,
+    ProviderRecord,
+)
 from schemas.types import ImageSource, Purpose, Transport
 from services.intake.crypto import encrypt_image, load_public_key
-from services.kit.bus import Publisher
+from services.kit.bus import Publisher, all_partitions
+from services.kit.kafka import KafkaSettings, client_options
+
+Outcome = ProbeSubmitted | ProbeRejected
+_CAUSATION_HEADER = f"ce_{CAUSATION_EXT}"
 
 
 def build_request(
@@ -35,6 +55,88 @@ async def submit_probe(bootstrap: str, public_key_file: Path, image: bytes,
     async with Publisher(bootstrap, source="/frs/upstream") as publisher:
         await publisher.publish([request])
     return request
+
+
+class OutcomeWatch:
+    """The outcomes of requests sent after it started: reads frs.probe.events from where
+    every partition ended at start. Assigned partitions, no consumer group (as
+    ``read_topic``): READ on the topic is all the identity needs, and nothing is committed.
+
+    An outcome is recognized by its causation id, the CloudEvents id of the request it
+    answers, so neither an earlier outcome of the same request id nor a rejection under a
+    probe id of its own (``request_id_reused``) is mistaken for another's."""
+
+    def __init__(self, bootstrap: str, kafka: KafkaSettings | None = None) -> None:
+        self._consumer = AIOKafkaConsumer(
+            **client_options(kafka, bootstrap), group_id=None, enable_auto_commit=False,
+            isolation_level="read_committed")
+
+    async def __aenter__(self) -> OutcomeWatch:
+        await self._consumer.start()
+        try:
+            partitions = await all_partitions(self._consumer, [PROBE_EVENTS.name])
+            self._consumer.assign(partitions)
+            for tp, end in (await self._consumer.end_offsets(partitions)).items():
+                self._consumer.seek(tp, end)
+        except BaseException:
+            await self._consumer.stop()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self._consumer.stop()
+
+    async def wait(self, request_id: str, cause_id: str, timeout_s: float) -> Outcome | None:
+        """The outcome of the request published with CloudEvents id ``cause_id``, or None
+        when none came within ``timeout_s`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        wanted = cause_id.encode()
+        while (left := deadline - loop.time()) > 0:
+            batch = await self._consumer.getmany(timeout_ms=max(1, int(min(left, 1.0) * 1000)))
+            for record in (r for records in batch.values() for r in records):
+                headers = [(k, bytes(v)) for k, v in record.headers or ()]
+                if (_CAUSATION_HEADER, wanted) not in headers:
+                    continue  # another request's event: not decoded
+                try:
+                    event = decode(headers, record.key, record.value).event
+                except DecodeError:
+                    continue
+                if isinstance(event, Outcome) and event.request_id == request_id:
+                    return event
+        return None
+
+
+@dataclass(frozen=True)
+class Submission:
+    request: ProbeRequested
+    outcome: Outcome | None  # None: not waited for, or no outcome in time
+
+
+async def submit_and_wait(bootstrap: str, public_key_file: Path, image: bytes, *,
+                          wait_s: float | None = 60.0, kafka: KafkaSettings | None = None,
+                          **fields: object) -> Submission:
+    """Publish one request and, unless ``wait_s`` is None, wait up to that many seconds for
+    the intake's outcome of it."""
+    request = build_request(image, public_key_file, **fields)  # type: ignore[arg-type]
+    async with Publisher(bootstrap, source="/frs/upstream", kafka=kafka) as publisher:
+        if wait_s is None:
+            await _send(publisher, request)
+            return Submission(request, None)
+        # Started before the send, so an outcome however quick is not missed.
+        async with OutcomeWatch(bootstrap, kafka) as watch:
+            cause_id = await _send(publisher, request)
+            return Submission(request, await watch.wait(request.request_id, cause_id, wait_s))
+
+
+async def _send(publisher: Publisher, request: ProbeRequested) -> str:
+    """Publish under a CloudEvents id known here: the causation id of its outcome."""
+    event_id = str(uuid.uuid4())
+    record = encode(request, publisher.source, event_id=event_id)
+    await (await publisher.send_raw(PROBE_REQUESTS.name, record.key, record.value,
+                                    record.headers))
+    return event_id
 
 
 def demo_registry(provider_id: str, name: str, endpoint: str,

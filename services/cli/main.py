@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import Envelope
-from schemas.events import AgentRecord, CaseRecord, Event, ProviderRecord
+from schemas.events import AgentRecord, CaseRecord, Event, ProbeRejected, ProviderRecord
 from schemas.types import ImageSource, Purpose, probe_id_for
 from services.cli import acl as acl_cli
 from services.cli import audit as audit_cli
@@ -32,7 +32,7 @@ from services.cli import bench_intake, settings_doc
 from services.cli import dispatch as dispatch_cli
 from services.cli import policy as policy_cli
 from services.cli import results as results_cli
-from services.cli.client import demo_registry, submit_probe
+from services.cli.client import demo_registry, submit_and_wait
 from services.cli.common import CliSettings, Misuse, emit, subcommand
 from services.kit.bus import Publisher, read_topic
 from services.kit.topics import ensure_topics
@@ -59,9 +59,12 @@ async def cmd_submit(args: argparse.Namespace, settings: CliSettings) -> int:
     if not public_key.is_file():
         raise Misuse(f"intake public key not found at {public_key}: start the intake first "
                      "or pass --intake-public-key")
+    if not args.no_wait and args.wait <= 0:
+        raise Misuse("--wait takes a number of seconds above 0 (or use --no-wait)")
     try:
-        request = await submit_probe(
+        sent = await submit_and_wait(
             settings.kafka_bootstrap, public_key, image.read_bytes(),
+            wait_s=None if args.no_wait else args.wait, kafka=settings,
             request_id=args.request_id, case_id=args.case, agent_id=args.agent,
             purpose=Purpose(args.purpose), roi_refs=args.roi, image_source=ImageSource(args.source),
             nexus=args.nexus, exigent=args.exigent, exigent_justification=args.justification,
@@ -70,9 +73,29 @@ async def cmd_submit(args: argparse.Namespace, settings: CliSettings) -> int:
     except ValidationError as exc:
         raise Misuse(f"invalid request: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") \
             from None
-    payload = {"request_id": request.request_id, "probe_id": probe_id_for(request.request_id)}
-    emit(args, payload, f"submitted request {payload['request_id']} as probe "
-                         f"{payload['probe_id']}")
+    request_id, outcome = sent.request.request_id, sent.outcome
+    payload: dict[str, str | None] = {
+        "request_id": request_id, "probe_id": probe_id_for(request_id),
+        "outcome": "sent" if args.no_wait else "timeout", "reason": None, "detail": None}
+    if outcome is None and args.no_wait:
+        emit(args, payload, f"sent request {request_id} as probe {payload['probe_id']} "
+                            "(not waiting for its outcome)")
+        return 0
+    if outcome is None:
+        if args.json:
+            emit(args, payload, "")
+        sys.stderr.write(f"frs: no outcome for request {request_id} within {args.wait:g}s: "
+                         f"is the intake running? `frs timeline {request_id}` shows how far "
+                         "it got\n")
+        return 1
+    payload["probe_id"] = outcome.probe_id
+    if isinstance(outcome, ProbeRejected):
+        payload.update(outcome="rejected", reason=outcome.reason.value, detail=outcome.detail)
+        emit(args, payload, f"rejected request {request_id}: {outcome.reason.value} "
+                            f"({outcome.detail})")
+        return 1
+    payload["outcome"] = "submitted"
+    emit(args, payload, f"submitted request {request_id} as probe {outcome.probe_id}")
     return 0
 
 
@@ -191,7 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--review", action="store_true", help="require examiner review")
     submit.add_argument("--not-unedited", action="store_true",
                         help="do not attest that the image is an unedited photo")
-    submit.add_argument("--request-id", default=None, help="idempotency key (default: new)")
+    submit.add_argument("--request-id", default=None,
+                        help="idempotency key, bound to the request's content: the same id "
+                             "with other content is rejected (default: new)")
+    submit.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                        help="wait this long for the intake's outcome (default 60); exit 1 "
+                             "on a rejection (its reason printed) or when none comes")
+    submit.add_argument("--no-wait", action="store_true",
+                        help="publish and exit 0 without waiting for the outcome")
     submit.add_argument("--intake-public-key", default=".state/keys/intake.key.pub.pem")
 
     timeline = subcommand(commands, "timeline", "print a probe's events in order",

@@ -10,6 +10,7 @@ from schemas.catalog import (
     AUDIT_CHECKPOINTS,
     AUDIT_VIOLATIONS,
     BROKER_CLOCK,
+    PROBE_EVENTS,
     PROBE_REQUESTS,
     TOPICS,
 )
@@ -41,6 +42,15 @@ def test_only_upstream_writes_probe_requests_and_only_intake_acts_on_them() -> N
     assert readers == {"intake", "audit", "auditor"}
     groups = [b for b in bindings(DOC) if b.resource_type == "GROUP"]
     assert {b.principal for b in groups if b.name.startswith("frs-intake")} == {"User:intake"}
+
+
+def test_upstream_reads_the_outcomes_of_its_requests_and_nothing_else() -> None:
+    # `frs submit` waits for ProbeSubmitted/ProbeRejected on frs.probe.events with assigned
+    # partitions (services/cli/client.py OutcomeWatch): no consumer group to grant.
+    read = {t for t in TOPIC_NAMES if allows(DOC, "upstream", "READ", t)}
+    assert read == {PROBE_EVENTS.name}
+    assert not DOC.principals["upstream"].groups
+    assert Binding("TOPIC", "LITERAL", PROBE_EVENTS.name, "User:upstream", "READ") in bindings(DOC)
 
 
 def test_nobody_but_audit_writes_the_audit_topics() -> None:
