@@ -435,6 +435,9 @@ class Invariant(StrEnum):
     EXTRA_FIELDS_SENT = "extra_fields_sent"
     CANDIDATES_WITHOUT_LEAD_MARKING = "candidates_without_lead_marking"
     EXIGENT_WITHOUT_REVIEW = "exigent_without_review"
+    # Liveness: a cleared provider's part of a probe reached no end (answer, NoResponse,
+    # DispatchFailed, then ProbeSettled) by its answer deadline plus the audit's grace.
+    CLEARANCE_WITHOUT_END = "clearance_without_end"
 
 
 class ComplianceViolation(Event):

@@ -12,7 +12,7 @@ from contextlib import AsyncExitStack
 from datetime import datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import Gauge, Histogram
 from pydantic import Field
@@ -24,7 +24,7 @@ from schemas.events import CandidatesReceived, Event, ProbeRequested
 from schemas.types import probe_id_for, utcnow
 from services.audit import handlers
 from services.audit.checkpoint import Signer, load_or_create_key
-from services.audit.invariants import Invariants, InvariantSettings
+from services.audit.invariants import LIVENESS_GRACE_S, Invariants, InvariantSettings
 from services.audit.store import AuditStore
 from services.kit.bus import Processor, Publisher, RawRecord, Route
 from services.kit.service import dlq_for, processor
@@ -73,6 +73,46 @@ class RequestTimes:
 Job = Callable[[], Coroutine[Any, Any, None]]
 
 
+class Marks(Protocol):
+    """What the kit's Processor says about how far it has read (``Processor.mark``)."""
+
+    async def mark(self) -> object: ...
+
+    async def reached(self, mark: object) -> bool: ...
+
+
+class CompleteUntil:
+    """A time before which every record on the audited topics is in the log: the clock
+    when the partitions' ends were last taken, once the consumer has read up to them.
+
+    The liveness rule judges absences across topics by it, so an audit that lags (a
+    restart, a rebuild from the topics' start) never takes a settlement it has not read
+    yet for a missing one. It assumes one audit consumer holds every partition, as the
+    single audit store does today: otherwise ``reached`` is never true, and liveness is
+    never judged rather than judged wrong."""
+
+    def __init__(self, marks: Marks, clock: Callable[[], datetime]) -> None:
+        self.marks = marks
+        self.clock = clock
+        self._pending: tuple[object, datetime] | None = None
+        self._complete: datetime | None = None
+
+    async def advance(self) -> None:
+        """Once per tick: see whether the last mark was reached; take a new one if so."""
+        if self._pending is not None and await self.marks.reached(self._pending[0]):
+            self._complete, self._pending = self._pending[1], None
+        if self._pending is None:
+            # The clock before the ends: a record written before it lies below them.
+            taken_at = self.clock()
+            ends = await self.marks.mark()
+            self._pending = (ends, taken_at) if ends is not None else None
+
+    def take(self) -> datetime | None:
+        """The newest complete time not yet judged (None: nothing new since the last)."""
+        complete, self._complete = self._complete, None
+        return complete
+
+
 class AuditSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FRS_AUDIT_", frozen=True, extra="ignore",
                                       populate_by_name=True)
@@ -93,10 +133,18 @@ class AuditSettings(ServiceSettings):
         300.0, ge=0, description="How long past expires_at an image may stay unpurged.")
     exigent_review_s: float = Field(
         72 * 3600.0, ge=0, description="How long an exigent probe may wait for its review.")
+    liveness_grace_s: float = Field(
+        LIVENESS_GRACE_S, ge=0,
+        description="How long past a cleared provider's answer deadline its probe may go "
+                    "without an end (answer, NoResponse or DispatchFailed, then settled).")
     tick_s: float = Field(1.0, gt=0, description="Timer rules and time checkpoints, period.")
 
     def key_file(self) -> Path:
         return self.signing_key_file or self.state_dir / "keys" / "audit-checkpoint.pem"
+
+    def invariant_settings(self) -> InvariantSettings:
+        return InvariantSettings(self.clearance_grace_s, self.expiry_grace_s,
+                                 self.exigent_review_s, self.liveness_grace_s)
 
 
 def signer_for(settings: AuditSettings) -> Signer:
@@ -112,9 +160,7 @@ def build_app(settings: AuditSettings, publisher: Publisher,
               stack: AsyncExitStack) -> tuple[list[Processor], list[Job]]:
     store = AuditStore(settings.store_dir)
     stack.callback(store.close)
-    invariants = Invariants(store, InvariantSettings(settings.clearance_grace_s,
-                                                     settings.expiry_grace_s,
-                                                     settings.exigent_review_s), utcnow)
+    invariants = Invariants(store, settings.invariant_settings(), utcnow)
     ports = handlers.AuditPorts(store=store, invariants=invariants)
     policy = handlers.CheckpointPolicy(signer_for(settings), settings.origin,
                                        settings.checkpoint_every_n,
@@ -162,12 +208,21 @@ def build_app(settings: AuditSettings, publisher: Publisher,
         log_metrics()[0].set(store.size)
         await checkpoint_if_due()
 
+    consumer = processor(settings, Route(
+        "audit", settings.group_id, tuple(t.name for t in AUDITED_TOPICS), {},
+        dlq_for("audit"), on_record=record, before_commit=durable), publisher)
+    complete = CompleteUntil(consumer, utcnow)
+
     async def timers() -> None:
         while True:
             await asyncio.sleep(settings.tick_s)
+            await complete.advance()  # awaits: before the in_tx check, not after it
             if store.in_tx:
                 continue  # a batch is open; its own commit hook runs the checks next
-            violations = invariants.tick()
+            violations = invariants.deadline_rules()
+            until = complete.take()
+            if until is not None:
+                violations += invariants.liveness(until)
             store.commit()
             if violations:
                 for v in violations:
@@ -175,10 +230,7 @@ def build_app(settings: AuditSettings, publisher: Publisher,
                 await publish(list(violations))
             await checkpoint_if_due()
 
-    route = Route("audit", settings.group_id, tuple(t.name for t in AUDITED_TOPICS), {},
-                  dlq_for("audit"),
-                  on_record=record, before_commit=durable)
-    return [processor(settings, route, publisher)], [timers]
+    return [consumer], [timers]
 
 
 def build(settings: AuditSettings, publisher: Publisher, stack: AsyncExitStack) -> list[Processor]:

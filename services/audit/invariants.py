@@ -4,7 +4,20 @@ State lives in the audit store's SQLite database, written in the same transactio
 the batch's leaves, so a redelivered record (already a leaf) is never evaluated twice.
 Topics are consumed concurrently, so an event may arrive before the one it depends on
 (a dispatch before its clearance): rules that need an earlier event wait a grace period
-before they fire; rules about time (dispatch after purge) compare event timestamps."""
+before they fire; rules about time (dispatch after purge) compare event timestamps.
+
+Liveness (clearance_without_end): each provider a PolicyCleared lists owes an end by its
+answer deadline plus ``liveness_grace_s``. The deadline is the dispatch's
+``response_due_at`` (what the results tracker times NoResponse from) once the dispatch is
+on the log, before that the clearance's ``decided_at`` plus the provider's
+``response_deadline_s`` (from the decision's inputs, else the providers registry topic).
+A provider's end is CandidatesReceived, NoResponse or DispatchFailed; the probe's end is
+ProbeSettled, or ReviewRequested, which hands it to an examiner whose pace is no liveness
+matter. A provider that ended still owes its probe's settlement by the last deadline of
+the probe's providers plus the grace: the tracker settles once all of them are final, and
+a tracker that believes a probe done without saying so is the failure this rule is for.
+An ImagePurged is no end: dispatch answers a cleared send of a purged image with
+DispatchFailed(image_purged), so a purge that leaves the probe silent is a stall too."""
 
 from __future__ import annotations
 
@@ -23,11 +36,16 @@ from schemas.events import (
     LEAD_MARKING,
     CandidatesReceived,
     ComplianceViolation,
+    DispatchFailed,
     ImagePurged,
     Invariant,
+    NoResponse,
     PolicyCleared,
+    ProbeSettled,
     ProbeSubmitted,
     ProviderDispatched,
+    ProviderRecord,
+    ReviewRequested,
     SupervisorReviewRecorded,
 )
 from schemas.types import MINIMAL_FIELDS
@@ -52,6 +70,18 @@ CREATE TABLE IF NOT EXISTS inv_exigent (
   probe_id TEXT PRIMARY KEY, due_at TEXT NOT NULL, reviewed INTEGER NOT NULL DEFAULT 0,
   flagged INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS inv_liveness (
+  probe_id TEXT NOT NULL, provider_id TEXT NOT NULL, clearance_id TEXT,
+  cleared_due_at TEXT, dispatched_due_at TEXT, ended TEXT,
+  probe_ended INTEGER NOT NULL DEFAULT 0, flagged INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (probe_id, provider_id)
+);
+CREATE INDEX IF NOT EXISTS inv_liveness_open ON inv_liveness(probe_id)
+  WHERE clearance_id IS NOT NULL AND probe_ended = 0 AND flagged = 0;
+CREATE TABLE IF NOT EXISTS inv_probe_ends (probe_id TEXT PRIMARY KEY, how TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS inv_providers (
+  provider_id TEXT PRIMARY KEY, response_deadline_s INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS inv_violations (
   offending_event_id TEXT NOT NULL, invariant TEXT NOT NULL, probe_id TEXT NOT NULL,
   detected_at TEXT NOT NULL, PRIMARY KEY (offending_event_id, invariant)
@@ -59,9 +89,16 @@ CREATE TABLE IF NOT EXISTS inv_violations (
 """
 
 _WATCHED = (PolicyCleared, ProviderDispatched, ImagePurged, ProbeSubmitted,
-            SupervisorReviewRecorded, CandidatesReceived)
+            SupervisorReviewRecorded, CandidatesReceived, DispatchFailed, NoResponse,
+            ProbeSettled, ReviewRequested, ProviderRecord)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ALLOWED = frozenset(f.value for f in MINIMAL_FIELDS)
+# A provider the audit has no record of answers by the registry's own default deadline.
+_DEFAULT_RESPONSE_DEADLINE_S = int(ProviderRecord.model_fields["response_deadline_s"].default)
+# Covers the results tracker's timer and the consumer lag between the services and the
+# audit; the audit's own lag after downtime counts too, since deadlines are judged on its
+# clock.
+LIVENESS_GRACE_S = 300.0
 
 
 @cache
@@ -75,6 +112,7 @@ class InvariantSettings:
     clearance_grace_s: float
     expiry_grace_s: float
     exigent_review_s: float = 72 * 3600.0
+    liveness_grace_s: float = LIVENESS_GRACE_S
 
 
 class Invariants:
@@ -111,8 +149,9 @@ class Invariants:
             return self._raw(headers or [], value)
         event, eid = decoded.event, decoded.id
         if isinstance(event, PolicyCleared):
-            return self._cleared(event)
+            return self._cleared(event, eid)
         if isinstance(event, ProviderDispatched):
+            self._unit_dispatched(event)
             return self._dispatched(event, eid)
         if isinstance(event, ImagePurged):
             return self._purged(event)
@@ -134,17 +173,39 @@ class Invariants:
                 (event.probe_id, event.reviewed_at.isoformat()))
             return []
         if isinstance(event, CandidatesReceived):
+            self._unit_ended(event.probe_id, event.provider_id, "answered")
             # The model already enforces the marking; the raw bytes are what was sent.
             return self._raw_candidates(_json(value), eid, event.probe_id)
+        if isinstance(event, NoResponse):
+            self._unit_ended(event.probe_id, event.provider_id, "no_response")
+        elif isinstance(event, DispatchFailed):
+            self._unit_ended(event.probe_id, event.provider_id, "failed")
+        elif isinstance(event, ProbeSettled | ReviewRequested):
+            self._probe_ended(event.probe_id,
+                              "settled" if isinstance(event, ProbeSettled) else "review")
+        elif isinstance(event, ProviderRecord):
+            self.store.execute(
+                "INSERT INTO inv_providers (provider_id, response_deadline_s) VALUES (?, ?)"
+                " ON CONFLICT DO UPDATE SET response_deadline_s = excluded.response_deadline_s",
+                (event.provider_id, event.response_deadline_s))
         return []
 
-    def _cleared(self, event: PolicyCleared) -> list[ComplianceViolation]:
+    def _cleared(self, event: PolicyCleared, clearance_id: str) -> list[ComplianceViolation]:
         for c in event.cleared:
             fields = sorted({f.value for f in c.fields})
             self.store.execute(
                 "INSERT INTO inv_cleared (probe_id, provider_id, fields) VALUES (?,?,?)"
                 " ON CONFLICT DO UPDATE SET fields = excluded.fields",
                 (event.probe_id, c.provider_id, json.dumps(fields)))
+            due = event.decided_at + timedelta(
+                seconds=self._response_deadline_s(event, c.provider_id))
+            # The first clearance names the obligation: a later copy neither resets its
+            # deadline nor renames its violation.
+            self.store.execute(
+                _UNIT.format(columns="clearance_id, cleared_due_at", values="?3, ?4",
+                             update="clearance_id = COALESCE(clearance_id, ?3),"
+                                    " cleared_due_at = COALESCE(cleared_due_at, ?4)"),
+                (event.probe_id, c.provider_id, clearance_id, due.isoformat()))
         out = []
         # Dispatches that arrived before this clearance are judged now.
         for eid, provider, fields_json in self.store.query(
@@ -186,6 +247,36 @@ class Invariants:
                                    f"sent to {event.provider_id} at {event.sent_at.isoformat()}"
                                    f" after the image was purged at {purged_at}")
         return out
+
+    def _response_deadline_s(self, event: PolicyCleared, provider_id: str) -> int:
+        """The provider's answer deadline as the decision read it, else as the providers
+        registry topic last said, else the registry's default."""
+        for record in event.inputs.providers if event.inputs is not None else ():
+            if record.provider_id == provider_id:
+                return record.response_deadline_s
+        row = self.store.query(
+            "SELECT response_deadline_s FROM inv_providers WHERE provider_id = ?",
+            (provider_id,))
+        return int(row[0][0]) if row else _DEFAULT_RESPONSE_DEADLINE_S
+
+    def _unit_dispatched(self, event: ProviderDispatched) -> None:
+        # A resend may move the deadline later: the latest one is the tracker's.
+        self.store.execute(
+            _UNIT.format(columns="dispatched_due_at", values="?3",
+                         update="dispatched_due_at = MAX(COALESCE(dispatched_due_at, ''), ?3)"),
+            (event.probe_id, event.provider_id, event.response_due_at.isoformat()))
+
+    def _unit_ended(self, probe_id: str, provider_id: str, how: str) -> None:
+        self.store.execute(
+            _UNIT.format(columns="ended", values="?3", update="ended = COALESCE(ended, ?3)"),
+            (probe_id, provider_id, how))
+
+    def _probe_ended(self, probe_id: str, how: str) -> None:
+        # Kept per probe as well: a clearance consumed after its settlement is born ended.
+        self.store.execute("INSERT OR IGNORE INTO inv_probe_ends (probe_id, how) VALUES (?, ?)",
+                           (probe_id, how))
+        self.store.execute("UPDATE inv_liveness SET probe_ended = 1 WHERE probe_id = ?",
+                           (probe_id,))
 
     def _check_fields(self, probe_id: str, provider: str, sent: list[str],
                       cleared: set[str], eid: str) -> list[ComplianceViolation]:
@@ -245,7 +336,12 @@ class Invariants:
     # --- timers ------------------------------------------------------------------------
 
     def tick(self) -> list[ComplianceViolation]:
-        """Rules that fire on the absence of an event after a deadline."""
+        """Every rule that fires on the absence of an event after a deadline, judged at the
+        clock: for a log that is read whole (replay, tests)."""
+        return self.deadline_rules() + self.liveness(self.clock())
+
+    def deadline_rules(self) -> list[ComplianceViolation]:
+        """The other rules on absences, judged at the clock."""
         now = self.clock()
         out = []
         seen_before = (now - timedelta(seconds=self.settings.clearance_grace_s)).isoformat()
@@ -278,6 +374,37 @@ class Invariants:
                                    f"exigent probe without a supervisor review by {due_at}")
         return out
 
+    def liveness(self, complete_until: datetime) -> list[ComplianceViolation]:
+        """clearance_without_end, judged as of ``complete_until``: a time before which every
+        record is in the log. An end lives on other topics than its clearance, so a
+        lagging audit (a restart, a rebuild) must not take ends it has not read yet for
+        missing ones."""
+        grace = self.settings.liveness_grace_s
+        cutoff = (complete_until - timedelta(seconds=grace)).isoformat()
+        out = []
+        for probe_id, provider, clearance_id, due, ended, last_due in self.store.query(
+                "SELECT probe_id, provider_id, clearance_id, COALESCE(dispatched_due_at,"
+                " cleared_due_at) AS due, ended, (SELECT MAX(COALESCE(o.dispatched_due_at,"
+                " o.cleared_due_at)) FROM inv_liveness o WHERE o.probe_id = l.probe_id"
+                " AND o.clearance_id IS NOT NULL) FROM inv_liveness l"
+                " WHERE clearance_id IS NOT NULL AND probe_ended = 0 AND flagged = 0"
+                " AND due <= ?", (cutoff,)):
+            if ended is None:
+                detail = (f"cleared for {provider}: no answer, NoResponse or DispatchFailed"
+                          f" by its deadline {due} + {grace:g}s")
+            elif last_due <= cutoff:
+                detail = (f"{provider} ended ({ended}) but the probe did not settle by its"
+                          f" last deadline {last_due} + {grace:g}s")
+            else:
+                continue  # this provider is done; another's deadline is still open
+            self.store.execute(
+                "UPDATE inv_liveness SET flagged = 1 WHERE probe_id = ? AND provider_id = ?",
+                (probe_id, provider))
+            # One clearance may list several providers: each is its own obligation.
+            out += self._violation(probe_id, Invariant.CLEARANCE_WITHOUT_END,
+                                   f"{clearance_id}/{provider}", detail)
+        return out
+
     def _violation(self, probe_id: str, invariant: Invariant, eid: str,
                    detail: str) -> list[ComplianceViolation]:
         now = self.clock()
@@ -289,6 +416,13 @@ class Invariants:
         violations_metric().labels(invariant.value).inc()
         return [ComplianceViolation(probe_id=probe_id, invariant=invariant, detail=detail[:2000],
                                     offending_event_id=eid, detected_at=now)]
+
+
+# One row per (probe, provider) obligation, made by whichever of its events comes first
+# (topics interleave); every insert asks whether the probe has already ended.
+_UNIT = ("INSERT INTO inv_liveness (probe_id, provider_id, {columns}, probe_ended)"
+         " VALUES (?1, ?2, {values}, EXISTS (SELECT 1 FROM inv_probe_ends WHERE probe_id = ?1))"
+         " ON CONFLICT DO UPDATE SET {update}")
 
 
 def _json(value: bytes | None) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def audit_service(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
                      "FRS_STATE_DIR": str(tmp / "state"), "FRS_AUDIT_STORE_DIR": str(tmp / "audit"),
                      "FRS_AUDIT_METRICS_PORT": "0", "PYTHONPATH": str(ROOT)},
                     FRS_AUDIT_CLEARANCE_GRACE_S="4", FRS_AUDIT_EXPIRY_GRACE_S="1",
-                    FRS_AUDIT_EXIGENT_REVIEW_S="2")
+                    FRS_AUDIT_EXIGENT_REVIEW_S="2", FRS_AUDIT_LIVENESS_GRACE_S="3")
     proc = ServiceProcess("audit", env, tmp / "audit.log").start()
     proc.wait_log("consumer started")
     try:

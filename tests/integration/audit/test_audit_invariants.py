@@ -21,6 +21,7 @@ from schemas.events import (
     ImagePurged,
     Invariant,
     PolicyCleared,
+    ProbeSettled,
     ProviderDispatched,
     PurgeReason,
     RegistryVersions,
@@ -50,12 +51,12 @@ def cleared(probe_id: str, provider: str, fields: list[OutboundField]) -> Policy
 
 
 def dispatched(probe_id: str, provider: str, fields: list[OutboundField],
-               sent_at: datetime | None = None) -> ProviderDispatched:
+               sent_at: datetime | None = None, due_in_s: float = 3600) -> ProviderDispatched:
     sent = sent_at or now()
     return ProviderDispatched(probe_id=probe_id, provider_id=provider, dispatch_id=f"d-{probe_id}",
                               transport=Transport.HTTPS, fields_sent=fields,
                               request_ref=f"ref-{uuid.uuid4()}", sent_at=sent,
-                              response_due_at=later(3600), deletion_due_at=later(86400))
+                              response_due_at=later(due_in_s), deletion_due_at=later(86400))
 
 
 def purged(probe_id: str, at: datetime) -> ImagePurged:
@@ -186,4 +187,23 @@ def test_exigent_probe_without_review(audit_service: Audit, kafka_bootstrap: str
             submitted(bad, later(3600), exigent=True))
     (v,) = seen(kafka_bootstrap, bad, Invariant.EXIGENT_WITHOUT_REVIEW)
     assert "review" in v.detail
+    assert none_for(kafka_bootstrap, good)
+
+
+def test_a_settlement_held_back_after_the_answer_is_a_liveness_violation(
+        audit_service: Audit, kafka_bootstrap: str) -> None:
+    """Issue 15's stall: cleared, dispatched, answered, and the settlement never comes.
+    The control settles in time. Deadline 2s, grace 3s (the fixture's)."""
+    held, good = probe(), probe()
+    settled = ProbeSettled(probe_id=good, answered=["fed-ngi"], failed=[], no_response=[],
+                           settled_at=now())
+    # The control goes first and whole, so no timer tick can judge one and not the other.
+    for pid in (good, held):
+        publish(kafka_bootstrap, cleared(pid, "fed-ngi", ALL_FIELDS),
+                dispatched(pid, "fed-ngi", ALL_FIELDS, due_in_s=2),
+                candidates(pid),
+                *([settled] if pid == good else []))
+    (v,) = seen(kafka_bootstrap, held, Invariant.CLEARANCE_WITHOUT_END, timeout=60)
+    assert v.offending_event_id.endswith("/fed-ngi")
+    assert "fed-ngi ended (answered) but the probe did not settle" in v.detail
     assert none_for(kafka_bootstrap, good)
