@@ -1,1 +1,2 @@
-"""Intake: submission gate, sanitizer and quality, vault, purge, and the policy gate."""
+"""Intake: submission gate, sanitizer and quality, purge (through services.vault), and the
+policy gate."""

@@ -1,1 +1,2 @@
-"""Shared runtime: settings, Kafka bus, DLQ, registries, metrics, logging, lifecycle."""
+"""Shared runtime: what a service declares (app), how it runs (runtime, processor,
+publisher), registries, settings, Kafka options, clock, metrics, logging, private files."""
