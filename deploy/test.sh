@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole suite against a real Kafka broker that this script starts and stops.
 # Installs what is missing first (Debian packages, .venv, npm tools, Kafka jars).
-#   deploy/test.sh                 everything: lint, types, contract, unit, integration, e2e
+#   deploy/test.sh                 everything: lint, types, contract, unit, integration, e2e,
+#                                  and users (the installed wheel, up.sh and the README as written)
 #   deploy/test.sh tests/unit      any pytest arguments narrow the run
 # FRS_KAFKA_BOOTSTRAP=host:port uses an existing broker instead of starting one.
 set -euo pipefail
@@ -13,7 +14,7 @@ export STATE
 # prometheus/promtool: the alert-rule tests and the scrape e2e; tcpdump: the loopback
 # capture test of the secured bus.
 ensure_tools prometheus prometheus promtool prometheus tcpdump tcpdump \
-  docker-compose docker-compose
+  docker-compose docker-compose kcat kcat
 ensure_venv
 ensure_npm_tools
 deploy/kafka/broker.sh fetch
@@ -22,6 +23,8 @@ log "ruff"
 "$VENV/bin/ruff" check schemas services tests deploy
 log "mypy --strict"
 "$VENV/bin/mypy" schemas services
+log "architecture contracts (lint-imports; pyproject.toml [tool.importlinter])"
+"$VENV/bin/lint-imports"
 log "contract: exported schemas match the models, AsyncAPI document validates"
 "$PY" -m schemas export --check
 node tests/contract/validate-asyncapi.mjs schemas/asyncapi.yaml
@@ -52,9 +55,11 @@ else
   # The end-to-end and benchmark tiers each get a broker of their own, so registry
   # entries and consumer groups left by other tiers cannot change what they see.
   log "pytest: unit, integration, contract, chaos"
-  "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/e2e --ignore=tests/perf
+  "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/e2e --ignore=tests/perf \
+    --ignore=tests/users
   rc=$?
-  for tier in perf e2e; do
+  # users: up.sh starts its own secured broker, as a user's first run does.
+  for tier in perf e2e users; do
     log "pytest: $tier, on a fresh broker"
     if [ "$own_broker" = 1 ]; then
       env -u FRS_KAFKA_BOOTSTRAP "$PY" -m pytest -q -p no:cacheprovider "tests/$tier"

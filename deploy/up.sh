@@ -2,16 +2,36 @@
 # Start frs-broker locally: Kafka, every service, then one sample probe through it all.
 #   deploy/up.sh          keeps running until Ctrl-C, then stops what it started
 #   deploy/up.sh --demo   exits 0 after the sample probe and stops what it started
+#   deploy/up.sh --fresh  removes the bus and every service's state first (says what)
+# The bus and the services' state live together in .state/ and are kept together: a second
+# run resumes the same bus with the same state. Never a fresh bus with old state.
+# Outside roles (upstream, operator, supervisor, auditor) get a client profile each in
+# $FRS_PROFILE_DIR (default ~/.config/frs/profiles), so `frs --as ROLE ...` works anywhere.
 # The bus is secured by default (TLS, one SCRAM identity per service and role, ACLs from
-# deploy/kafka/acls.json); FRS_KAFKA_SECURE=0 runs the plaintext broker instead.
+# services/kit/acls.json); FRS_KAFKA_SECURE=0 runs the plaintext broker instead.
 # Installs what is missing first (Debian packages, .venv, Kafka jars). State: .state/
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 demo=0
-[ "${1:-}" = "--demo" ] && demo=1
-STATE=$ROOT/.state
+fresh=0
+for arg in "$@"; do
+  case "$arg" in
+    --demo) demo=1 ;;
+    --fresh) fresh=1 ;;
+    *) die "usage: deploy/up.sh [--demo] [--fresh]" ;;
+  esac
+done
+# FRS_UP_STATE moves the whole run (bus and state) elsewhere, e.g. for a test.
+STATE=${FRS_UP_STATE:-$ROOT/.state}
 export STATE
+if [ "$fresh" = 1 ] && [ -d "$STATE" ]; then
+  if [ -f "$STATE/kafka/broker.pid" ] && kill -0 "$(cat "$STATE/kafka/broker.pid")" 2>/dev/null; then
+    die "a broker from .state is still running (pid $(cat "$STATE/kafka/broker.pid")): stop that deploy/up.sh first"
+  fi
+  log "--fresh: removing the bus and all state in $STATE: $(cd "$STATE" && ls -A | tr '\n' ' ')"
+  rm -rf "$STATE"
+fi
 mkdir -p "$STATE/logs"
 
 ensure_tools
@@ -49,25 +69,54 @@ trap 'exit 130' INT TERM
 
 if [ -z "${FRS_KAFKA_BOOTSTRAP:-}" ]; then
   own_broker=1
-  if [ "$secure" = 1 ]; then
+  if [ -f "$FRS_KAFKA_STATE/server.properties" ]; then
+    # The bus of an earlier run: resume it, since the services' state in .state is its.
+    was=plaintext
+    [ -f "$FRS_KAFKA_STATE/secure" ] && was=secured
+    now=plaintext
+    [ "$secure" = 1 ] && now=secured
+    [ "$was" = "$now" ] || die "the bus in .state/kafka is $was, this run asks for $now: run deploy/up.sh --fresh to start over"
+    log "resuming the $was bus and the state of the last run (deploy/up.sh --fresh starts over)"
+    FRS_PYTHON=$PY deploy/kafka/broker.sh resume
+    [ "$secure" = 1 ] || export FRS_KAFKA_BOOTSTRAP=127.0.0.1:$(sed -n 's/^listeners=PLAINTEXT:\/\/127.0.0.1:\([0-9]*\).*/\1/p' "$FRS_KAFKA_STATE/server.properties")
+  elif [ "$secure" = 1 ]; then
+    [ -z "$(ls -A "$STATE" | grep -v '^logs$' || true)" ] || die "state from an earlier run is in .state without its bus: run deploy/up.sh --fresh"
     log "starting Kafka (secured: TLS, SCRAM, ACLs) on 127.0.0.1:$FRS_KAFKA_PORT"
     FRS_PYTHON=$PY deploy/kafka/broker.sh start --secure
-    (as_principal admin "$PY" -m services.cli topics create >/dev/null)
-    (as_principal admin "$PY" -m services.cli acl apply \
-      --admin-config "$FRS_KAFKA_STATE/admin.properties")
   else
+    [ -z "$(ls -A "$STATE" | grep -v '^logs$' || true)" ] || die "state from an earlier run is in .state without its bus: run deploy/up.sh --fresh"
     log "starting Kafka (plaintext) on 127.0.0.1:$FRS_KAFKA_PORT"
     deploy/kafka/broker.sh start
     export FRS_KAFKA_BOOTSTRAP=127.0.0.1:$FRS_KAFKA_PORT
+  fi
+  if [ "$secure" = 1 ]; then
+    (as_principal admin "$PY" -m services.cli topics create >/dev/null)
+    (as_principal admin "$PY" -m services.cli acl apply \
+      --admin-config "$FRS_KAFKA_STATE/admin.properties")
   fi
 else
   secure=0  # someone else's broker: its settings come from the environment
 fi
 [ "$secure" = 1 ] || "$PY" -m services.cli topics create >/dev/null
-rm -rf "$FRS_AUDIT_STORE_DIR"
+
+# One client profile per outside role: how to reach the bus as that role, and the paths
+# its commands need. Plaintext: the same profiles, without an identity.
+FRS=$VENV/bin/frs
+export FRS_PROFILE_DIR=${FRS_PROFILE_DIR:-${XDG_CONFIG_HOME:-$HOME/.config}/frs/profiles}
+for role in upstream operator supervisor auditor; do
+  if [ "$secure" = 1 ]; then
+    identity=(--env-file "$FRS_KAFKA_STATE/env/$role.env")
+  else
+    identity=(--set "FRS_KAFKA_BOOTSTRAP=$FRS_KAFKA_BOOTSTRAP")
+  fi
+  "$FRS" profile save "$role" "${identity[@]}" \
+    --set "FRS_STATE_DIR=$STATE" --set "FRS_AUDIT_STORE_DIR=$FRS_AUDIT_STORE_DIR" \
+    --set "FRS_INTAKE_PUBLIC_KEY_FILE=$STATE/keys/intake.key.pub.pem" >/dev/null
+done
+log "client profiles for upstream, operator, supervisor, auditor in $FRS_PROFILE_DIR"
 
 log "starting a simulated HTTPS vendor that answers on the results webhook"
-eval "$("$PY" -m deploy.simulators.demo --dir "$STATE/demo" --webhook-port "${FRS_DEMO_WEBHOOK_PORT:-8444}" --vendor-port "${FRS_DEMO_VENDOR_PORT:-8443}")"
+eval "$("$PY" -m services.simulators.demo --dir "$STATE/demo" --webhook-port "${FRS_DEMO_WEBHOOK_PORT:-8444}" --vendor-port "${FRS_DEMO_VENDOR_PORT:-8443}")"
 coproc VENDOR { exec "${VENDOR_CMD[@]}" 2>>"$STATE/logs/vendor.log"; }
 STARTED_PIDS+=("$VENDOR_PID")
 read -r vendor_line <&"${VENDOR[0]}" || die "the vendor simulator did not start: see .state/logs/vendor.log"
@@ -82,27 +131,34 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 
+as_role() {  # the printed `--as` of a role: a name in the default directory, else a path
+  local default=${XDG_CONFIG_HOME:-$HOME/.config}/frs/profiles
+  if [ "$FRS_PROFILE_DIR" = "$default" ]; then echo "$1"; else echo "$FRS_PROFILE_DIR/$1.env"; fi
+}
+UPSTREAM="$FRS --as $(as_role upstream)"
+OPERATOR="$FRS --as $(as_role operator)"
+SUPERVISOR="$FRS --as $(as_role supervisor)"
+AUDITOR="$FRS --as $(as_role auditor)"
+
 log "registering a demo case, agent and provider"
-(as_principal operator "$PY" -m services.cli registry demo --endpoint "$vendor_url")
+$OPERATOR registry demo --endpoint "$vendor_url"
 sleep 1  # the services follow the registry topics asynchronously
-"$PY" -c 'import sys; from skimage import data; from PIL import Image; Image.fromarray(data.astronaut()).save(sys.argv[1], quality=92)' "$STATE/sample.jpg"
+[ -f "$STATE/sample.jpg" ] || "$PY" -c 'import sys; from skimage import data; from PIL import Image; Image.fromarray(data.astronaut()).save(sys.argv[1], quality=92)' "$STATE/sample.jpg"
 
 log "submitting a sample probe"
 request_id=demo-$(date +%s)
-(as_principal upstream "$PY" -m services.cli submit --image "$STATE/sample.jpg" --case CASE-1 --agent agent-7 \
+$UPSTREAM submit --image "$STATE/sample.jpg" --case CASE-1 --agent agent-7 \
   --purpose human_trafficking --roi ROI-1 --source surveillance --nexus VA \
-  --request-id "$request_id" --intake-public-key "$STATE/keys/intake.key.pub.pem")
+  --request-id "$request_id"
 
 log "event timeline of $request_id (time, type, topic[partition]@offset, source)"
-(as_principal auditor "$PY" -m services.cli timeline "$request_id" \
-  --until frs.probe.settled.v1 --wait 90)
+$AUDITOR timeline "$request_id" --until frs.probe.settled.v1 --wait 90
 
 log "verifying the audit log against its signed checkpoints (frs audit verify)"
 sleep "$FRS_AUDIT_CHECKPOINT_INTERVAL_S"  # let the audit service sign the latest leaves
-(as_principal auditor "$PY" -m services.cli audit verify \
-  --vkey-file "$STATE/keys/audit-checkpoint.vkey" --checkpoints-from-kafka)
+$AUDITOR audit verify --checkpoints-from-kafka
 log "accountability report (frs audit report; --format html for a page)"
-(as_principal auditor "$PY" -m services.cli audit report)
+$AUDITOR audit report
 
 if [ "$demo" = 1 ]; then
   exit 0
@@ -113,13 +169,19 @@ if command -v prometheus >/dev/null; then
     --config.file=deploy/prometheus/prometheus.yml --storage.tsdb.path="$STATE/prometheus" \
     --web.listen-address=127.0.0.1:9090
 fi
+# Every command below works pasted as printed, in another shell, from any directory.
 cat <<EOF
 Running. Ctrl-C stops everything this script started.
   metrics      http://127.0.0.1:9301/metrics (intake, policy) 9302 (dispatch) 9303 (results) 9304 (audit)
   Prometheus   http://127.0.0.1:9090 when installed; dashboard: deploy/grafana/
-  logs         .state/logs/
-  audit        frs audit verify --vkey-file .state/keys/audit-checkpoint.vkey
-               frs audit report --format html --out report.html
-  submit       frs submit --image photo.jpg --case CASE-1 --agent agent-7 --purpose financial_fraud --roi ROI-1 --source mug_shot --intake-public-key .state/keys/intake.key.pub.pem
+  logs         $STATE/logs/
+  profiles     $FRS_PROFILE_DIR (one per outside role: $FRS profile list)
+next steps:
+  $UPSTREAM submit --image $STATE/sample.jpg --case CASE-1 --agent agent-7 --purpose human_trafficking --roi ROI-1 --source surveillance --nexus VA
+  $AUDITOR timeline $request_id
+  $OPERATOR policy explain $request_id
+  $SUPERVISOR exigent pending
+  $AUDITOR audit verify --checkpoints-from-kafka
+  $AUDITOR audit report --format html --out /tmp/frs-report.html
 EOF
 wait

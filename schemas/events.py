@@ -187,6 +187,16 @@ class ClearedProvider(Model):
     fields: list[OutboundField]
 
 
+class ClaimCheck(Model):
+    """Where a cleared probe's image is and what it must be: everything dispatch needs to
+    send it, carried by the clearance itself so no service joins two topics to find it."""
+
+    vault_ref: str
+    agent_id: AgentId
+    sanitized_sha256: Sha256Hex
+    expires_at: UtcDatetime
+
+
 class RuleDenial(Model):
     rule_id: str
     message: str
@@ -220,6 +230,9 @@ class PolicyCleared(Event):
     registry_versions: RegistryVersions
     decided_at: UtcDatetime
     inputs: DecisionInputs | None = None
+    # Set by the policy gate on every clearance. Optional only so clearances made before
+    # it existed still decode; dispatch refuses to send on one without it.
+    claim: ClaimCheck | None = None
 
 
 class PolicyDenied(Event):

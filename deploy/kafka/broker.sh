@@ -50,7 +50,7 @@ wait_ready() {
 secure_prepare() {
   "$python" -c 'import cryptography' 2>/dev/null \
     || die "secured mode needs Python with cryptography: set FRS_PYTHON (e.g. .venv/bin/python)"
-  "$python" "$here/pki.py" "$state" --acls "$here/acls.json" >&2
+  "$python" "$here/pki.py" "$state" --acls "$here/../../services/kit/acls.json" >&2
   rm -rf "$state/classes" "$state/env"
   mkdir -p "$state/classes" "$state/env"
   # The principal builder that binds each SCRAM user to its own certificate.

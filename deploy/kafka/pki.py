@@ -1,6 +1,6 @@
 """Local PKI and SCRAM secrets for the secured broker (local use and tests only).
 
-    python deploy/kafka/pki.py STATE_DIR --acls deploy/kafka/acls.json
+    python deploy/kafka/pki.py STATE_DIR --acls services/kit/acls.json
 
 Creates, once (existing files are kept, so a rerun changes nothing):
   STATE_DIR/pki/ca.pem, ca.key              a local CA (EC P-256, 1 year)

@@ -1,22 +1,18 @@
-"""Audit service: consumes every catalog topic, DLQs included, into the audit store,
-checks the compliance invariants, and signs checkpoints of the log."""
+"""Audit service: ``build(settings)`` declares the route that consumes every catalog
+topic, DLQs included, into the audit store and checks the compliance invariants, and the
+job that runs the time rules and signs checkpoints of the log."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
-from contextlib import AsyncExitStack
+from collections.abc import Callable
 from datetime import datetime
 from functools import cache
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from prometheus_client import Gauge, Histogram
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
 
 from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import DecodeError, Envelope
@@ -24,11 +20,11 @@ from schemas.events import CandidatesReceived, Event, ProbeRequested
 from schemas.types import probe_id_for, utcnow
 from services.audit import handlers
 from services.audit.checkpoint import Signer, load_or_create_key
-from services.audit.invariants import LIVENESS_GRACE_S, Invariants, InvariantSettings
+from services.audit.invariants import Invariants
+from services.audit.settings import AuditSettings
 from services.audit.store import AuditStore
-from services.kit.bus import Processor, Publisher, RawRecord, Route
-from services.kit.service import dlq_for, processor
-from services.kit.settings import ServiceSettings
+from services.kit.app import Context, Job, ServiceApp, Wiring
+from services.kit.routing import RawRecord, Route, RouteProgress, dlq_for
 
 log = logging.getLogger("frs.audit")
 
@@ -70,11 +66,10 @@ class RequestTimes:
                 return max(0.0, (envelope.time - requested).total_seconds())
         return None
 
-Job = Callable[[], Coroutine[Any, Any, None]]
 
 
 class Marks(Protocol):
-    """What the kit's Processor says about how far it has read (``Processor.mark``)."""
+    """How far the route's processor has read: the kit's ``RouteProgress``."""
 
     async def mark(self) -> object: ...
 
@@ -113,40 +108,6 @@ class CompleteUntil:
         return complete
 
 
-class AuditSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="FRS_AUDIT_", frozen=True, extra="ignore",
-                                      populate_by_name=True)
-    service: str = "audit"
-    metrics_port: int = Field(9304, description="Port for /metrics.")
-    group_id: str = Field("frs-audit", description="Consumer group of the audit log.")
-    store_dir: Path = Field(Path(".state/audit"), description="Audit segment files and index.")
-    origin: str = Field("frs-broker.local/audit", pattern=r"^[^\s+]+$",
-                        description="Checkpoint origin line and note key name.")
-    signing_key_file: Path | None = Field(
-        None, description="Ed25519 checkpoint key (PEM, 0600); default "
-                          "<FRS_STATE_DIR>/keys/audit-checkpoint.pem.")
-    checkpoint_every_n: int = Field(1000, ge=1, description="Sign a checkpoint every N leaves.")
-    checkpoint_interval_s: float = Field(10.0, gt=0, description="...or every T seconds.")
-    clearance_grace_s: float = Field(
-        30.0, ge=0, description="How long a dispatch may precede its clearance in the log.")
-    expiry_grace_s: float = Field(
-        300.0, ge=0, description="How long past expires_at an image may stay unpurged.")
-    exigent_review_s: float = Field(
-        72 * 3600.0, ge=0, description="How long an exigent probe may wait for its review.")
-    liveness_grace_s: float = Field(
-        LIVENESS_GRACE_S, ge=0,
-        description="How long past a cleared provider's answer deadline its probe may go "
-                    "without an end (answer, NoResponse or DispatchFailed, then settled).")
-    tick_s: float = Field(1.0, gt=0, description="Timer rules and time checkpoints, period.")
-
-    def key_file(self) -> Path:
-        return self.signing_key_file or self.state_dir / "keys" / "audit-checkpoint.pem"
-
-    def invariant_settings(self) -> InvariantSettings:
-        return InvariantSettings(self.clearance_grace_s, self.expiry_grace_s,
-                                 self.exigent_review_s, self.liveness_grace_s)
-
-
 def signer_for(settings: AuditSettings) -> Signer:
     signer = Signer(settings.origin, load_or_create_key(settings.key_file()))
     # The verifier key is public: auditors take it from here (or from the log's operator).
@@ -156,69 +117,72 @@ def signer_for(settings: AuditSettings) -> Signer:
     return signer
 
 
-def build_app(settings: AuditSettings, publisher: Publisher,
-              stack: AsyncExitStack) -> tuple[list[Processor], list[Job]]:
-    store = AuditStore(settings.store_dir)
-    stack.callback(store.close)
-    invariants = Invariants(store, settings.invariant_settings(), utcnow)
-    ports = handlers.AuditPorts(store=store, invariants=invariants)
-    policy = handlers.CheckpointPolicy(signer_for(settings), settings.origin,
-                                       settings.checkpoint_every_n,
-                                       settings.checkpoint_interval_s, utcnow)
-    last_checkpoint_at = [time.monotonic()]
+def build(settings: AuditSettings) -> ServiceApp:
+    """One route reads every catalog topic (DLQs included) into the store and checks the
+    invariants; one job runs the time rules and signs time-due checkpoints."""
 
-    async def publish(events: list[Event]) -> None:
-        try:
-            await publisher.publish(events)
-        except Exception as exc:  # kept in the store; the next one is published again
-            log.error("publish failed", extra={"error": type(exc).__name__,
-                                               "count": len(events)})
+    def wire(ctx: Context) -> Wiring:
+        publisher = ctx.publisher
+        store = AuditStore(settings.store_dir)
+        ctx.stack.callback(store.close)
+        invariants = Invariants(store, settings.invariant_settings(), utcnow)
+        ports = handlers.AuditPorts(store=store, invariants=invariants)
+        policy = handlers.CheckpointPolicy(signer_for(settings), settings.origin,
+                                           settings.checkpoint_every_n,
+                                           settings.checkpoint_interval_s, utcnow)
+        last_checkpoint_at = [time.monotonic()]
 
-    async def checkpoint_if_due() -> None:
-        now = time.monotonic()
-        if store.in_tx or not handlers.checkpoint_due(store, policy, last_checkpoint_at[0],
-                                                      now):
-            return
-        event = handlers.make_checkpoint(store, policy)
-        last_checkpoint_at[0] = now
-        log_metrics()[1].set(event.tree_size)
-        log_metrics()[2].set(event.published_at.timestamp())
-        log.info("checkpoint signed", extra={"tree_size": event.tree_size})
-        await publish([event])
+        async def publish(events: list[Event]) -> None:
+            try:
+                await publisher.publish(events)
+            except Exception as exc:  # kept in the store; the next one is published again
+                log.error("publish failed", extra={"error": type(exc).__name__,
+                                                   "count": len(events)})
 
-    request_times = RequestTimes()
-    tree, checkpointed, checkpoint_ts = log_metrics()
-    tree.set(store.size)
-    last = store.last_checkpoint()
-    if last is not None:
-        checkpointed.set(last.tree_size)
-        checkpoint_ts.set(datetime.fromisoformat(last.created_at).timestamp())
+        async def checkpoint_if_due() -> None:
+            now = time.monotonic()
+            if store.in_tx or not handlers.checkpoint_due(store, policy,
+                                                          last_checkpoint_at[0], now):
+                return
+            event = handlers.make_checkpoint(store, policy)
+            last_checkpoint_at[0] = now
+            log_metrics()[1].set(event.tree_size)
+            log_metrics()[2].set(event.published_at.timestamp())
+            log.info("checkpoint signed", extra={"tree_size": event.tree_size})
+            await publish([event])
 
-    async def record(raw: RawRecord, decoded: Envelope | DecodeError) -> list[Event]:
-        out = await handlers.on_record(raw.topic, raw.partition, raw.offset, raw.value,
-                                       decoded, ports, raw.headers)
-        if isinstance(decoded, Envelope):
-            latency = request_times.observe(decoded)
-            if latency is not None:
-                end_to_end_seconds().observe(latency)
-        return out
+        request_times = RequestTimes()
+        tree, checkpointed, checkpoint_ts = log_metrics()
+        tree.set(store.size)
+        last = store.last_checkpoint()
+        if last is not None:
+            checkpointed.set(last.tree_size)
+            checkpoint_ts.set(datetime.fromisoformat(last.created_at).timestamp())
 
-    async def durable() -> None:
-        store.commit()
-        log_metrics()[0].set(store.size)
-        await checkpoint_if_due()
+        async def record(raw: RawRecord, decoded: Envelope | DecodeError) -> list[Event]:
+            out = await handlers.on_record(raw.topic, raw.partition, raw.offset, raw.value,
+                                           decoded, ports, raw.headers)
+            if isinstance(decoded, Envelope):
+                latency = request_times.observe(decoded)
+                if latency is not None:
+                    end_to_end_seconds().observe(latency)
+            return out
 
-    consumer = processor(settings, Route(
-        "audit", settings.group_id, tuple(t.name for t in AUDITED_TOPICS), {},
-        dlq_for("audit"), on_record=record, before_commit=durable), publisher)
-    complete = CompleteUntil(consumer, utcnow)
+        async def durable() -> None:
+            store.commit()
+            log_metrics()[0].set(store.size)
+            await checkpoint_if_due()
 
-    async def timers() -> None:
-        while True:
-            await asyncio.sleep(settings.tick_s)
+        progress = RouteProgress()
+        log_route = Route("audit", settings.group_id, tuple(t.name for t in AUDITED_TOPICS),
+                          {}, dlq_for("audit"), on_record=record, before_commit=durable,
+                          progress=progress)
+        complete = CompleteUntil(progress, utcnow)
+
+        async def timers() -> None:
             await complete.advance()  # awaits: before the in_tx check, not after it
             if store.in_tx:
-                continue  # a batch is open; its own commit hook runs the checks next
+                return  # a batch is open; its own commit hook runs the checks next
             violations = invariants.deadline_rules()
             until = complete.take()
             if until is not None:
@@ -230,8 +194,8 @@ def build_app(settings: AuditSettings, publisher: Publisher,
                 await publish(list(violations))
             await checkpoint_if_due()
 
-    return [consumer], [timers]
+        return Wiring(routes=[log_route],
+                      jobs=[Job("invariant timers and checkpoints", settings.tick_s, timers)])
 
-
-def build(settings: AuditSettings, publisher: Publisher, stack: AsyncExitStack) -> list[Processor]:
-    return build_app(settings, publisher, stack)[0]
+    # The registry topics are audited like any other: read as events, not followed.
+    return ServiceApp(settings, wire, follows_registries=False)

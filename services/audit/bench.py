@@ -83,7 +83,7 @@ def _lifecycle(i: int, now: datetime) -> list[Event]:
     """One probe's events through the pipeline, as the audit service sees them."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    from services.intake.crypto import encrypt_image
+    from schemas.sealed import encrypt_image
 
     rid, pid = f"req-{i:012d}", f"prb-{i:012d}-5b1c-4a57-9d0e-2f3c4b5a6d7e"
     fields = list(MINIMAL_FIELDS)

@@ -17,7 +17,7 @@ from schemas.types import probe_id_for, utcnow
 from services.audit.handlers import AuditPorts, on_record
 from services.audit.invariants import Invariants, InvariantSettings
 from services.audit.store import AuditStore, value_digest
-from services.kit.bus import RawRecord
+from services.kit.routing import RawRecord
 
 Coord = tuple[str, int, int]
 

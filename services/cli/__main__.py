@@ -1,5 +1,5 @@
 import sys
 
-from services.cli.main import main
+from services.cli.entry import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""``frs acl ...``: the ACL file (deploy/kafka/acls.json) as Kafka ACLs and as a table.
+"""``frs acl ...``: the ACL file (services/kit/acls.json) as Kafka ACLs and as a table.
 
 Exit codes: 0 success, 1 a finding (the broker's ACLs differ from the file), 2 misuse."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,10 @@ from pydantic import ValidationError
 from services.cli.common import CliSettings, Misuse, emit, subcommand
 from services.kit.acls import ACL_FILE, AclFile, bindings, load, markdown_table
 
-KAFKA_DIR = ACL_FILE.parent
+# The Kafka release the broker scripts fetch (deploy/kafka/pom.xml; a test keeps them equal).
+KAFKA_VERSION = "4.1.1"
+# Run with `java` on the broker's own jars: aiokafka has no ACL API.
+ACLS_TOOL = Path(__file__).resolve().parent / "Acls.java"
 
 
 def _load(path: str) -> AclFile:
@@ -32,11 +34,8 @@ def default_jars() -> Path:
     """Where broker.sh caches the Kafka jars (same rule as the script)."""
     if os.environ.get("FRS_KAFKA_JARS"):
         return Path(os.environ["FRS_KAFKA_JARS"])
-    pom = (KAFKA_DIR / "pom.xml").read_text()
-    match = re.search(r"<kafka.version>(.*)</kafka.version>", pom)
-    version = match.group(1) if match else "unknown"
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "frs-broker" / f"kafka-{version}"
+    return cache / "frs-broker" / f"kafka-{KAFKA_VERSION}"
 
 
 def run_acls_tool(mode: str, admin_config: Path, jars: Path, stdin: str = ""
@@ -49,7 +48,7 @@ def run_acls_tool(mode: str, admin_config: Path, jars: Path, stdin: str = ""
         raise Misuse(f"admin client config not found: {admin_config} (broker.sh start "
                      "--secure writes it into the broker's state dir)")
     return subprocess.run(
-        ["java", "-cp", f"{jars}/*", str(KAFKA_DIR / "Acls.java"), mode, str(admin_config)],
+        ["java", "-cp", f"{jars}/*", str(ACLS_TOOL), mode, str(admin_config)],
         input=stdin, capture_output=True, text=True, timeout=180, check=False,
     )
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from schemas.catalog import AUDITED_TOPICS
-from services.audit.app import AuditSettings
 from services.audit.checkpoint import CheckpointError, Verifier
+from services.audit.settings import AuditSettings
 from services.cli.common import BENCH_HELP, CliSettings, Misuse, emit, group, subcommand
 
 
@@ -80,7 +80,7 @@ async def cmd_verify(args: argparse.Namespace, settings: CliSettings) -> int:
     if args.checkpoints_from_kafka:
         from schemas.envelope import Envelope
         from schemas.events import CheckpointPublished
-        from services.kit.bus import read_topic
+        from services.kit.reader import read_topic
 
         external += [d.event.note for _, d in await read_topic(
             settings.kafka_bootstrap, ["frs.audit.checkpoints"])
@@ -150,7 +150,6 @@ async def cmd_verify_proof(args: argparse.Namespace, settings: CliSettings) -> i
 
 
 async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
-    from services.audit.invariants import InvariantSettings
     from services.audit.replay import (
         cross_check,
         replay_violations,
@@ -159,7 +158,7 @@ async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
         subjects_for,
         timeline,
     )
-    from services.kit.bus import read_topic
+    from services.kit.reader import read_topic
 
     directory = _store_dir(args)
     since = _when(args.since)
@@ -170,8 +169,8 @@ async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
     audit = AuditSettings()
     # The invariants need each probe's whole history: run them on the selection's
     # subjects from the beginning, whatever --since says.
-    found = await replay_violations(selected(records, subjects, None), InvariantSettings(
-        audit.clearance_grace_s, audit.expiry_grace_s, audit.exigent_review_s))
+    found = await replay_violations(selected(records, subjects, None),
+                                    audit.invariant_settings())
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.wait
     reported = reported_violations(records)

@@ -30,12 +30,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from PIL import Image
 
 from schemas.events import ProbeRequested, ProbeSubmitted
+from schemas.sealed import encrypt_image
 from schemas.types import ImageSource, Purpose, utcnow
 from services.cli.common import BENCH_HELP, group
 from services.intake import handlers
-from services.intake.crypto import encrypt_image
 from services.intake.outcomes import OutcomeLog
-from services.intake.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
+from services.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
 
 
 def sample_images(count: int) -> list[bytes]:

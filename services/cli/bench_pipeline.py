@@ -38,6 +38,7 @@ from schemas.events import (
     ProviderDispatched,
 )
 from schemas.types import probe_id_for
+from services.cli.common import Misuse
 from services.cli.pipeline_rig import (
     ROOT,
     PipelineRig,
@@ -46,9 +47,11 @@ from services.cli.pipeline_rig import (
     percentile,
     process_cpu_s,
 )
-from services.kit.bus import all_partitions, read_topic
+from services.kit.reader import all_partitions, read_topic
 from services.kit.topics import ensure_topics
 
+# Only in a checkout of the repository: the broker is not part of the installed package.
+BROKER_SCRIPT = ROOT / "deploy" / "kafka" / "broker.sh"
 HOPS = 4  # intake, policy, dispatch (+ vendor + webhook), results normalizer
 STAGES = (("submitted", ProbeSubmitted), ("cleared", PolicyCleared),
           ("dispatched", ProviderDispatched), ("candidates", CandidatesReceived),
@@ -330,6 +333,10 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
     broker_env: dict[str, str] | None = None
     broker_pid: int | None = None
     if args.own_broker:
+        if not BROKER_SCRIPT.is_file():
+            raise Misuse("--own-broker starts deploy/kafka/broker.sh from a checkout of the "
+                         "repository, which this installation is not: run it there, or "
+                         "give a broker with FRS_KAFKA_BOOTSTRAP")
         env, bootstrap = await asyncio.to_thread(start_own_broker)
         broker_env = env
         broker_pid = int((Path(env["FRS_KAFKA_STATE"]) / "broker.pid").read_text())
@@ -339,7 +346,7 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
     finally:
         if broker_env is not None:
             await asyncio.to_thread(
-                subprocess.run, [str(ROOT / "deploy" / "kafka" / "broker.sh"), "stop"],
+                subprocess.run, [str(BROKER_SCRIPT), "stop"],
                 env=broker_env, check=False, capture_output=True)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
@@ -369,7 +376,7 @@ def start_own_broker() -> tuple[dict[str, str], str]:
         break
     env = {**os.environ, "FRS_KAFKA_PORT": str(port),
            "FRS_KAFKA_STATE": tempfile.mkdtemp(prefix="frs-bench-kafka-")}
-    subprocess.run([str(ROOT / "deploy" / "kafka" / "broker.sh"), "start"], env=env,
+    subprocess.run([str(BROKER_SCRIPT), "start"], env=env,
                    check=True, capture_output=True, timeout=300)
     return env, f"127.0.0.1:{port}"
 

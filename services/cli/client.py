@@ -23,10 +23,11 @@ from schemas.events import (
     ProbeSubmitted,
     ProviderRecord,
 )
+from schemas.sealed import encrypt_image, load_public_key
 from schemas.types import ImageSource, Purpose, Transport
-from services.intake.crypto import encrypt_image, load_public_key
-from services.kit.bus import Publisher, all_partitions
 from services.kit.kafka import KafkaSettings, client_options
+from services.kit.publisher import Publisher
+from services.kit.reader import all_partitions
 
 Outcome = ProbeSubmitted | ProbeRejected
 _CAUSATION_HEADER = f"ce_{CAUSATION_EXT}"

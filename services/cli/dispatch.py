@@ -28,6 +28,7 @@ from aiokafka.errors import KafkaError
 
 from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS
 from schemas.events import (
+    ClaimCheck,
     ClearedProvider,
     Event,
     PolicyCleared,
@@ -38,8 +39,9 @@ from schemas.events import (
 from schemas.types import ImageSource, OutboundField, Purpose, Transport
 from services.cli.common import BENCH_HELP, group, subcommand
 from services.dispatch.transports.https import client_tls_context
-from services.kit.bus import Publisher, all_partitions
 from services.kit.kafka import client_options
+from services.kit.publisher import Publisher
+from services.kit.reader import all_partitions
 from services.kit.settings import ServiceSettings
 from services.kit.topics import ensure_topics
 
@@ -59,7 +61,10 @@ def synthetic_clearance(probe_id: str, cleared: Sequence[ClearedProvider], *,
         expires_at=now + timedelta(hours=1), submitted_at=now)
     decision = PolicyCleared(
         probe_id=probe_id, case_id="CASE-1", cleared=list(cleared), policy_digest="0" * 64,
-        registry_versions=RegistryVersions(), decided_at=now)
+        registry_versions=RegistryVersions(), decided_at=now,
+        claim=ClaimCheck(vault_ref=submitted.vault_ref, agent_id=agent_id,
+                         sanitized_sha256=submitted.sanitized_sha256,
+                         expires_at=submitted.expires_at))
     return submitted, decision
 
 
@@ -151,7 +156,7 @@ async def cmd_bench_dispatch(args: argparse.Namespace, settings: ServiceSettings
         image = tmp / "probe.jpg"
         image.write_bytes(_test_jpeg())
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        vendor = _spawn(["deploy.simulators.vendor", "--latency", str(args.latency),
+        vendor = _spawn(["services.simulators.vendor", "--latency", str(args.latency),
                          "--pki-dir", str(tmp / "pki")], env, subprocess.PIPE)
         dispatch: subprocess.Popen[bytes] | None = None
         provider_id = f"bench-{run_id}"

@@ -1,40 +1,28 @@
-"""The ``frs`` command. Exit codes: 0 success, 1 a finding, 2 misuse.
-
-``--json`` prints machine-readable output on stdout and nothing else; errors go to
-stderr in one line that says what to do."""
+"""``frs topics``, ``frs submit``, ``frs timeline``, ``frs registry put|demo``: the
+commands of upstream systems and operators."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka.errors import (
-    ClusterAuthorizationFailedError,
-    GroupAuthorizationFailedError,
-    KafkaConnectionError,
-    TopicAuthorizationFailedError,
-)
 from pydantic import ValidationError
 
 from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import Envelope
 from schemas.events import AgentRecord, CaseRecord, Event, ProbeRejected, ProviderRecord
 from schemas.types import ImageSource, Purpose, probe_id_for
-from services.cli import acl as acl_cli
-from services.cli import audit as audit_cli
-from services.cli import bench_intake, settings_doc
-from services.cli import dispatch as dispatch_cli
-from services.cli import policy as policy_cli
-from services.cli import results as results_cli
 from services.cli.client import demo_registry, submit_and_wait
-from services.cli.common import CliSettings, Misuse, emit, subcommand
-from services.kit.bus import Publisher, read_topic
+from services.cli.common import CliSettings, Misuse, emit, group, subcommand
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
 from services.kit.topics import ensure_topics
 
 # --- topics ---------------------------------------------------------------------------
@@ -184,14 +172,8 @@ async def cmd_registry_demo(args: argparse.Namespace, settings: CliSettings) -> 
 
 # --- parser ---------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="frs", description="frs-broker: compliance-first facial recognition broker",
-        epilog="example:\n  frs topics create\n  frs submit --image face.jpg --case CASE-1 ...",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def register(commands: Any) -> None:
+    """topics, submit, timeline and registry put/demo."""
     topics = commands.add_parser("topics", help="manage the catalog's Kafka topics")
     topics_cmds = topics.add_subparsers(dest="topics_command", required=True)
     create = subcommand(topics_cmds, "create", "create or check every catalog topic (idempotent)",
@@ -222,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "on a rejection (its reason printed) or when none comes")
     submit.add_argument("--no-wait", action="store_true",
                         help="publish and exit 0 without waiting for the outcome")
-    submit.add_argument("--intake-public-key", default=".state/keys/intake.key.pub.pem")
+    submit.add_argument("--intake-public-key",
+                        default=os.environ.get("FRS_INTAKE_PUBLIC_KEY_FILE",
+                                               ".state/keys/intake.key.pub.pem"),
+                        help="the intake's public key (default $FRS_INTAKE_PUBLIC_KEY_FILE, "
+                             "set by the client profiles)")
 
     timeline = subcommand(commands, "timeline", "print a probe's events in order",
                     "frs timeline prb-... --until frs.candidates.received.v1 --wait 30",
@@ -231,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     timeline.add_argument("--until", default=None, help="wait until this event type appears")
     timeline.add_argument("--wait", type=float, default=30.0, help="seconds to wait")
 
-    registry = commands.add_parser("registry", help="publish registry entries")
-    registry_cmds = registry.add_subparsers(dest="registry_command", required=True)
+    registry_cmds = group(commands, "registry", "publish registry entries")
     put = subcommand(registry_cmds, "put", "publish case, agent or provider entries",
                "frs registry put case --entry '{\"case_id\":\"C-1\",\"status\":\"open\","
                "\"offense_category\":\"financial_fraud\",\"roi_refs\":[\"ROI-1\"]}'",
@@ -245,47 +230,3 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--endpoint", default="https://127.0.0.1:8443/search",
                       help="the demo provider's HTTPS search URL (the vendor simulator)")
 
-    policy_cli.register_registry(registry_cmds)
-    policy_cli.register(commands)
-    results_cli.register(commands)
-    bench_intake.register(commands)
-    dispatch_cli.register(commands)
-    acl_cli.register(commands)
-    audit_cli.register(commands)
-    settings_doc.register(commands)
-    from services.cli import bench_pipeline
-
-    bench_pipeline.register(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = CliSettings()
-    try:
-        result = asyncio.run(args.func(args, settings))
-    except Misuse as exc:
-        sys.stderr.write(f"frs: {exc}\n")
-        return 2
-    except LookupError as exc:
-        sys.stderr.write(f"frs: {exc.args[0]}\n")
-        return 2
-    except (TopicAuthorizationFailedError, GroupAuthorizationFailedError,
-            ClusterAuthorizationFailedError) as exc:
-        # The broker's ACLs refused this identity (secured bus, deploy/kafka/acls.json).
-        detail = exc.args[0] if exc.args else ""
-        sys.stderr.write(f"frs: not authorized ({type(exc).__name__} {detail}): this command "
-                         "needs another identity (FRS_KAFKA_SASL_USERNAME; see `frs acl "
-                         "table`)\n")
-        return 2
-    except (ConnectionError, OSError, KafkaConnectionError) as exc:
-        sys.stderr.write(f"frs: cannot reach Kafka at {settings.kafka_bootstrap} "
-                         f"({type(exc).__name__}): start it with deploy/kafka/broker.sh start "
-                         "or set FRS_KAFKA_BOOTSTRAP\n")
-        return 2
-    return int(result)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.simulators.tls import SimulatorCA
-from deploy.simulators.vendor import VendorBehaviour, VendorSimulator
 from schemas.types import ImageSource, Purpose, probe_id_for
 from services.cli.client import build_request, demo_registry
-from services.kit.bus import Publisher
+from services.kit.private_files import write_private
+from services.kit.publisher import Publisher
+from services.simulators.tls import SimulatorCA
+from services.simulators.vendor import VendorBehaviour, VendorSimulator
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SERVICES = ("intake", "dispatch", "results", "audit")
@@ -135,8 +136,7 @@ class PipelineRig:
         cert, key = ca.server().write(pki, "webhook")
         secret = secrets.token_hex(24)
         secrets_file = pki / "webhook-secrets.json"
-        secrets_file.touch(mode=0o600)
-        secrets_file.write_text(json.dumps({PROVIDER: secret}))
+        write_private(secrets_file, json.dumps({PROVIDER: secret}).encode())
         webhook_port = free_port()
         self.vendor = VendorSimulator(
             dataclass_replace(self.behaviour, webhook_url=f"https://127.0.0.1:{webhook_port}",

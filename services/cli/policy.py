@@ -28,7 +28,7 @@ from schemas.events import (
     SupervisorReviewRecorded,
 )
 from schemas.types import probe_id_for
-from services.cli.common import CliSettings, Misuse, emit, subcommand
+from services.cli.common import CliSettings, Misuse, emit, group, subcommand
 from services.intake.policy.engine import (
     POLICY_DIR,
     POLICY_FILE,
@@ -44,7 +44,8 @@ from services.intake.policy.handlers import (
     outcome,
     replay,
 )
-from services.kit.bus import Publisher, read_topic
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
 
 Decision = PolicyCleared | PolicyDenied
 
@@ -274,6 +275,7 @@ def register_registry(registry_cmds: Any) -> None:
 
 
 def register(commands: Any) -> None:
+    register_registry(group(commands, "registry", "publish registry entries"))
     policy = commands.add_parser("policy", help="validate and explain Cedar policy decisions")
     policy_cmds = policy.add_subparsers(dest="policy_command", required=True)
     v = subcommand(policy_cmds, "validate",

@@ -22,7 +22,8 @@ from schemas.events import (
     ReviewRequested,
 )
 from services.cli.common import CliSettings, Misuse, emit, subcommand
-from services.kit.bus import Publisher, read_topic
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
 
 
 @dataclass

@@ -11,17 +11,19 @@ from pydantic import AliasChoices
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
-from services.audit.app import AuditSettings
+from services.audit.settings import AuditSettings
 from services.cli.common import CliSettings, emit, subcommand
-from services.dispatch.app import DispatchSettings
-from services.intake.app import IntakeSettings
+from services.dispatch.settings import DispatchSettings
 from services.intake.policy.settings import PolicySettings
+from services.intake.settings import IntakeSettings
 from services.kit.settings import ServiceSettings
-from services.results.app import ResultsSettings
+from services.results.settings import ResultsSettings
+from services.vault import VaultSettings
 
 SCOPES: tuple[tuple[str, type[BaseSettings]], ...] = (
     ("every service", ServiceSettings), ("intake", IntakeSettings), ("policy", PolicySettings),
-    ("dispatch", DispatchSettings), ("results", ResultsSettings), ("audit", AuditSettings),
+    ("vault", VaultSettings), ("dispatch", DispatchSettings), ("results", ResultsSettings),
+    ("audit", AuditSettings),
 )
 
 
@@ -49,17 +51,27 @@ def _default(field: FieldInfo) -> str:
 def rows() -> list[dict[str, str]]:
     """One row per setting; a subclass lists only what it adds or overrides."""
     out: list[dict[str, str]] = []
+    seen: set[str] = set()
     shared = ServiceSettings.model_fields
     for scope, cls in SCOPES:
         for name, field in cls.model_fields.items():
-            if name == "service":
-                continue
+            if name == "service" or _is_settings(field):
+                continue  # a nested Settings (intake's policy) has its own rows
             inherited = cls is not ServiceSettings and name in shared
             if inherited and field.default == shared[name].default:
                 continue
-            out.append({"scope": scope, "variable": _env_name(cls, name, field),
+            variable = _env_name(cls, name, field)
+            if variable in seen:
+                continue  # a shared setting a component reads too (FRS_STATE_DIR)
+            seen.add(variable)
+            out.append({"scope": scope, "variable": variable,
                         "default": _default(field), "meaning": field.description or ""})
     return out
+
+
+def _is_settings(field: FieldInfo) -> bool:
+    kind = field.annotation
+    return isinstance(kind, type) and issubclass(kind, BaseSettings)
 
 
 def markdown() -> str:

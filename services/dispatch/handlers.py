@@ -1,6 +1,7 @@
 """Dispatch handlers: plain functions of typed events and a ports dataclass, returning the
 events to emit (ProviderDispatched, DispatchFailed, and ProviderAnswered for synchronous
-transports). Kafka is not imported here; app.py wires the ports."""
+transports). Everything a send needs is in the PolicyCleared: its claim check names the
+vault object and the agent; the vault itself says whether the image is still there."""
 
 from __future__ import annotations
 
@@ -9,16 +10,14 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal, Protocol
+from typing import Literal
 
 from schemas.events import (
     ClearedProvider,
     DispatchFailed,
     DispatchFailure,
     Event,
-    ImagePurged,
     PolicyCleared,
-    ProbeSubmitted,
     ProviderAnswered,
     ProviderDispatched,
 )
@@ -26,18 +25,13 @@ from schemas.types import OutboundField, Transport
 from services.dispatch.breaker import ProviderGuards
 from services.dispatch.delivery import ClaimLost, Delivered, DeliveryHooks, RetryPolicy, deliver
 from services.dispatch.images import ImageGone, ImageSource
-from services.dispatch.ledger import Claim, Ledger, ProbeInfo
+from services.dispatch.ledger import Claim, Ledger
 from services.dispatch.payloads import PhotoNotCleared, build_payload, payload_digest
 from services.dispatch.transports.base import ProviderTransport, SendRequest
-from services.kit.bus import NotYet
 from services.kit.registry import Registries
+from services.kit.signals import NotYet
 
 log = logging.getLogger("frs.dispatch")
-
-
-class ProbeNotYetKnown(Exception):
-    """No submission for the clearance, though this instance has read every submission on
-    the bus: the kit retries, then the DLQ."""
 
 
 class ClaimBusy(NotYet):
@@ -45,30 +39,8 @@ class ClaimBusy(NotYet):
     whoever handles the clearance next."""
 
 
-class ProbeBehind(NotYet):
-    """The submission is not here yet because this instance's probes route is behind (a
-    restart, a backlog): it is on its way, so the clearance waits, however long."""
-
-
-class FeedProgress(Protocol):
-    """Where a route of this process stands in its topic (a kit Processor)."""
-
-    @property
-    def stopping(self) -> bool: ...
-
-    async def mark(self) -> object: ...
-
-    async def reached(self, mark: object) -> bool: ...
-
-
-class _AlwaysCaughtUp:
-    stopping = False
-
-    async def mark(self) -> object:
-        return None
-
-    async def reached(self, mark: object) -> bool:
-        return True
+def _never_stopping() -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -81,9 +53,8 @@ class DispatchPorts:
     clock: Callable[[], datetime]
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     hooks: DeliveryHooks = field(default_factory=DeliveryHooks)
-    probe_wait_s: float = 10.0
-    # This instance's probes route: has it read every submission sent before a clearance?
-    probes: FeedProgress = field(default_factory=_AlwaysCaughtUp)
+    # True once the service is stopping: a wait for another instance's claim ends there.
+    stopping: Callable[[], bool] = _never_stopping
     # Email cannot prove a crashed send did not go out: resend with the same Message-ID,
     # or give up with outcome_unknown. HTTPS and Rekognition always resend safely.
     unknown_outcome_email: Literal["resend", "fail"] = "resend"
@@ -93,48 +64,13 @@ class DispatchPorts:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
-async def on_probe_submitted(event: ProbeSubmitted, ports: DispatchPorts) -> list[Event]:
-    """Keep what a later send needs (claim check and agent id), durably."""
-    await ports.ledger.remember_probe(event.probe_id, event.vault_ref, event.agent_id)
-    return []
-
-
-async def on_image_purged(event: ImagePurged, ports: DispatchPorts) -> list[Event]:
-    if event.object_kind == "probe":
-        await ports.ledger.mark_purged(event.probe_id)
-    return []
-
-
-async def _wait_for_probe(probe_id: str, ports: DispatchPorts) -> ProbeInfo:
-    # The two topics are consumed independently; the submission is normally already here.
-    deadline = asyncio.get_running_loop().time() + ports.probe_wait_s
-    mark: object = None
-    while True:
-        info = await ports.ledger.probe(probe_id)
-        if info is not None and info.vault_ref:
-            return info
-        if info is not None and info.purged:
-            return info
-        if mark is None:
-            # The submission was on the bus before its clearance was made: once the probes
-            # route has handled everything up to this mark, a missing one does not exist.
-            mark = await ports.probes.mark() or "unknown"
-        if ports.probes.stopping:
-            raise ProbeBehind(probe_id)  # left for the next run, not concluded now
-        if asyncio.get_running_loop().time() >= deadline:
-            if not await ports.probes.reached(mark):
-                raise ProbeBehind(probe_id)
-            raise ProbeNotYetKnown(probe_id)
-        await ports.sleep(0.1)
-
-
 async def on_policy_cleared(event: PolicyCleared, ports: DispatchPorts) -> list[Event]:
-    info = await _wait_for_probe(event.probe_id, ports)
+    """Send the cleared probe to each cleared provider, from the clearance's claim check."""
     # One send per provider, however often a clearance names it.
     cleared = list({c.provider_id: c for c in reversed(event.cleared)}.values())[::-1]
     # Every provider's send runs to its end before a failure is raised: a retry of this
     # clearance must find the others done, never still in flight (it would send again).
-    results = await asyncio.gather(*(_dispatch_one(event, c, info, ports) for c in cleared),
+    results = await asyncio.gather(*(_dispatch_one(event, c, ports) for c in cleared),
                                    return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
@@ -148,7 +84,7 @@ def _failed(event: PolicyCleared, provider_id: str, reason: DispatchFailure, det
                           detail=detail[:2000], failed_at=now, attempts=attempts)
 
 
-async def _dispatch_one(event: PolicyCleared, cleared: ClearedProvider, info: ProbeInfo,
+async def _dispatch_one(event: PolicyCleared, cleared: ClearedProvider,
                         ports: DispatchPorts) -> list[Event]:
     provider_id = cleared.provider_id
     ledger = ports.ledger
@@ -158,7 +94,7 @@ async def _dispatch_one(event: PolicyCleared, cleared: ClearedProvider, info: Pr
     if claim.state == "done":
         return claim.outcome  # already sent or failed: re-emit, never resend
     try:
-        events = await _decide_and_send(event, cleared, info, claim, ports)
+        events = await _decide_and_send(event, cleared, claim, ports)
         recorded = await ledger.complete(event.probe_id, provider_id, events)
     except ClaimLost:
         ledger.release(event.probe_id, provider_id)
@@ -195,7 +131,7 @@ async def _await_other_owner(probe_id: str, provider_id: str, claim: Claim,
     # clock step) could take a live claim.
     seen, still_for = (claim.owner, claim.heartbeat_at), 0.0
     while claim.state == "unknown" and claim.owner != ports.ledger.owner:
-        if ports.probes.stopping:
+        if ports.stopping():
             raise ClaimBusy(probe_id)  # left for the next run, not concluded now
         if still_for >= ports.claim_lease_s:
             if await ports.ledger.take_over(probe_id, provider_id, claim):
@@ -212,10 +148,15 @@ async def _await_other_owner(probe_id: str, provider_id: str, claim: Claim,
     return claim
 
 
-async def _decide_and_send(event: PolicyCleared, cleared: ClearedProvider, info: ProbeInfo,
-                           claim: Claim, ports: DispatchPorts) -> list[Event]:
+async def _decide_and_send(event: PolicyCleared, cleared: ClearedProvider, claim: Claim,
+                           ports: DispatchPorts) -> list[Event]:
     provider_id = cleared.provider_id
     now = ports.clock()
+    check = event.claim
+    if check is None:
+        return [_failed(event, provider_id, DispatchFailure.PERMANENT_ERROR,
+                        "clearance carries no claim check (made by an older policy gate): "
+                        "resubmit the request", now)]
     provider = ports.registries.providers.get(provider_id)
     if provider is None:
         return [_failed(event, provider_id, DispatchFailure.UNKNOWN_PROVIDER,
@@ -234,17 +175,18 @@ async def _decide_and_send(event: PolicyCleared, cleared: ClearedProvider, info:
     if unknown and not transport.idempotent_resend and ports.unknown_outcome_email == "fail":
         return [_failed(event, provider_id, DispatchFailure.OUTCOME_UNKNOWN,
                         "a previous send may have gone out; not resending", now)]
-    if info.purged:
+    if check.expires_at <= now:
         return [_failed(event, provider_id, DispatchFailure.IMAGE_PURGED,
-                        "image purged before dispatch", now)]
+                        "image expired before dispatch", now)]
     try:
-        photo = await ports.images.get(info.vault_ref)
+        # The vault is the one truth on purges: a purged object is gone, key and bytes.
+        photo = await ports.images.get(check.vault_ref)
     except ImageGone:
         return [_failed(event, provider_id, DispatchFailure.IMAGE_PURGED,
                         "image no longer in the vault", now)]
     try:
         payload = build_payload(provider.transport, cleared.fields, photo=photo,
-                                agent_id=info.agent_id, request_ref=claim.request_ref)
+                                agent_id=check.agent_id, request_ref=claim.request_ref)
     except PhotoNotCleared:
         return [_failed(event, provider_id, DispatchFailure.PERMANENT_ERROR,
                         "photo not cleared by policy", now)]
@@ -260,7 +202,7 @@ async def _decide_and_send(event: PolicyCleared, cleared: ClearedProvider, info:
         request, transport, ports.guards, ports.retry,
         record_attempt=lambda: ports.ledger.record_attempt(event.probe_id, provider_id),
         still_active=still_active,
-        send_window=lambda: ports.images.send_window(info.vault_ref),
+        send_window=lambda: ports.images.send_window(check.vault_ref),
         hooks=ports.hooks, sleep=ports.sleep,
     )
     done = ports.clock()

@@ -1,9 +1,9 @@
 """Where dispatch reads the probe image: the ``ImageSource`` port.
 
-The real implementation is the intake's vault (services/intake/vault.py, intake issue):
+The real implementation is the vault (services/vault):
 ``VaultImageSource`` adapts its synchronous ``Vault.get(ref)`` (decrypts the sanitized
 probe; raises ``ObjectPurged`` / ``UnknownObject``) to this port; ``app.build_image_source``
-opens it the way the vault documents (``open_vault(IntakeSettings(), stack)``). The test
+opens it with ``services.vault.open_vault(settings.vault)``. The test
 source below serves one test photo, in local mode only."""
 
 from __future__ import annotations

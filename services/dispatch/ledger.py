@@ -50,14 +50,6 @@ def request_ref_for(dispatch_id: str) -> str:
 
 
 @dataclass(frozen=True)
-class ProbeInfo:
-    probe_id: str
-    vault_ref: str
-    agent_id: str
-    purged: bool
-
-
-@dataclass(frozen=True)
 class Claim:
     dispatch_id: str
     request_ref: str
@@ -72,9 +64,6 @@ class Claim:
 class Ledger(Protocol):
     owner: str
 
-    async def remember_probe(self, probe_id: str, vault_ref: str, agent_id: str) -> None: ...
-    async def mark_purged(self, probe_id: str) -> None: ...
-    async def probe(self, probe_id: str) -> ProbeInfo | None: ...
     async def claim(self, probe_id: str, provider_id: str) -> Claim: ...
     async def record_attempt(self, probe_id: str, provider_id: str) -> int: ...
     async def take_over(self, probe_id: str, provider_id: str, seen: Claim) -> bool: ...
@@ -84,10 +73,6 @@ class Ledger(Protocol):
 
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS probes (
-  probe_id TEXT PRIMARY KEY, vault_ref TEXT NOT NULL, agent_id TEXT NOT NULL,
-  purged INTEGER NOT NULL DEFAULT 0
-);
 CREATE TABLE IF NOT EXISTS sends (
   probe_id TEXT NOT NULL, provider_id TEXT NOT NULL, dispatch_id TEXT NOT NULL,
   request_ref TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('claimed', 'done')),
@@ -187,27 +172,6 @@ class SqliteLedger:
     def close(self) -> None:
         self._pool.submit(self._db.close).result()
         self._pool.shutdown()
-
-    # --- probes (from ProbeSubmitted / ImagePurged) ---------------------------------
-
-    async def remember_probe(self, probe_id: str, vault_ref: str, agent_id: str) -> None:
-        await self._write(lambda: self._db.execute(
-            "INSERT INTO probes (probe_id, vault_ref, agent_id) VALUES (?, ?, ?) "
-            "ON CONFLICT (probe_id) DO NOTHING", (probe_id, vault_ref, agent_id)))
-
-    async def mark_purged(self, probe_id: str) -> None:
-        await self._write(lambda: self._db.execute(
-            "INSERT INTO probes (probe_id, vault_ref, agent_id, purged) "
-            "VALUES (?, '', '', 1) ON CONFLICT (probe_id) DO UPDATE SET purged = 1",
-            (probe_id,)))
-
-    async def probe(self, probe_id: str) -> ProbeInfo | None:
-        def read() -> ProbeInfo | None:
-            row = self._db.execute("SELECT vault_ref, agent_id, purged FROM probes "
-                                   "WHERE probe_id = ?", (probe_id,)).fetchone()
-            return None if row is None else ProbeInfo(probe_id, row[0], row[1], bool(row[2]))
-        result: ProbeInfo | None = await self._run(read)
-        return result
 
     # --- sends ----------------------------------------------------------------------
 

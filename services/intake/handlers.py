@@ -28,8 +28,8 @@ from schemas.events import (
     QualityReport,
     RejectReason,
 )
+from schemas.sealed import DecryptError, decrypt_image
 from schemas.types import probe_id_for, reused_probe_id
-from services.intake.crypto import DecryptError, decrypt_image
 from services.intake.outcomes import (
     OutcomeLog,
     Recorded,
@@ -40,8 +40,8 @@ from services.intake.outcomes import (
 from services.intake.policy.handlers import PolicyPorts, on_probe_submitted
 from services.intake.quality import QualityGate, assess, rejection
 from services.intake.sanitize import SanitizedImage, SanitizeError, SanitizeLimits, sanitize
-from services.intake.vault import ObjectPurged, Vault
-from services.kit.bus import NotYet
+from services.kit.signals import NotYet
+from services.vault import ObjectPurged, Vault
 
 __all__ = ["IntakePorts", "PolicyPorts", "on_invalid_request", "on_probe_requested",
            "on_probe_submitted", "reject_invalid_request"]
@@ -59,8 +59,9 @@ class IntakePorts:
     limits: SanitizeLimits = field(default_factory=SanitizeLimits)
     gate: QualityGate = field(default_factory=QualityGate)
     # Decoding and face detection of a large photo take seconds: off the event loop, so
-    # consumer heartbeats and the purger keep running. One worker: the decompression-bomb
-    # guard is process-global state. None runs the work inline (tests).
+    # consumer heartbeats and the purger keep running. FRS_INTAKE_IMAGE_WORKERS threads:
+    # Pillow's bomb guard is process-global, but every thread sets it to the same cap and
+    # sanitize checks the pixel count itself as well. None runs the work inline (tests).
     image_worker: Executor | None = None
 
 

@@ -16,7 +16,6 @@ its expiry, and measures how far the local clock is off (gauge, warning)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -28,8 +27,9 @@ from functools import cache
 from prometheus_client import Counter, Gauge
 
 from schemas.events import CaseRecord, Event, ImagePurged, PurgeReason
-from services.intake.vault import Vault, VaultEntry
+from services.kit.app import Job
 from services.kit.clock import BrokerClock
+from services.vault import Vault, VaultEntry
 
 log = logging.getLogger("frs.intake.purge")
 
@@ -195,23 +195,18 @@ class Purger:
             self.metrics.past_expiry.set(index.count_past_expiry(self.trusted.now()))
         self.metrics.objects.set(index.count_stored())
 
-    async def run(self) -> None:
-        """Sweep now, then every ``interval_s``, until cancelled; gauges every
-        ``gauge_interval_s``."""
-        log.info("purger started", extra={"interval_s": self.interval_s})
-        loop = asyncio.get_running_loop()
-        next_sweep = loop.time()
-        while True:
-            if loop.time() >= next_sweep:
-                next_sweep = loop.time() + self.interval_s
-                try:
-                    await self.sweep()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    # Storage or broker trouble: keep the state, try again next sweep.
-                    self.metrics.sweep_failures.inc()
-                    log.warning("purge sweep failed", extra={"error": type(exc).__name__})
-            else:
-                self.refresh_gauges()
-            await asyncio.sleep(max(0.0, min(self.gauge_interval_s, next_sweep - loop.time())))
+    async def tick(self) -> None:
+        """One sweep; storage or broker trouble keeps the state for the next one."""
+        try:
+            await self.sweep()
+        except Exception:
+            self.metrics.sweep_failures.inc()
+            raise
+
+    async def gauges(self) -> None:
+        self.refresh_gauges()
+
+    def jobs(self) -> list[Job]:
+        """The sweep every ``interval_s``, the gauges every ``gauge_interval_s``."""
+        return [Job("purge sweep", self.interval_s, self.tick),
+                Job("vault gauges", self.gauge_interval_s, self.gauges)]

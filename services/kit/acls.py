@@ -1,4 +1,4 @@
-"""Least privilege on the bus: the ACL file (deploy/kafka/acls.json) as a typed model.
+"""Least privilege on the bus: the ACL file (services/kit/acls.json) as a typed model.
 
 One principal per service and outside role; per principal the topics it may read, write
 or describe and the consumer groups it may use. A name ending in ``*`` is a prefix.
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from schemas.catalog import TOPIC_BY_NAME
 
-ACL_FILE = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "acls.json"
+ACL_FILE = Path(__file__).resolve().parent / "acls.json"
 Operation = Literal["READ", "WRITE", "DESCRIBE"]
 
 

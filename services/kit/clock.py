@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from schemas.catalog import BROKER_CLOCK
-from services.kit.bus import Publisher
+from services.kit.publisher import Publisher
 
 log = logging.getLogger("frs.clock")
 

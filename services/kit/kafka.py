@@ -20,16 +20,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka.helpers import create_ssl_context
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.kit.env import shared
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_SSL"]
 SASL_MECHANISM = "SCRAM-SHA-512"
-
-
-def shared(name: str, default: Any, description: str) -> Any:
-    """A setting with the same environment variable name in every service."""
-    return Field(default, validation_alias=AliasChoices(name), description=description)
 
 
 class KafkaSettings(BaseSettings):

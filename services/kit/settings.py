@@ -10,7 +10,8 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 # The Kafka connection settings (bootstrap, TLS, SASL) live with client_options().
-from services.kit.kafka import KafkaSettings, shared
+from services.kit.env import shared
+from services.kit.kafka import KafkaSettings
 
 __all__ = ["KafkaSettings", "ServiceSettings", "shared"]
 

@@ -45,7 +45,8 @@ from schemas.events import (
     ProviderDispatched,
 )
 from schemas.types import probe_id_for
-from services.kit.bus import RawRecord, read_topic
+from services.kit.reader import read_topic
+from services.kit.routing import RawRecord
 
 Record = tuple[RawRecord, "Envelope | DecodeError"]
 PROBE_TERMINAL = (ProbeRejected, PolicyDenied, ProbeSettled)

@@ -21,7 +21,10 @@ from schemas.envelope import Envelope
 from schemas.events import ImagePurged
 from schemas.types import utcnow
 from services.intake.purge import Purger
-from services.intake.vault import (
+from services.kit.clock import BrokerClock, kafka_stamp
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
+from services.vault import (
     FileObjectStore,
     LocalKek,
     Vault,
@@ -29,8 +32,6 @@ from services.intake.vault import (
     open_db,
     probe_ref,
 )
-from services.kit.bus import Publisher, read_topic
-from services.kit.clock import BrokerClock, kafka_stamp
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 SKEW = timedelta(minutes=10)

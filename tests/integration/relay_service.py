@@ -6,19 +6,17 @@ is "needs-file:<path>" waits (kit ``NotYet``) until that file exists."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 from schemas.envelope import Envelope
 from schemas.events import DispatchFailed, Event, ProbeRejected, RejectReason
-from services.kit.bus import NotYet, Route
-from services.kit.logs import setup_logging
-from services.kit.runtime import run_service
-from services.kit.service import processor, start_publisher
+from services.kit.app import ServiceApp, Wiring
+from services.kit.routing import Route
+from services.kit.runtime import main
 from services.kit.settings import ServiceSettings
+from services.kit.signals import NotYet
 
 RELAY_TOPIC = "frs.test.relay"
 RELAY_DLQ = "frs.test.relay.dlq"
@@ -37,16 +35,12 @@ async def relay(event: Any, envelope: Envelope) -> list[Event]:
                           reason=RejectReason.INVALID_FIELDS, detail="relayed")]
 
 
-async def main() -> None:
-    settings = RelaySettings(
-        fault_kill_before_commit=os.environ.get("RELAY_KILL_BEFORE_COMMIT") == "1"
-    )
-    setup_logging("relay")
-    stack = AsyncExitStack()
-    publisher = await start_publisher(settings, stack)
+def build(settings: RelaySettings) -> ServiceApp:
     route = Route("relay", "frs-test-relay", (RELAY_TOPIC,), {DispatchFailed: relay}, RELAY_DLQ)
-    await run_service(settings, [processor(settings, route, publisher)], stack)
+    return ServiceApp(settings, lambda _ctx: Wiring(routes=[route]),
+                      follows_registries=False)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main(build(RelaySettings(
+        fault_kill_before_commit=os.environ.get("RELAY_KILL_BEFORE_COMMIT") == "1")))

@@ -12,8 +12,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.catalog import BROKER_CLOCK, Topic
 from schemas.types import utcnow
-from services.kit.bus import Publisher
 from services.kit.clock import LOG_APPEND_TIME, BrokerClock, ClockUnavailable, kafka_stamp
+from services.kit.publisher import Publisher
 from services.kit.topics import ensure_topics
 
 pytestmark = pytest.mark.integration

@@ -20,9 +20,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from deploy.simulators.inbox import InboxBehaviour, InboxSimulator
-from deploy.simulators.tls import SimulatorCA
-from deploy.simulators.vendor import VendorBehaviour, VendorSimulator
 from schemas.events import ProviderRecord
 from schemas.types import OutboundField, Transport
 from services.dispatch.ledger import dispatch_id_for, request_ref_for
@@ -35,6 +32,9 @@ from services.dispatch.transports.base import (
 )
 from services.dispatch.transports.https import HttpsTransport, client_tls_context
 from services.dispatch.transports.smime_email import SmimeEmailTransport
+from services.simulators.inbox import InboxBehaviour, InboxSimulator
+from services.simulators.tls import SimulatorCA
+from services.simulators.vendor import VendorBehaviour, VendorSimulator
 
 ALL = list(OutboundField)
 
@@ -225,7 +225,7 @@ async def test_smime_errors(face_jpeg: bytes, smime_identity: tuple[str, Path, P
 async def test_vendor_simulator_answers_on_the_signed_webhook(face_jpeg: bytes) -> None:
     from aiohttp import web
 
-    from deploy.simulators.answers import webhook_signature
+    from services.simulators.answers import webhook_signature
 
     got: list[tuple[str, dict[str, object]]] = []
     arrived = asyncio.Event()
@@ -284,7 +284,7 @@ async def test_vendor_simulator_answers_on_the_signed_webhook(face_jpeg: bytes) 
 async def test_inbox_simulator_replies_signed_and_encrypted_to_the_broker(
     face_jpeg: bytes, tmp_path: Path
 ) -> None:
-    from deploy.simulators.inbox import MailReply
+    from services.simulators.inbox import MailReply
 
     ca = SimulatorCA("mail CA")
     provider_id = ca.smime("inbox@provider.test")

@@ -19,12 +19,12 @@ from schemas.events import (
     ProbeSubmitted,
     RejectReason,
 )
+from schemas.sealed import encrypt_image
 from schemas.types import probe_id_for, utcnow
 from services.cli.dispatch import start_groups_at_end
-from services.intake.crypto import encrypt_image
 from services.intake.sanitize import sanitize
-from services.intake.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
-from services.kit.bus import Publisher
+from services.kit.publisher import Publisher
+from services.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
 from tests import intake_samples as s
 from tests.conftest import ServiceProcess
 from tests.integration.intake_support import (

@@ -17,7 +17,7 @@ from schemas.envelope import Envelope
 from schemas.events import ProbeRejected, ProbeSubmitted, RejectReason
 from schemas.types import ImageSource, Purpose, probe_id_for, reused_probe_id
 from services.cli.client import Submission, submit_and_wait
-from services.kit.bus import read_topic
+from services.kit.reader import read_topic
 from tests import intake_samples as s
 from tests.conftest import ROOT, ServiceProcess
 from tests.integration.intake_support import new_id, public_key_file, start_intake

@@ -15,7 +15,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from schemas.events import ProbeSubmitted, PurgeReason
-from services.intake.vault import (
+from services.vault import (
     FileObjectStore,
     KeyWrapper,
     KmsKek,
@@ -110,10 +110,10 @@ async def test_intake_service_on_s3_and_kms_purges_a_closed_case(
     case_id = new_id("CASE-S3")
     await publish(kafka_bootstrap, [case(case_id, "open")])
     intake = start_intake(
-        services, **aws_env(), FRS_INTAKE_VAULT_BACKEND="s3", FRS_INTAKE_S3_BUCKET=bucket,
-        FRS_INTAKE_S3_ENDPOINT_URL=s3_server.url, FRS_INTAKE_S3_PREFIX="probes/",
-        FRS_INTAKE_KEK_BACKEND="kms", FRS_INTAKE_KMS_KEY_ID=key_id,
-        FRS_INTAKE_KMS_ENDPOINT_URL=kms_server.url, FRS_INTAKE_PURGE_INTERVAL_S="1")
+        services, **aws_env(), FRS_VAULT_BACKEND="s3", FRS_VAULT_S3_BUCKET=bucket,
+        FRS_VAULT_S3_ENDPOINT_URL=s3_server.url, FRS_VAULT_S3_PREFIX="probes/",
+        FRS_VAULT_KEK_BACKEND="kms", FRS_VAULT_KMS_KEY_ID=key_id,
+        FRS_VAULT_KMS_ENDPOINT_URL=kms_server.url, FRS_INTAKE_PURGE_INTERVAL_S="1")
     image = s.face_jpeg()
     req = make_request(service_env, image, case_id=case_id)
     await publish(kafka_bootstrap, [req])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.main import main as frs
+from services.cli.entry import main as frs
 
 
 def test_bench_audit_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

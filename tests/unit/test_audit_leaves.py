@@ -8,10 +8,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from schemas.envelope import DecodeError, decode, encode
 from schemas.events import ProbeRequested
+from schemas.sealed import encrypt_image
 from schemas.types import ImageSource, Purpose
 from services.audit.handlers import leaf_for
 from services.audit.store import canonical
-from services.intake.crypto import encrypt_image
 
 
 def test_probe_request_leaf_keeps_a_digest_not_the_ciphertext() -> None:

@@ -16,7 +16,7 @@ from services.audit.checkpoint import Signer, sign_checkpoint
 from services.audit.merkle import leaf_hash, root_of
 from services.audit.store import AuditStore, LeafMeta
 from services.audit.verify import verify_store
-from services.cli.main import main as frs
+from services.cli.entry import main as frs
 
 ORIGIN = "frs-broker.test/audit"
 

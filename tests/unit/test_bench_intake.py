@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.cli.main import build_parser, main
+from services.cli.entry import build_parser, main
 
 
 def test_bench_intake_json(capsys: pytest.CaptureFixture[str]) -> None:

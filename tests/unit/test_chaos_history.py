@@ -31,7 +31,7 @@ from schemas.events import (
     RejectReason,
 )
 from schemas.types import ImageSource, OutboundField, Purpose, Transport, probe_id_for, utcnow
-from services.kit.bus import RawRecord
+from services.kit.routing import RawRecord
 from tests.chaos.history import Record, check, check_relay
 
 NOW = utcnow()

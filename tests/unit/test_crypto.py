@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from services.intake.crypto import (
-    DecryptError,
-    decrypt_image,
-    encrypt_image,
-    load_or_create_private_key,
-    load_public_key,
-)
+from schemas.sealed import DecryptError, decrypt_image, encrypt_image, load_public_key
+from services.intake.crypto import load_or_create_private_key
 
 
 def test_round_trip_and_binding() -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.intake.app import IntakeSettings
+from services.intake.settings import IntakeSettings
+from services.vault import VaultSettings
 from tests.conftest import secured_bus
 
 
@@ -16,9 +17,9 @@ def test_defaults_and_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FRS_INTAKE_MAX_IMAGE_BYTES", "12345")
     s = IntakeSettings()
     assert s.max_image_bytes == 12345
-    assert s.image_ttl_hours == 72.0 and s.vault_backend == "filesystem"
-    assert s.kek_backend == "local" and s.max_image_pixels == 50_000_000
-    assert s.vault_root == Path("/tmp/frs-state-x/vault")
+    assert s.image_ttl_hours == 72.0 and s.vault.backend == "filesystem"
+    assert s.vault.kek_backend == "local" and s.max_image_pixels == 50_000_000
+    assert s.vault.root == Path("/tmp/frs-state-x/vault")
     for name, field in IntakeSettings.model_fields.items():
         if name != "service":  # the service's own name, not a setting
             assert field.description, f"{name} has no documented meaning"
@@ -29,9 +30,19 @@ def test_refuses_local_key_outside_local_mode(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="KEK_BACKEND=kms"):
         IntakeSettings(local_mode=False, **bus)
     with pytest.raises(ValidationError, match="KMS_KEY_ID"):
-        IntakeSettings(kek_backend="kms")
-    ok = IntakeSettings(local_mode=False, **bus, kek_backend="kms", kms_key_id="alias/frs-vault")
-    assert ok.kms_key_id == "alias/frs-vault"
+        VaultSettings(kek_backend="kms")
+    kms = VaultSettings(kek_backend="kms", kms_key_id="alias/frs-vault")
+    ok = IntakeSettings(local_mode=False, **bus, vault=kms)
+    assert ok.vault.kms_key_id == "alias/frs-vault"
+
+
+def test_vault_settings_read_the_new_names_and_the_intake_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRS_INTAKE_S3_BUCKET", "old-name")
+    assert VaultSettings().s3_bucket == "old-name"  # existing deployments keep their vault
+    monkeypatch.setenv("FRS_VAULT_S3_BUCKET", "new-name")
+    assert VaultSettings().s3_bucket == "new-name"
+    assert IntakeSettings().vault.s3_bucket == "new-name"
 
 
 def test_broker_clock_samples_must_not_go_stale_between_resamples() -> None:

@@ -76,7 +76,7 @@ def test_env_settings_are_read_by_every_service(monkeypatch: pytest.MonkeyPatch,
         "FRS_KAFKA_SASL_PASSWORD_FILE": s.kafka_sasl_password_file,
     }.items():
         monkeypatch.setenv(name, str(value))
-    from services.intake.app import IntakeSettings
+    from services.intake.settings import IntakeSettings
 
     settings = IntakeSettings()
     assert client_options(settings)["sasl_plain_username"] == "intake"

@@ -10,7 +10,7 @@ import pytest
 
 from schemas.events import Event, ImagePurged, ProbeSubmitted, PurgeReason
 from schemas.types import utcnow
-from services.kit.bus import bind
+from services.kit.routing import bind
 from tests.factories import submitted
 
 

@@ -7,7 +7,9 @@ from typing import Any, cast
 
 from aiokafka import TopicPartition
 
-from services.kit.bus import Processor, Publisher, Route
+from services.kit.processor import Processor
+from services.kit.publisher import Publisher
+from services.kit.routing import Route
 
 TP = TopicPartition("t", 0)
 

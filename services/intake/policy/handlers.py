@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from schemas.events import (
     AgentRecord,
     CaseRecord,
+    ClaimCheck,
     ClearedProvider,
     DecisionInputs,
     Event,
@@ -105,6 +106,11 @@ async def on_probe_submitted(event: ProbeSubmitted, ports: PolicyPorts) -> list[
     versions = registries.versions
     inputs = snapshot(event, registries, ports.clock())
     decision = decide(ports.engine, event.probe_id, inputs, versions, event.review_required)
+    if isinstance(decision, PolicyCleared):
+        # The claim check rides with the clearance: dispatch sends from it alone.
+        decision = decision.model_copy(update={"claim": ClaimCheck(
+            vault_ref=event.vault_ref, agent_id=event.agent_id,
+            sanitized_sha256=event.sanitized_sha256, expires_at=event.expires_at)})
     metrics = policy_metrics()
     if isinstance(decision, PolicyCleared):
         metrics.decisions.labels("cleared").inc()

@@ -4,19 +4,17 @@ process with its own consumer group and store, and helpers to read what it wrote
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from schemas.envelope import Envelope
 from schemas.events import ComplianceViolation
 from services.audit.store import AuditStore
-from services.kit.bus import read_topic
+from services.kit.reader import read_topic
 from tests.conftest import ServiceProcess
 
 
@@ -34,16 +32,6 @@ def store_size(directory: Path) -> int:
         return store.size
     finally:
         store.close()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def violations(bootstrap: str) -> list[ComplianceViolation]:

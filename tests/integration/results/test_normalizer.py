@@ -20,7 +20,7 @@ from tests.integration.results.conftest import (
     publish,
     results_for,
     uid,
-    wait_for,
+    wait_results,
 )
 
 pytestmark = pytest.mark.integration
@@ -48,14 +48,15 @@ async def test_rekognition_answer_and_malformed_answer(
                          payload={**answer, "FaceMatches": [{"Similarity": "high"}]},
                          received_at=now()),
     ])
-    events = await wait_for(kafka_bootstrap, good, lambda es: count(es, CandidatesReceived) >= 1)
+    events = await wait_results(kafka_bootstrap, good,
+                                lambda es: count(es, CandidatesReceived) >= 1)
     [got] = [e for e in events if isinstance(e, CandidatesReceived)]
     assert got.lead_marking == LEAD_MARKING and got.channel == "rekognition"
     assert [c.candidate_ref for c in got.candidates] == ["face-1", "face-2", "face-3"]
     assert got.truncated_from == 5 and got.threshold == 80.0
     assert got.candidates[0].gallery == "collection-1" and got.algorithm == "aws-rekognition"
-    rejected = await wait_for(kafka_bootstrap, bad,
-                              lambda es: count(es, ProviderResponseRejected) >= 1)
+    rejected = await wait_results(kafka_bootstrap, bad,
+                                  lambda es: count(es, ProviderResponseRejected) >= 1)
     [rej] = [e for e in rejected if isinstance(e, ProviderResponseRejected)]
     assert rej.reason == "invalid_candidate"
     dlq = await results_for(kafka_bootstrap, bad, dlq_topic("results").name)

@@ -30,7 +30,7 @@ from tests.integration.results.conftest import (
     publish,
     results_for,
     uid,
-    wait_for,
+    wait_results,
 )
 
 pytestmark = pytest.mark.integration
@@ -69,7 +69,7 @@ async def test_not_settled_until_frs_review_complete(
                                     dispatched(probe, pb)])
     await publish(kafka_bootstrap, [answer(probe, pa, ["a-1"]),
                                     answer(probe, pb, ["b-1", "b-2"])])
-    events = await wait_for(kafka_bootstrap, probe, lambda es: count(es, ReviewRequested) >= 1)
+    events = await wait_results(kafka_bootstrap, probe, lambda es: count(es, ReviewRequested) >= 1)
     [requested] = [e for e in events if isinstance(e, ReviewRequested)]
     assert f"provider:{pb}" in requested.reason
     await asyncio.sleep(2.0)
@@ -100,7 +100,7 @@ async def test_not_settled_until_frs_review_complete(
                "--conclusion", f"{pb}:b-2:likely_different")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["examiner_id"] == examiner
-    events = await wait_for(kafka_bootstrap, probe, lambda es: count(es, ProbeSettled) >= 1)
+    events = await wait_results(kafka_bootstrap, probe, lambda es: count(es, ProbeSettled) >= 1)
     [completed] = [e for e in events if isinstance(e, ReviewCompleted)]
     assert {c.conclusion.value for c in completed.conclusions} == {
         "likely_same", "inconclusive", "likely_different"}

@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from services.kit.private_files import write_private
+
 _PEM = serialization.Encoding.PEM
 
 
@@ -34,8 +36,7 @@ class Issued:
         directory.mkdir(parents=True, exist_ok=True)
         cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
         cert.write_bytes(self.cert_pem)
-        key.touch(mode=0o600)
-        key.write_bytes(self.key_pem)
+        write_private(key, self.key_pem)
         return cert, key
 
 

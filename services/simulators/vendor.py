@@ -11,7 +11,7 @@
 - Keeps what it received, minus the photo (only its SHA-256 and size): field names and
   values, header names. ``GET /_sim/state`` shows it; ``POST /_sim/behaviour`` changes knobs.
 
-Run: ``python -m deploy.simulators.vendor --port 8443 --pki-dir .state/sim`` prints one JSON
+Run: ``python -m services.simulators.vendor --port 8443 --pki-dir .state/sim`` prints one JSON
 line with the URL and the CA file, then serves until SIGTERM.
 """
 
@@ -38,8 +38,8 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
-from deploy.simulators.answers import candidate_list, webhook_signature
-from deploy.simulators.tls import SimulatorCA
+from services.simulators.answers import candidate_list, webhook_signature
+from services.simulators.tls import SimulatorCA
 
 
 @dataclass
@@ -302,7 +302,7 @@ class VendorSimulator:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m deploy.simulators.vendor",
+    p = argparse.ArgumentParser(prog="python -m services.simulators.vendor",
                                 description="HTTPS vendor simulator")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)

@@ -12,7 +12,7 @@ answer ``{"kind": "answer", "request_ref", <candidate list>}`` and a deletion re
 ``multipart/signed``) and encrypted with AES-256 to the broker's certificate, from the
 provider's mailbox. A ``451`` (request not known yet) is retried.
 
-Run: ``python -m deploy.simulators.inbox --port 2525 --maildir .state/inbox`` prints one
+Run: ``python -m services.simulators.inbox --port 2525 --maildir .state/inbox`` prints one
 JSON line with host and port, then serves until SIGTERM.
 """
 
@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from deploy.simulators.answers import candidate_list
+from services.simulators.answers import candidate_list
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m deploy.simulators.inbox",
+    parser = argparse.ArgumentParser(prog="python -m services.simulators.inbox",
                                      description="SMTP provider inbox simulator")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)

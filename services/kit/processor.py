@@ -1,4 +1,4 @@
-"""The Kafka bus: an idempotent publisher and an at-least-once processor loop.
+"""The at-least-once processor loop that runs each Route (the publisher is publisher.py).
 
 The loop is the same for every service: fetch a batch, decode each record into its
 CloudEvent envelope and typed model, call the handler, publish what it returns, wait
@@ -7,11 +7,10 @@ wait and the commit of one batch overlap the handling of the next (not for route
 ``before_commit`` hook), so a round trip to the broker is not paid per batch twice. A
 record that cannot be decoded, or whose handler keeps failing, goes to the service's
 DLQ with its original headers plus error headers, and the partition moves on. A handler
-that raises ``NotYet`` (a valid record whose prerequisite is still on its way) is retried
-for as long as the processor runs and never dead-lettered.
+that raises ``NotYet`` (a valid record that cannot be handled yet, see signals.py) is
+retried for as long as the processor runs and never dead-lettered.
 Records with the same key are handled in order; different keys run concurrently.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -20,52 +19,21 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from aiokafka import (
-    AIOKafkaConsumer,
-    AIOKafkaProducer,
-    ConsumerRebalanceListener,
-    ConsumerRecord,
-    TopicPartition,
-)
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from schemas.catalog import MAX_DLQ_BYTES, topic_for
-from schemas.envelope import DecodeError, Envelope, Headers, child_traceparent, decode, encode
+from schemas.envelope import DecodeError, Envelope, decode
 from schemas.events import Event
 from services.kit.kafka import KafkaSettings, client_options
 from services.kit.metrics import processor_metrics
+from services.kit.publisher import Publisher
+from services.kit.routing import RawRecord, Route
+from services.kit.signals import NotYet
 
-log = logging.getLogger("frs.bus")
-
-Handler = Callable[[Any, Envelope], Awaitable[Sequence[Event]]]
-InvalidHandler = Callable[["RawRecord", DecodeError], Awaitable[Sequence[Event]]]
-# Sees every record, decodable or not (the audit log records everything, DLQs included).
-RecordHandler = Callable[["RawRecord", "Envelope | DecodeError"], Awaitable[Sequence[Event]]]
-BatchHook = Callable[[], Awaitable[None]]
-E = TypeVar("E", bound=Event)
-P = TypeVar("P")
-
-
-def bind(event_type: type[E], handler: Callable[[E, P], Awaitable[Sequence[Event]]],
-         ports: P) -> tuple[type[Event], Handler]:
-    """A Route entry for a plain handler of one event type and its ports."""
-
-    async def call(event: Any, _envelope: Envelope) -> Sequence[Event]:
-        if not isinstance(event, event_type):  # the Route maps types to handlers: a bug
-            raise TypeError(f"{handler.__name__} got {type(event).__name__}")
-        return await handler(event, ports)
-
-    return event_type, call
-
-
-class NotYet(Exception):
-    """The record is valid but something it needs has not arrived yet (another route of
-    the service is behind). Retried without limit while the processor runs, never sent to
-    the DLQ; at stop the batch is left uncommitted, so the next owner handles it again."""
+log = logging.getLogger("frs.processor")
 
 
 class _LeftForNextOwner(Exception):
@@ -81,98 +49,6 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         return None
-
-
-@dataclass(frozen=True)
-class RawRecord:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
-
-
-class Publisher:
-    """Idempotent producer (acks=all): a retried send is never written twice."""
-
-    def __init__(self, bootstrap: str, source: str, *, kafka: KafkaSettings | None = None,
-                 **producer_options: Any) -> None:
-        self.source = source
-        options: dict[str, Any] = {
-            **client_options(kafka, bootstrap),
-            "enable_idempotence": True,
-            "acks": "all",
-            "linger_ms": 2,
-            "max_batch_size": 256 * 1024,
-            "max_request_size": MAX_DLQ_BYTES,  # the largest record: a dead-lettered request
-        }
-        options.update(producer_options)
-        self._producer = AIOKafkaProducer(**options)
-
-    async def start(self) -> None:
-        try:
-            await self._producer.start()
-        except BaseException:
-            await self._producer.stop()  # refused or unreachable: release the connections
-            raise
-
-    async def stop(self) -> None:
-        await self._producer.stop()
-
-    async def __aenter__(self) -> Publisher:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def send(
-        self, event: Event, cause: Envelope | None = None, *, topic: str | None = None
-    ) -> asyncio.Future[Any]:
-        """Queue one event; the returned future resolves when the broker has it."""
-        record = encode(
-            event,
-            self.source,
-            causation_id=cause.id if cause else None,
-            traceparent=child_traceparent(cause.traceparent if cause else None),
-        )
-        return await self.send_raw(topic or topic_for(event).name, record.key, record.value,
-                                   record.headers)
-
-    async def send_raw(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers
-    ) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = await self._producer.send(
-            topic, value=value, key=key, headers=headers
-        )
-        return fut
-
-    async def publish(self, events: Iterable[Event], cause: Envelope | None = None) -> None:
-        """Send and wait until every event is durable."""
-        futures = [await self.send(e, cause) for e in events]
-        if futures:
-            await asyncio.gather(*futures)
-
-
-@dataclass(frozen=True)
-class Route:
-    """Which topics feed which handlers, for one consumer group."""
-
-    service: str
-    group_id: str
-    topics: tuple[str, ...]
-    handlers: Mapping[type[Event], Handler]
-    dlq_topic: str
-    # Answers a record that is not an event this route takes (undecodable, or of another
-    # type); without it those go to the DLQ and other types are ignored.
-    on_invalid: InvalidHandler | None = None
-    on_record: RecordHandler | None = None
-    # Runs after a batch's handlers and before its commit: make local effects durable.
-    before_commit: BatchHook | None = None
-    # Registry topics are read from the start by every instance; event topics by group.
-    auto_offset_reset: str = "earliest"
-    consumer_options: dict[str, Any] = field(default_factory=dict)
 
 
 class Processor:
@@ -518,51 +394,3 @@ class Processor:
         ]
         log.error("sent to DLQ", extra={"topic": raw.topic, "offset": raw.offset, "code": code})
         return await self.publisher.send_raw(self.route.dlq_topic, raw.key, raw.value, headers)
-
-
-async def read_topic(
-    bootstrap: str, topics: Sequence[str], *, idle_s: float = 1.0, max_s: float = 30.0,
-    kafka: KafkaSettings | None = None,
-) -> list[tuple[RawRecord, Envelope | DecodeError]]:
-    """Read topics from the beginning to their current end (tools, tests, auditors)."""
-    consumer = AIOKafkaConsumer(
-        **client_options(kafka, bootstrap), enable_auto_commit=False, group_id=None,
-        isolation_level="read_committed",
-    )
-    await consumer.start()
-    out: list[tuple[RawRecord, Envelope | DecodeError]] = []
-    try:
-        partitions = await all_partitions(consumer, topics)
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
-        deadline = time.monotonic() + max_s
-        while time.monotonic() < deadline:
-            positions = {tp: await consumer.position(tp) for tp in partitions}
-            if all(positions[tp] >= end[tp] for tp in partitions):
-                break
-            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000))
-            for records in batch.values():
-                for r in records:
-                    raw = RawRecord(r.topic, r.partition, r.offset, r.key, r.value,
-                                    [(k, bytes(v)) for k, v in (r.headers or ())])
-                    try:
-                        out.append((raw, decode(raw.headers, raw.key, raw.value,
-                                                timestamp_ms=r.timestamp,
-                                                timestamp_type=r.timestamp_type)))
-                    except DecodeError as err:
-                        out.append((raw, err))
-    finally:
-        await consumer.stop()
-    return out
-
-
-async def all_partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
-    """Every partition of the given topics, from fresh cluster metadata."""
-    cluster = await consumer._client.fetch_all_metadata()
-    missing = [t for t in topics if cluster.partitions_for_topic(t) is None]
-    if missing:
-        # A secured broker hides topics this identity may not describe: same answer.
-        raise LookupError(f"topics not found or not visible to this identity: "
-                          f"{', '.join(missing)}; run `frs topics create` or check the ACLs")
-    return [TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t))]

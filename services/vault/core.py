@@ -12,10 +12,9 @@ ciphertext. Purging deletes the ciphertext and then destroys the wrapped key
 The index is SQLite in WAL mode with ``secure_delete`` on and a truncating checkpoint after
 each shred, so the destroyed key does not linger in free pages or the write-ahead log.
 
-Other services read probes by reference with the same construction (``open_vault`` in
-services/intake/app.py over ``IntakeSettings()``, whose paths derive from the shared
-FRS_STATE_DIR): ``Vault.get(ref)`` returns the sanitized image or raises ``ObjectPurged``
-/ ``UnknownObject``. Only the intake's purger deletes."""
+Every service opens it the same way (``services.vault.open_vault`` over ``VaultSettings``,
+FRS_VAULT_*): ``Vault.get(ref)`` returns the sanitized image or raises ``ObjectPurged`` /
+``UnknownObject``. Only the intake's purger deletes."""
 
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ import glob
 import hashlib
 import os
 import sqlite3
-import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +31,8 @@ from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from services.kit.private_files import ExposedFileError, read_private, write_private
 
 ObjectKind = Literal["probe", "candidate"]
 _MAGIC = b"FRSV1"
@@ -78,25 +78,16 @@ class KeyWrapper(Protocol):
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes: ...
 
 
-def _create_secret_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class LocalKek:
     """Local mode: a 32-byte key-encryption key in a 0600 file, created on first use."""
 
     def __init__(self, path: Path) -> None:
         if not path.exists():
-            _create_secret_file(path, os.urandom(32))
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise VaultError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
-        key = path.read_bytes()
+            write_private(path, os.urandom(32), exclusive=True)
+        try:
+            key = read_private(path)
+        except ExposedFileError as exc:
+            raise VaultError(str(exc)) from None
         if len(key) != 32:
             raise VaultError(f"{path} does not hold a 32-byte key")
         self._aead = AESGCM(key)

@@ -1,6 +1,6 @@
 """A local demo environment: one simulated HTTPS vendor answering on the results webhook.
 
-`python -m deploy.simulators.demo --dir .state/demo --webhook-port 8444` writes a local CA,
+`python -m services.simulators.demo --dir .state/demo --webhook-port 8444` writes a local CA,
 the webhook's TLS certificate and the vendor's shared secret (0600), then prints the
 environment the services need as `export` lines and, last, the vendor simulator's command
 line. deploy/up.sh and the end-to-end tests use it, so both run the same wiring."""
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.simulators.tls import SimulatorCA
+from services.kit.private_files import write_private
+from services.simulators.tls import SimulatorCA
 
 PROVIDER_ID = "fed-ngi"
 
@@ -34,9 +34,7 @@ def setup(directory: Path, webhook_port: int, vendor_port: int = 0) -> DemoEnv:
     cert, key = ca.server().write(directory, "webhook")
     secret = secrets.token_urlsafe(32)
     secrets_file = directory / "webhook-secrets.json"
-    fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({PROVIDER_ID: secret}, f)
+    write_private(secrets_file, json.dumps({PROVIDER_ID: secret}).encode())
     env = {
         "FRS_RESULTS_WEBHOOK_PORT": str(webhook_port),
         "FRS_RESULTS_WEBHOOK_CERT_FILE": str(cert),
@@ -46,7 +44,7 @@ def setup(directory: Path, webhook_port: int, vendor_port: int = 0) -> DemoEnv:
         "FRS_DISPATCH_CA_FILE": str(directory / "vendor-pki" / "vendor-ca.crt"),
     }
     vendor = [
-        sys.executable, "-m", "deploy.simulators.vendor", "--port", str(vendor_port),
+        sys.executable, "-m", "services.simulators.vendor", "--port", str(vendor_port),
         "--pki-dir", str(directory / "vendor-pki"),
         "--webhook-url", f"https://127.0.0.1:{webhook_port}",
         "--webhook-provider-id", PROVIDER_ID, "--webhook-secret", secret,
@@ -56,7 +54,7 @@ def setup(directory: Path, webhook_port: int, vendor_port: int = 0) -> DemoEnv:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.simulators.demo",
+    parser = argparse.ArgumentParser(prog="python -m services.simulators.demo",
                                      description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--webhook-port", type=int, default=8444)

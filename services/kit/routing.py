@@ -1,0 +1,101 @@
+"""Which topic feeds which handler: a Route, and ``bind`` for plain handlers of one event
+type and their ports. Imports no Kafka client: handlers and apps declare, the kit runs."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from schemas.catalog import dlq_topic
+from schemas.envelope import DecodeError, Envelope, Headers
+from schemas.events import Event
+
+Handler = Callable[[Any, Envelope], Awaitable[Sequence[Event]]]
+InvalidHandler = Callable[["RawRecord", DecodeError], Awaitable[Sequence[Event]]]
+# Sees every record, decodable or not (the audit log records everything, DLQs included).
+RecordHandler = Callable[["RawRecord", "Envelope | DecodeError"], Awaitable[Sequence[Event]]]
+BatchHook = Callable[[], Awaitable[None]]
+E = TypeVar("E", bound=Event)
+P = TypeVar("P")
+
+def bind(event_type: type[E], handler: Callable[[E, P], Awaitable[Sequence[Event]]],
+         ports: P) -> tuple[type[Event], Handler]:
+    """A Route entry for a plain handler of one event type and its ports."""
+
+    async def call(event: Any, _envelope: Envelope) -> Sequence[Event]:
+        if not isinstance(event, event_type):  # the Route maps types to handlers: a bug
+            raise TypeError(f"{handler.__name__} got {type(event).__name__}")
+        return await handler(event, ports)
+
+    return event_type, call
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which topics feed which handlers, for one consumer group."""
+
+    service: str
+    group_id: str
+    topics: tuple[str, ...]
+    handlers: Mapping[type[Event], Handler]
+    dlq_topic: str
+    # Answers a record that is not an event this route takes (undecodable, or of another
+    # type); without it those go to the DLQ and other types are ignored.
+    on_invalid: InvalidHandler | None = None
+    on_record: RecordHandler | None = None
+    # Runs after a batch's handlers and before its commit: make local effects durable.
+    before_commit: BatchHook | None = None
+    # Registry topics are read from the start by every instance; event topics by group.
+    auto_offset_reset: str = "earliest"
+    consumer_options: dict[str, Any] = field(default_factory=dict)
+    # Where the route's processor stands, for ports that must know (bound by the kit).
+    progress: RouteProgress | None = None
+
+
+class Feed(Protocol):
+    """A running route (the kit's Processor), as ports may see it."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    async def mark(self) -> object: ...
+
+    async def reached(self, mark: object) -> bool: ...
+
+
+class RouteProgress:
+    """Where a route's processor stands in its topics: stopping or not, and whether it
+    has read up to a mark taken earlier. The app creates it with its ports; the kit binds
+    it to the processor it starts for the route. Unbound, it reports nothing read."""
+
+    def __init__(self) -> None:
+        self._feed: Feed | None = None
+
+    def bind(self, feed: Feed) -> None:
+        self._feed = feed
+
+    @property
+    def stopping(self) -> bool:
+        return self._feed is not None and self._feed.stopping
+
+    async def mark(self) -> object:
+        return None if self._feed is None else await self._feed.mark()
+
+    async def reached(self, mark: object) -> bool:
+        return self._feed is not None and await self._feed.reached(mark)
+
+
+def dlq_for(service: str) -> str:
+    """The service's dead-letter topic, from the catalog."""
+    return dlq_topic(service).name

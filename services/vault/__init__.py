@@ -1,0 +1,62 @@
+"""The vault: encrypted image storage shared by reference (REQ-ENCRYPT, REQ-TTL). Intake
+puts and purges, dispatch gets; each opens it with ``open_vault(VaultSettings())``. It
+imports no service."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from services.vault.core import (
+    FileObjectStore,
+    KeyWrapper,
+    KmsKek,
+    LocalKek,
+    ObjectKind,
+    ObjectPurged,
+    ObjectStore,
+    S3ObjectStore,
+    UnknownObject,
+    Vault,
+    VaultEntry,
+    VaultError,
+    VaultIndex,
+    binding,
+    open_db,
+    probe_ref,
+)
+from services.vault.settings import VaultSettings
+
+__all__ = ["FileObjectStore", "KeyWrapper", "KmsKek", "LocalKek", "ObjectKind", "ObjectPurged",
+           "ObjectStore", "S3ObjectStore", "UnknownObject", "Vault", "VaultEntry",
+           "VaultError", "VaultIndex", "VaultSettings", "binding", "open_db", "open_vault",
+           "probe_ref"]
+
+
+def key_wrapper(settings: VaultSettings) -> KeyWrapper:
+    if settings.kek_backend == "kms":
+        import boto3
+
+        assert settings.kms_key_id is not None
+        kms = boto3.client("kms", endpoint_url=settings.kms_endpoint_url,
+                           region_name=settings.aws_region)
+        return KmsKek(kms, settings.kms_key_id)
+    return LocalKek(settings.kek_file or settings.state_dir / "keys" / "vault.kek")
+
+
+def object_store(settings: VaultSettings) -> ObjectStore:
+    if settings.backend == "s3":
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url,
+                          region_name=settings.aws_region)
+        store = S3ObjectStore(s3, settings.s3_bucket, settings.s3_prefix)
+        store.refuse_versioned_bucket()
+        return store
+    return FileObjectStore(settings.root / "objects")
+
+
+def open_vault(settings: VaultSettings, conn: sqlite3.Connection | None = None) -> Vault:
+    """The vault over its index (opened here unless the caller shares a connection: the
+    intake keeps its request outcomes in the same file) and its backends."""
+    index = conn if conn is not None else open_db(settings.index_path)
+    return Vault(VaultIndex(index), object_store(settings), key_wrapper(settings))
