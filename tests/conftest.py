@@ -7,45 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+# The port helpers stay importable from here too: tests/users and deploy/test.sh use them.
+from tests.helpers import free_port_block, free_port_pair, log_text, wait_for  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = ROOT / "deploy" / "kafka" / "broker.sh"
-
-
-def free_port_block(size: int = 2) -> int:
-    """A base port with ``size`` consecutive free ports, drawn below the kernel's ephemeral
-    range: a broker binds them seconds later, and an ephemeral port can meanwhile become
-    the local end of some outgoing connection (a cluster node once failed to bind so)."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.SystemRandom()
-    for _ in range(200):
-        base = rng.randrange(10000, low - size)
-        try:
-            for port in range(base, base + size):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free block of ports")
-
-
-def free_port_pair() -> int:
-    """A port p with p+1 also free (the broker's controller listens on p+1)."""
-    return free_port_block(2)
 
 
 @pytest.fixture(scope="session")
@@ -90,15 +64,18 @@ class ServiceProcess:
         return self
 
     def wait_log(self, text: str, timeout: float = 30.0, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log_path.read_text(errors="replace").count(text) >= count:
-                return
+        """Until ``text`` is logged ``count`` times; fails at once if the process exits."""
+        def logged() -> bool:
+            if log_text(self.log_path).count(text) >= count:
+                return True
             if self.proc is not None and self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name}: {text!r} not logged; log:\n"
-                             + self.log_path.read_text(errors="replace")[-3000:])
+                raise AssertionError(f"{self.name} exited before logging {text!r}; log:\n"
+                                     + log_text(self.log_path)[-3000:])
+            return False
+
+        wait_for(logged, timeout=timeout, interval=0.1,
+                 what=lambda: f"{self.name} to log {text!r}; log:\n"
+                 + log_text(self.log_path)[-3000:])
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         assert self.proc is not None

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.conftest import ROOT, free_port_block
+from tests.conftest import ROOT
+from tests.helpers import free_port_block
 
 CLUSTER = ROOT / "deploy" / "kafka" / "cluster.sh"
 

@@ -24,6 +24,7 @@ from services.kit.topics import ensure_topics
 from tests.chaos.conftest import Cluster
 from tests.chaos.history import check_relay
 from tests.conftest import ROOT
+from tests.helpers import wait_log
 from tests.integration.relay_service import RELAY_DLQ, RELAY_TOPIC
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -38,13 +39,6 @@ def start_relay(bootstrap: str, state: Path, log: Path) -> subprocess.Popen[byte
         return subprocess.Popen([sys.executable, "-m", "tests.integration.relay_service"],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
-async def wait_log(log: Path, text: str, timeout: float = 60) -> None:  # noqa: ASYNC109
-    for _ in range(int(timeout * 10)):
-        if text in log.read_text(errors="replace"):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{text!r} not in {log}:\n{log.read_text()[-2000:]}")
-
 async def test_partition_leader_sigkill_mid_stream_loses_nothing_acknowledged(
     kafka_cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -57,7 +51,7 @@ async def test_partition_leader_sigkill_mid_stream_loses_nothing_acknowledged(
     log = tmp_path / "relay.log"
     relay = start_relay(bootstrap, tmp_path / "state", log)
     try:
-        await wait_log(log, '"consumer started"')
+        await wait_log(log, '"consumer started"', interval=0.1)
         leader = await kafka_cluster.leader(RELAY_TOPIC, 0)
         acked: set[str] = set()
         failed = 0

@@ -33,11 +33,11 @@ from tests.chaos.pipeline import (
     PROBES,
     ChaosRun,
     OwnBroker,
-    end_offsets,
     random_points,
     rewind_groups,
     start_own_broker,
 )
+from tests.helpers import end_offsets
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 SEED = int(os.environ.get("FRS_CHAOS_SEED", str(int(time.time()))))

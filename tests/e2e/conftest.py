@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from deploy.simulators.demo import setup
-from tests.conftest import ROOT, ServiceProcess, free_port_pair
+from tests.conftest import ROOT, ServiceProcess
+from tests.helpers import free_port_pair
 
 SERVICES = ("intake", "dispatch", "results", "audit")
 

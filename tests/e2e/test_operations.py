@@ -18,19 +18,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port_pair
+from tests.conftest import ROOT
 from tests.e2e.conftest import System
+from tests.helpers import free_port_pair, log_text, metrics_port, wait_for
 from tests.unit.test_operations import alert_exprs, dashboard_exprs, referenced
 
 pytestmark = pytest.mark.integration
 PROM = ROOT / "deploy" / "prometheus"
-
-
-def metrics_port(log: Path) -> int:
-    for line in log.read_text().splitlines():
-        if '"service started"' in line:
-            return int(json.loads(line)["metrics_port"])
-    raise AssertionError(f"no metrics port in {log}")
 
 
 def query(base: str, path: str, **params: str) -> Any:
@@ -82,17 +76,16 @@ def prometheus(system: System, tmp_path: Path) -> Any:
         stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        def all_up() -> bool:
             try:
                 targets = query(base, "/api/v1/targets")["activeTargets"]
-                if len(targets) == 4 and all(t["health"] == "up" for t in targets):
-                    break
             except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError((tmp_path / "prometheus.log").read_text()[-2000:])
+                return False
+            return len(targets) == 4 and all(t["health"] == "up" for t in targets)
+
+        wait_for(all_up, timeout=60, interval=0.5,
+                 what=lambda: "4 healthy targets; prometheus log:\n"
+                 + log_text(tmp_path / "prometheus.log")[-2000:])
         yield base
     finally:
         proc.terminate()
@@ -120,7 +113,6 @@ def test_prometheus_sees_the_flow_and_no_alert_fires(
                           "--wait", "90")
         assert done.returncode == 0, done.stdout + done.stderr
 
-    deadline = time.monotonic() + 30
     checks = {
         "intake consumed the requests":
             'sum(frs_intake_events_in_total{type="frs.probe.requested.v1"})',
@@ -133,12 +125,13 @@ def test_prometheus_sees_the_flow_and_no_alert_fires(
         "end-to-end latency was observed": "sum(frs_audit_end_to_end_seconds_count)",
     }
     seen: dict[str, float] = {}
-    while time.monotonic() < deadline:
+
+    def counted() -> bool:
+        nonlocal seen
         seen = {name: value(prometheus, expr) for name, expr in checks.items()}
-        if all(v >= 3 for v in seen.values()):
-            break
-        time.sleep(1)
-    assert all(v >= 3 for v in seen.values()), seen
+        return all(v >= 3 for v in seen.values())
+
+    wait_for(counted, timeout=30, interval=1, what=lambda: f"every count at 3; saw {seen}")
     p99 = value(prometheus, "histogram_quantile(0.99, sum by (le) "
                             "(rate(frs_audit_end_to_end_seconds_bucket[5m])))")
     assert 0 < p99 < 60
@@ -192,8 +185,6 @@ def test_an_image_forced_past_expiry_fires_its_alert(
     assert submitted.returncode == 0, submitted.stderr
     assert system.frs("timeline", request_id, "--until", "frs.probe.submitted.v1",
                       "--wait", "60").returncode == 0
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and "FrsImagePastExpiry" not in firing(prometheus):
-        time.sleep(1)
-    assert "FrsImagePastExpiry" in firing(prometheus), query(prometheus, "/api/v1/alerts")
+    wait_for(lambda: "FrsImagePastExpiry" in firing(prometheus), timeout=60, interval=1,
+             what=lambda: f"FrsImagePastExpiry; alerts: {query(prometheus, '/api/v1/alerts')}")
     assert value(prometheus, "max(frs_intake_vault_objects_past_expiry)") >= 1

@@ -4,7 +4,6 @@ started by deploy/s3proxy/s3proxy.sh) and moto's KMS server, both on 127.0.0.1."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,17 +13,12 @@ import boto3
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import free_port
 
 S3PROXY = ROOT / "deploy" / "s3proxy" / "s3proxy.sh"
 ACCESS_KEY = "frs-local"
 SECRET_KEY = "frs-local-secret"
 REGION = "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +15,7 @@ from schemas.types import ImageSource, Purpose, probe_id_for
 from services.cli.client import build_request
 from services.kit.bus import Publisher, read_topic
 from tests.conftest import ServiceProcess
+from tests.helpers import wait_for_async
 
 
 def public_key_file(service_env: dict[str, str]) -> Path:
@@ -68,19 +67,23 @@ async def outcomes(bootstrap: str, request_ids: Iterable[str], per_request: int 
                    ) -> dict[str, list[Envelope]]:
     """ProbeSubmitted/ProbeRejected envelopes per request id, once each has enough."""
     wanted = {probe_id_for(r): r for r in request_ids}
-    deadline = time.monotonic() + timeout
-    while True:
-        by_request: dict[str, list[Envelope]] = {r: [] for r in wanted.values()}
+    by_request: dict[str, list[Envelope]] = {}
+
+    async def enough() -> bool:
+        nonlocal by_request
+        by_request = {r: [] for r in wanted.values()}
         for _raw, d in await read_topic(bootstrap, [PROBE_EVENTS.name]):
             if isinstance(d, Envelope) and d.subject in wanted and d.type in (
                     "frs.probe.submitted.v1", "frs.probe.rejected.v1"):
                 by_request[wanted[d.subject]].append(d)
-        if all(len(v) >= per_request for v in by_request.values()):
-            return by_request
-        if time.monotonic() > deadline:
-            short = {r: len(v) for r, v in by_request.items() if len(v) < per_request}
-            raise AssertionError(f"outcomes missing after {timeout}s: {short}")
-        await asyncio.sleep(0.3)
+        return all(len(v) >= per_request for v in by_request.values())
+
+    def missing() -> str:
+        short = {r: len(v) for r, v in by_request.items() if len(v) < per_request}
+        return f"outcomes; missing: {short}"
+
+    await wait_for_async(enough, timeout=timeout, interval=0.3, what=missing)
+    return by_request
 
 
 def needles(image: bytes) -> list[bytes]:

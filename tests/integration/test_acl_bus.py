@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,8 @@ from services.kit.acls import allows, load
 from services.kit.bus import Publisher, read_topic
 from services.kit.kafka import KafkaSettings, client_options
 from services.kit.topics import ensure_topics
-from tests.conftest import ROOT, ServiceProcess, free_port_pair
+from tests.conftest import ROOT, ServiceProcess
+from tests.helpers import free_port_block, free_port_pair
 
 pytestmark = pytest.mark.integration
 
@@ -51,24 +51,6 @@ TOPIC_NAMES = [t.name for t in TOPICS]
 # A producer of a principal with no WRITE anywhere is refused one step earlier: the
 # idempotent producer's InitProducerId needs cluster IDEMPOTENT_WRITE, implied by any WRITE.
 WRITE_DENIED = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError)
-
-
-def free_port_run(n: int = 3) -> int:
-    """A port p with p+1 .. p+n-1 also free (client, controller, internal listeners)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port + n >= 65000:
-            continue
-        try:
-            for k in range(1, n):
-                with socket.socket() as s2:
-                    s2.bind(("127.0.0.1", port + k))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port run")
 
 
 @dataclass
@@ -102,7 +84,7 @@ class SecureBroker:
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
-    port = free_port_run()
+    port = free_port_block(3)  # client, controller, internal listeners
     state = tmp_path_factory.mktemp("kafka-secure")
     env = {**os.environ, "FRS_KAFKA_PORT": str(port), "FRS_KAFKA_STATE": str(state),
            "FRS_PYTHON": sys.executable}

@@ -21,7 +21,7 @@ from schemas.types import utcnow
 from services.kit.bus import Processor, Publisher, Route, read_topic
 from services.kit.topics import ensure_topics
 from tests.conftest import ROOT
-from tests.helpers import events_of, subject_is, wait_for
+from tests.helpers import events_of, subject_is, wait_records
 from tests.integration.relay_service import RELAY_DLQ, RELAY_TOPIC
 
 pytestmark = pytest.mark.integration
@@ -63,12 +63,12 @@ async def test_sigkill_after_handling_before_commit_redelivers(
     first = start_relay(service_env, log, kill=True)
     assert first.wait(timeout=60) == -9, log.read_text()
     # The handler's output was published before the crash ...
-    out = await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe), count=1)
+    out = await wait_records(kafka_bootstrap, ["frs.probe.events"], subject_is(probe), count=1)
     assert "fault injection: SIGKILL before commit" in log.read_text()
     # ... and since the offset was not committed, the restarted consumer handles it again.
     second = start_relay(service_env, log, kill=False)
     try:
-        out = await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe), count=2)
+        out = await wait_records(kafka_bootstrap, ["frs.probe.events"], subject_is(probe), count=2)
         envelopes = events_of(out)
         assert len(envelopes) == 2
         # Both outputs derive from the same input event: a redelivery, not a new request.
@@ -81,8 +81,8 @@ async def test_sigkill_after_handling_before_commit_redelivers(
     third = start_relay(service_env, log, kill=False)
     try:
         with pytest.raises(AssertionError):
-            await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe), count=3,
-                           timeout=6)
+            await wait_records(kafka_bootstrap, ["frs.probe.events"], subject_is(probe), count=3,
+                               timeout=6)
     finally:
         third.terminate()
         third.wait(timeout=60)
@@ -115,13 +115,13 @@ async def test_a_record_waiting_on_a_prerequisite_is_never_dead_lettered(
         assert "stopped with a batch left uncommitted for the next owner" in text
         try:
             with pytest.raises(AssertionError):
-                await wait_for(kafka_bootstrap, ["frs.probe.events", RELAY_DLQ],
-                               lambda r, _d: r.key == probe.encode(), timeout=2)
+                await wait_records(kafka_bootstrap, ["frs.probe.events", RELAY_DLQ],
+                                   lambda r, _d: r.key == probe.encode(), timeout=2)
         finally:
             ready.touch()  # whatever happens, later tests' relays can handle the record
         second = start_relay(service_env, log, kill=False)
         try:
-            out = await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe))
+            out = await wait_records(kafka_bootstrap, ["frs.probe.events"], subject_is(probe))
             assert [type(e.event) for e in events_of(out)] == [ProbeRejected]
         finally:
             second.terminate()
@@ -195,8 +195,8 @@ async def test_poison_records_go_to_dlq_and_partition_moves_on(
             await (await pub.send_raw(RELAY_TOPIC, key, value, headers))
     proc = start_relay(service_env, tmp_path / "relay.log", kill=False)
     try:
-        dlq = await wait_for(kafka_bootstrap, [RELAY_DLQ],
-                             lambda r, _d: r.key == key, count=4)
+        dlq = await wait_records(kafka_bootstrap, [RELAY_DLQ],
+                                 lambda r, _d: r.key == key, count=4)
         codes = [dict(r.headers)["frs_error_code"].decode() for r, _ in dlq]
         assert codes == ["not_json", "unknown_type", "invalid_event", "not_cloudevent"]
         for raw, _ in dlq:
@@ -208,7 +208,7 @@ async def test_poison_records_go_to_dlq_and_partition_moves_on(
         assert dict(dlq[1][0].headers)["ce_type"] == b"frs.no.such.type.v1"
         assert "provider_id" in dict(dlq[2][0].headers)["frs_error"].decode()
         # The good record behind the poison ones on the same partition was processed.
-        out = await wait_for(kafka_bootstrap, ["frs.probe.events"], subject_is(probe))
+        out = await wait_records(kafka_bootstrap, ["frs.probe.events"], subject_is(probe))
         assert isinstance(events_of(out)[0].event, ProbeRejected)
     finally:
         proc.terminate()

@@ -44,6 +44,7 @@ from schemas.types import OutboundField, Transport
 from services.cli.dispatch import cleared, start_groups_at_end, synthetic_clearance
 from services.kit.bus import Publisher, read_topic
 from tests.conftest import ServiceProcess
+from tests.helpers import metrics_port, wait_for_async, wait_log
 
 pytestmark = pytest.mark.integration
 
@@ -136,16 +137,6 @@ def first(events: list[Event], kind: type[Event]) -> Any:
     return found[0]
 
 
-async def wait_log(proc: ServiceProcess, text: str, timeout_s: float = 60.0) -> str:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        log = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
-        if text in log:
-            return log
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{text!r} not in dispatch log:\n{log[-3000:]}")
-
-
 @pytest.fixture
 def smime(tmp_path: Path) -> Iterator[tuple[str, Any, Any]]:
     cert_file, key_file = SimulatorCA("provider CA").smime("inbox@provider.test").write(
@@ -233,7 +224,7 @@ async def test_sigkill_after_send_before_commit_leaves_one_copy_per_probe_and_pr
             rig.start(FRS_DISPATCH_FAULT_KILL_BEFORE_COMMIT="true", **env)
             code = await asyncio.to_thread(rig.dispatch.proc.wait, 120)  # type: ignore[union-attr]
             assert code == -9
-            log = await wait_log(rig.dispatch, "fault injection: SIGKILL before commit")
+            log = await wait_log(rig.dispatch.log_path, "fault injection: SIGKILL before commit")
             sent_before_kill = sum(vendor.state.copies.values())
             assert 0 < sent_before_kill < n, "the kill happened mid-run, after some sends"
             # Run 2: the same batch is redelivered; the ledger re-emits, nothing is resent.
@@ -262,13 +253,6 @@ async def test_sigkill_after_send_before_commit_leaves_one_copy_per_probe_and_pr
                       "mails": len(inbox.state.mails)}))
 
 
-def metrics_port(proc: ServiceProcess) -> int:
-    for line in proc.log_path.read_text().splitlines():
-        if '"service started"' in line:
-            return int(json.loads(line)["metrics_port"])
-    raise AssertionError("no metrics port logged")
-
-
 async def scrape(port: int, name: str, labels: str) -> float | None:
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
         text = await r.text()
@@ -288,7 +272,7 @@ async def test_5xx_and_timeouts_are_retried_then_fail(rig: Rig) -> None:
         rig.start(FRS_DISPATCH_CA_FILE=str(broken.ca_file), FRS_DISPATCH_HTTPS_TIMEOUT_S="0.5",
                   FRS_DISPATCH_RETRY_MAX_ATTEMPTS="3", FRS_DISPATCH_BREAKER_FAILURES="100")
         by_pair = await outcomes(rig.bootstrap, probes, 6)
-        port = metrics_port(rig.dispatch)
+        port = metrics_port(rig.dispatch.log_path)
         transient = await scrape(port, "frs_dispatch_attempts_total",
                                  f'provider="{p5.provider_id}",result="transient"')
         assert await rig.stop() == 0
@@ -314,7 +298,7 @@ async def test_circuit_opens_after_repeated_failures_and_closes_after_recovery(
         rig.start(FRS_DISPATCH_CA_FILE=str(vendor.ca_file), FRS_DISPATCH_RETRY_MAX_ATTEMPTS="3",
                   FRS_DISPATCH_BREAKER_FAILURES="3", FRS_DISPATCH_BREAKER_OPEN_S="3")
         by_pair = await outcomes(rig.bootstrap, probes, 8)
-        port = metrics_port(rig.dispatch)
+        port = metrics_port(rig.dispatch.log_path)
         label = f'provider="{p.provider_id}"'
         assert await scrape(port, "frs_dispatch_circuit_state", label) == 2.0  # open
         reasons = Counter(first(by_pair[(x, p.provider_id)], DispatchFailed).reason
@@ -348,10 +332,8 @@ async def test_sigkill_mid_send_is_resolved_by_the_idempotency_key(rig: Rig) -> 
         probes = await rig.clear(n, [cleared(web.provider_id, Transport.HTTPS)])
         env = {"FRS_DISPATCH_CA_FILE": str(vendor.ca_file)}
         rig.start(**env)
-        deadline = asyncio.get_running_loop().time() + 60
-        while vendor.state.in_flight < 10 or not vendor.state.accepted:
-            assert asyncio.get_running_loop().time() < deadline, "no sends in flight"
-            await asyncio.sleep(0.05)
+        await wait_for_async(lambda: vendor.state.in_flight >= 10 and vendor.state.accepted,
+                             timeout=60, interval=0.05, what="sends in flight")
         assert rig.dispatch.kill() == -9  # SIGKILL with sends on the wire
         in_flight_at_kill = vendor.state.in_flight
         rig.start(**env)
@@ -399,10 +381,8 @@ async def test_rebalance_between_live_instances_sends_nothing_twice(
                    "FRS_DISPATCH_SMTP_PORT": str(inbox.port), "FRS_DISPATCH_BATCH_MAX": "30",
                    "FRS_DISPATCH_CONCURRENCY": "16"}
             rig.dispatch.start(**env, FRS_DISPATCH_INSTANCE_ID="dispatch-a")
-            deadline = asyncio.get_running_loop().time() + 60
-            while len(vendor.state.accepted) < 20:
-                assert asyncio.get_running_loop().time() < deadline, "first instance idle"
-                await asyncio.sleep(0.05)
+            await wait_for_async(lambda: len(vendor.state.accepted) >= 20, timeout=60,
+                                 interval=0.05, what="the first instance to send")
             second.start(**env, FRS_DISPATCH_INSTANCE_ID="dispatch-b")
             try:
                 by_pair = await outcomes(rig.bootstrap, probes, 2 * n, timeout_s=180)
@@ -481,7 +461,7 @@ async def test_two_hosts_each_see_every_claim_check(
                      FRS_STATE_DIR=str(tmp_path / "host-b-state"))
         try:
             for proc in (rig.dispatch, second):
-                await wait_log(proc, "consumer started")
+                await wait_log(proc.log_path, "consumer started")
             await asyncio.sleep(3)  # let the shared group settle on both members
             probes = await rig.clear(n, [cleared(web.provider_id, Transport.HTTPS)])
             by_pair = await outcomes(rig.bootstrap, probes, n, timeout_s=60)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +23,7 @@ from services.audit.store import AuditStore
 from services.kit.bus import read_topic
 from tests import intake_samples as s
 from tests.conftest import ServiceProcess
+from tests.helpers import wait_for_async
 from tests.integration.audit.conftest import audit_env
 from tests.integration.intake_support import make_request, new_id, outcomes, start_intake
 
@@ -49,23 +49,23 @@ async def request_record(bootstrap: str, event_id: str) -> tuple[int, Envelope |
 
 async def audit_leaf(store_dir: Path, event_id: str, timeout: float = 60.0,  # noqa: ASYNC109
                      ) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def recorded() -> dict[str, object] | None:
         try:
             store = AuditStore(store_dir, readonly=True)
         except FileNotFoundError:
-            store = None
-        if store is not None:
-            try:
-                rows = store.query("SELECT idx FROM leaves WHERE ce_id = ?", (event_id,))
-                if rows:
-                    idx = int(rows[0][0])
-                    leaf: dict[str, object] = json.loads(store.leaves(idx, idx + 1)[0])
-                    return leaf
-            finally:
-                store.close()
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"no audit leaf for {event_id} after {timeout}s")
+            return None
+        try:
+            rows = store.query("SELECT idx FROM leaves WHERE ce_id = ?", (event_id,))
+            if not rows:
+                return None
+            idx = int(rows[0][0])
+            leaf: dict[str, object] = json.loads(store.leaves(idx, idx + 1)[0])
+            return leaf
+        finally:
+            store.close()
+
+    return await wait_for_async(recorded, timeout=timeout, interval=0.3,
+                                what=f"the audit leaf of {event_id}")
 
 
 def assert_time_stands_in(decoded: Envelope | DecodeError, before: datetime) -> Envelope:

@@ -4,7 +4,6 @@ ciphertexts cannot be decrypted from copies, and a purger killed mid-sweep finis
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +25,7 @@ from services.intake.vault import (
 from services.kit.bus import read_topic
 from tests import intake_samples as s
 from tests.conftest import ServiceProcess
+from tests.helpers import metrics_port, wait_for_async
 from tests.integration.intake_support import (
     files_under,
     make_request,
@@ -51,23 +51,19 @@ def case(case_id: str, status: str) -> CaseRecord:
 
 
 async def purged_events(bootstrap: str, probe_ids: set[str]) -> list[ImagePurged]:
-    deadline = time.monotonic() + 60.0
-    while True:
+    found: list[ImagePurged] = []
+
+    async def all_purged() -> bool:
+        nonlocal found
         found = [d.event for _r, d in await read_topic(bootstrap, [PROBE_EVENTS.name])
                  if isinstance(d, Envelope) and isinstance(d.event, ImagePurged)
                  and d.event.probe_id in probe_ids]
-        if {e.probe_id for e in found} == probe_ids:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"ImagePurged for {len(found)} of {len(probe_ids)} probes")
-        await asyncio.sleep(0.3)
+        return {e.probe_id for e in found} == probe_ids
 
-
-def metrics_port(log: Path) -> int:
-    for line in log.read_text().splitlines():
-        if '"msg":"service started"' in line:
-            return int(json.loads(line)["metrics_port"])
-    raise AssertionError("no metrics port logged")
+    await wait_for_async(all_purged, timeout=60.0, interval=0.3,
+                         what=lambda: f"ImagePurged for all {len(probe_ids)} probes; "
+                         f"saw {len({e.probe_id for e in found})}")
+    return found
 
 
 async def test_closed_case_purges_its_probes_within_one_sweep(

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -34,8 +32,9 @@ from schemas.events import (
     SupervisorReviewRecorded,
 )
 from services.intake.policy.engine import POLICY_DIR
-from services.kit.bus import Publisher, read_topic
+from services.kit.bus import Publisher
 from tests.conftest import ROOT, ServiceProcess
+from tests.helpers import metrics_port, wait_records
 
 pytestmark = pytest.mark.integration
 
@@ -107,22 +106,23 @@ async def publish(bootstrap: str, *events: Event) -> None:
         await publisher.publish(events)
 
 
-async def wait_for(bootstrap: str, probe_id: str, kind: type[Event] | tuple[type[Event], ...],
-                   within_s: float = 30.0) -> Event:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        for _raw, decoded in await read_topic(bootstrap, [POLICY_DECISIONS.name]):
-            if (isinstance(decoded, Envelope) and isinstance(decoded.event, kind)
-                    and decoded.subject == probe_id):
-                return decoded.event
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"no {kind} for {probe_id} within {within_s}s")
+async def wait_decision(bootstrap: str, probe_id: str,
+                        kind: type[Event] | tuple[type[Event], ...],
+                        within_s: float = 30.0) -> Event:
+    """The first ``kind`` event about the probe on the decisions topic."""
+    found = await wait_records(
+        bootstrap, [POLICY_DECISIONS.name],
+        lambda _r, d: isinstance(d, Envelope) and isinstance(d.event, kind)
+        and d.subject == probe_id, timeout=within_s)
+    decoded = found[0][1]
+    assert isinstance(decoded, Envelope)
+    return decoded.event
 
 
 async def decide(world: World, **over: Any) -> PolicyCleared | PolicyDenied:
     probe = world.probe(**over)
     await publish(world.bootstrap, probe)
-    event = await wait_for(world.bootstrap, probe.probe_id, (PolicyCleared, PolicyDenied))
+    event = await wait_decision(world.bootstrap, probe.probe_id, (PolicyCleared, PolicyDenied))
     assert isinstance(event, PolicyCleared | PolicyDenied)
     return event
 
@@ -235,8 +235,8 @@ async def test_replay_from_the_event_and_a_changed_policy(
 
 
 def _metric(log_path: Path, name: str) -> float:
-    ports = re.findall(r'"metrics_port":\s*(\d+)', log_path.read_text())
-    body = urllib.request.urlopen(f"http://127.0.0.1:{ports[-1]}/metrics", timeout=10).read()
+    port = metrics_port(log_path)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
     for line in body.decode().splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
@@ -268,13 +268,13 @@ async def test_exigent_clearance_is_flagged_until_reviewed(
 
     on_time = await decide(world, **exigent)
     assert isinstance(on_time, PolicyCleared) and on_time.exigent
-    await wait_for(kafka_bootstrap, on_time.probe_id, PolicyCleared)
+    await wait_decision(kafka_bootstrap, on_time.probe_id, PolicyCleared)
     reviewed = cli_ok(kafka_bootstrap, "exigent", "review", on_time.probe_id, "--supervisor",
                       world.sup, "--approve", "--notes", "justified")
     assert reviewed["approved"] is True
 
-    overdue = await wait_for(kafka_bootstrap, late.probe_id, ExigentReviewOverdue,
-                             within_s=REVIEW_WINDOW_S + 30)
+    overdue = await wait_decision(kafka_bootstrap, late.probe_id, ExigentReviewOverdue,
+                                  within_s=REVIEW_WINDOW_S + 30)
     assert isinstance(overdue, ExigentReviewOverdue)
     assert overdue.due_at == late.decided_at + timedelta(seconds=REVIEW_WINDOW_S)
     assert _metric(intake.log_path, "frs_policy_exigent_reviews_overdue_total") >= 1
@@ -283,7 +283,7 @@ async def test_exigent_clearance_is_flagged_until_reviewed(
     await asyncio.sleep(max(0.0, (on_time.decided_at + timedelta(seconds=REVIEW_WINDOW_S)
                                   - datetime.now(UTC)).total_seconds()) + 2.0)
     with pytest.raises(AssertionError):
-        await wait_for(kafka_bootstrap, on_time.probe_id, ExigentReviewOverdue, within_s=1.0)
+        await wait_decision(kafka_bootstrap, on_time.probe_id, ExigentReviewOverdue, within_s=1.0)
 
     done = cli(kafka_bootstrap, "exigent", "pending", "--json")
     pending = {p["probe_id"]: p for p in json.loads(done.stdout)}
@@ -293,7 +293,7 @@ async def test_exigent_clearance_is_flagged_until_reviewed(
     # A supervisor's review lowers the flag; a non-supervisor's does not count.
     cli_ok(kafka_bootstrap, "exigent", "review", late.probe_id, "--supervisor", world.sup,
            "--reject")
-    review = await wait_for(kafka_bootstrap, late.probe_id, SupervisorReviewRecorded)
+    review = await wait_decision(kafka_bootstrap, late.probe_id, SupervisorReviewRecorded)
     assert isinstance(review, SupervisorReviewRecorded) and review.approved is False
     done = cli(kafka_bootstrap, "exigent", "pending", "--json")
     assert late.probe_id not in {p["probe_id"] for p in json.loads(done.stdout)}

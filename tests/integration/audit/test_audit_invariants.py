@@ -31,7 +31,8 @@ from schemas.types import OutboundField, Transport
 from services.kit.bus import Publisher
 from tests.conftest import ServiceProcess
 from tests.factories import submitted
-from tests.integration.audit.conftest import later, now, violations, wait_for
+from tests.helpers import wait_for
+from tests.integration.audit.conftest import later, now, violations
 
 pytestmark = pytest.mark.integration
 DIGEST = "0" * 64
@@ -102,8 +103,8 @@ def publish_forged(bootstrap: str, event: Event, **overrides: object) -> str:
 def seen(bootstrap: str, probe_id: str, invariant: Invariant,
          timeout: float = 60.0) -> list[ComplianceViolation]:
     return wait_for(lambda: [v for v in violations(bootstrap) if v.probe_id == probe_id
-                             and v.invariant == invariant], timeout,
-                    f"{invariant.value} for {probe_id}")
+                             and v.invariant == invariant], timeout=timeout,
+                    what=f"{invariant.value} for {probe_id}")
 
 
 def none_for(bootstrap: str, probe_id: str) -> bool:

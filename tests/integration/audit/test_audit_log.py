@@ -19,7 +19,8 @@ from schemas.envelope import Envelope
 from schemas.events import CheckpointPublished, ProbeRejected, RejectReason
 from services.kit.bus import Publisher, read_topic
 from tests.conftest import ROOT, ServiceProcess
-from tests.integration.audit.conftest import audit_env, store_size, wait_for
+from tests.helpers import wait_for
+from tests.integration.audit.conftest import audit_env, store_size
 
 pytestmark = pytest.mark.integration
 GO = shutil.which("go") or "/usr/local/go/bin/go"

@@ -28,7 +28,8 @@ from services.audit.store import AuditStore
 from services.cli.client import submit_probe
 from services.kit.bus import Publisher, read_topic
 from tests.conftest import ServiceProcess
-from tests.integration.audit.conftest import audit_env, store_size, wait_for
+from tests.helpers import wait_for
+from tests.integration.audit.conftest import audit_env, store_size
 from tests.integration.audit.test_audit_log import frs
 
 pytestmark = pytest.mark.integration

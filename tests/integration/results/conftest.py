@@ -3,8 +3,6 @@ their topics (no dependency on dispatch), read the results topic, run the servic
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,6 +20,7 @@ from schemas.events import (
     RegistryVersions,
 )
 from services.kit.bus import Publisher, read_topic
+from tests.helpers import wait_for_async
 
 pytestmark = pytest.mark.integration
 
@@ -76,16 +75,20 @@ async def results_for(bootstrap: str, probe_id: str, topic: str = RESULTS_EVENTS
             if isinstance(d, Envelope) and d.subject == probe_id]
 
 
-async def wait_for(bootstrap: str, probe_id: str, done: Callable[[list[Event]], bool],
-                   within_s: float = 45.0, topic: str = RESULTS_EVENTS.name) -> list[Event]:
-    deadline = time.monotonic() + within_s
-    while True:
+async def wait_results(bootstrap: str, probe_id: str, done: Callable[[list[Event]], bool],
+                       within_s: float = 45.0, topic: str = RESULTS_EVENTS.name) -> list[Event]:
+    """The probe's events on ``topic`` once ``done`` says they are enough."""
+    events: list[Event] = []
+
+    async def enough() -> bool:
+        nonlocal events
         events = await results_for(bootstrap, probe_id, topic)
-        if done(events):
-            return events
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out; saw {[type(e).__name__ for e in events]}")
-        await asyncio.sleep(0.5)
+        return done(events)
+
+    await wait_for_async(enough, timeout=within_s, interval=0.5,
+                         what=lambda: f"{probe_id} on {topic}; saw "
+                         f"{[type(e).__name__ for e in events]}")
+    return events
 
 
 def count(events: Sequence[Event], kind: type[Event]) -> int:
@@ -96,29 +99,3 @@ async def registry_records(bootstrap: str, pid: str) -> list[ProviderRecord]:
     records = await read_topic(bootstrap, [REGISTRY_PROVIDERS.name])
     return [d.event for _, d in records if isinstance(d, Envelope)
             and isinstance(d.event, ProviderRecord) and d.event.provider_id == pid]
-
-
-async def wait_committed(bootstrap: str, group: str, topics: Sequence[str],
-                         within_s: float = 60.0) -> None:
-    """Wait until ``group`` has committed every partition of ``topics`` up to its end."""
-    from aiokafka import AIOKafkaConsumer
-
-    from services.kit.bus import all_partitions
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        parts = await all_partitions(consumer, topics)
-        end = await consumer.end_offsets(parts)
-        deadline = time.monotonic() + within_s
-        while True:
-            behind = [tp for tp in parts if end[tp] > 0
-                      and (await consumer.committed(tp) or 0) < end[tp]]
-            if not behind:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{group} not caught up on {behind}")
-            await asyncio.sleep(0.5)
-    finally:
-        await consumer.stop()

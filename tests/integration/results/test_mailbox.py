@@ -4,7 +4,6 @@ sent with aiosmtplib, S/MIME signed by the provider and encrypted to the broker.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from schemas.events import LEAD_MARKING, CandidatesReceived, DeletionConfirmed
 from tests.conftest import ServiceProcess
+from tests.helpers import free_port, wait_for_async
 from tests.integration.results.conftest import (
     cleared,
     count,
@@ -25,7 +25,7 @@ from tests.integration.results.conftest import (
     provider_record,
     publish,
     uid,
-    wait_for,
+    wait_results,
 )
 from tests.integration.results.pki import Issued, LocalCA
 
@@ -41,13 +41,6 @@ class Inbox:
     broker: Issued
     vendor: Issued
     ca: LocalCA
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture
 def inbox(services: dict[str, ServiceProcess], tmp_path: Path) -> Iterator[Inbox]:
@@ -86,17 +79,17 @@ async def send(inbox: Inbox, message: bytes, sender: str = VENDOR) -> None:
 
 
 async def send_when_known(inbox: Inbox, message: bytes) -> None:
-    import asyncio
-
-    for _ in range(60):
+    """Retry while the tracker has not recorded the dispatch yet (451)."""
+    async def sent() -> bool:
         try:
             await send(inbox, message)
-            return
         except aiosmtplib.SMTPDataError as exc:
             if exc.code != 451:
                 raise
-            await asyncio.sleep(0.5)
-    raise AssertionError("request_ref never became known")
+            return False
+        return True
+
+    await wait_for_async(sent, timeout=30.0, interval=0.5, what="the request_ref to be known")
 
 
 async def setup_probe(bootstrap: str, inbox: Inbox) -> tuple[str, str, str]:
@@ -123,7 +116,7 @@ async def test_encrypted_signed_mail_becomes_lead(kafka_bootstrap: str, inbox: I
     await send_when_known(inbox, mail(answer(ref, 7), inbox.vendor, inbox.broker))
     await send(inbox, mail({"kind": "deletion", "request_ref": ref}, inbox.vendor,
                            inbox.broker))
-    events = await wait_for(kafka_bootstrap, probe, lambda es: count(
+    events = await wait_results(kafka_bootstrap, probe, lambda es: count(
         es, CandidatesReceived) >= 1 and count(es, DeletionConfirmed) >= 1)
     [got] = [e for e in events if isinstance(e, CandidatesReceived)]
     assert got.channel == "email" and got.provider_id == pid

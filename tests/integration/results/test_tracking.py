@@ -17,6 +17,7 @@ from schemas.events import (
     ProbeSettled,
 )
 from tests.conftest import ServiceProcess
+from tests.helpers import wait_committed
 from tests.integration.results.conftest import (
     cleared,
     count,
@@ -26,8 +27,7 @@ from tests.integration.results.conftest import (
     publish,
     results_for,
     uid,
-    wait_committed,
-    wait_for,
+    wait_results,
 )
 
 pytestmark = pytest.mark.integration
@@ -56,7 +56,7 @@ async def test_silent_provider_yields_no_response_then_one_settlement(
     await asyncio.sleep(1.0)
     early = await results_for(kafka_bootstrap, probe)
     assert count(early, NoResponse) == 0 and count(early, ProbeSettled) == 0
-    events = await wait_for(kafka_bootstrap, probe, lambda es: count(es, ProbeSettled) >= 1)
+    events = await wait_results(kafka_bootstrap, probe, lambda es: count(es, ProbeSettled) >= 1)
     [nr] = [e for e in events if isinstance(e, NoResponse)]
     assert nr.provider_id == b
     assert nr.deadline <= now()

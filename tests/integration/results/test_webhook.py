@@ -26,6 +26,7 @@ from schemas.events import LEAD_MARKING, CandidatesReceived, DeletionConfirmed
 from services.kit.bus import read_topic
 from services.results.webhook import ANSWERS_PATH, DELETION_PATH, sign
 from tests.conftest import ServiceProcess
+from tests.helpers import free_port, wait_for_async
 from tests.integration.results.conftest import (
     cleared,
     count,
@@ -33,19 +34,12 @@ from tests.integration.results.conftest import (
     provider_record,
     publish,
     uid,
-    wait_for,
+    wait_results,
 )
 from tests.integration.results.pki import LocalCA
 
 pytestmark = pytest.mark.integration
 HOLD_S = 4.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @dataclass
 class Hook:
@@ -78,12 +72,12 @@ class Hook:
     async def post_when_known(self, path: str, provider: str, body: dict[str, Any]
                               ) -> tuple[int, dict[str, Any]]:
         """Retry while the tracker has not recorded the dispatch yet (404)."""
-        for _ in range(60):
+        async def known() -> tuple[int, dict[str, Any]] | None:
             status, reply = await self.post(path, provider, body)
-            if status != 404:
-                return status, reply
-            await asyncio.sleep(0.5)
-        raise AssertionError("request_ref never became known")
+            return (status, reply) if status != 404 else None
+
+        return await wait_for_async(known, timeout=30.0, interval=0.5,
+                                    what="the request_ref to be known")
 
     def metric(self, outcome: str) -> float:
         text = urllib.request.urlopen(
@@ -135,8 +129,8 @@ async def test_answer_that_beats_the_dispatch_record_is_held_not_refused(
     await publish(kafka_bootstrap, [sent])
     status, reply = await call
     assert (status, reply) == (202, {"status": "accepted"})
-    events = await wait_for(kafka_bootstrap, probe,
-                            lambda es: count(es, CandidatesReceived) >= 1)
+    events = await wait_results(kafka_bootstrap, probe,
+                                lambda es: count(es, CandidatesReceived) >= 1)
     assert count(events, CandidatesReceived) == 1
     # A reference that never gets a record: refused after the hold, and counted.
     before = hook.metric("unknown_request")
@@ -165,8 +159,8 @@ async def test_signed_answer_becomes_capped_lead(kafka_bootstrap: str, hook: Hoo
             "algorithm": "vendor-x", "algorithm_version": "7.2"}
     status, _ = await hook.post_when_known(ANSWERS_PATH, pid, body)
     assert status == 202
-    events = await wait_for(kafka_bootstrap, probe,
-                            lambda es: count(es, CandidatesReceived) >= 1)
+    events = await wait_results(kafka_bootstrap, probe,
+                                lambda es: count(es, CandidatesReceived) >= 1)
     [got] = [e for e in events if isinstance(e, CandidatesReceived)]
     assert got.channel == "webhook" and got.provider_id == pid
     assert got.lead_marking == LEAD_MARKING and got.mode == "investigative"
@@ -212,10 +206,10 @@ async def test_forged_unsigned_stale_and_replayed_calls_are_refused(
     hook.restart()
     status, reply = await hook.post(ANSWERS_PATH, pid, body, timestamp=ts)
     assert (status, reply["error"]) == (409, "replayed")
-    events = await wait_for(kafka_bootstrap, probe,
-                            lambda es: count(es, CandidatesReceived) >= 1)
+    events = await wait_results(kafka_bootstrap, probe,
+                                lambda es: count(es, CandidatesReceived) >= 1)
     await asyncio.sleep(1.5)
-    events = await wait_for(kafka_bootstrap, probe, lambda es: True)
+    events = await wait_results(kafka_bootstrap, probe, lambda es: True)
     assert count(events, CandidatesReceived) == 1  # only the one accepted call
 
 
@@ -226,8 +220,8 @@ async def test_deletion_receipt_by_webhook(kafka_bootstrap: str, hook: Hook) -> 
     status, _ = await hook.post_when_known(DELETION_PATH, pid,
                                            {"request_ref": sent.request_ref})
     assert status == 202
-    events = await wait_for(kafka_bootstrap, probe,
-                            lambda es: count(es, DeletionConfirmed) >= 1)
+    events = await wait_results(kafka_bootstrap, probe,
+                                lambda es: count(es, DeletionConfirmed) >= 1)
     [receipt] = [e for e in events if isinstance(e, DeletionConfirmed)]
     assert receipt.provider_id == pid
 
