@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from services.cli.entry import build_parser, main
 
 
-def test_bench_intake_json(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_intake_json(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its scratch vault and images
     assert main(["bench", "intake", "--json", "--images", "2", "--rounds", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     full, base = out["full_path"]["images_per_s"], out["baseline"]["images_per_s"]
