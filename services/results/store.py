@@ -7,7 +7,8 @@ the SQLite commit replays the batch against the old state (outputs may repeat on
 the crash falls between the broker's ack and this commit); a crash after it replays
 against the new state, where every transition is a no-op, so nothing is emitted twice.
 
-``NonceStore`` remembers accepted webhook calls for the replay window, across restarts.
+``NonceStore`` remembers accepted webhook calls for the replay window, and accepted reply
+mails for ``FRS_RESULTS_SMTP_REPLAY_KEEP_DAYS``, across restarts.
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+from services.kit.sqlite import connect
 from services.results.tracking import ProbeState
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    return conn
+    return connect(path, isolation_level="DEFERRED", check_same_thread=False)
 
 
 class TrackerStore:
@@ -110,30 +108,42 @@ class RequestRefs:
 
 
 class NonceStore:
-    """Accepted webhook signatures, kept for the replay window (durable)."""
+    """Accepted inbound calls, kept for a while (durable): webhook signatures (table
+    ``nonces``) and reply mails (table ``mail_replies``), so a replay is refused across
+    restarts too."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, table: str = "nonces") -> None:
+        if not table.isidentifier():
+            raise ValueError(f"bad table name {table!r}")
+        self._table = table
         self._db = _connect(path)
         # Survives a process crash (WAL); a power cut may forget the last claims, and a
         # call replayed then is a duplicate answer the tracker already ignores. FULL cost
         # an fsync per webhook call on the event loop.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS nonces ("
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} ("
                          "digest TEXT PRIMARY KEY, seen_at REAL NOT NULL)")
         # Without it every claim's prune scanned the whole window (~20k rows at 35/s).
-        self._db.execute("CREATE INDEX IF NOT EXISTS nonces_seen_at ON nonces (seen_at)")
+        self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_seen_at ON {table} (seen_at)")
         self._db.commit()
 
-    def claim(self, digest: str, now: float, window_s: float) -> bool:
-        """True if ``digest`` was not seen within the window; records it durably."""
-        self._db.execute("DELETE FROM nonces WHERE seen_at < ?", (now - 2 * window_s,))
-        cur = self._db.execute("INSERT OR IGNORE INTO nonces VALUES (?, ?)", (digest, now))
+    def seen(self, digest: str, now: float, keep_s: float) -> bool:
+        """True if ``digest`` was claimed within the last ``keep_s`` seconds (read only)."""
+        row = self._db.execute(f"SELECT 1 FROM {self._table} WHERE digest = ? AND seen_at >= ?",
+                               (digest, now - keep_s)).fetchone()
+        return row is not None
+
+    def claim(self, digest: str, now: float, keep_s: float) -> bool:
+        """True if ``digest`` was not claimed within ``keep_s``; records it durably."""
+        self._db.execute(f"DELETE FROM {self._table} WHERE seen_at < ?", (now - keep_s,))
+        cur = self._db.execute(f"INSERT OR IGNORE INTO {self._table} VALUES (?, ?)",
+                               (digest, now))
         self._db.commit()
         return cur.rowcount == 1
 
     def release(self, digest: str) -> None:
         """Forget a claim whose call was not accepted, so the provider may retry it."""
-        self._db.execute("DELETE FROM nonces WHERE digest = ?", (digest,))
+        self._db.execute(f"DELETE FROM {self._table} WHERE digest = ?", (digest,))
         self._db.commit()
 
     def close(self) -> None:
