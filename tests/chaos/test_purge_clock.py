@@ -25,25 +25,15 @@ from services.kit.clock import BrokerClock, kafka_stamp
 from services.kit.publisher import Publisher
 from services.kit.reader import read_topic
 from services.vault import (
-    FileObjectStore,
-    LocalKek,
-    Vault,
-    VaultIndex,
-    open_db,
     probe_ref,
 )
+from tests.integration.intake_support import open_vault
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 SKEW = timedelta(minutes=10)
 GRACE = timedelta(minutes=2)
 # Expiries around true now, in minutes: some long past, some just past, some to come.
 OFFSETS = (-30, -15, -9, -5, -3, -1, 1, 3, 5, 9, 15, 30)
-
-
-def open_vault(state: Path) -> Vault:
-    root = state / "vault"
-    return Vault(VaultIndex(open_db(root / "intake.db")), FileObjectStore(root / "objects"),
-                 LocalKek(state / "keys" / "vault.kek"))
 
 
 def violations(expiries: dict[str, datetime], purged: set[str],

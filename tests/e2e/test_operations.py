@@ -93,21 +93,26 @@ def prometheus(system: System, tmp_path: Path) -> Any:
         log.close()
 
 
+def submit(system: System, tmp_path: Path, face_jpeg: bytes, request_id: str) -> None:
+    """`frs submit` of the face photo, as an agent does; it must be accepted."""
+    image = tmp_path / "face.jpg"
+    image.write_bytes(face_jpeg)
+    key = Path(system.env["FRS_INTAKE_PRIVATE_KEY_FILE"]).with_suffix(".pub.pem")
+    submitted = system.frs("submit", "--image", str(image), "--case", "CASE-1", "--agent",
+                           "agent-7", "--purpose", "financial_fraud", "--roi", "ROI-1",
+                           "--source", "mug_shot", "--request-id", request_id,
+                           "--intake-public-key", str(key))
+    assert submitted.returncode == 0, submitted.stderr
+
+
 def test_prometheus_sees_the_flow_and_no_alert_fires(
     system: System, prometheus: str, tmp_path: Path, face_jpeg: bytes
 ) -> None:
     assert system.frs("registry", "demo", "--endpoint", system.vendor_url).returncode == 0
     time.sleep(1.5)
-    image = tmp_path / "face.jpg"
-    image.write_bytes(face_jpeg)
-    key = Path(system.env["FRS_INTAKE_PRIVATE_KEY_FILE"]).with_suffix(".pub.pem")
     requests = [f"req-{uuid.uuid4()}" for _ in range(3)]
     for request_id in requests:
-        submitted = system.frs("submit", "--image", str(image), "--case", "CASE-1", "--agent",
-                               "agent-7", "--purpose", "financial_fraud", "--roi", "ROI-1",
-                               "--source", "mug_shot", "--request-id", request_id,
-                               "--intake-public-key", str(key))
-        assert submitted.returncode == 0, submitted.stderr
+        submit(system, tmp_path, face_jpeg, request_id)
     for request_id in requests:
         done = system.frs("timeline", request_id, "--until", "frs.probe.settled.v1",
                           "--wait", "90")
@@ -174,15 +179,8 @@ def test_an_image_forced_past_expiry_fires_its_alert(
     intake.start(FRS_INTAKE_METRICS_PORT=str(port), FRS_INTAKE_IMAGE_TTL_HOURS="0.0003",
                  FRS_INTAKE_PURGE_INTERVAL_S="3600")
     intake.wait_log('"consumer started"', timeout=90, count=2 * routes)
-    image = tmp_path / "face.jpg"
-    image.write_bytes(face_jpeg)
-    key = Path(system.env["FRS_INTAKE_PRIVATE_KEY_FILE"]).with_suffix(".pub.pem")
     request_id = f"req-{uuid.uuid4()}"
-    submitted = system.frs("submit", "--image", str(image), "--case", "CASE-1", "--agent",
-                           "agent-7", "--purpose", "financial_fraud", "--roi", "ROI-1",
-                           "--source", "mug_shot", "--request-id", request_id,
-                           "--intake-public-key", str(key))
-    assert submitted.returncode == 0, submitted.stderr
+    submit(system, tmp_path, face_jpeg, request_id)
     assert system.frs("timeline", request_id, "--until", "frs.probe.submitted.v1",
                       "--wait", "60").returncode == 0
     wait_for(lambda: "FrsImagePastExpiry" in firing(prometheus), timeout=60, interval=1,

@@ -14,6 +14,7 @@ from schemas.events import Event, ProbeRequested
 from schemas.types import ImageSource, Purpose, probe_id_for
 from services.cli.client import build_request
 from services.kit.bus import Publisher, read_topic
+from services.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
 from tests.conftest import ServiceProcess
 from tests.helpers import wait_for_async
 
@@ -29,6 +30,13 @@ def start_intake(services: dict[str, ServiceProcess], count: int = 1,
     # The intake consumer has started (``count``: how many runs of it share this log).
     intake.wait_log('"msg":"consumer started","group":"frs-intake"', timeout=60, count=count)
     return intake
+
+
+def open_vault(state: Path) -> Vault:
+    """The vault a service keeps under its FRS_STATE_DIR, opened by the test to look."""
+    root = state / "vault"
+    return Vault(VaultIndex(open_db(root / "intake.db")), FileObjectStore(root / "objects"),
+                 LocalKek(state / "keys" / "vault.kek"))
 
 
 def new_id(prefix: str) -> str:

@@ -81,6 +81,17 @@ class Rig:
         await self.publish([d for _, d in pairs])
         return probes
 
+    async def web_and_mail(self, vendor_url: str, cert_pem: str, n: int
+                           ) -> tuple[ProviderRecord, ProviderRecord, list[str]]:
+        """An HTTPS and an S/MIME provider, published, and ``n`` probes cleared for both."""
+        web = self.provider("web", Transport.HTTPS, vendor_url)
+        mail = self.provider("mail", Transport.SMIME_EMAIL, "inbox@provider.test",
+                             cert_pem=cert_pem)
+        await self.publish(list(self.providers))
+        probes = await self.clear(n, [cleared(web.provider_id, Transport.HTTPS),
+                                      cleared(mail.provider_id, Transport.SMIME_EMAIL)])
+        return web, mail, probes
+
     def start(self, **env: str) -> ServiceProcess:
         return self.dispatch.start(**{**self.env, **env})
 
@@ -210,12 +221,7 @@ async def test_sigkill_after_send_before_commit_leaves_one_copy_per_probe_and_pr
     n = 200
     async with VendorSimulator() as vendor:
         with InboxSimulator() as inbox:
-            web = rig.provider("web", Transport.HTTPS, vendor.url)
-            mail = rig.provider("mail", Transport.SMIME_EMAIL, "inbox@provider.test",
-                                cert_pem=cert_pem)
-            await rig.publish(list(rig.providers))
-            probes = await rig.clear(n, [cleared(web.provider_id, Transport.HTTPS),
-                                         cleared(mail.provider_id, Transport.SMIME_EMAIL)])
+            web, mail, probes = await rig.web_and_mail(vendor.url, cert_pem, n)
             env = {"FRS_DISPATCH_CA_FILE": str(vendor.ca_file),
                    "FRS_DISPATCH_SMTP_PORT": str(inbox.port),
                    "FRS_DISPATCH_BATCH_MAX": "40"}
@@ -371,12 +377,7 @@ async def test_rebalance_between_live_instances_sends_nothing_twice(
     second = ServiceProcess("dispatch", services["dispatch"].env, tmp_path / "dispatch-2.log")
     async with VendorSimulator(VendorBehaviour(latency_s=0.3)) as vendor:
         with InboxSimulator() as inbox:
-            web = rig.provider("web", Transport.HTTPS, vendor.url)
-            mail = rig.provider("mail", Transport.SMIME_EMAIL, "inbox@provider.test",
-                                cert_pem=cert_pem)
-            await rig.publish(list(rig.providers))
-            probes = await rig.clear(n, [cleared(web.provider_id, Transport.HTTPS),
-                                         cleared(mail.provider_id, Transport.SMIME_EMAIL)])
+            web, mail, probes = await rig.web_and_mail(vendor.url, cert_pem, n)
             env = {**rig.env, "FRS_DISPATCH_CA_FILE": str(vendor.ca_file),
                    "FRS_DISPATCH_SMTP_PORT": str(inbox.port), "FRS_DISPATCH_BATCH_MAX": "30",
                    "FRS_DISPATCH_CONCURRENCY": "16"}

@@ -24,7 +24,6 @@ from schemas.types import probe_id_for, utcnow
 from services.cli.dispatch import start_groups_at_end
 from services.intake.sanitize import sanitize
 from services.kit.publisher import Publisher
-from services.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
 from tests import intake_samples as s
 from tests.conftest import ServiceProcess
 from tests.integration.intake_support import (
@@ -33,6 +32,7 @@ from tests.integration.intake_support import (
     make_request,
     needles,
     new_id,
+    open_vault,
     outcomes,
     publish,
     publish_raw_request,
@@ -42,12 +42,6 @@ from tests.integration.intake_support import (
 pytestmark = pytest.mark.integration
 
 BYTE_CAP = 300_000  # lowered for the test so an over-cap image still fits one message
-
-
-def open_vault(state: Path) -> Vault:
-    root = state / "vault"
-    return Vault(VaultIndex(open_db(root / "intake.db")), FileObjectStore(root / "objects"),
-                 LocalKek(state / "keys" / "vault.kek"))
 
 
 async def test_valid_request_and_redelivery_and_no_bytes_anywhere(

@@ -15,12 +15,7 @@ from schemas.envelope import Envelope
 from schemas.events import CaseRecord, ImagePurged, ProbeSubmitted, PurgeReason
 from schemas.types import Purpose, utcnow
 from services.intake.vault import (
-    FileObjectStore,
-    LocalKek,
     ObjectPurged,
-    Vault,
-    VaultIndex,
-    open_db,
 )
 from services.kit.bus import read_topic
 from tests import intake_samples as s
@@ -30,18 +25,13 @@ from tests.integration.intake_support import (
     files_under,
     make_request,
     new_id,
+    open_vault,
     outcomes,
     publish,
     start_intake,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def open_vault(state: Path) -> Vault:
-    root = state / "vault"
-    return Vault(VaultIndex(open_db(root / "intake.db")), FileObjectStore(root / "objects"),
-                 LocalKek(state / "keys" / "vault.kek"))
 
 
 def case(case_id: str, status: str) -> CaseRecord:
