@@ -1,0 +1,31 @@
+"""The PostgreSQL server of the store tests, one per session (tests/pg.py): deploy/test.sh's
+when it started one, else started here. When pg.sh cannot start a server the PostgreSQL
+tests are skipped with its reason, except under deploy/test.sh (FRS_TEST_PG_REQUIRED)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.pg import PgServer, existing_server, must_run, start_server, stop_server
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    server = existing_server()
+    if server is not None:
+        yield server
+        return
+    try:
+        server = start_server()
+    except (subprocess.CalledProcessError, OSError) as exc:
+        reason = getattr(exc, "stderr", None) or str(exc)
+        if must_run():
+            pytest.fail(f"pg.sh could not start PostgreSQL: {reason.strip()}")
+        pytest.skip(f"pg.sh could not start PostgreSQL: {reason.strip()}")
+    try:
+        yield server
+    finally:
+        stop_server(server)
