@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "audit": ("verify, replay and report on the audit log", ("audit",)),
     "settings": ("list every setting: variable, default, meaning", ("settings_doc",)),
     "profile": ("client profiles: who frs is on the bus (--as ROLE)", ("profile_cmd",)),
+    "db": ("the shared PostgreSQL database: schema migrations and status", ("db",)),
 }
 
 EPILOG = """examples:

@@ -12,12 +12,15 @@ from pydantic_settings import SettingsConfigDict
 # The Kafka connection settings (bootstrap, TLS, SASL) live with client_options().
 from services.kit.env import shared
 from services.kit.kafka import KafkaSettings
+from services.kit.state import StateUrl, parse_state_url
 
 __all__ = ["KafkaSettings", "ServiceSettings", "shared"]
 
 
 class ServiceSettings(KafkaSettings):
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    # Errors name the setting, never echo its input (a URL may carry a secret by mistake).
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     service: str = "frs"
     local_mode: bool = shared(
@@ -25,6 +28,13 @@ class ServiceSettings(KafkaSettings):
     )
     log_level: str = shared("FRS_LOG_LEVEL", "INFO", "Python log level name.")
     state_dir: Path = shared("FRS_STATE_DIR", Path(".state"), "Where local state lives.")
+    state_url: str | None = shared(
+        "FRS_STATE_URL", None, "Where shared state lives: sqlite:///DIR, the state dir, on one "
+        "host (the default), or postgresql://ROLE@HOST:PORT/DB for many hosts "
+        "(deploy/postgres/pg.sh prints each service's).")
+    state_password_file: Path | None = shared(
+        "FRS_STATE_PASSWORD_FILE", None, "The PostgreSQL role's password, in a file only its "
+        "owner may read (never in FRS_STATE_URL).")
     metrics_host: str = shared("FRS_METRICS_HOST", "127.0.0.1", "Bind address for /metrics.")
     metrics_port: int = Field(0, description="Port for /metrics; 0 picks a free one.")
     max_retries: int = Field(3, ge=0, description="Handler retries before the DLQ.")
@@ -46,4 +56,8 @@ class ServiceSettings(KafkaSettings):
         if not self.local_mode and self.kafka_security_protocol != "SASL_SSL":
             # Outside local mode every service holds its own identity on an encrypted bus.
             raise ValueError("FRS_KAFKA_SECURITY_PROTOCOL must be SASL_SSL outside local mode")
+        self.state()  # a bad FRS_STATE_URL stops the start here, saying what to set
         return self
+
+    def state(self) -> StateUrl:
+        return parse_state_url(self.state_url, self.state_dir, local_mode=self.local_mode)
