@@ -7,7 +7,10 @@ timers, so a restart loses nothing. Each sweep:
    wrapped data key, publishes ImagePurged (and waits for the broker's ack), marks it
    announced. Every step is recorded, so a sweep cut short by a crash is finished by
    the next one: at worst one ImagePurged is published twice, never zero times.
-3. sets a gauge of objects still past expiry (zero when the purger keeps up).
+3. sets a gauge of objects still past expiry (zero when the purger keeps up);
+4. destroys the vault's epoch key-encryption keys that are over and wrap no stored
+   object's key (services/vault/epochs.py): copies of the index taken before a purge
+   (dumps, backups, WAL) hold wrapped keys that nothing can unwrap from then on.
 
 "Past expiry" is judged by the broker's clock (services/kit/clock.py), never by the local
 one: a local clock running fast would purge early, one running slow would keep images too
@@ -179,10 +182,25 @@ class Purger:
                                             "reason": event.reason.value})
             announced.append(event)
         self.refresh_gauges()
+        self.destroy_epochs(now)
         if due or moved:
             log.info("purge sweep done", extra={"purged": len(announced),
                                                 "case_closed_moved": moved})
         return announced
+
+    def destroy_epochs(self, now: datetime) -> None:
+        """After the purges: a key epoch still holding an object is kept (that object's
+        purge is behind, and the past-expiry gauge shows it), so order does not matter
+        for safety, only for how soon the key goes."""
+        try:
+            destroyed = self.vault.destroy_expired_epochs(now)
+        except Exception as exc:
+            self.metrics.sweep_failures.inc()
+            log.warning("epoch keys not destroyed (retried next sweep)",
+                        extra={"error": type(exc).__name__})
+            return
+        if destroyed:
+            log.info("key epochs destroyed", extra={"epochs": destroyed})
 
     def refresh_gauges(self) -> None:
         """Between sweeps too: an object that expires now is visible to operators now,

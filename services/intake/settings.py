@@ -60,7 +60,7 @@ class IntakeSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _vault_secure_outside_local(self) -> IntakeSettings:
-        if not self.local_mode and self.vault.kek_backend == "local":
+        if not self.local_mode and self.vault.kek_backend != "kms":
             raise ValueError("FRS_VAULT_KEK_BACKEND=kms is required outside local mode")
         if self.clock_max_age_s <= self.clock_resample_s:
             # Samples would go stale before the next is due: every other sweep warns.

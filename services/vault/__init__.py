@@ -24,12 +24,13 @@ from services.vault.core import (
     open_db,
     probe_ref,
 )
+from services.vault.epochs import EpochKek
 from services.vault.settings import VaultSettings
 
-__all__ = ["FileObjectStore", "KeyWrapper", "KmsKek", "LocalKek", "ObjectKind", "ObjectPurged",
-           "ObjectStore", "S3ObjectStore", "UnknownObject", "Vault", "VaultEntry",
-           "VaultError", "VaultIndex", "VaultSettings", "binding", "open_db", "open_vault",
-           "probe_ref"]
+__all__ = ["EpochKek", "FileObjectStore", "KeyWrapper", "KmsKek", "LocalKek", "ObjectKind",
+           "ObjectPurged", "ObjectStore", "S3ObjectStore", "UnknownObject", "Vault",
+           "VaultEntry", "VaultError", "VaultIndex", "VaultSettings", "binding", "open_db",
+           "open_vault", "probe_ref"]
 
 
 def key_wrapper(settings: VaultSettings) -> KeyWrapper:
@@ -40,7 +41,10 @@ def key_wrapper(settings: VaultSettings) -> KeyWrapper:
         kms = boto3.client("kms", endpoint_url=settings.kms_endpoint_url,
                            region_name=settings.aws_region)
         return KmsKek(kms, settings.kms_key_id)
-    return LocalKek(settings.kek_file or settings.state_dir / "keys" / "vault.kek")
+    if settings.kek_backend == "local":
+        return LocalKek(settings.kek_path)
+    return EpochKek(settings.kek_epochs_dir, epoch_hours=settings.kek_epoch_hours,
+                    grace=settings.kek_epoch_grace, legacy=settings.kek_path)
 
 
 def object_store(settings: VaultSettings) -> ObjectStore:

@@ -8,6 +8,10 @@ local 0600 key file or AWS KMS (GenerateDataKey/Decrypt with the same binding as
 encryption context), and the wrapped key lives only in the index, never next to the
 ciphertext. Purging deletes the ciphertext and then destroys the wrapped key
 (crypto-shredding): any copy of the ciphertext, in a backup or a replica, is then noise.
+A copy of the index taken before the purge (a dump, a backup, its WAL) still holds the
+wrapped key: in local mode the data key is therefore wrapped under the key of the epoch
+its expiry falls in (``services/vault/epochs.py``), kept outside the index and destroyed
+once the epoch is over, which makes every such copy noise too (docs/security.md).
 
 The index is SQLite in WAL mode with ``secure_delete`` on and a truncating checkpoint after
 each shred, so the destroyed key does not linger in free pages or the write-ahead log.
@@ -22,12 +26,12 @@ import glob
 import hashlib
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -71,18 +75,31 @@ def _aad(context: Mapping[str, str]) -> bytes:
 class KeyWrapper(Protocol):
     kek_id: str
 
-    def new_data_key(self, context: Mapping[str, str]) -> tuple[bytes, bytes]:
-        """A fresh 256-bit data key: (plaintext, wrapped)."""
+    def new_data_key(self, context: Mapping[str, str], *,
+                     expires_at: datetime) -> tuple[bytes, bytes]:
+        """A fresh 256-bit data key for an object that expires at ``expires_at``:
+        (plaintext, wrapped)."""
         ...
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes: ...
 
 
-class LocalKek:
-    """Local mode: a 32-byte key-encryption key in a 0600 file, created on first use."""
+LiveKeys = Callable[[datetime | None], list[bytes]]
 
-    def __init__(self, path: Path) -> None:
-        if not path.exists():
+
+@runtime_checkable
+class ExpiringKeys(Protocol):
+    """A key wrapper whose key-encryption keys end (services/vault/epochs.py)."""
+
+    def destroy_expired_epochs(self, now: datetime, live_keys: LiveKeys) -> list[str]: ...
+
+
+class LocalKek:
+    """Local mode: a 32-byte key-encryption key in a 0600 file, created on first use
+    (unless ``create`` is false: the epoch wrapper only reads an older vault's key)."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        if create and not path.exists():
             write_private(path, os.urandom(32), exclusive=True)
         try:
             key = read_private(path)
@@ -93,7 +110,8 @@ class LocalKek:
         self._aead = AESGCM(key)
         self.kek_id = "local:" + hashlib.sha256(b"kek-id" + key).hexdigest()[:16]
 
-    def new_data_key(self, context: Mapping[str, str]) -> tuple[bytes, bytes]:
+    def new_data_key(self, context: Mapping[str, str], *,
+                     expires_at: datetime | None = None) -> tuple[bytes, bytes]:
         dek = AESGCM.generate_key(bit_length=256)
         nonce = os.urandom(_NONCE)
         return dek, nonce + self._aead.encrypt(nonce, dek, _aad(context))
@@ -114,7 +132,8 @@ class KmsKek:
         self.kek_id = f"kms:{key_id}"
         self._key_id = key_id
 
-    def new_data_key(self, context: Mapping[str, str]) -> tuple[bytes, bytes]:
+    def new_data_key(self, context: Mapping[str, str], *,
+                     expires_at: datetime | None = None) -> tuple[bytes, bytes]:
         out = self._kms.generate_data_key(KeyId=self._key_id, KeySpec="AES_256",
                                           EncryptionContext=dict(context))
         return bytes(out["Plaintext"]), bytes(out["CiphertextBlob"])
@@ -387,6 +406,17 @@ class VaultIndex:
         if checkpoint:
             self.checkpoint()
 
+    def live_wrapped_keys(self, expiring_before: datetime | None = None) -> list[bytes]:
+        """Every wrapped key not yet destroyed (of objects expiring before
+        ``expiring_before``). An object's expiry only ever moves earlier once its key is
+        wrapped (a closed case; a re-put wraps a new key), so the keys wrapped for an
+        expiry before t are all among those returned for t."""
+        sql = "SELECT wrapped_key FROM vault_objects WHERE wrapped_key IS NOT NULL"
+        args: tuple[float, ...] = ()
+        if expiring_before is not None:
+            sql, args = sql + " AND expires_at<?", (_ts(expiring_before),)
+        return [bytes(r[0]) for r in self.conn.execute(sql, args).fetchall()]
+
     def checkpoint(self) -> bool:
         """Fold the WAL into the database and truncate it. False when a reader (dispatch
         shares this file) kept it from completing: destroyed keys may still be in the
@@ -415,7 +445,7 @@ class Vault:
         redelivered request replaces its object rather than adding a second one."""
         ref = probe_ref(probe_id, kind)
         context = binding(probe_id, case_id, kind)
-        dek, wrapped = self.keys.new_data_key(context)
+        dek, wrapped = self.keys.new_data_key(context, expires_at=expires_at)
         nonce = os.urandom(_NONCE)
         blob = _MAGIC + nonce + AESGCM(dek).encrypt(nonce, data, _aad(context))
         entry = VaultEntry(ref, probe_id, case_id, kind, f"{kind}/{probe_id}", created_at,
@@ -466,3 +496,12 @@ class Vault:
             self.store.delete(entry.object_name)
             self.index.shred(ref, now, checkpoint=checkpoint)
         return self._entry(ref)
+
+    def destroy_expired_epochs(self, now: datetime) -> list[str]:
+        """Destroy the key-encryption keys whose epoch is over and holds no stored object
+        (epoch keys only; a single local key or KMS has none): every copy of a wrapped key
+        of theirs, in a dump, a backup or a WAL, is noise from then on. The epochs
+        destroyed, by name."""
+        if not isinstance(self.keys, ExpiringKeys):
+            return []
+        return self.keys.destroy_expired_epochs(now, self.index.live_wrapped_keys)

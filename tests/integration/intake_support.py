@@ -14,7 +14,8 @@ from schemas.events import Event, ProbeRequested
 from schemas.types import ImageSource, Purpose, probe_id_for
 from services.cli.client import build_request
 from services.kit.bus import Publisher, read_topic
-from services.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
+from services.vault import Vault, VaultSettings
+from services.vault import open_vault as open_vault_with
 from tests.conftest import ServiceProcess
 from tests.helpers import wait_for_async
 
@@ -33,10 +34,9 @@ def start_intake(services: dict[str, ServiceProcess], count: int = 1,
 
 
 def open_vault(state: Path) -> Vault:
-    """The vault a service keeps under its FRS_STATE_DIR, opened by the test to look."""
-    root = state / "vault"
-    return Vault(VaultIndex(open_db(root / "intake.db")), FileObjectStore(root / "objects"),
-                 LocalKek(state / "keys" / "vault.kek"))
+    """The vault a service keeps under its FRS_STATE_DIR, opened by the test to look (with
+    the service's default keys: one key-encryption key per expiry epoch)."""
+    return open_vault_with(VaultSettings(state_dir=state))
 
 
 def new_id(prefix: str) -> str:

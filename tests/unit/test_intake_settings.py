@@ -18,7 +18,7 @@ def test_defaults_and_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     s = IntakeSettings()
     assert s.max_image_bytes == 12345
     assert s.image_ttl_hours == 72.0 and s.vault.backend == "filesystem"
-    assert s.vault.kek_backend == "local" and s.max_image_pixels == 50_000_000
+    assert s.vault.kek_backend == "epoch" and s.max_image_pixels == 50_000_000
     assert s.vault.root == Path("/tmp/frs-state-x/vault")
     for name, field in IntakeSettings.model_fields.items():
         if name != "service":  # the service's own name, not a setting
