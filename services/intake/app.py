@@ -23,10 +23,10 @@ from schemas.events import (
 from schemas.types import utcnow
 from services.intake import handlers
 from services.intake.crypto import load_or_create_private_key
-from services.intake.outcomes import OutcomeLog
+from services.intake.outcomes import OutcomeLog, Outcomes, PgOutcomeLog
 from services.intake.policy import handlers as policy
 from services.intake.policy.engine import PolicyEngine
-from services.intake.policy.reviews import ReviewStore
+from services.intake.policy.reviews import PgReviewStore, Reviews, ReviewStore
 from services.intake.policy.watch import report_overdue
 from services.intake.purge import Purger
 from services.intake.quality import QualityGate
@@ -37,6 +37,7 @@ from services.kit.clock import BrokerClock, ClockUnavailable, kafka_stamp
 from services.kit.publisher import Publisher
 from services.kit.registry import Registries
 from services.kit.routing import RawRecord, Route, bind, dlq_for
+from services.kit.state import PostgresState, open_state
 from services.vault import Vault, open_db
 from services.vault import open_vault as open_shared_vault
 
@@ -72,7 +73,13 @@ def build(settings: IntakeSettings) -> ServiceApp:
 
     def wire(ctx: Context) -> Wiring:
         stack, publisher, registries = ctx.stack, ctx.publisher, ctx.registries
-        probe_vault, outcomes = open_vault(settings, stack)
+        probe_vault, local_outcomes = open_vault(settings, stack)
+        # FRS_STATE_URL: request outcomes and review flags in the shared PostgreSQL
+        # database (every instance sees every request id), or SQLite in the state dir.
+        shared = open_state(settings.state(), settings.state_password_file, stack,
+                            name="intake")
+        outcomes: Outcomes = PgOutcomeLog(shared.pool) \
+            if isinstance(shared, PostgresState) else local_outcomes
         clock = broker_clock(settings, publisher)
 
         async def trusted_time() -> None:
@@ -111,9 +118,14 @@ def build(settings: IntakeSettings) -> ServiceApp:
         policy_settings = settings.policy
         engine = PolicyEngine.load(policy_settings.dir)
         policy_ports = handlers.PolicyPorts(registries=registries, clock=utcnow, engine=engine)
-        store = ReviewStore(policy_settings.review_db
-                            or settings.state_dir / "policy" / "exigent_reviews.sqlite")
-        stack.callback(store.close)
+        store: Reviews
+        if isinstance(shared, PostgresState):
+            store = PgReviewStore(shared.pool)
+        else:
+            local_store = ReviewStore(policy_settings.review_db
+                                      or settings.state_dir / "policy" / "exigent_reviews.sqlite")
+            stack.callback(local_store.close)
+            store = local_store
         review_ports = policy.ReviewPorts(
             store=store, registries=registries, clock=utcnow,
             review_window=timedelta(hours=policy_settings.review_window_hours))
@@ -142,6 +154,8 @@ def build(settings: IntakeSettings) -> ServiceApp:
             jobs=[*purger.jobs(),
                   Job("exigent review watch", policy_settings.review_check_interval_s,
                       review_watch)],
-            preflight=[trusted_time])
+            # The shared state's schema first: a wrong one stops the start in one line.
+            preflight=[*([shared.preflight] if isinstance(shared, PostgresState) else []),
+                       trusted_time])
 
     return ServiceApp(settings, wire)

@@ -31,7 +31,7 @@ from schemas.events import (
 from schemas.sealed import DecryptError, decrypt_image
 from schemas.types import probe_id_for, reused_probe_id
 from services.intake.outcomes import (
-    OutcomeLog,
+    Outcomes,
     Recorded,
     content_digest,
     raw_digest,
@@ -55,7 +55,7 @@ class IntakePorts:
     clock: Callable[[], datetime]
     image_ttl: timedelta
     vault: Vault
-    outcomes: OutcomeLog
+    outcomes: Outcomes
     limits: SanitizeLimits = field(default_factory=SanitizeLimits)
     gate: QualityGate = field(default_factory=QualityGate)
     # Decoding and face detection of a large photo take seconds: off the event loop, so
@@ -67,17 +67,18 @@ class IntakePorts:
 
 async def on_probe_requested(event: ProbeRequested, ports: IntakePorts) -> list[Event]:
     record = record_digest(event)
-    found = ports.outcomes.find(event.request_id)
+    found = await ports.outcomes.find(event.request_id)
     if found is not None:
-        other = _other_content(found, record, lambda: _content(event, _decrypt(event, ports)),
-                               event.request_id, ports)
+        other = await _other_content(
+            found, record, lambda: _content(event, _decrypt(event, ports)), event.request_id,
+            ports)
         if other is not None:
-            return [_reused(event.request_id, other, found.event, ports)]
+            return [await _reused(event.request_id, other, found.event, ports)]
         return _again(found.event, ports)
     image = _decrypt(event, ports)
     outcome = await _intake(event, image, ports)
-    ports.outcomes.record(event.request_id, outcome, content_sha256=_content(event, image),
-                          record_sha256=record)
+    await ports.outcomes.record(event.request_id, outcome,
+                                content_sha256=_content(event, image), record_sha256=record)
     if isinstance(outcome, ProbeRejected):
         log.info("probe rejected", extra={"probe_id": outcome.probe_id,
                                           "reason": outcome.reason.value})
@@ -102,8 +103,8 @@ def _content(event: ProbeRequested, image: bytes | None) -> str:
     return content_digest(event, f"ciphertext-sha256:{cipher}")
 
 
-def _other_content(found: Recorded, record: str, content: Callable[[], str], request_id: str,
-                   ports: IntakePorts) -> str | None:
+async def _other_content(found: Recorded, record: str, content: Callable[[], str],
+                         request_id: str, ports: IntakePorts) -> str | None:
     """None when this is the request ``found`` was recorded for; otherwise the digest of
     this request's (other) content. ``content`` is computed only when the record differs."""
     if found.record_sha256 == record:
@@ -120,7 +121,7 @@ def _other_content(found: Recorded, record: str, content: Callable[[], str], req
     if mine != bound:
         return mine
     if found.content_sha256 is None:
-        ports.outcomes.bind(request_id, bound, record)
+        await ports.outcomes.bind(request_id, bound, record)
     return None
 
 
@@ -135,12 +136,12 @@ def _again(prior: ProbeSubmitted | ProbeRejected, ports: IntakePorts) -> list[Ev
     return [prior]
 
 
-def _reused(request_id: str, content: str, prior: ProbeSubmitted | ProbeRejected,
-            ports: IntakePorts) -> ProbeRejected:
+async def _reused(request_id: str, content: str, prior: ProbeSubmitted | ProbeRejected,
+                  ports: IntakePorts) -> ProbeRejected:
     """The id already names a request with other content: refused under a probe id of its
     own (``reused_probe_id``), so dispatch, results and audit, which key everything by
     probe id, never see it as news about the original probe."""
-    again = ports.outcomes.reuse(request_id, content)
+    again = await ports.outcomes.reuse(request_id, content)
     if again is not None:
         log.info("duplicate request", extra={"probe_id": again.probe_id, "outcome": again.TYPE})
         return again
@@ -150,7 +151,7 @@ def _reused(request_id: str, content: str, prior: ProbeSubmitted | ProbeRejected
         detail="this request id was used before for a request with other content; "
                "submit this request under a new request id",
         rejected_at=ports.clock())
-    ports.outcomes.record_reuse(request_id, content, rejected)
+    await ports.outcomes.record_reuse(request_id, content, rejected)
     log.warning("request id reused", extra={"probe_id": rejected.probe_id,
                                             "reason": rejected.reason.value,
                                             "original_probe_id": prior.probe_id})
@@ -243,14 +244,15 @@ async def on_invalid_request(key: bytes | None, value: bytes | None, err: Decode
     if rejected.request_id == "unknown":
         return [rejected]
     content = raw_digest(value)
-    found = ports.outcomes.find(rejected.request_id)
+    found = await ports.outcomes.find(rejected.request_id)
     if found is not None:
-        other = _other_content(found, content, lambda: content, rejected.request_id, ports)
+        other = await _other_content(found, content, lambda: content, rejected.request_id,
+                                     ports)
         if other is not None:
-            return [_reused(rejected.request_id, other, found.event, ports)]
+            return [await _reused(rejected.request_id, other, found.event, ports)]
         return _again(found.event, ports)
-    ports.outcomes.record(rejected.request_id, rejected, content_sha256=content,
-                          record_sha256=content)
+    await ports.outcomes.record(rejected.request_id, rejected, content_sha256=content,
+                                record_sha256=content)
     log.info("probe rejected", extra={"probe_id": rejected.probe_id,
                                       "reason": rejected.reason.value})
     return [rejected]

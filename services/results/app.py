@@ -38,10 +38,12 @@ from services.kit.publisher import Publisher
 from services.kit.reader import all_partitions
 from services.kit.registry import Registries
 from services.kit.routing import Route, bind, dlq_for
+from services.kit.state import PostgresState, open_state
 from services.results import handlers, tracking
 from services.results.mailbox import start_mailbox
+from services.results.pg_store import PgNonceStore, PgRequestRefs
 from services.results.settings import ResultsSettings
-from services.results.store import TrackerStore
+from services.results.store import Nonces, RefLookup, TrackerStore
 from services.results.webhook import start_webhook
 
 log = logging.getLogger("frs.results")
@@ -64,6 +66,17 @@ def build(settings: ResultsSettings) -> ServiceApp:
                            dlq_for("results"))
         store = TrackerStore(settings.tracker_path())
         ctx.stack.callback(store.close)
+        # FRS_STATE_URL: on PostgreSQL the inbound channels' nonces and request refs are
+        # shared by every instance; the tracker itself is still SQLite (issue 17), so the
+        # refs it learns are also written to the shared table, which the channels read.
+        shared = open_state(settings.state(), settings.state_password_file, ctx.stack,
+                            name="results")
+        refs: PgRequestRefs | None = None
+        inbound: dict[str, tuple[Nonces, RefLookup] | None] = {"nonces": None,
+                                                               "mail_replies": None}
+        if isinstance(shared, PostgresState):
+            refs = PgRequestRefs(shared.pool)
+            inbound = {table: (PgNonceStore(shared.pool, table), refs) for table in inbound}
 
         async def track(event: Any, _env: Envelope) -> list[Event]:
             state = store.get(event.probe_id)
@@ -71,6 +84,8 @@ def build(settings: ResultsSettings) -> ServiceApp:
             provider = ctx.registries.providers.get(pid) if pid else None
             new, out = tracking.apply(state, event, provider, utcnow())
             if new != state:
+                if refs is not None:  # idempotent: a replayed batch writes them again
+                    await refs.record(_new_refs(state, new))
                 store.put(new)  # committed in before_commit, after `out` is acknowledged
             return out
 
@@ -91,21 +106,31 @@ def build(settings: ResultsSettings) -> ServiceApp:
 
         servers = []
         if settings.webhook_cert_file is not None:
-            servers.append(Server("webhook", lambda stack: _start(start_webhook, settings,
-                                                                  ctx, stack)))
+            servers.append(Server("webhook", lambda stack: _start(
+                start_webhook, settings, ctx, stack, inbound["nonces"])))
         if settings.smime_cert_file is not None:
-            servers.append(Server("smtp inbox", lambda stack: _start(start_mailbox, settings,
-                                                                     ctx, stack)))
+            servers.append(Server("smtp inbox", lambda stack: _start(
+                start_mailbox, settings, ctx, stack, inbound["mail_replies"])))
         return Wiring(routes=[normalizer, tracker],
                       jobs=[Job("deadlines", settings.tick_s, deadlines.tick, ready=armed)],
-                      servers=servers)
+                      servers=servers,
+                      preflight=[shared.preflight] if isinstance(shared, PostgresState)
+                      else [])
 
     return ServiceApp(settings, wire)
 
 
 async def _start(start: Any, settings: ResultsSettings, ctx: Context,
-                 stack: AsyncExitStack) -> None:
-    await start(settings, ctx.publisher, ctx.registries, stack)
+                 stack: AsyncExitStack, stores: tuple[Nonces, RefLookup] | None) -> None:
+    await start(settings, ctx.publisher, ctx.registries, stack, stores)
+
+
+def _new_refs(old: tracking.ProbeState, new: tracking.ProbeState
+              ) -> list[tuple[str, str, str]]:
+    """(request_ref, probe_id, provider_id) that ``new`` knows and ``old`` did not."""
+    return [(track.request_ref, new.probe_id, pid) for pid, track in new.providers.items()
+            if track.request_ref is not None and (
+                pid not in old.providers or old.providers[pid].request_ref != track.request_ref)]
 
 
 async def backlog_done(bootstrap: str, group: str, topics: Sequence[str],

@@ -83,7 +83,7 @@ from schemas.events import DeletionConfirmed, Event, ProviderAnswered, ProviderR
 from schemas.types import Transport, utcnow
 from services.kit.publisher import Publisher
 from services.kit.registry import Registries
-from services.results.store import NonceStore, RequestRefs
+from services.results.store import Nonces, NonceStore, RefLookup, RequestRefs
 from services.results.webhook import BadJson, FreeMemory, parse_json_object, strip_photos
 
 if TYPE_CHECKING:
@@ -241,10 +241,10 @@ class MailboxHandler:
     broker_cert: x509.Certificate
     broker_key: rsa.RSAPrivateKey
     registries: Registries
-    refs: RequestRefs
+    refs: RefLookup
     publisher: Publisher
     require_signature: bool = True
-    replays: NonceStore | None = None
+    replays: Nonces | None = None
     replay_keep_s: float = 400 * 86400.0
     limits: MimeLimits = field(default_factory=MimeLimits)
     max_json_depth: int = 16
@@ -274,7 +274,7 @@ class MailboxHandler:
         keys: list[str] = []
         try:
             event, keys = await self._accept(envelope)
-            self._claim(keys)
+            await self._claim(keys)
         except MailRefused as refused:
             MESSAGES.labels(refused.outcome).inc()
             log.warning("mail refused", extra={"outcome": refused.outcome,
@@ -283,7 +283,7 @@ class MailboxHandler:
         try:
             await asyncio.wait_for(self.publisher.publish([event]), 30)
         except BaseException as exc:
-            self._release(keys)  # not accepted: the sending server may retry it
+            await self._release(keys)  # not accepted: the sending server may retry it
             if not isinstance(exc, TimeoutError | OSError | RuntimeError):
                 raise
             MESSAGES.labels("unavailable").inc()
@@ -308,25 +308,25 @@ class MailboxHandler:
             raise MailRefused("550 5.7.1 sender is not a registered provider", "unknown_sender")
         return sender
 
-    def _check_replay(self, key: str) -> None:
-        if self.replays is not None and self.replays.seen(key, self.clock(),
-                                                          self.replay_keep_s):
+    async def _check_replay(self, key: str) -> None:
+        if self.replays is not None and await self.replays.seen(key, self.clock(),
+                                                                self.replay_keep_s):
             raise MailRefused("550 5.7.0 replayed: this reply was accepted before", "replayed")
 
-    def _claim(self, keys: list[str]) -> None:
+    async def _claim(self, keys: list[str]) -> None:
         claimed: list[str] = []
         for key in keys:
             assert self.replays is not None
-            if not self.replays.claim(key, self.clock(), self.replay_keep_s):
-                self._release(claimed)
+            if not await self.replays.claim(key, self.clock(), self.replay_keep_s):
+                await self._release(claimed)
                 raise MailRefused("550 5.7.0 replayed: this reply was accepted before",
                                   "replayed")
             claimed.append(key)
 
-    def _release(self, keys: list[str]) -> None:
+    async def _release(self, keys: list[str]) -> None:
         for key in keys:
             assert self.replays is not None
-            self.replays.release(key)
+            await self.replays.release(key)
 
     async def _accept(self, envelope: Envelope) -> tuple[Event, list[str]]:
         raw = envelope.original_content or envelope.content
@@ -338,7 +338,7 @@ class MailboxHandler:
         message_id = str(headers.get("Message-ID", "")).strip()
         if message_id and self.replays is not None:
             keys.append("mid:" + hashlib.sha256(f"{sender}\n{message_id}".encode()).hexdigest())
-            self._check_replay(keys[-1])
+            await self._check_replay(keys[-1])
         if headers.get_content_type() not in _ENVELOPED:
             raise MailRefused("554 5.7.5 not encrypted to the broker's certificate",
                               "undecryptable")
@@ -360,7 +360,7 @@ class MailboxHandler:
             _check_validity(signer)
         if self.replays is not None:
             keys.append("sha256:" + hashlib.sha256(content).hexdigest())
-            self._check_replay(keys[-1])
+            await self._check_replay(keys[-1])
         try:
             payload = parse_json_object(body, self.max_json_depth)
         except BadJson as bad:
@@ -369,7 +369,7 @@ class MailboxHandler:
                 or payload.get("kind") not in ("answer", "deletion"):
             raise MailRefused("550 5.6.0 want a JSON object with kind and request_ref",
                               "bad_body")
-        found = self.refs.lookup(payload["request_ref"])
+        found = await self.refs.lookup(payload["request_ref"])
         if found is None:
             raise MailRefused("451 4.7.1 unknown request_ref, retry later", "unknown_request")
         probe_id, owner = found
@@ -471,17 +471,22 @@ class InboxSMTP(SMTP):
 
 
 async def start_mailbox(settings: ResultsSettings, publisher: Publisher,
-                        registries: Registries, stack: AsyncExitStack) -> None:
-    """Bind now (a bad key or a taken port fails the start); the stack closes it."""
+                        registries: Registries, stack: AsyncExitStack,
+                        stores: tuple[Nonces, RefLookup] | None = None) -> None:
+    """Bind now (a bad key or a taken port fails the start); the stack closes it.
+    ``stores``: the shared ones (PostgreSQL); without, SQLite files in the state dir."""
     if settings.smime_cert_file is None or settings.smime_key_file is None:
         raise ValueError("FRS_RESULTS_SMIME_CERT_FILE and FRS_RESULTS_SMIME_KEY_FILE are "
                          "both required for the SMTP inbox")
     cert = x509.load_pem_x509_certificate(settings.smime_cert_file.read_bytes())
     key = _load_key(settings.smime_key_file)
-    refs = RequestRefs(settings.tracker_path())
-    stack.callback(refs.close)
-    replays = NonceStore(settings.nonce_path(), table="mail_replies")
-    stack.callback(replays.close)
+    if stores is None:
+        local_refs = RequestRefs(settings.tracker_path())
+        stack.callback(local_refs.close)
+        local_replays = NonceStore(settings.nonce_path(), table="mail_replies")
+        stack.callback(local_replays.close)
+        stores = local_replays, local_refs
+    replays, refs = stores
     handler = MailboxHandler(
         cert, key, registries, refs, publisher, settings.smtp_require_signature,
         replays=replays, replay_keep_s=settings.smtp_replay_keep_days * 86400.0,

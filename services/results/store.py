@@ -9,6 +9,9 @@ against the new state, where every transition is a no-op, so nothing is emitted 
 
 ``NonceStore`` remembers accepted webhook calls for the replay window, and accepted reply
 mails for ``FRS_RESULTS_SMTP_REPLAY_KEEP_DAYS``, across restarts.
+
+The inbound channels use the ``Nonces`` and ``RefLookup`` ports; their PostgreSQL twins,
+shared by every instance, are in pg_store.py.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from services.kit.sqlite import connect
 from services.results.tracking import ProbeState
@@ -90,13 +94,23 @@ class TrackerStore:
         self._db.close()
 
 
+class RefLookup(Protocol):
+    async def lookup(self, request_ref: str) -> tuple[str, str] | None: ...
+
+
+class Nonces(Protocol):
+    async def seen(self, digest: str, now: float, keep_s: float) -> bool: ...
+    async def claim(self, digest: str, now: float, keep_s: float) -> bool: ...
+    async def release(self, digest: str) -> None: ...
+
+
 class RequestRefs:
     """Read-only view of request_ref -> (probe, provider), committed rows only."""
 
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
 
-    def lookup(self, request_ref: str) -> tuple[str, str] | None:
+    async def lookup(self, request_ref: str) -> tuple[str, str] | None:
         row = self._db.execute(
             "SELECT probe_id, provider_id FROM request_refs WHERE request_ref = ?",
             (request_ref,),
@@ -127,13 +141,13 @@ class NonceStore:
         self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_seen_at ON {table} (seen_at)")
         self._db.commit()
 
-    def seen(self, digest: str, now: float, keep_s: float) -> bool:
+    async def seen(self, digest: str, now: float, keep_s: float) -> bool:
         """True if ``digest`` was claimed within the last ``keep_s`` seconds (read only)."""
         row = self._db.execute(f"SELECT 1 FROM {self._table} WHERE digest = ? AND seen_at >= ?",
                                (digest, now - keep_s)).fetchone()
         return row is not None
 
-    def claim(self, digest: str, now: float, keep_s: float) -> bool:
+    async def claim(self, digest: str, now: float, keep_s: float) -> bool:
         """True if ``digest`` was not claimed within ``keep_s``; records it durably."""
         self._db.execute(f"DELETE FROM {self._table} WHERE seen_at < ?", (now - keep_s,))
         cur = self._db.execute(f"INSERT OR IGNORE INTO {self._table} VALUES (?, ?)",
@@ -141,7 +155,7 @@ class NonceStore:
         self._db.commit()
         return cur.rowcount == 1
 
-    def release(self, digest: str) -> None:
+    async def release(self, digest: str) -> None:
         """Forget a claim whose call was not accepted, so the provider may retry it."""
         self._db.execute(f"DELETE FROM {self._table} WHERE digest = ?", (digest,))
         self._db.commit()

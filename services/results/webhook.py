@@ -68,7 +68,7 @@ from schemas.events import DeletionConfirmed, Event, ProviderAnswered
 from schemas.types import utcnow
 from services.kit.publisher import Publisher
 from services.kit.registry import Registries
-from services.results.store import NonceStore, RequestRefs
+from services.results.store import Nonces, NonceStore, RefLookup, RequestRefs
 
 if TYPE_CHECKING:
     from services.results.settings import ResultsSettings
@@ -191,8 +191,8 @@ class Caller:
 @dataclass
 class Webhook:
     secrets: Mapping[str, bytes]
-    nonces: NonceStore
-    refs: RequestRefs
+    nonces: Nonces
+    refs: RefLookup
     publisher: Publisher
     registries: Registries
     window_s: int
@@ -204,7 +204,7 @@ class Webhook:
     body_timeout_s: float = 10.0
     max_json_depth: int = 16
 
-    def check_headers(self, request: web.BaseRequest) -> Caller:
+    async def check_headers(self, request: web.BaseRequest) -> Caller:
         """Everything that can be checked before the body: returns the caller or raises
         Refused. The MAC itself needs the body (see ``verify``)."""
         provider_id = request.headers.get(PROVIDER_HEADER)
@@ -223,7 +223,7 @@ class Webhook:
         if not _SIGNATURE.fullmatch(signature):
             raise Refused(400, "malformed_signature")
         digest = hashlib.sha256(signature.encode()).hexdigest()
-        if self.nonces.seen(digest, now, 2 * self.window_s):
+        if await self.nonces.seen(digest, now, 2 * self.window_s):
             raise Refused(409, "replayed")
         if request.content_length is not None and request.content_length > self.max_body:
             raise Refused(413, "too_large")
@@ -246,7 +246,7 @@ class Webhook:
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
-            caller = self.check_headers(request)
+            caller = await self.check_headers(request)
         except Refused as refused:
             return self._refuse(refused, request, close=True)
         try:
@@ -269,25 +269,25 @@ class Webhook:
         return web.json_response({"status": "accepted"}, status=202)
 
     async def _accept(self, caller: Caller, event: Event) -> Refused | None:
-        if not self.nonces.claim(caller.digest, self.clock(), 2 * self.window_s):
+        if not await self.nonces.claim(caller.digest, self.clock(), 2 * self.window_s):
             return Refused(409, "replayed")
         try:
             await asyncio.wait_for(self.publisher.publish([event]), 30)
         except (TimeoutError, OSError, RuntimeError) as exc:
-            self.nonces.release(caller.digest)  # not accepted: the provider may retry it
+            await self.nonces.release(caller.digest)  # not accepted: the provider may retry
             log.error("webhook publish failed", extra={"error": type(exc).__name__})
             return Refused(503, "unavailable")
         except BaseException:
-            self.nonces.release(caller.digest)
+            await self.nonces.release(caller.digest)
             raise
         return None
 
     async def _lookup(self, request_ref: str) -> tuple[str, str] | None:
-        found = self.refs.lookup(request_ref)
+        found = await self.refs.lookup(request_ref)
         deadline = time.monotonic() + self.unknown_hold_s
         while found is None and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-            found = self.refs.lookup(request_ref)
+            found = await self.refs.lookup(request_ref)
         return found
 
     async def _event(self, path: str, provider_id: str, body: bytes) -> Event:
@@ -433,9 +433,11 @@ def make_app(webhook: Webhook, cap: ConnectionCap) -> web.Application:
 
 
 async def start_webhook(settings: ResultsSettings, publisher: Publisher,
-                        registries: Registries, stack: AsyncExitStack) -> None:
+                        registries: Registries, stack: AsyncExitStack,
+                        stores: tuple[Nonces, RefLookup] | None = None) -> None:
     """Bind now (a bad certificate or a taken port fails the start, not later); the stack
-    stops the server and closes the stores."""
+    stops the server and closes the stores. ``stores``: the shared ones (PostgreSQL);
+    without, SQLite files in the state dir."""
     if settings.webhook_secrets_file is None or settings.webhook_cert_file is None:
         raise ValueError("FRS_RESULTS_WEBHOOK_CERT_FILE and FRS_RESULTS_WEBHOOK_SECRETS_FILE "
                          "are both required for the webhook")
@@ -445,10 +447,13 @@ async def start_webhook(settings: ResultsSettings, publisher: Publisher,
     context = tls_context(settings.webhook_cert_file, settings.webhook_key_file)
     # Read once at start: rotating a secret means a restart.
     secrets = load_secrets(settings.webhook_secrets_file)
-    nonces = NonceStore(settings.nonce_path())
-    stack.callback(nonces.close)
-    refs = RequestRefs(settings.tracker_path())
-    stack.callback(refs.close)
+    if stores is None:
+        local_nonces = NonceStore(settings.nonce_path())
+        stack.callback(local_nonces.close)
+        local_refs = RequestRefs(settings.tracker_path())
+        stack.callback(local_refs.close)
+        stores = local_nonces, local_refs
+    nonces, refs = stores
     webhook = Webhook(secrets, nonces, refs, publisher, registries, settings.webhook_window_s,
                       unknown_hold_s=settings.webhook_unknown_hold_s,
                       max_body=settings.webhook_max_body,

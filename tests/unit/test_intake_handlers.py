@@ -110,7 +110,7 @@ async def test_the_same_id_with_other_content_is_request_id_reused(
     assert out.request_id == "req-1"
     # Its own probe id: nothing keyed by the original probe id sees this rejection.
     assert out.probe_id == reused_probe_id("req-1") != first.probe_id
-    assert ports.outcomes.get("req-1") == first  # the binding is unchanged
+    assert await ports.outcomes.get("req-1") == first  # the binding is unchanged
     assert vault_objects(ports) == 1
     # A redelivery of the refused request: the same rejection, even later.
     later = dataclasses.replace(ports, clock=lambda: T0 + timedelta(hours=1))
@@ -172,7 +172,7 @@ async def test_a_submission_recorded_without_digest_is_bound_by_its_fields(
     assert isinstance(out, ProbeRejected) and out.reason is RejectReason.REQUEST_ID_REUSED
     [again] = await handlers.on_probe_requested(request(ports, s.face_jpeg()), ports)
     assert again == first
-    found = ports.outcomes.find("req-1")
+    found = await ports.outcomes.find("req-1")
     assert found is not None and found.content_sha256 is not None  # bound from now on
     [other_photo] = await handlers.on_probe_requested(request(ports, s.face_png()), ports)
     assert isinstance(other_photo, ProbeRejected)
@@ -187,7 +187,7 @@ async def test_a_rejection_recorded_without_digest_stands(ports: handlers.Intake
     assert vault_objects(ports) == 0
 
 
-def test_an_outcome_file_from_before_the_binding_keeps_working(tmp_path: Path) -> None:
+async def test_an_outcome_file_from_before_the_binding_keeps_working(tmp_path: Path) -> None:
     old = ProbeRejected(probe_id=probe_id_for("r-old"), request_id="r-old",
                         reason=RejectReason.NO_FACE, detail="d", rejected_at=T0)
     conn = sqlite3.connect(tmp_path / "intake.db", isolation_level=None)
@@ -197,11 +197,11 @@ def test_an_outcome_file_from_before_the_binding_keeps_working(tmp_path: Path) -
     conn.execute("INSERT INTO request_outcomes VALUES (?,?,?,?)",
                  ("r-old", old.probe_id, old.TYPE, old.model_dump_json()))
     log = OutcomeLog(conn)
-    found = log.find("r-old")
+    found = await log.find("r-old")
     assert found is not None and found.event == old and found.content_sha256 is None
-    log.record("r-new", old.model_copy(update={"request_id": "r-new"}), content_sha256="c",
-               record_sha256="r")
-    found = OutcomeLog(conn).find("r-new")  # a second open adds nothing twice
+    await log.record("r-new", old.model_copy(update={"request_id": "r-new"}),
+                     content_sha256="c", record_sha256="r")
+    found = await OutcomeLog(conn).find("r-new")  # a second open adds nothing twice
     assert found is not None and (found.content_sha256, found.record_sha256) == ("c", "r")
 
 
@@ -308,7 +308,7 @@ async def test_a_vault_outage_holds_the_request_instead_of_dead_lettering_it(
         await handlers.on_probe_requested(req, ports)
     assert isinstance(caught.value, NotYet)
     assert isinstance(caught.value.__cause__, ConnectionError)
-    assert ports.outcomes.get(req.request_id) is None  # no outcome yet: it is retried
+    assert await ports.outcomes.get(req.request_id) is None  # no outcome yet: retried
     ports.vault.store.put = put  # type: ignore[method-assign]
     [out] = await handlers.on_probe_requested(req, ports)
     assert isinstance(out, ProbeSubmitted) and ports.vault.get(out.vault_ref)

@@ -123,16 +123,16 @@ def test_local_kek_refuses_open_permissions(tmp_path: Path) -> None:
         LocalKek(tmp_path / "kek")
 
 
-def test_outcome_log_first_wins(tmp_path: Path) -> None:
+async def test_outcome_log_first_wins(tmp_path: Path) -> None:
     from schemas.events import ProbeRejected, RejectReason
 
     log = OutcomeLog(open_db(tmp_path / "intake.db"))
     first = ProbeRejected(probe_id="prb-x", request_id="r1", reason=RejectReason.EMPTY_IMAGE,
                           detail="d", rejected_at=T0)
-    log.record("r1", first)
-    log.record("r1", first.model_copy(update={"reason": RejectReason.POLYGLOT}))
-    assert log.get("r1") == first
-    assert log.get("r2") is None
+    await log.record("r1", first)
+    await log.record("r1", first.model_copy(update={"reason": RejectReason.POLYGLOT}))
+    assert await log.get("r1") == first
+    assert await log.get("r2") is None
 
 
 @pytest.mark.parametrize("status", ["Enabled", "Suspended", None])

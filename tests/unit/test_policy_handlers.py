@@ -186,18 +186,19 @@ async def test_review_flag_overdue_then_reviewed(engine: PolicyEngine,
                                         ports(engine, registries(provider())))
     assert isinstance(normal, PolicyCleared)
     await on_decision_for_review(normal, review_ports)
-    assert store.pending_count() == 2
-    assert overdue_reviews(store, NOW + timedelta(hours=23)) == []
+    assert await store.pending_count() == 2
+    assert await overdue_reviews(store, NOW + timedelta(hours=23)) == []
 
     await on_supervisor_review(SupervisorReviewRecorded(
         probe_id="prb-a", supervisor_id="sup-1", approved=True, reviewed_at=NOW), review_ports)
-    overdue = overdue_reviews(store, NOW + timedelta(hours=25))
+    overdue = await overdue_reviews(store, NOW + timedelta(hours=25))
     assert overdue == [ExigentReviewOverdue(probe_id="prb-b",
                                             due_at=NOW + timedelta(hours=24))]
-    store.mark_reported("prb-b", NOW + timedelta(hours=25))
-    assert overdue_reviews(store, NOW + timedelta(hours=26)) == []  # reported once
-    assert store.pending_count() == 1
-    assert store.status("prb-a") is not None and store.status("prb-a")["approved"] is True
+    await store.mark_reported("prb-b", NOW + timedelta(hours=25))
+    assert await overdue_reviews(store, NOW + timedelta(hours=26)) == []  # reported once
+    assert await store.pending_count() == 1
+    status = await store.status("prb-a")
+    assert status is not None and status["approved"] is True
 
 
 async def test_review_by_a_non_supervisor_does_not_count(engine: PolicyEngine,
@@ -207,7 +208,7 @@ async def test_review_by_a_non_supervisor_does_not_count(engine: PolicyEngine,
         await on_supervisor_review(SupervisorReviewRecorded(
             probe_id="prb-x", supervisor_id=who, approved=True, reviewed_at=NOW),
             review_ports)
-    assert review_ports.store.pending_count() == 1
+    assert await review_ports.store.pending_count() == 1
 
 
 async def test_review_flags_survive_a_restart(engine: PolicyEngine, tmp_path: Path) -> None:
@@ -215,9 +216,11 @@ async def test_review_flags_survive_a_restart(engine: PolicyEngine, tmp_path: Pa
     first = ReviewPorts(store=ReviewStore(path), registries=registries(), clock=lambda: NOW,
                         review_window=timedelta(hours=1))
     await on_decision_for_review(await _exigent_clearance(engine, "prb-r"), first)
+    assert isinstance(first.store, ReviewStore)
     first.store.close()
     again = ReviewStore(path)
-    assert [p for p, _ in again.overdue(NOW + timedelta(hours=2))] == ["prb-r"]
+    claimed = await again.claim_overdue(NOW + timedelta(hours=2), timedelta(minutes=1))
+    assert [p for p, _ in claimed] == ["prb-r"]
 
 
 async def test_inputs_cross_check_against_registry_history(engine: PolicyEngine) -> None:

@@ -53,7 +53,7 @@ def test_json_within_limits_is_taken() -> None:
 class Seen:
     digests: set[str] = field(default_factory=set)
 
-    def seen(self, digest: str, now: float, keep_s: float) -> bool:
+    async def seen(self, digest: str, now: float, keep_s: float) -> bool:
         return digest in self.digests
 
 
@@ -82,25 +82,25 @@ def headers(body: bytes = b"{}", **override: str) -> dict[str, str]:
     ({"X-FRS-Signature": "sha256=" + "A" * 64}, 400, "malformed_signature"),
     ({"Content-Length": "99999999999"}, 413, "too_large"),
 ])
-def test_refused_from_headers_alone(override: dict[str, str], status: int,
-                                    outcome: str) -> None:
+async def test_refused_from_headers_alone(override: dict[str, str], status: int,
+                                          outcome: str) -> None:
     request = make_mocked_request("POST", ANSWERS_PATH, headers=headers(**override))
     with pytest.raises(Refused) as refused:
-        webhook().check_headers(request)
+        await webhook().check_headers(request)
     assert (refused.value.status, refused.value.outcome) == (status, outcome)
 
 
-def test_a_replay_is_refused_before_its_body_and_a_forgery_after() -> None:
+async def test_a_replay_is_refused_before_its_body_and_a_forgery_after() -> None:
     hdrs = headers(b'{"x": 1}')
     request = make_mocked_request("POST", ANSWERS_PATH, headers=hdrs)
     hook = webhook()
-    caller = hook.check_headers(request)
+    caller = await hook.check_headers(request)
     hook.verify(caller, ANSWERS_PATH, b'{"x": 1}')  # the MAC needs the body: checked after
     with pytest.raises(Refused) as forged:
         hook.verify(caller, ANSWERS_PATH, b'{"x": 2}')
     assert forged.value.outcome == "bad_signature"
     with pytest.raises(Refused) as replayed:
-        webhook(Seen({caller.digest})).check_headers(request)
+        await webhook(Seen({caller.digest})).check_headers(request)
     assert (replayed.value.status, replayed.value.outcome) == (409, "replayed")
 
 
@@ -150,23 +150,23 @@ async def test_the_cap_closes_the_oldest_idle_connection_then_refuses_when_all_a
     assert oldest not in cap._busy  # its request is over
 
 
-def test_mail_replays_are_kept_apart_from_webhook_nonces(tmp_path: Path) -> None:
+async def test_mail_replays_are_kept_apart_from_webhook_nonces(tmp_path: Path) -> None:
     path = tmp_path / "nonces.sqlite3"
     nonces, mails = NonceStore(path), NonceStore(path, table="mail_replies")
-    assert mails.claim("sha256:abc", now=1000.0, keep_s=86400)
-    assert not mails.claim("sha256:abc", now=1001.0, keep_s=86400)
-    assert mails.seen("sha256:abc", now=2000.0, keep_s=86400)
+    assert await mails.claim("sha256:abc", now=1000.0, keep_s=86400)
+    assert not await mails.claim("sha256:abc", now=1001.0, keep_s=86400)
+    assert await mails.seen("sha256:abc", now=2000.0, keep_s=86400)
     # A webhook claim prunes its own table only.
-    assert nonces.claim("d1", now=100_000.0, keep_s=600)
-    assert mails.seen("sha256:abc", now=2000.0, keep_s=86400)
-    mails.release("sha256:abc")
-    assert not mails.seen("sha256:abc", now=2000.0, keep_s=86400)
+    assert await nonces.claim("d1", now=100_000.0, keep_s=600)
+    assert await mails.seen("sha256:abc", now=2000.0, keep_s=86400)
+    await mails.release("sha256:abc")
+    assert not await mails.seen("sha256:abc", now=2000.0, keep_s=86400)
     nonces.close()
     mails.close()
     reopened = NonceStore(path, table="mail_replies")
-    assert reopened.claim("mid:1", now=5.0, keep_s=10)
+    assert await reopened.claim("mid:1", now=5.0, keep_s=10)
     reopened.close()
-    assert NonceStore(path, table="mail_replies").seen("mid:1", now=6.0, keep_s=10)
+    assert await NonceStore(path, table="mail_replies").seen("mid:1", now=6.0, keep_s=10)
     with pytest.raises(ValueError, match="table"):
         NonceStore(path, table="x; DROP TABLE nonces")
 

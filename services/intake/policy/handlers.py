@@ -32,7 +32,7 @@ from schemas.events import (
 from schemas.types import MINIMAL_FIELDS
 from services.intake.policy.engine import PolicyEngine
 from services.intake.policy.metrics import policy_metrics
-from services.intake.policy.reviews import ReviewStore
+from services.intake.policy.reviews import Reviews
 from services.kit.registry import Registries
 
 log = logging.getLogger("frs.policy")
@@ -49,7 +49,7 @@ class PolicyPorts:
 
 @dataclass(frozen=True)
 class ReviewPorts:
-    store: ReviewStore
+    store: Reviews
     registries: Registries
     clock: Callable[[], datetime]
     review_window: timedelta
@@ -157,8 +157,8 @@ def outcome(decision: PolicyCleared | PolicyDenied) -> dict[str, object]:
 async def on_decision_for_review(event: PolicyCleared, ports: ReviewPorts) -> list[Event]:
     """An exigent clearance flags the probe until a supervisor review is recorded."""
     if event.exigent:
-        ports.store.flag(event.probe_id, event.decided_at + ports.review_window)
-        policy_metrics().reviews_pending.set(ports.store.pending_count())
+        await ports.store.flag(event.probe_id, event.decided_at + ports.review_window)
+        policy_metrics().reviews_pending.set(await ports.store.pending_count())
     return []
 
 
@@ -170,15 +170,18 @@ async def on_supervisor_review(event: SupervisorReviewRecorded, ports: ReviewPor
         log.warning("exigent review ignored: not a registered supervisor",
                     extra={"probe_id": event.probe_id})
         return []
-    ports.store.resolve(event.probe_id, event.reviewed_at, event.approved)
-    policy_metrics().reviews_pending.set(ports.store.pending_count())
+    await ports.store.resolve(event.probe_id, event.reviewed_at, event.approved)
+    policy_metrics().reviews_pending.set(await ports.store.pending_count())
     return []
 
 
-def overdue_reviews(store: ReviewStore, now: datetime) -> list[ExigentReviewOverdue]:
-    """Flags past their due time with no review, not yet reported."""
+async def overdue_reviews(store: Reviews, now: datetime,
+                          lease: timedelta = timedelta(minutes=1)
+                          ) -> list[ExigentReviewOverdue]:
+    """Flags past their due time with no review, not yet reported, claimed for ``lease``
+    by this watch (each instance runs one; a flag goes to one of them)."""
     return [ExigentReviewOverdue(probe_id=probe_id, due_at=due_at)
-            for probe_id, due_at in store.overdue(now)]
+            for probe_id, due_at in await store.claim_overdue(now, lease)]
 
 
 # --- registry cross-check for replays ----------------------------------------------
