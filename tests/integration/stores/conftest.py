@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from services.kit.migrate import migrate
+from services.kit.state import PostgresState, parse_state_url
 from tests.pg import PgServer, existing_server, must_run, start_server, stop_server
 
 
@@ -49,5 +52,36 @@ def pg_migrated(pg_server: PgServer) -> PgServer:
         async with await psycopg.AsyncConnection.connect(**conninfo(pg_server, "owner")) as conn:
             await migrate(conn)
 
-    asyncio.run(apply())
+    # Its own loop in a thread: it may be first asked for from inside a running test loop.
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, apply()).result()
     return pg_server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each contract test runs once per implementation of its port."""
+    return str(request.param)
+
+
+async def empty_tables(server: PgServer) -> None:
+    """Every store table emptied (as the owner), so each test starts from nothing."""
+    async with await psycopg.AsyncConnection.connect(**conninfo(server, "owner")) as conn:
+        cur = await conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                                 "AND tablename <> 'schema_migrations'")
+        tables = [psycopg.sql.Identifier(row[0]) for row in await cur.fetchall()]
+        if tables:
+            await conn.execute(psycopg.sql.SQL("TRUNCATE {}").format(
+                psycopg.sql.SQL(", ").join(tables)))
+
+
+async def shared_state(request: pytest.FixtureRequest, role: str,
+                       max_size: int = 4) -> PostgresState:
+    """The state ``role``'s service opens on FRS_STATE_URL (pool made, connected, schema
+    checked), on empty tables. The caller closes it."""
+    server: PgServer = request.getfixturevalue("pg_migrated")
+    await empty_tables(server)
+    state = PostgresState(parse_state_url(server.url(role), Path(".")), server.password(role),
+                          name=role, max_size=max_size)
+    await state.ready()
+    return state
