@@ -30,10 +30,15 @@ log "contract: exported schemas match the models, AsyncAPI document validates"
 node tests/contract/validate-asyncapi.mjs schemas/asyncapi.yaml
 
 own_broker=0
+own_pg=0
 cleanup() {
   stop_started
   if [ "$own_broker" = 1 ]; then
     FRS_KAFKA_PORT=$KPORT FRS_KAFKA_STATE=$STATE/kafka deploy/kafka/broker.sh stop >&2 || true
+  fi
+  if [ "$own_pg" = 1 ]; then
+    FRS_PG_PORT=$PGPORT FRS_PG_STATE=$PGSTATE/pg deploy/postgres/pg.sh stop >&2 || true
+    rm -rf "$PGSTATE"
   fi
   rm -rf "$STATE"
 }
@@ -45,6 +50,18 @@ if [ -z "${FRS_KAFKA_BOOTSTRAP:-}" ]; then
   FRS_KAFKA_PORT=$KPORT FRS_KAFKA_STATE=$STATE/kafka deploy/kafka/broker.sh start
   export FRS_KAFKA_BOOTSTRAP=127.0.0.1:$KPORT
 fi
+
+# PostgreSQL for the shared-state tests (store contracts on both backends, races, roles):
+# deploy/postgres/pg.sh (installs Debian's server if missing) in a state dir of its own,
+# searchable by the server's OS user, on a free port. FRS_TEST_PG_REQUIRED: here a server
+# that cannot start fails those tests instead of skipping them.
+PGSTATE=$(mktemp -d "${TMPDIR:-/tmp}/frs-test-pg.XXXXXX")
+chmod 0711 "$PGSTATE"
+PGPORT=$("$PY" -c 'from tests.helpers import free_port_block; print(free_port_block(1))')
+log "starting PostgreSQL on 127.0.0.1:$PGPORT"
+own_pg=1
+FRS_PG_PORT=$PGPORT FRS_PG_STATE=$PGSTATE/pg deploy/postgres/pg.sh start >/dev/null
+export FRS_TEST_PG_STATE=$PGSTATE/pg FRS_TEST_PG_REQUIRED=1
 
 set +e
 if [ $# -gt 0 ]; then
