@@ -134,6 +134,10 @@ class RejectReason(StrEnum):
     EMPTY_IMAGE = "empty_image"
     NO_FACE = "no_face"
     MULTIPLE_FACES = "multiple_faces"
+    # A JPEG with more scans than the cap: each scan is a pass over the whole image.
+    TOO_MANY_SCANS = "too_many_scans"
+    # The image worker hit its CPU-time, memory or wall-clock limit on it, or died on it.
+    DECODE_LIMIT_EXCEEDED = "decode_limit_exceeded"
     FACE_TOO_SMALL = "face_too_small"
     TOO_BLURRED = "too_blurred"
     BAD_EXPOSURE = "bad_exposure"

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from datetime import timedelta
-
-import cv2
 
 from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS, PROBE_REQUESTS
 from schemas.envelope import DecodeError
@@ -23,6 +20,7 @@ from schemas.events import (
 from schemas.types import utcnow
 from services.intake import handlers
 from services.intake.crypto import load_or_create_private_key
+from services.intake.decoder import DecoderPool, WorkerLimits
 from services.intake.outcomes import OutcomeLog, Outcomes, PgOutcomeLog
 from services.intake.policy import handlers as policy
 from services.intake.policy.engine import PolicyEngine
@@ -91,11 +89,10 @@ def build(settings: IntakeSettings) -> ServiceApp:
                 log.error("cannot read the broker's clock", extra={"error": str(exc)[:300]})
                 raise SystemExit(1) from None
 
-        # OpenCV releases the GIL, so threads give the image work both cores; its own
-        # thread pool would only add contention on top of ours.
-        cv2.setNumThreads(1)
-        image_worker = ThreadPoolExecutor(max_workers=settings.image_workers,
-                                          thread_name_prefix="intake-image")
+        # Image work runs in worker processes under CPU and memory limits (decoder.py).
+        image_worker = DecoderPool(settings.image_workers, WorkerLimits(
+            cpu_seconds=settings.decode_cpu_seconds, memory_mb=settings.decode_memory_mb,
+            max_images=settings.decode_max_images))
         stack.callback(image_worker.shutdown, wait=True, cancel_futures=True)
         intake_ports = handlers.IntakePorts(
             private_key=load_or_create_private_key(settings.private_key_file),
@@ -105,7 +102,8 @@ def build(settings: IntakeSettings) -> ServiceApp:
             vault=probe_vault, outcomes=outcomes,
             limits=SanitizeLimits(max_bytes=settings.max_image_bytes,
                                   max_pixels=settings.max_image_pixels,
-                                  jpeg_quality=settings.jpeg_quality),
+                                  jpeg_quality=settings.jpeg_quality,
+                                  max_jpeg_scans=settings.max_jpeg_scans),
             gate=QualityGate(enabled=settings.quality_gate_enabled,
                              max_faces=settings.quality_max_faces,
                              min_face_px=settings.quality_min_face_px,

@@ -25,12 +25,13 @@ from schemas.events import (
     ProbeRejected,
     ProbeRequested,
     ProbeSubmitted,
-    QualityReport,
     RejectReason,
 )
 from schemas.sealed import DecryptError, decrypt_image
 from schemas.types import probe_id_for, reused_probe_id
 from services.intake.outcomes import (
+from services.intake.decoder import DecodeLimitExceeded
+from services.intake.decoder import examine as _examine
     Outcomes,
     Recorded,
     content_digest,
@@ -38,8 +39,8 @@ from services.intake.outcomes import (
     record_digest,
 )
 from services.intake.policy.handlers import PolicyPorts, on_probe_submitted
-from services.intake.quality import QualityGate, assess, rejection
-from services.intake.sanitize import SanitizedImage, SanitizeError, SanitizeLimits, sanitize
+from services.intake.quality import QualityGate, rejection
+from services.intake.sanitize import SanitizeError, SanitizeLimits
 from services.kit.signals import NotYet
 from services.vault import ObjectPurged, Vault
 
@@ -58,10 +59,9 @@ class IntakePorts:
     outcomes: Outcomes
     limits: SanitizeLimits = field(default_factory=SanitizeLimits)
     gate: QualityGate = field(default_factory=QualityGate)
-    # Decoding and face detection of a large photo take seconds: off the event loop, so
-    # consumer heartbeats and the purger keep running. FRS_INTAKE_IMAGE_WORKERS threads:
-    # Pillow's bomb guard is process-global, but every thread sets it to the same cap and
-    # sanitize checks the pixel count itself as well. None runs the work inline (tests).
+    # Decoding and face detection: never on the event loop nor in this process, but in
+    # worker processes under CPU and memory limits (``decoder.DecoderPool``), one round
+    # trip per image. None runs the work inline (tests, the bench's in-process figure).
     image_worker: Executor | None = None
 
 
@@ -168,16 +168,6 @@ class VaultUnavailable(NotYet):
     than going to the DLQ without an outcome."""
 
 
-def _examine(image: bytes, limits: SanitizeLimits,
-             gate: QualityGate) -> tuple[SanitizedImage, QualityReport] | SanitizeError:
-    """Sanitize and assess: the image work, pure and CPU-bound."""
-    try:
-        clean = sanitize(image, limits)
-    except SanitizeError as err:
-        return err
-    return clean, assess(clean.image, gate)
-
-
 async def _intake(event: ProbeRequested, image: bytes | None,
                   ports: IntakePorts) -> ProbeSubmitted | ProbeRejected:
     probe_id = probe_id_for(event.request_id)
@@ -192,14 +182,17 @@ async def _intake(event: ProbeRequested, image: bytes | None,
     if not event.unedited_attestation:
         return reject(RejectReason.NOT_ATTESTED_UNEDITED,
                       "the submitter did not attest that the probe is an unedited photo")
-    if ports.image_worker is None:
-        result = _examine(image, ports.limits, ports.gate)
-    else:
-        result = await asyncio.get_running_loop().run_in_executor(
-            ports.image_worker, _examine, image, ports.limits, ports.gate)
-    if isinstance(result, SanitizeError):
-        return reject(result.reason, result.detail)
-    clean, report = result
+    try:
+        if ports.image_worker is None:
+            clean = _examine(image, ports.limits, ports.gate)
+        else:
+            clean = await asyncio.get_running_loop().run_in_executor(
+                ports.image_worker, _examine, image, ports.limits, ports.gate)
+    except DecodeLimitExceeded as exc:
+        return reject(RejectReason.DECODE_LIMIT_EXCEEDED, exc.detail)
+    if isinstance(clean, SanitizeError):
+        return reject(clean.reason, clean.detail)
+    report = clean.quality
     refused = rejection(report)
     if refused is not None:
         return reject(*refused)

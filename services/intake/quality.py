@@ -59,6 +59,12 @@ def _cascade(name: str = _CASCADE) -> Any:
     return classifier
 
 
+def warm_up() -> None:
+    """Load this thread's cascades now (an image worker, before its first image)."""
+    _cascade()
+    _cascade(_EYE_CASCADE)
+
+
 def _has_eyes(gray: np.ndarray[Any, Any], face: Box) -> bool:
     x, y, w, h = face
     upper = gray[y : y + h * 2 // 3, x : x + w]

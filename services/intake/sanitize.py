@@ -7,9 +7,17 @@ text: exception messages from decoders are never passed on, since they can quote
 
 Order of checks, cheapest and most specific first: empty, byte cap, format by magic
 number, a structural walk of the container (truncation, trailing data, embedded archive
-signatures, animation chunks, CRCs), Pillow's header parse with its decompression-bomb
-guard lowered to our pixel cap and its warning turned into an error, frame count, a
-forced full decode, then the clean re-encode."""
+signatures, animation chunks, CRCs, the count of JPEG scans), Pillow's header parse with
+its decompression-bomb guard lowered to our pixel cap and its warning turned into an
+error, frame count, a forced full decode, then the clean re-encode.
+
+The scan cap is counted here because no decoder Pillow offers counts for us: libjpeg
+decodes every scan of a progressive JPEG over the whole image, so a few bytes per scan
+(an end-of-band run covers up to 32,767 blocks) buy a full pass each: 2,000 scans of a
+16 MP grey image fit in 125 KB and cost ~16 s of CPU (libjpeg-turbo's report "Two Issues
+with the JPEG Standard", LJT-01-003). libjpeg's own guard is a progress monitor, which
+Pillow does not expose. A decoder's failed allocation propagates as ``MemoryError``: in
+an image worker that is the memory limit, not a corrupt image (``services.intake.decoder``)."""
 
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -37,6 +45,9 @@ _ZIP_EOCD_LEN = 22
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
+# libjpeg's simple progression has 10 scans (6 for grey), encoders that tune the script a
+# few more; 100 leaves room for any of them and bounds a 50 MP image to a few seconds.
+DEFAULT_MAX_JPEG_SCANS = 100
 
 
 class SanitizeError(Exception):
@@ -47,22 +58,32 @@ class SanitizeError(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[Any, ...]:  # it crosses the image worker's pipe
+        return (SanitizeError, (self.reason, self.detail))
+
 
 @dataclass(frozen=True)
 class SanitizeLimits:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_quality: int = 92
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
 
 
 @dataclass(frozen=True)
-class SanitizedImage:
+class CleanImage:
+    """The re-encoded image and its digests (what an image worker hands back)."""
+
     data: bytes
     format: ImageFormat
     width: int
     height: int
     received_sha256: str
     sanitized_sha256: str
+
+
+@dataclass(frozen=True)
+class SanitizedImage(CleanImage):
     image: Image.Image  # the clean decoded pixels, for the quality check
 
 
@@ -98,11 +119,13 @@ def _trailing_is_padding(tail: bytes) -> bool:
     return tail.strip(b"\x00") == b"" or tail.strip(b"\xff") == b""
 
 
-def _walk_jpeg(data: bytes) -> None:
-    """Walk marker segments to EOI, skipping entropy-coded data after each SOS."""
+def _walk_jpeg(data: bytes, max_scans: int = DEFAULT_MAX_JPEG_SCANS) -> int:
+    """Walk marker segments to EOI, skipping entropy-coded data after each SOS; the
+    number of scans (SOS segments), refused past ``max_scans`` as soon as it is."""
     n = len(data)
     pos = 2
     has_mpf = False
+    scans = 0
     while True:
         if pos + 2 > n:
             raise SanitizeError(RejectReason.TRUNCATED_IMAGE, "JPEG ends before its EOI marker")
@@ -138,6 +161,10 @@ def _walk_jpeg(data: bytes) -> None:
                 has_mpf = True
         pos = seg_end
         if marker == 0xDA:  # SOS: entropy-coded data runs to the next real marker
+            scans += 1
+            if scans > max_scans:
+                raise SanitizeError(RejectReason.TOO_MANY_SCANS,
+                                    f"JPEG has more than {max_scans} scans")
             while True:
                 ff = data.find(b"\xff", pos)
                 if ff == -1 or ff + 1 >= n:
@@ -155,6 +182,7 @@ def _walk_jpeg(data: bytes) -> None:
             raise SanitizeError(RejectReason.MULTI_FRAME,
                                 "JPEG is a multi-picture (MPO) file")
         raise SanitizeError(RejectReason.POLYGLOT, "data follows the JPEG EOI marker")
+    return scans
 
 
 _PNG_TEXTUAL = {b"tEXt", b"zTXt", b"iTXt"}
@@ -234,13 +262,15 @@ def _decode_fully(img: Image.Image) -> None:
         try:
             img.load()
         except OSError as exc:
+            if "out of memory" in str(exc):  # the codec's failed allocation
+                raise MemoryError from None
             if "truncated" in str(exc):
                 raise SanitizeError(RejectReason.TRUNCATED_IMAGE,
                                     "image data ends early") from None
             raise SanitizeError(RejectReason.CORRUPT_IMAGE,
                                 "image data could not be decoded") from None
         except (SyntaxError, ValueError, struct.error, EOFError, zlib.error,
-                Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
+                Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise SanitizeError(RejectReason.CORRUPT_IMAGE,
                                 "image data could not be decoded") from None
 
@@ -293,7 +323,7 @@ def sanitize(data: bytes, limits: SanitizeLimits | None = None) -> SanitizedImag
         raise SanitizeError(RejectReason.UNSUPPORTED_FORMAT,
                             "content is neither JPEG nor PNG")
     if fmt == "jpeg":
-        _walk_jpeg(data)
+        _walk_jpeg(data, limits.max_jpeg_scans)
     else:
         _walk_png(data)
     if _zip_directory_at_end(data):

@@ -8,8 +8,14 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.intake.decoder import (
+    DEFAULT_CPU_SECONDS,
+    DEFAULT_MAX_IMAGES,
+    DEFAULT_MEMORY_MB,
+    DEFAULT_WORKERS,
+)
 from services.intake.policy.settings import PolicySettings
-from services.intake.sanitize import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from services.intake.sanitize import DEFAULT_MAX_BYTES, DEFAULT_MAX_JPEG_SCANS, DEFAULT_MAX_PIXELS
 from services.kit.settings import ServiceSettings
 from services.vault import VaultSettings
 
@@ -28,8 +34,24 @@ class IntakeSettings(ServiceSettings):
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0,
                                   description="Pixel cap; Pillow's bomb guard is lowered to it.")
     jpeg_quality: int = Field(92, ge=50, le=100, description="Quality of the JPEG re-encode.")
-    image_workers: int = Field(2, ge=1, le=64, description="Threads for image work (sanitize, "
-                               "quality); each holds one decoded image. One per core.")
+    max_jpeg_scans: int = Field(DEFAULT_MAX_JPEG_SCANS, ge=1, description="Most scans a "
+                                "JPEG may have; each progressive scan is a pass over the "
+                                "whole image.")
+    # Image workers (services/intake/decoder.py): processes under resource limits.
+    image_workers: int = Field(DEFAULT_WORKERS, ge=1, le=64, description="Worker processes "
+                               "for image work (sanitize, quality), one image each at a "
+                               "time. One per core.")
+    decode_cpu_seconds: int = Field(DEFAULT_CPU_SECONDS, ge=1, description="CPU seconds an "
+                                    "image worker may spend on one image (RLIMIT_CPU); past "
+                                    "it the worker is killed and the image refused "
+                                    "(decode_limit_exceeded).")
+    decode_memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=64, description="Memory (address "
+                                  "space, RLIMIT_AS) an image worker may add to its size at "
+                                  "start; a 50 MP image needs ~700 MB. Past it the image is "
+                                  "refused (decode_limit_exceeded).")
+    decode_max_images: int = Field(DEFAULT_MAX_IMAGES, ge=1, description="Images a worker "
+                                   "handles before a fresh one replaces it (memory back to "
+                                   "baseline).")
     # Quality gate (REQ-QUALITY)
     quality_gate_enabled: bool = Field(True, description="Reject on a failed quality check.")
     quality_max_faces: int = Field(1, ge=1, description="Most faces a probe may show.")
