@@ -55,6 +55,12 @@ as_principal() {
     set -a
     # shellcheck disable=SC1090
     . "$FRS_KAFKA_STATE/env/$who.env"
+    if [ "$who" = intake ]; then
+      # The policy gate in the intake process writes decisions as its own principal.
+      # shellcheck disable=SC1090
+      . <(sed -n 's/^FRS_KAFKA_\(CERT_FILE\|KEY_FILE\|SASL_USERNAME\|SASL_PASSWORD_FILE\)=/FRS_POLICY_KAFKA_\1=/p' \
+        "$FRS_KAFKA_STATE/env/policy.env")
+    fi
     set +a
   fi
   exec "$@"
@@ -127,7 +133,8 @@ for svc in intake dispatch results audit; do
   start_bg "$svc" "$STATE/logs/$svc.log" as_principal "$svc" "$PY" -m "services.$svc"
 done
 for _ in $(seq 1 100); do
-  [ -f "$STATE/keys/intake.key.pub.pem" ] && grep -q '"consumer started"' "$STATE/logs/audit.log" && break
+  [ -f "$STATE/keys/intake.key.pub.pem" ] && [ -f "$STATE/keys/policy-decisions.pub.pem" ] \
+    && grep -q '"consumer started"' "$STATE/logs/audit.log" && break
   sleep 0.2
 done
 
@@ -140,7 +147,9 @@ OPERATOR="$FRS --as $(as_role operator)"
 SUPERVISOR="$FRS --as $(as_role supervisor)"
 AUDITOR="$FRS --as $(as_role auditor)"
 
-log "registering a demo case, agent and provider"
+# The demo also enrolls the policy gate's public key (made by the intake at its start) in
+# frs.registry.trusted_keys: dispatch sends only on decisions signed by an enrolled key.
+log "registering a demo case, agent and provider, and trusting the policy gate's key"
 $OPERATOR registry demo --endpoint "$vendor_url"
 sleep 1  # the services follow the registry topics asynchronously
 [ -f "$STATE/sample.jpg" ] || "$PY" -c 'import sys; from skimage import data; from PIL import Image; Image.fromarray(data.astronaut()).save(sys.argv[1], quality=92)' "$STATE/sample.jpg"
@@ -171,7 +180,7 @@ if command -v prometheus >/dev/null; then
 fi
 # Every command below works pasted as printed, in another shell, from any directory.
 cat <<EOF
-Running. Ctrl-C stops everything this script started.
+Running.
   metrics      http://127.0.0.1:9301/metrics (intake, policy) 9302 (dispatch) 9303 (results) 9304 (audit)
   Prometheus   http://127.0.0.1:9090 when installed; dashboard: deploy/grafana/
   logs         $STATE/logs/
@@ -183,5 +192,6 @@ next steps:
   $SUPERVISOR exigent pending
   $AUDITOR audit verify --checkpoints-from-kafka
   $AUDITOR audit report --format html --out /tmp/frs-report.html
+Ctrl-C stops everything this script started.
 EOF
 wait

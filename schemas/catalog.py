@@ -10,6 +10,9 @@ from schemas import events as ev
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
+# Below this retention a topic's segments roll on time (Topic.config).
+_SHORT_MS = 30 * DAY_MS
+_MIN_SEGMENT_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -24,11 +27,13 @@ class Topic:
     extra_config: dict[str, str] = field(default_factory=dict)
 
     def config(self) -> dict[str, str]:
-        return {
-            "cleanup.policy": self.cleanup,
-            "retention.ms": str(self.retention_ms),
-            **self.extra_config,
-        }
+        config = {"cleanup.policy": self.cleanup, "retention.ms": str(self.retention_ms)}
+        if self.cleanup == "delete" and 0 < self.retention_ms < _SHORT_MS:
+            # Retention deletes whole closed segments only, and a segment closes weekly by
+            # default: without this, an hour's retention keeps records about a week.
+            # Records now go within retention + segment.ms + the broker's check interval.
+            config["segment.ms"] = str(max(_MIN_SEGMENT_MS, self.retention_ms // 10))
+        return {**config, **self.extra_config}
 
 
 # Event topics keep a year of history so auditors can replay; the request topic holds
@@ -51,8 +56,14 @@ PROBE_EVENTS = Topic(
 )
 POLICY_DECISIONS = Topic(
     "frs.policy.decisions", "probe_id", 3, _EVENT_RETENTION, "delete",
-    (ev.PolicyCleared, ev.PolicyDenied, ev.SupervisorReviewRecorded, ev.ExigentReviewOverdue),
-    "Policy decisions per probe and provider, and exigent-path reviews.",
+    (ev.PolicyCleared, ev.PolicyDenied, ev.ExigentReviewOverdue),
+    "Signed policy decisions per probe and provider, and overdue exigent reviews; written "
+    "only by the policy gate.",
+)
+EXIGENT_REVIEWS = Topic(
+    "frs.exigent.reviews", "probe_id", 3, _EVENT_RETENTION, "delete",
+    (ev.SupervisorReviewRecorded,),
+    "Supervisor reviews of exigent clearances; written only by supervisors.",
 )
 DISPATCH_EVENTS = Topic(
     "frs.dispatch.events", "probe_id", 3, _EVENT_RETENTION, "delete",
@@ -92,13 +103,27 @@ REGISTRY_PROVIDERS = Topic(
     "frs.registry.providers", "provider_id", 1, -1, "compact", (ev.ProviderRecord,),
     "Approved providers, jurisdictions, transports and status.", _COMPACT,
 )
+REGISTRY_SUSPENSIONS = Topic(
+    "frs.registry.suspensions", "provider_id", 1, -1, "compact",
+    (ev.ProviderSuspensionRequested,),
+    "Provider suspensions requested by the results service (a missed deletion receipt); "
+    "applied over the provider's entry until the operator writes a newer one.", _COMPACT,
+)
+REGISTRY_TRUSTED_KEYS = Topic(
+    "frs.registry.trusted_keys", "key_id", 1, -1, "compact", (ev.TrustedKey,),
+    "Public keys the operator trusts, by purpose (policy-decisions: the policy gate's).",
+    _COMPACT,
+)
+# What every service's registry view follows (services/kit/follower.py).
+REGISTRY_TOPICS: tuple[Topic, ...] = (REGISTRY_CASES, REGISTRY_AGENTS, REGISTRY_PROVIDERS,
+                                      REGISTRY_SUSPENSIONS, REGISTRY_TRUSTED_KEYS)
 # Not an event topic: each record is a clock probe (the writing service's name, nothing
 # else). LogAppendTime makes the broker stamp it with its own time and return that time in
 # the produce response: the trusted time the intake's purger judges expiry by.
 BROKER_CLOCK = Topic(
     "frs.clock", "service", 1, HOUR_MS, "delete", (),
     "Broker clock samples (LogAppendTime); raw records holding the writer's service name.",
-    {"message.timestamp.type": "LogAppendTime", "segment.ms": str(HOUR_MS)},
+    {"message.timestamp.type": "LogAppendTime"},
 )
 
 SERVICES = ("intake", "policy", "dispatch", "results", "audit")
@@ -119,6 +144,7 @@ TOPICS: tuple[Topic, ...] = (
     PROBE_REQUESTS,
     PROBE_EVENTS,
     POLICY_DECISIONS,
+    EXIGENT_REVIEWS,
     DISPATCH_EVENTS,
     PROVIDER_RESPONSES,
     RESULTS_EVENTS,
@@ -127,6 +153,8 @@ TOPICS: tuple[Topic, ...] = (
     REGISTRY_CASES,
     REGISTRY_AGENTS,
     REGISTRY_PROVIDERS,
+    REGISTRY_SUSPENSIONS,
+    REGISTRY_TRUSTED_KEYS,
     BROKER_CLOCK,
     *DLQ_TOPICS,
 )

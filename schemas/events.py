@@ -9,10 +9,11 @@ events stay ordered on one partition. No event carries image bytes in clear: onl
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from schemas.answers import raw_digest, reduce_answer
 from schemas.types import (
     AgentId,
     CaseId,
@@ -27,11 +28,17 @@ from schemas.types import (
     RoiRef,
     Score,
     Sha256Hex,
+    ShortText,
     StateCode,
     Transport,
     UtcDatetime,
     utcnow,
 )
+
+# An Ed25519 signature (64 bytes) and public key (32 bytes), standard base64; a key id.
+DecisionSignature = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{86}==$")]
+Ed25519PublicKeyB64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{43}=$")]
+KeyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 
 LeadMarking = Literal["INVESTIGATIVE LEAD ONLY - NOT A POSITIVE IDENTIFICATION"]
 LEAD_MARKING: LeadMarking = "INVESTIGATIVE LEAD ONLY - NOT A POSITIVE IDENTIFICATION"
@@ -75,7 +82,7 @@ class ProbeRequested(Event):
     nexus: list[StateCode] = Field(default_factory=list, max_length=60)
     exigent: bool = False
     exigent_justification: NonEmptyText | None = None
-    exigent_bypass: list[str] = Field(default_factory=list, max_length=20)
+    exigent_bypass: list[ShortText] = Field(default_factory=list, max_length=20)
     unedited_attestation: bool
     review_required: bool = False
     image: EncryptedImage
@@ -93,7 +100,7 @@ class QualityReport(Model):
     sharpness: float = Field(ge=0.0, description="variance of the Laplacian")
     exposure: float = Field(ge=0.0, le=1.0, description="mean luminance, 0..1")
     passed: bool
-    failures: list[str] = Field(default_factory=list)
+    failures: list[ShortText] = Field(default_factory=list, max_length=20)
 
 
 class ProbeSubmitted(Event):
@@ -103,12 +110,12 @@ class ProbeSubmitted(Event):
     case_id: CaseId
     agent_id: AgentId
     purpose: Purpose
-    roi_refs: list[RoiRef]
+    roi_refs: list[RoiRef] = Field(max_length=50)
     image_source: ImageSource
-    nexus: list[StateCode]
+    nexus: list[StateCode] = Field(max_length=60)
     exigent: bool
     exigent_justification: NonEmptyText | None = None
-    exigent_bypass: list[str] = Field(default_factory=list)
+    exigent_bypass: list[ShortText] = Field(default_factory=list, max_length=20)
     unedited_attestation: bool
     review_required: bool = False
     vault_ref: str
@@ -127,6 +134,10 @@ class RejectReason(StrEnum):
     UNSUPPORTED_FORMAT = "unsupported_format"
     TOO_MANY_BYTES = "too_many_bytes"
     TOO_MANY_PIXELS = "too_many_pixels"
+    # A JPEG with more scans than the cap: each scan is a pass over the whole image.
+    TOO_MANY_SCANS = "too_many_scans"
+    # The image worker hit its CPU-time, memory or wall-clock limit on it, or died on it.
+    DECODE_LIMIT_EXCEEDED = "decode_limit_exceeded"
     CORRUPT_IMAGE = "corrupt_image"
     TRUNCATED_IMAGE = "truncated_image"
     MULTI_FRAME = "multi_frame"
@@ -134,10 +145,6 @@ class RejectReason(StrEnum):
     EMPTY_IMAGE = "empty_image"
     NO_FACE = "no_face"
     MULTIPLE_FACES = "multiple_faces"
-    # A JPEG with more scans than the cap: each scan is a pass over the whole image.
-    TOO_MANY_SCANS = "too_many_scans"
-    # The image worker hit its CPU-time, memory or wall-clock limit on it, or died on it.
-    DECODE_LIMIT_EXCEEDED = "decode_limit_exceeded"
     FACE_TOO_SMALL = "face_too_small"
     TOO_BLURRED = "too_blurred"
     BAD_EXPOSURE = "bad_exposure"
@@ -183,12 +190,13 @@ class RegistryVersions(Model):
     cases: int = -1
     agents: int = -1
     providers: int = -1
+    suspensions: int = -1
 
 
 class ClearedProvider(Model):
     provider_id: ProviderId
     transport: Transport
-    fields: list[OutboundField]
+    fields: list[OutboundField] = Field(max_length=10)
 
 
 class ClaimCheck(Model):
@@ -208,7 +216,7 @@ class RuleDenial(Model):
 
 class ProviderDenial(Model):
     provider_id: ProviderId
-    rules: list[RuleDenial]
+    rules: list[RuleDenial] = Field(max_length=50)
 
 
 class PolicyCleared(Event):
@@ -225,10 +233,10 @@ class PolicyCleared(Event):
     TYPE: ClassVar[str] = "frs.policy.cleared.v1"
     probe_id: ProbeId
     case_id: CaseId
-    cleared: list[ClearedProvider] = Field(min_length=1)
-    denied: list[ProviderDenial] = Field(default_factory=list)
+    cleared: list[ClearedProvider] = Field(min_length=1, max_length=100)
+    denied: list[ProviderDenial] = Field(default_factory=list, max_length=100)
     exigent: bool = False
-    bypassed_rules: list[str] = Field(default_factory=list)
+    bypassed_rules: list[ShortText] = Field(default_factory=list, max_length=20)
     review_required: bool = False
     policy_digest: Sha256Hex
     registry_versions: RegistryVersions
@@ -237,6 +245,11 @@ class PolicyCleared(Event):
     # Set by the policy gate on every clearance. Optional only so clearances made before
     # it existed still decode; dispatch refuses to send on one without it.
     claim: ClaimCheck | None = None
+    # The policy gate's Ed25519 signature over the rest (schemas/decisions.py) and the id
+    # of its key in frs.registry.trusted_keys. Optional only so older decisions decode:
+    # dispatch refuses, and the audit flags, a decision without a valid one.
+    signature: DecisionSignature | None = None
+    key_id: KeyId | None = None
 
 
 class PolicyDenied(Event):
@@ -245,11 +258,13 @@ class PolicyDenied(Event):
     TYPE: ClassVar[str] = "frs.policy.denied.v1"
     probe_id: ProbeId
     case_id: CaseId
-    denied: list[ProviderDenial]
+    denied: list[ProviderDenial] = Field(max_length=100)
     policy_digest: Sha256Hex
     registry_versions: RegistryVersions
     decided_at: UtcDatetime
     inputs: DecisionInputs | None = None
+    signature: DecisionSignature | None = None
+    key_id: KeyId | None = None
 
 
 class SupervisorReviewRecorded(Event):
@@ -276,7 +291,7 @@ class ProviderDispatched(Event):
     provider_id: ProviderId
     dispatch_id: str
     transport: Transport
-    fields_sent: list[OutboundField]
+    fields_sent: list[OutboundField] = Field(max_length=10)
     request_ref: str = Field(description="opaque id the provider answers to")
     sent_at: UtcDatetime
     response_due_at: UtcDatetime
@@ -297,6 +312,12 @@ class DispatchFailure(StrEnum):
     PERMANENT_ERROR = "permanent_error"
     CIRCUIT_OPEN = "circuit_open"
     OUTCOME_UNKNOWN = "outcome_unknown"
+    # The clearance's signature is missing, or does not verify against an active
+    # policy-decisions key of the trusted-keys registry: not a decision of the policy gate.
+    UNVERIFIED_DECISION = "unverified_decision"
+    # The provider's registry entry (or the decision's own snapshot of it) does not allow
+    # the purpose the probe states.
+    PURPOSE_NOT_ALLOWED = "purpose_not_allowed"
 
 
 class DispatchFailed(Event):
@@ -347,10 +368,10 @@ class CandidatesReceived(Event):
 
 
 class ProviderAnswered(Event):
-    """A provider's raw answer, as received on any channel, before normalization.
-
-    Carries the provider's JSON (candidate references and scores), never image bytes:
-    candidate photos go to the vault first and are referenced here."""
+    """A provider's answer, as received on any channel, before normalization, reduced to
+    the fields the normalizer reads (schemas/answers.py): never image bytes, never a field
+    nobody asked for. What was dropped is named by path; the raw answer is kept only as
+    its SHA-256."""
 
     TYPE: ClassVar[str] = "frs.provider.answered.v1"
     probe_id: ProbeId
@@ -358,6 +379,19 @@ class ProviderAnswered(Event):
     channel: Literal["webhook", "email", "rekognition"]
     payload: dict[str, Any]
     received_at: UtcDatetime
+    raw_sha256: Sha256Hex | None = None
+    dropped_fields: list[ShortText] = Field(default_factory=list, max_length=50)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allow_list(cls, data: Any) -> Any:
+        # Every producer builds the event through here, so nothing can skip the reduction.
+        if not isinstance(data, dict) or "payload" not in data:
+            return data
+        kept, dropped = reduce_answer(data["payload"])
+        digest = data.get("raw_sha256") or raw_digest(data["payload"])
+        return {**data, "payload": kept, "raw_sha256": digest,
+                "dropped_fields": list(data.get("dropped_fields") or []) or dropped}
 
 
 class ProviderResponseRejected(Event):
@@ -379,9 +413,9 @@ class NoResponse(Event):
 class ProbeSettled(Event):
     TYPE: ClassVar[str] = "frs.probe.settled.v1"
     probe_id: ProbeId
-    answered: list[ProviderId]
-    failed: list[ProviderId]
-    no_response: list[ProviderId]
+    answered: list[ProviderId] = Field(max_length=100)
+    failed: list[ProviderId] = Field(max_length=100)
+    no_response: list[ProviderId] = Field(max_length=100)
     settled_at: UtcDatetime
 
 
@@ -411,7 +445,7 @@ class ReviewCompleted(Event):
     TYPE: ClassVar[str] = "frs.review.completed.v1"
     probe_id: ProbeId
     examiner_id: AgentId
-    conclusions: list[ExaminerConclusion]
+    conclusions: list[ExaminerConclusion] = Field(max_length=50)
     completed_at: UtcDatetime
 
 
@@ -455,6 +489,11 @@ class Invariant(StrEnum):
     # Liveness: a cleared provider's part of a probe reached no end (answer, NoResponse,
     # DispatchFailed, then ProbeSettled) by its answer deadline plus the audit's grace.
     CLEARANCE_WITHOUT_END = "clearance_without_end"
+    # A PolicyCleared or PolicyDenied whose signature is missing or does not verify
+    # against an active policy-decisions key on frs.registry.trusted_keys.
+    UNVERIFIED_DECISION = "unverified_decision"
+    # A clearance for a provider whose registry entry does not allow the probe's purpose.
+    PURPOSE_NOT_ALLOWED = "purpose_not_allowed"
 
 
 class ComplianceViolation(Event):
@@ -474,7 +513,7 @@ class CaseRecord(Event):
     case_id: CaseId
     status: Literal["open", "closed"]
     offense_category: Purpose
-    roi_refs: list[RoiRef] = Field(default_factory=list)
+    roi_refs: list[RoiRef] = Field(default_factory=list, max_length=500)
     updated_at: UtcDatetime
 
     def partition_key(self) -> str:
@@ -498,14 +537,14 @@ class ProviderRecord(Event):
     provider_id: ProviderId
     name: str = Field(max_length=200)
     kind: ProviderKind
-    jurisdictions: list[StateCode] = Field(default_factory=list)
+    jurisdictions: list[StateCode] = Field(default_factory=list, max_length=60)
     transport: Transport
     endpoint: str = Field(max_length=500, description="URL, mailbox or Rekognition collection")
     status: Literal["active", "suspended"] = "active"
     attestation_valid_until: UtcDatetime | None = None
     accuracy_evaluation_ref: str | None = None
     max_candidates: int = Field(default=20, ge=2, le=50)
-    allowed_purposes: list[Purpose] = Field(default_factory=lambda: list(Purpose))
+    allowed_purposes: list[Purpose] = Field(default_factory=lambda: list(Purpose), max_length=20)
     response_deadline_s: int = Field(default=3600, ge=1)
     deletion_deadline_s: int = Field(default=86400, ge=1)
     requires_review: bool = False
@@ -515,6 +554,42 @@ class ProviderRecord(Event):
     def partition_key(self) -> str:
         return self.provider_id
 
+
+class SuspensionReason(StrEnum):
+    DELETION_OVERDUE = "deletion_overdue"
+
+
+class ProviderSuspensionRequested(Event):
+    """The results service's one say over a provider: suspend it, and why. Registry views
+    (services/kit/registry.py) apply it as status "suspended" over the provider's entry
+    until the operator writes a newer entry (``frs registry activate``). It can change
+    nothing else about a provider."""
+
+    TYPE: ClassVar[str] = "frs.registry.suspension.v1"
+    provider_id: ProviderId
+    reason: SuspensionReason
+    probe_id: ProbeId | None = Field(default=None, description="the probe that showed it")
+    requested_at: UtcDatetime
+
+    def partition_key(self) -> str:
+        return self.provider_id
+
+
+class TrustedKey(Event):
+    """A public key the operator trusts for one purpose: "policy-decisions" keys verify
+    the policy gate's signatures. Written only by the operator (``frs registry
+    trust-key``), never by the service that holds the private key."""
+
+    TYPE: ClassVar[str] = "frs.registry.trusted_key.v1"
+    key_id: KeyId
+    purpose: Literal["policy-decisions"] = "policy-decisions"
+    algorithm: Literal["ed25519"] = "ed25519"
+    public_key: Ed25519PublicKeyB64
+    status: Literal["active", "revoked"] = "active"
+    updated_at: UtcDatetime
+
+    def partition_key(self) -> str:
+        return self.key_id
 
 
 # --- policy decision inputs (after the registry records they embed) -----------------
@@ -526,13 +601,13 @@ class PolicyRequest(Model):
     agent_id: AgentId
     case_id: CaseId
     purpose: Purpose
-    roi_refs: list[RoiRef]
-    nexus: list[StateCode]
+    roi_refs: list[RoiRef] = Field(max_length=50)
+    nexus: list[StateCode] = Field(max_length=60)
     unedited_attestation: bool
     quality_passed: bool | None = None
     exigent: bool = False
     exigent_justification: NonEmptyText | None = None
-    exigent_bypass: list[str] = Field(default_factory=list)
+    exigent_bypass: list[ShortText] = Field(default_factory=list, max_length=20)
 
 
 class DecisionInputs(Model):
@@ -544,7 +619,7 @@ class DecisionInputs(Model):
     evaluated_at: UtcDatetime
     case: CaseRecord | None = None
     agent: AgentRecord | None = None
-    providers: list[ProviderRecord] = Field(default_factory=list)
+    providers: list[ProviderRecord] = Field(default_factory=list, max_length=100)
 
 
 PolicyCleared.model_rebuild()
@@ -575,6 +650,8 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     CaseRecord,
     AgentRecord,
     ProviderRecord,
+    ProviderSuspensionRequested,
+    TrustedKey,
 )
 
 EVENTS_BY_TYPE: dict[str, type[Event]] = {e.TYPE: e for e in ALL_EVENTS}

@@ -20,6 +20,8 @@ RoiRef = Annotated[str, _ID]
 StateCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 NonEmptyText = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+# A rule id, a reason code: short by nature, bounded so a list of them cannot grow a record.
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
 def _require_utc(value: datetime) -> datetime:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 # The port helpers stay importable from here too: tests/users and deploy/test.sh use them.
+from tests.factories import write_policy_key
 from tests.helpers import free_port_block, free_port_pair, log_text, wait_for  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +38,25 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from services.kit.topics import ensure_topics
 
     asyncio.run(ensure_topics(bootstrap))
+    # The operator's one enrollment for the session: every test's policy gate signs with
+    # this key (service_env), so dispatch and the audit accept its decisions.
+    asyncio.run(enroll_policy_key(bootstrap))
     os.environ["FRS_KAFKA_BOOTSTRAP"] = bootstrap
     try:
         yield bootstrap
     finally:
         if env is not None:
             subprocess.run([str(BROKER), "stop"], env=env, check=False, timeout=60)
+
+
+async def enroll_policy_key(bootstrap: str) -> None:
+    from services.kit.kafka import KafkaSettings
+    from services.kit.publisher import Publisher
+    from tests.factories import trusted
+
+    async with Publisher(bootstrap, "/test/operator",
+                         kafka=KafkaSettings(kafka_bootstrap=bootstrap)) as publisher:
+        await publisher.publish([trusted()])
 
 
 class ServiceProcess:
@@ -95,6 +109,8 @@ def service_env(kafka_bootstrap: str, tmp_path: Path) -> dict[str, str]:
         "FRS_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "FRS_STATE_DIR": str(tmp_path / "state"),
         "FRS_INTAKE_PRIVATE_KEY_FILE": str(keys / "intake.key.pem"),
+        # The session's policy key, enrolled by kafka_bootstrap.
+        "FRS_POLICY_SIGNING_KEY_FILE": str(write_policy_key(keys / "policy-decisions.pem")),
         "FRS_AUDIT_STORE_DIR": str(tmp_path / "audit"),
         "FRS_INTAKE_METRICS_PORT": "0",
         "FRS_DISPATCH_METRICS_PORT": "0",

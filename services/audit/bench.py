@@ -19,19 +19,24 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.catalog import topic_for
+from schemas.decisions import sign, trusted_key
 from schemas.envelope import Envelope, decode, encode
 from schemas.events import (
     Candidate,
     CandidatesReceived,
     ClearedProvider,
+    DecisionInputs,
     Event,
     PolicyCleared,
+    PolicyRequest,
     ProbeRequested,
     ProbeSettled,
     ProbeSubmitted,
     ProviderAnswered,
     ProviderDispatched,
+    ProviderRecord,
     RegistryVersions,
+    TrustedKey,
 )
 from schemas.types import MINIMAL_FIELDS, ImageSource, Purpose, Transport
 from services.audit import handlers
@@ -79,6 +84,19 @@ def _appends(directory: Path, n: int, batch: int,
     return elapsed, cpu
 
 
+_POLICY_KEY = Ed25519PrivateKey.generate()
+
+
+def _inputs(now: datetime) -> DecisionInputs:
+    return DecisionInputs(
+        request=PolicyRequest(agent_id="agent-7", case_id="CASE-1",
+                              purpose=Purpose.FINANCIAL_FRAUD, roi_refs=["ROI-1"], nexus=[],
+                              unedited_attestation=True),
+        evaluated_at=now, providers=[ProviderRecord(
+            provider_id="fed-ngi", name="fed", kind="federal", transport=Transport.HTTPS,
+            endpoint="https://127.0.0.1/", updated_at=now)])
+
+
 def _lifecycle(i: int, now: datetime) -> list[Event]:
     """One probe's events through the pipeline, as the audit service sees them."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -99,10 +117,12 @@ def _lifecycle(i: int, now: datetime) -> list[Event]:
                        received_sha256="0" * 64, sanitized_sha256="0" * 64,
                        expires_at=now + timedelta(days=1), submitted_at=now,
                        **common),
-        PolicyCleared(probe_id=pid, case_id="CASE-1", policy_digest="0" * 64,
-                      cleared=[ClearedProvider(provider_id="fed-ngi", transport=Transport.HTTPS,
-                                               fields=fields)],
-                      registry_versions=RegistryVersions(), decided_at=now),
+        # Signed, with its inputs, as the policy gate publishes it: the invariants verify it.
+        sign(PolicyCleared(probe_id=pid, case_id="CASE-1", policy_digest="0" * 64,
+                           cleared=[ClearedProvider(provider_id="fed-ngi",
+                                                    transport=Transport.HTTPS, fields=fields)],
+                           registry_versions=RegistryVersions(), decided_at=now,
+                           inputs=_inputs(now)), _POLICY_KEY),
         ProviderDispatched(probe_id=pid, provider_id="fed-ngi", dispatch_id=f"d-{i}",
                            transport=Transport.HTTPS, fields_sent=fields,
                            request_ref=f"ref-{i:024d}", sent_at=now, response_due_at=now,
@@ -124,6 +144,11 @@ def _envelopes(n: int, mix: bool) -> list[tuple[str, bytes, Envelope]]:
     mix of a probe's whole life (seven events per probe)."""
     now = datetime.now(UTC)
     out: list[tuple[str, bytes, Envelope]] = []
+    if mix:  # the operator's enrollment of the gate's key, as on the registry topic
+        trust = TrustedKey.model_validate({**trusted_key(_POLICY_KEY.public_key()),
+                                           "updated_at": now})
+        rec = encode(trust, "/frs/bench")
+        out.append((topic_for(trust).name, rec.value, decode(rec.headers, rec.key, rec.value)))
     i = 0
     while len(out) < n:
         events = _lifecycle(i, now) if mix else [_lifecycle(i, now)[3]]

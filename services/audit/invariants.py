@@ -17,7 +17,15 @@ matter. A provider that ended still owes its probe's settlement by the last dead
 the probe's providers plus the grace: the tracker settles once all of them are final, and
 a tracker that believes a probe done without saying so is the failure this rule is for.
 An ImagePurged is no end: dispatch answers a cleared send of a purged image with
-DispatchFailed(image_purged), so a purge that leaves the probe silent is a stall too."""
+DispatchFailed(image_purged), so a purge that leaves the probe silent is a stall too.
+
+Decisions (unverified_decision, purpose_not_allowed): every PolicyCleared and PolicyDenied
+must carry a signature that verifies against an active policy-decisions key from
+frs.registry.trusted_keys, as the log has them (schemas/decisions.py); an unsigned or
+badly signed one is flagged at once, one signed with a key the log has not shown yet
+waits ``clearance_grace_s`` for that key's record. A clearance is flagged for each
+provider whose entry, in the decision's own snapshot or as frs.registry.providers last
+said, does not allow the probe's purpose."""
 
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from schemas.decisions import Decision, purpose_faults, unverified
 from schemas.envelope import DecodeError, Envelope, Headers
 from schemas.events import (
     LEAD_MARKING,
@@ -41,12 +50,14 @@ from schemas.events import (
     Invariant,
     NoResponse,
     PolicyCleared,
+    PolicyDenied,
     ProbeSettled,
     ProbeSubmitted,
     ProviderDispatched,
     ProviderRecord,
     ReviewRequested,
     SupervisorReviewRecorded,
+    TrustedKey,
 )
 from schemas.types import MINIMAL_FIELDS
 from services.audit.store import AuditStore
@@ -82,15 +93,26 @@ CREATE TABLE IF NOT EXISTS inv_probe_ends (probe_id TEXT PRIMARY KEY, how TEXT N
 CREATE TABLE IF NOT EXISTS inv_providers (
   provider_id TEXT PRIMARY KEY, response_deadline_s INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS inv_trusted_keys (key_id TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS inv_provider_purposes (
+  provider_id TEXT PRIMARY KEY, purposes TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inv_decisions_waiting (
+  event_id TEXT PRIMARY KEY, probe_id TEXT NOT NULL, key_id TEXT NOT NULL,
+  decision_type TEXT NOT NULL, decision TEXT NOT NULL, seen_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inv_decisions_waiting_key ON inv_decisions_waiting(key_id);
 CREATE TABLE IF NOT EXISTS inv_violations (
   offending_event_id TEXT NOT NULL, invariant TEXT NOT NULL, probe_id TEXT NOT NULL,
   detected_at TEXT NOT NULL, PRIMARY KEY (offending_event_id, invariant)
 );
 """
 
-_WATCHED = (PolicyCleared, ProviderDispatched, ImagePurged, ProbeSubmitted,
+_WATCHED = (PolicyCleared, PolicyDenied, ProviderDispatched, ImagePurged, ProbeSubmitted,
             SupervisorReviewRecorded, CandidatesReceived, DispatchFailed, NoResponse,
-            ProbeSettled, ReviewRequested, ProviderRecord)
+            ProbeSettled, ReviewRequested, ProviderRecord, TrustedKey)
+_DECISION_TYPES: dict[str, type[PolicyCleared] | type[PolicyDenied]] = {
+    PolicyCleared.TYPE: PolicyCleared, PolicyDenied.TYPE: PolicyDenied}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ALLOWED = frozenset(f.value for f in MINIMAL_FIELDS)
 # A provider the audit has no record of answers by the registry's own default deadline.
@@ -149,7 +171,12 @@ class Invariants:
             return self._raw(headers or [], value)
         event, eid = decoded.event, decoded.id
         if isinstance(event, PolicyCleared):
-            return self._cleared(event, eid)
+            return self._signed(event, eid) + self._purposes(event, eid) \
+                + self._cleared(event, eid)
+        if isinstance(event, PolicyDenied):
+            return self._signed(event, eid)
+        if isinstance(event, TrustedKey):
+            return self._trusted_key(event)
         if isinstance(event, ProviderDispatched):
             self._unit_dispatched(event)
             return self._dispatched(event, eid)
@@ -188,7 +215,67 @@ class Invariants:
                 "INSERT INTO inv_providers (provider_id, response_deadline_s) VALUES (?, ?)"
                 " ON CONFLICT DO UPDATE SET response_deadline_s = excluded.response_deadline_s",
                 (event.provider_id, event.response_deadline_s))
+            self.store.execute(
+                "INSERT INTO inv_provider_purposes (provider_id, purposes) VALUES (?, ?)"
+                " ON CONFLICT DO UPDATE SET purposes = excluded.purposes",
+                (event.provider_id, json.dumps([p.value for p in event.allowed_purposes])))
         return []
+
+    # --- decisions: who decided, and for which purpose ----------------------------------
+
+    def _keys(self, key_id: str | None) -> dict[str, TrustedKey]:
+        if key_id is None:
+            return {}
+        row = self.store.query("SELECT record FROM inv_trusted_keys WHERE key_id = ?",
+                               (key_id,))
+        return {key_id: TrustedKey.model_validate_json(row[0][0])} if row else {}
+
+    def _signed(self, event: Decision, eid: str) -> list[ComplianceViolation]:
+        keys = self._keys(event.key_id)
+        why = unverified(event, keys)
+        if why is None:
+            return []
+        if event.signature is not None and event.key_id is not None and not keys:
+            # The key's record may be on the log, not read yet (topics interleave): the
+            # decision waits for it, and is judged when it comes or when the grace ends.
+            self.store.execute(
+                "INSERT OR IGNORE INTO inv_decisions_waiting (event_id, probe_id, key_id,"
+                " decision_type, decision, seen_at) VALUES (?,?,?,?,?,?)",
+                (eid, event.probe_id, event.key_id, event.TYPE, event.model_dump_json(),
+                 self.clock().isoformat()))
+            return []
+        return self._violation(event.probe_id, Invariant.UNVERIFIED_DECISION, eid,
+                               f"{type(event).__name__}: {why}")
+
+    def _trusted_key(self, event: TrustedKey) -> list[ComplianceViolation]:
+        self.store.execute(
+            "INSERT INTO inv_trusted_keys (key_id, record) VALUES (?, ?)"
+            " ON CONFLICT DO UPDATE SET record = excluded.record",
+            (event.key_id, event.model_dump_json()))
+        out = []
+        for eid, kind, text in self.store.query(
+                "SELECT event_id, decision_type, decision FROM inv_decisions_waiting"
+                " WHERE key_id = ?", (event.key_id,)):
+            self.store.execute("DELETE FROM inv_decisions_waiting WHERE event_id = ?", (eid,))
+            decision = _DECISION_TYPES[kind].model_validate_json(text)
+            why = unverified(decision, {event.key_id: event})
+            if why is not None:
+                out += self._violation(decision.probe_id, Invariant.UNVERIFIED_DECISION, eid,
+                                       f"{type(decision).__name__}: {why}")
+        return out
+
+    def _purposes(self, event: PolicyCleared, eid: str) -> list[ComplianceViolation]:
+        ids = sorted({c.provider_id for c in event.cleared})
+        marks = ",".join("?" * len(ids))
+        allowed = {pid: json.loads(purposes) for pid, purposes in self.store.query(
+            f"SELECT provider_id, purposes FROM inv_provider_purposes"
+            f" WHERE provider_id IN ({marks})", tuple(ids))}
+        out = []
+        for pid, why in purpose_faults(event, allowed).items():
+            # One violation per provider: the offending id names the pair.
+            out += self._violation(event.probe_id, Invariant.PURPOSE_NOT_ALLOWED,
+                                   f"{eid}/{pid}", f"cleared {pid}: {why}")
+        return out
 
     def _cleared(self, event: PolicyCleared, clearance_id: str) -> list[ComplianceViolation]:
         for c in event.cleared:
@@ -364,6 +451,14 @@ class Invariants:
             out += self._violation(probe_id, Invariant.IMAGE_PAST_EXPIRY, probe_id,
                                    f"image expired at {expires_at} and no purge was recorded "
                                    f"within {self.settings.expiry_grace_s:g}s")
+        for eid, probe_id, key_id in self.store.query(
+                "SELECT event_id, probe_id, key_id FROM inv_decisions_waiting"
+                " WHERE seen_at <= ?", (seen_before,)):
+            self.store.execute("DELETE FROM inv_decisions_waiting WHERE event_id = ?", (eid,))
+            out += self._violation(probe_id, Invariant.UNVERIFIED_DECISION, eid,
+                                   f"signed with key {key_id}, which the trusted-keys "
+                                   f"registry did not show within "
+                                   f"{self.settings.clearance_grace_s:g}s")
         for probe_id, due_at in self.store.query(
                 "SELECT probe_id, due_at FROM inv_exigent WHERE reviewed = 0 AND flagged = 0"):
             if datetime.fromisoformat(due_at) > now:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from services.audit.merkle import Frontier, leaf_hash
+from services.kit.sqlite import connect, private_path
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leaves (
@@ -84,10 +85,7 @@ class AuditStore:
                 self._db.close()
                 raise FileNotFoundError(f"audit store at {directory} is not initialized yet")
         else:
-            directory.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(index, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = connect(index, isolation_level=None)
             self._db.executescript(SCHEMA)
         row = self._db.execute(
             "SELECT seg_pos + seg_len FROM leaves ORDER BY idx DESC LIMIT 1"
@@ -98,7 +96,7 @@ class AuditStore:
         self._in_tx = False
         self._segment = None
         if not readonly:
-            self._segment = open(self._segment_path, "ab+")  # noqa: SIM115 - lives with the store
+            self._segment = open(private_path(self._segment_path), "ab+")  # noqa: SIM115 - lives with the store
             if self._segment.seek(0, os.SEEK_END) > committed:
                 self._segment.truncate(committed)  # torn write after the last committed leaf
         self.frontier = self._load_frontier()

@@ -25,16 +25,21 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS
+from schemas.catalog import POLICY_DECISIONS
+from schemas.decisions import sign, trusted_key
 from schemas.events import (
     ClaimCheck,
     ClearedProvider,
+    DecisionInputs,
     Event,
     PolicyCleared,
+    PolicyRequest,
     ProbeSubmitted,
     ProviderRecord,
     RegistryVersions,
+    TrustedKey,
 )
 from schemas.types import ImageSource, OutboundField, Purpose, Transport
 from services.cli.common import BENCH_HELP, group, subcommand
@@ -50,7 +55,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def synthetic_clearance(probe_id: str, cleared: Sequence[ClearedProvider], *,
                         agent_id: str = "agent-7", vault_ref: str | None = None,
-                        now: datetime | None = None) -> tuple[ProbeSubmitted, PolicyCleared]:
+                        now: datetime | None = None, key: Ed25519PrivateKey | None = None
+                        ) -> tuple[ProbeSubmitted, PolicyCleared]:
+    """A probe and its clearance as intake and policy would emit them; signed with ``key``
+    (dispatch sends only when that key is enrolled in frs.registry.trusted_keys). Its
+    inputs name the probe's purpose and a stand-in entry per provider allowing it."""
     now = now or datetime.now(UTC)
     submitted = ProbeSubmitted(
         probe_id=probe_id, request_id=f"req-{probe_id}", case_id="CASE-1", agent_id=agent_id,
@@ -59,12 +68,22 @@ def synthetic_clearance(probe_id: str, cleared: Sequence[ClearedProvider], *,
         unedited_attestation=True, vault_ref=vault_ref or f"vault:{probe_id}",
         image_format="jpeg", received_sha256="0" * 64, sanitized_sha256="0" * 64,
         expires_at=now + timedelta(hours=1), submitted_at=now)
+    inputs = DecisionInputs(
+        request=PolicyRequest(agent_id=agent_id, case_id="CASE-1", purpose=submitted.purpose,
+                              roi_refs=["ROI-1"], nexus=[], unedited_attestation=True),
+        evaluated_at=now, providers=[ProviderRecord(
+            provider_id=c.provider_id, name=c.provider_id, kind="commercial",
+            transport=c.transport, endpoint="-", updated_at=now) for c in cleared])
     decision = PolicyCleared(
         probe_id=probe_id, case_id="CASE-1", cleared=list(cleared), policy_digest="0" * 64,
-        registry_versions=RegistryVersions(), decided_at=now,
+        registry_versions=RegistryVersions(), decided_at=now, inputs=inputs,
         claim=ClaimCheck(vault_ref=submitted.vault_ref, agent_id=agent_id,
                          sanitized_sha256=submitted.sanitized_sha256,
                          expires_at=submitted.expires_at))
+    if key is not None:
+        signed = sign(decision, key)
+        assert isinstance(signed, PolicyCleared)
+        decision = signed
     return submitted, decision
 
 
@@ -177,21 +196,22 @@ async def cmd_bench_dispatch(args: argparse.Namespace, settings: ServiceSettings
                     provider_id=provider_id, name="bench vendor (simulated)",
                     kind="commercial", transport=Transport.HTTPS, endpoint=url,
                     attestation_valid_until=now + timedelta(days=1), updated_at=now)
-                events: list[Event] = [record]
-                decisions: list[Event] = []
-                for i in range(args.probes):
-                    sub, dec = synthetic_clearance(f"prb-bench-{run_id}-{i}",
-                                                   [cleared(provider_id, Transport.HTTPS)],
-                                                   now=now)
-                    events.append(sub)
-                    decisions.append(dec)
+                # The clearance carries its claim check: dispatch needs nothing else. It is
+                # signed with a key of this run, enrolled as the operator would.
+                key = Ed25519PrivateKey.generate()
+                trust = TrustedKey.model_validate({**trusted_key(key.public_key()),
+                                                   "updated_at": now})
+                decisions: list[Event] = [
+                    synthetic_clearance(f"prb-bench-{run_id}-{i}",
+                                        [cleared(provider_id, Transport.HTTPS)], now=now,
+                                        key=key)[1]
+                    for i in range(args.probes)]
                 group = f"frs-bench-{run_id}"
-                # Only this run's events: the groups start at the current log end.
-                await start_groups_at_end(settings.kafka_bootstrap, [
-                    (group, POLICY_DECISIONS.name),
-                    (f"{group}-probes-bench", PROBE_EVENTS.name)])
+                # Only this run's clearances: the group starts at the current log end.
+                await start_groups_at_end(settings.kafka_bootstrap,
+                                          [(group, POLICY_DECISIONS.name)])
                 async with Publisher(settings.kafka_bootstrap, source="/frs/bench") as pub:
-                    await pub.publish(events)
+                    await pub.publish([record, trust])
                     await pub.publish(decisions)
                 dispatch = _spawn(
                     ["services.dispatch"],

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "topics": ("manage the catalog's Kafka topics", ("main",)),
     "submit": ("encrypt a probe photo to the intake and submit it", ("main",)),
     "timeline": ("print a probe's events in order", ("main",)),
-    "registry": ("publish registry entries; suspend or activate a provider",
+    "registry": ("publish registry entries; suspend or activate a provider; trust a key",
                  ("main", "policy")),
     "policy": ("validate and explain Cedar policy decisions", ("policy",)),
     "exigent": ("supervisor review of exigent clearances", ("policy",)),

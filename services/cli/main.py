@@ -23,17 +23,29 @@ from services.cli.client import demo_registry, submit_and_wait
 from services.cli.common import CliSettings, Misuse, emit, group, subcommand
 from services.kit.publisher import Publisher
 from services.kit.reader import read_topic
-from services.kit.topics import ensure_topics
+from services.kit.topics import TopicStatus, ensure_topics
 
 # --- topics ---------------------------------------------------------------------------
 
 
 async def cmd_topics_create(args: argparse.Namespace, settings: CliSettings) -> int:
     statuses = await ensure_topics(settings.kafka_bootstrap, replication=args.replication)
-    payload = [{"topic": s.name, "action": s.action, "detail": s.detail} for s in statuses]
-    lines = [f"{s.action:8} {s.name} {s.detail}".rstrip() for s in statuses]
-    emit(args, payload, "\n".join(lines))
+    _emit_statuses(args, statuses)
     return 0
+
+
+async def cmd_topics_check(args: argparse.Namespace, settings: CliSettings) -> int:
+    """Exit 1 when a topic is missing or its settings (retention, segment.ms, cleanup,
+    size limit, partitions) differ from the catalog: retention holds only as written."""
+    statuses = await ensure_topics(settings.kafka_bootstrap, fix=False)
+    _emit_statuses(args, statuses)
+    return 1 if any(s.action != "ok" for s in statuses) else 0
+
+
+def _emit_statuses(args: argparse.Namespace, statuses: list[TopicStatus]) -> None:
+    payload = [{"topic": s.name, "action": s.action, "detail": s.detail} for s in statuses]
+    emit(args, payload, "\n".join(f"{s.action:8} {s.name} {s.detail}".rstrip()
+                                   for s in statuses))
 
 
 # --- submit ---------------------------------------------------------------------------
@@ -162,11 +174,25 @@ async def cmd_registry_put(args: argparse.Namespace, settings: CliSettings) -> i
 
 
 async def cmd_registry_demo(args: argparse.Namespace, settings: CliSettings) -> int:
-    """Seed one open case, one trained agent and one active provider for the demo."""
+    """Seed one open case, one trained agent and one active provider for the demo, and
+    trust this host's policy gate's public key when it is there (the gate makes it at its
+    first start): the operator's enrollment, as `frs registry trust-key` does it."""
+    from services.cli.policy import local_policy_public_key, trust_record
+
     records = demo_registry("fed-ngi", "Federal 1:N gallery (simulated)", args.endpoint)
+    key_file = local_policy_public_key(settings)
+    key_id = None
+    if key_file.is_file():
+        trusted = trust_record(key_file)
+        records.append(trusted)
+        key_id = trusted.key_id
     async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
         await publisher.publish(records)
-    emit(args, {"published": len(records)}, f"published {len(records)} demo registry entries")
+    note = (f", trusted policy key {key_id}" if key_id else
+            f"; no policy key at {key_file} to trust: start the intake, then run "
+            "`frs registry trust-key`")
+    emit(args, {"published": len(records), "trusted_key": key_id},
+         f"published {len(records)} demo registry entries{note}")
     return 0
 
 
@@ -179,6 +205,9 @@ def register(commands: Any) -> None:
     create = subcommand(topics_cmds, "create", "create or check every catalog topic (idempotent)",
                   "frs topics create --json", cmd_topics_create)
     create.add_argument("--replication", type=int, default=1, help="replication factor")
+    subcommand(topics_cmds, "check", "compare every catalog topic with the broker (exit 1 "
+               "on a missing topic or drifted settings)", "frs topics check --json",
+               cmd_topics_check)
 
     submit = subcommand(commands, "submit", "encrypt a probe photo to the intake and submit it",
                   "frs submit --image face.jpg --case CASE-1 --agent agent-7 "

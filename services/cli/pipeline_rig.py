@@ -19,11 +19,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from schemas.decisions import trusted_key
+from schemas.events import TrustedKey
 from schemas.types import ImageSource, Purpose, probe_id_for
 from services.cli.client import build_request, demo_registry
+from services.intake.policy.signing import load_or_create_signing_key
 from services.kit.private_files import write_private
 from services.kit.publisher import Publisher
 from services.simulators.tls import SimulatorCA
@@ -150,6 +154,7 @@ class PipelineRig:
             "FRS_KAFKA_BOOTSTRAP": self.bootstrap,
             "FRS_STATE_DIR": str(self.workdir / "state"),
             "FRS_INTAKE_PRIVATE_KEY_FILE": str(self.workdir / "keys" / "intake.key.pem"),
+            "FRS_POLICY_SIGNING_KEY_FILE": str(self.policy_key_file),
             "FRS_AUDIT_STORE_DIR": str(self.workdir / "audit"),
             "FRS_INTAKE_METRICS_PORT": "0", "FRS_DISPATCH_METRICS_PORT": "0",
             "FRS_RESULTS_METRICS_PORT": "0", "FRS_AUDIT_METRICS_PORT": "0",
@@ -170,10 +175,20 @@ class PipelineRig:
         await self.start_services(*self.services)
         return self
 
+    @property
+    def policy_key_file(self) -> Path:
+        return self.workdir / "keys" / "policy-decisions.pem"
+
     async def seed_registry(self) -> None:
+        """The demo registry, and the operator's enrollment of the policy gate's key (made
+        here, before the intake starts and signs with it): dispatch acts only on
+        decisions signed by an enrolled key."""
         assert self.vendor is not None
         records = demo_registry(PROVIDER, "Federal 1:N gallery (simulator)", self.vendor.url,
                                 self.response_deadline_s)
+        key = load_or_create_signing_key(self.policy_key_file).public_key()
+        records.append(TrustedKey.model_validate({**trusted_key(key),
+                                                  "updated_at": datetime.now(UTC)}))
         async with Publisher(self.bootstrap, source="/frs/rig") as publisher:
             await publisher.publish(records)
 

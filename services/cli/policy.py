@@ -1,4 +1,4 @@
-"""``frs policy ...``, ``frs exigent ...`` and ``frs registry suspend/activate``.
+"""``frs policy ...``, ``frs exigent ...`` and ``frs registry suspend/activate/trust-key``.
 
 Exit codes: 0 success, 1 a finding (policies do not validate, a replay differs, an
 exigent review pending), 2 misuse (unknown provider or probe, bad arguments)."""
@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from schemas.catalog import (
+    EXIGENT_REVIEWS,
     POLICY_DECISIONS,
     REGISTRY_AGENTS,
     REGISTRY_CASES,
     REGISTRY_PROVIDERS,
+    REGISTRY_SUSPENSIONS,
 )
+from schemas.decisions import trusted_key
 from schemas.envelope import Envelope
 from schemas.events import (
     AgentRecord,
@@ -25,7 +28,9 @@ from schemas.events import (
     PolicyCleared,
     PolicyDenied,
     ProviderRecord,
+    ProviderSuspensionRequested,
     SupervisorReviewRecorded,
+    TrustedKey,
 )
 from schemas.types import probe_id_for
 from services.cli.common import CliSettings, Misuse, emit, group, subcommand
@@ -44,8 +49,11 @@ from services.intake.policy.handlers import (
     outcome,
     replay,
 )
+from services.intake.policy.settings import PolicySettings
+from services.intake.policy.signing import load_public_key, public_key_path
 from services.kit.publisher import Publisher
 from services.kit.reader import read_topic
+from services.kit.registry import effective_provider
 
 Decision = PolicyCleared | PolicyDenied
 
@@ -57,26 +65,66 @@ def _probe_id(text: str) -> str:
 # --- registry suspend / activate ------------------------------------------------------
 
 
-async def _latest_provider(bootstrap: str, provider_id: str) -> ProviderRecord | None:
+async def _latest_provider(bootstrap: str, provider_id: str
+                           ) -> tuple[ProviderRecord | None, str]:
+    """The provider's latest entry, and its status as the services see it (a suspension
+    from results applied)."""
     latest: ProviderRecord | None = None
-    for _raw, decoded in await read_topic(bootstrap, [REGISTRY_PROVIDERS.name]):
-        if (isinstance(decoded, Envelope) and isinstance(decoded.event, ProviderRecord)
-                and decoded.event.provider_id == provider_id):
-            latest = decoded.event
-    return latest
+    suspension: ProviderSuspensionRequested | None = None
+    for raw, decoded in await read_topic(bootstrap, [REGISTRY_PROVIDERS.name,
+                                                     REGISTRY_SUSPENSIONS.name]):
+        event = decoded.event if isinstance(decoded, Envelope) else None
+        if (raw.topic == REGISTRY_PROVIDERS.name and isinstance(event, ProviderRecord)
+                and event.provider_id == provider_id):
+            latest = event
+        elif (raw.topic == REGISTRY_SUSPENSIONS.name
+              and isinstance(event, ProviderSuspensionRequested)
+              and event.provider_id == provider_id):
+            suspension = event
+    if latest is None:
+        return None, ""
+    return latest, effective_provider(latest, suspension).status
 
 
 async def _set_status(args: argparse.Namespace, settings: CliSettings, status: str) -> int:
-    current = await _latest_provider(settings.kafka_bootstrap, args.provider)
+    current, was = await _latest_provider(settings.kafka_bootstrap, args.provider)
     if current is None:
         raise Misuse(f"provider {args.provider} is not in the registry: "
                      "add it with `frs registry put provider`")
+    # A newer entry also lifts a suspension requested by results before it.
     record = ProviderRecord.model_validate(
         {**current.model_dump(), "status": status, "updated_at": datetime.now(UTC)})
     async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
         await publisher.publish([record])
     emit(args, record.model_dump(mode="json"),
-          f"provider {record.provider_id} is now {status} (was {current.status})")
+          f"provider {record.provider_id} is now {status} (was {was})")
+    return 0
+
+
+def local_policy_public_key(settings: CliSettings) -> Path:
+    """Where this host's policy gate writes its public key (FRS_POLICY_SIGNING_KEY_FILE,
+    default <FRS_STATE_DIR>/keys/policy-decisions.pem, plus .pub)."""
+    return public_key_path(PolicySettings().signing_key_path(settings.state_dir))
+
+
+def trust_record(path: Path, status: str = "active") -> TrustedKey:
+    """The trusted-keys entry for the Ed25519 public key in ``path``."""
+    try:
+        key = load_public_key(path)
+    except (OSError, ValueError) as exc:
+        raise Misuse(f"cannot use {path} as the policy gate's public key ({exc}): pass "
+                     "--public-key with its .pub.pem file") from None
+    return TrustedKey.model_validate({**trusted_key(key, status),
+                                      "updated_at": datetime.now(UTC)})
+
+
+async def cmd_registry_trust_key(args: argparse.Namespace, settings: CliSettings) -> int:
+    path = Path(args.public_key) if args.public_key else local_policy_public_key(settings)
+    record = trust_record(path, "revoked" if args.revoke else "active")
+    async with Publisher(settings.kafka_bootstrap, source="/frs/cli") as publisher:
+        await publisher.publish([record])
+    emit(args, record.model_dump(mode="json"),
+         f"key {record.key_id} ({path}) is now {record.status} for {record.purpose}")
     return 0
 
 
@@ -184,11 +232,14 @@ async def cmd_policy_explain(args: argparse.Namespace, settings: CliSettings) ->
             raise Misuse(f"{exc}: fix the policy files or pass --dir") from None
     history: list[tuple[int, RegistryRecord]] = []
     if engine is not None:
-        topics = [t.name for t in (REGISTRY_CASES, REGISTRY_AGENTS, REGISTRY_PROVIDERS)]
-        history = [(raw.offset, d.event) for raw, d in
-                   await read_topic(settings.kafka_bootstrap, topics)
-                   if isinstance(d, Envelope)
-                   and isinstance(d.event, CaseRecord | AgentRecord | ProviderRecord)]
+        kinds = {REGISTRY_CASES.name: CaseRecord, REGISTRY_AGENTS.name: AgentRecord,
+                 REGISTRY_PROVIDERS.name: ProviderRecord,
+                 REGISTRY_SUSPENSIONS.name: ProviderSuspensionRequested}
+        for raw, decoded in await read_topic(settings.kafka_bootstrap, list(kinds)):
+            event = decoded.event if isinstance(decoded, Envelope) else None
+            # Only the type each topic carries counts, as in every service's registry view.
+            if isinstance(event, RegistryRecord) and type(event) is kinds[raw.topic]:
+                history.append((raw.offset, event))
     reports = []
     differs = False
     for decision in decisions:  # redeliveries can record a probe's decision twice
@@ -237,10 +288,11 @@ async def cmd_exigent_review(args: argparse.Namespace, settings: CliSettings) ->
 
 
 async def cmd_exigent_pending(args: argparse.Namespace, settings: CliSettings) -> int:
-    """Derived from the decisions topic alone: exigent clearances without a review."""
+    """Derived from the decisions and reviews topics: exigent clearances without a review."""
     flagged: dict[str, dict[str, Any]] = {}
     reviewed: set[str] = set()
-    for _raw, decoded in await read_topic(settings.kafka_bootstrap, [POLICY_DECISIONS.name]):
+    for _raw, decoded in await read_topic(settings.kafka_bootstrap,
+                                          [POLICY_DECISIONS.name, EXIGENT_REVIEWS.name]):
         if not isinstance(decoded, Envelope):
             continue
         e = decoded.event
@@ -265,13 +317,22 @@ async def cmd_exigent_pending(args: argparse.Namespace, settings: CliSettings) -
 
 
 def register_registry(registry_cmds: Any) -> None:
-    """Adds ``suspend`` and ``activate`` under ``frs registry``."""
+    """Adds ``suspend``, ``activate`` and ``trust-key`` under ``frs registry``."""
     for name, func, verb in (("suspend", cmd_registry_suspend, "suspend"),
                              ("activate", cmd_registry_activate, "re-activate")):
         p = subcommand(registry_cmds, name,
                  f"{verb} a provider at once: publishes its updated registry entry",
                  f"frs registry {name} va-state --json", func)
         p.add_argument("provider", help="provider id")
+    t = subcommand(registry_cmds, "trust-key",
+                   "enroll (or --revoke) the policy gate's public key: dispatch sends, and "
+                   "the audit accepts, only decisions signed by an enrolled key",
+                   "frs registry trust-key --public-key .state/keys/policy-decisions.pub.pem",
+                   cmd_registry_trust_key)
+    t.add_argument("--public-key", default=None,
+                   help="the gate's Ed25519 public key (PEM); default: this host's gate's, "
+                        "beside FRS_POLICY_SIGNING_KEY_FILE")
+    t.add_argument("--revoke", action="store_true", help="mark the key revoked instead")
 
 
 def register(commands: Any) -> None:

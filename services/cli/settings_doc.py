@@ -57,7 +57,10 @@ def rows() -> list[dict[str, str]]:
         for name, field in cls.model_fields.items():
             if name == "service" or _is_settings(field):
                 continue  # a nested Settings (intake's policy) has its own rows
-            inherited = cls is not ServiceSettings and name in shared
+            # A service's copy of a shared setting (not a component's own field that
+            # happens to share its name, as the policy gate's FRS_POLICY_KAFKA_*).
+            inherited = (cls is not ServiceSettings and issubclass(cls, ServiceSettings)
+                         and name in shared)
             if inherited and field.default == shared[name].default:
                 continue
             variable = _env_name(cls, name, field)

@@ -1,7 +1,13 @@
 """Dispatch handlers: plain functions of typed events and a ports dataclass, returning the
 events to emit (ProviderDispatched, DispatchFailed, and ProviderAnswered for synchronous
 transports). Everything a send needs is in the PolicyCleared: its claim check names the
-vault object and the agent; the vault itself says whether the image is still there."""
+vault object and the agent; the vault itself says whether the image is still there.
+
+A clearance is acted on only when it is the policy gate's: its signature verifies against
+an active policy-decisions key of the trusted-keys registry (else DispatchFailed
+``unverified_decision`` for every provider it lists), and each provider's registry entry
+allows the probe's purpose (else ``purpose_not_allowed`` for that one). Both are judged
+before the ledger is touched, so a forged clearance cannot use up a probe's claims."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
+from schemas.decisions import allowed_purposes, purpose_faults, unverified
 from schemas.events import (
     ClearedProvider,
     DispatchFailed,
@@ -68,6 +75,21 @@ async def on_policy_cleared(event: PolicyCleared, ports: DispatchPorts) -> list[
     """Send the cleared probe to each cleared provider, from the clearance's claim check."""
     # One send per provider, however often a clearance names it.
     cleared = list({c.provider_id: c for c in reversed(event.cleared)}.values())[::-1]
+    forged = unverified(event, ports.registries.trusted_keys)
+    if forged is not None:
+        log.warning("clearance refused: not the policy gate's",
+                    extra={"probe_id": event.probe_id, "reason": forged})
+        now = ports.clock()
+        return [_failed(event, c.provider_id, DispatchFailure.UNVERIFIED_DECISION, forged, now)
+                for c in cleared]
+    faults = purpose_faults(event, allowed_purposes(ports.registries.providers))
+    refused: list[Event] = []
+    for pid, why in faults.items():
+        log.warning("provider refused: purpose not allowed",
+                    extra={"probe_id": event.probe_id, "provider": pid})
+        refused.append(_failed(event, pid, DispatchFailure.PURPOSE_NOT_ALLOWED, why,
+                               ports.clock()))
+    cleared = [c for c in cleared if c.provider_id not in faults]
     # Every provider's send runs to its end before a failure is raised: a retry of this
     # clearance must find the others done, never still in flight (it would send again).
     results = await asyncio.gather(*(_dispatch_one(event, c, ports) for c in cleared),
@@ -75,7 +97,8 @@ async def on_policy_cleared(event: PolicyCleared, ports: DispatchPorts) -> list[
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    return [e for events in results if not isinstance(events, BaseException) for e in events]
+    return refused + [e for events in results if not isinstance(events, BaseException)
+                      for e in events]
 
 
 def _failed(event: PolicyCleared, provider_id: str, reason: DispatchFailure, detail: str,

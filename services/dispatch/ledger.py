@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from schemas.events import EVENTS_BY_TYPE, Event
 from schemas.types import utcnow
+from services.kit.sqlite import connect
 
 _DISPATCH_NS = uuid.UUID("0b1e7c52-5a0f-4c47-9e55-3f3f0d8c2a11")
 _REF_NS = uuid.UUID("9d2f6a0e-0f5c-4c7f-8f0e-6b8a3c1d2e44")
@@ -113,10 +114,7 @@ class SqliteLedger:
 
     @staticmethod
     def _open(path: str) -> sqlite3.Connection:
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                             timeout=30.0)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db = connect(Path(path), check_same_thread=False, isolation_level=None, timeout=30.0)
         db.executescript(_SCHEMA)
         return db
 

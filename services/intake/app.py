@@ -1,5 +1,7 @@
 """Intake service: ``build(settings)`` declares the intake and policy gates' routes, the
-purge and review jobs, and the broker-clock check that must pass before any of them."""
+purge and review jobs, and the broker-clock check that must pass before any of them. The
+policy gate's routes run as its own principal (``policy``, FRS_POLICY_KAFKA_*): only it
+may write frs.policy.decisions, and it signs every decision with its own key."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
-from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS, PROBE_REQUESTS
+from schemas.catalog import EXIGENT_REVIEWS, POLICY_DECISIONS, PROBE_EVENTS, PROBE_REQUESTS
 from schemas.envelope import DecodeError
 from schemas.events import (
     Event,
@@ -25,6 +27,7 @@ from services.intake.outcomes import OutcomeLog, Outcomes, PgOutcomeLog
 from services.intake.policy import handlers as policy
 from services.intake.policy.engine import PolicyEngine
 from services.intake.policy.reviews import PgReviewStore, Reviews, ReviewStore
+from services.intake.policy.signing import load_or_create_signing_key
 from services.intake.policy.watch import report_overdue
 from services.intake.purge import Purger
 from services.intake.quality import QualityGate
@@ -40,6 +43,8 @@ from services.vault import Vault, open_db
 from services.vault import open_vault as open_shared_vault
 
 log = logging.getLogger("frs.intake")
+
+POLICY_IDENTITY = "policy"
 
 
 def open_vault(settings: IntakeSettings, stack: AsyncExitStack) -> tuple[Vault, OutcomeLog]:
@@ -67,7 +72,8 @@ def build_purger(settings: IntakeSettings, publisher: Publisher, registries: Reg
 
 def build(settings: IntakeSettings) -> ServiceApp:
     """The intake gate and the policy gate, one process: three routes, the purge sweep,
-    the vault gauges and the exigent review watch; the broker's clock must answer first."""
+    the vault gauges and the exigent review watch; the broker's clock must answer first.
+    The two policy routes and the review watch act as the ``policy`` identity."""
 
     def wire(ctx: Context) -> Wiring:
         stack, publisher, registries = ctx.stack, ctx.publisher, ctx.registries
@@ -115,7 +121,10 @@ def build(settings: IntakeSettings) -> ServiceApp:
         # Policy: the Cedar set is loaded and type-checked once; a bad set stops the start.
         policy_settings = settings.policy
         engine = PolicyEngine.load(policy_settings.dir)
-        policy_ports = handlers.PolicyPorts(registries=registries, clock=utcnow, engine=engine)
+        signing_key = load_or_create_signing_key(
+            policy_settings.signing_key_path(settings.state_dir))
+        policy_ports = handlers.PolicyPorts(registries=registries, clock=utcnow, engine=engine,
+                                            signing_key=signing_key)
         store: Reviews
         if isinstance(shared, PostgresState):
             store = PgReviewStore(shared.pool)
@@ -133,19 +142,23 @@ def build(settings: IntakeSettings) -> ServiceApp:
 
         intake = Route("intake", "frs-intake", (PROBE_REQUESTS.name,),
                        dict([bind(ProbeRequested, handlers.on_probe_requested, intake_ports)]),
-                       dlq_for("intake"), on_invalid=invalid_request)
+                       dlq_for("intake"), on_invalid=invalid_request,
+                       dlq_value=handlers.request_for_dlq)
         gate = Route("policy", "frs-policy", (PROBE_EVENTS.name,),
                      dict([bind(ProbeSubmitted, handlers.on_probe_submitted, policy_ports)]),
-                     dlq_for("policy"))
-        reviews = Route("policy", "frs-policy-reviews", (POLICY_DECISIONS.name,),
+                     dlq_for("policy"), identity=POLICY_IDENTITY)
+        # Reviews come only from their own topic, which only supervisors write.
+        reviews = Route("policy", "frs-policy-reviews",
+                        (POLICY_DECISIONS.name, EXIGENT_REVIEWS.name),
                         dict([bind(PolicyCleared, policy.on_decision_for_review, review_ports),
                               bind(SupervisorReviewRecorded, policy.on_supervisor_review,
                                    review_ports)]),
-                        dlq_for("policy"))
+                        dlq_for("policy"), identity=POLICY_IDENTITY)
         purger = build_purger(settings, publisher, registries, probe_vault, clock)
+        policy_publisher = ctx.publisher_as(POLICY_IDENTITY)
 
         async def review_watch() -> None:
-            await report_overdue(store, publisher, utcnow)
+            await report_overdue(store, policy_publisher, utcnow)
 
         return Wiring(
             routes=[intake, gate, reviews],
@@ -156,4 +169,5 @@ def build(settings: IntakeSettings) -> ServiceApp:
             preflight=[*([shared.preflight] if isinstance(shared, PostgresState) else []),
                        trusted_time])
 
-    return ServiceApp(settings, wire)
+    return ServiceApp(settings, wire, identities={
+        POLICY_IDENTITY: settings.policy.over(settings, POLICY_IDENTITY)})

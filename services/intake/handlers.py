@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -29,9 +30,9 @@ from schemas.events import (
 )
 from schemas.sealed import DecryptError, decrypt_image
 from schemas.types import probe_id_for, reused_probe_id
-from services.intake.outcomes import (
 from services.intake.decoder import DecodeLimitExceeded
 from services.intake.decoder import examine as _examine
+from services.intake.outcomes import (
     Outcomes,
     Recorded,
     content_digest,
@@ -249,3 +250,18 @@ async def on_invalid_request(key: bytes | None, value: bytes | None, err: Decode
     log.info("probe rejected", extra={"probe_id": rejected.probe_id,
                                       "reason": rejected.reason.value})
     return [rejected]
+
+
+def request_for_dlq(value: bytes | None) -> bytes | None:
+    """What the intake's DLQ keeps of a request: everything but the sealed image, which is
+    replaced by its digest and size, so a dead-lettered request does not hold the image
+    (even encrypted) past the requests topic's hour."""
+    try:
+        data = json.loads(value or b"")
+        sealed = data["image"]["ciphertext"]
+    except (ValueError, TypeError, KeyError):
+        # Not a request we can read: keep only its digest (in the DLQ headers) and size.
+        return json.dumps({"unreadable_bytes": len(value or b"")}).encode()
+    data["image"] = {"ciphertext_sha256": hashlib.sha256(str(sealed).encode()).hexdigest(),
+                     "ciphertext_chars": len(str(sealed))}
+    return json.dumps(data).encode()

@@ -84,6 +84,8 @@ class IntakeSettings(ServiceSettings):
     def _vault_secure_outside_local(self) -> IntakeSettings:
         if not self.local_mode and self.vault.kek_backend != "kms":
             raise ValueError("FRS_VAULT_KEK_BACKEND=kms is required outside local mode")
+        # The policy gate's own principal: refused here, at start, when it is missing.
+        self.policy.over(self, "policy")
         if self.clock_max_age_s <= self.clock_resample_s:
             # Samples would go stale before the next is due: every other sweep warns.
             raise ValueError("FRS_INTAKE_CLOCK_MAX_AGE_S must exceed FRS_INTAKE_CLOCK_RESAMPLE_S")

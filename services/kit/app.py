@@ -6,14 +6,15 @@ same way. Imports no Kafka client: an app declares, the kit runs."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from services.kit.routing import Route
 
 if TYPE_CHECKING:
+    from services.kit.kafka import KafkaSettings
     from services.kit.publisher import Publisher
     from services.kit.registry import Registries
     from services.kit.settings import ServiceSettings
@@ -55,11 +56,17 @@ class Wiring:
 class Context:
     """What the kit has started for the app before wiring it: the publisher, the
     registries (followed from their compacted topics), and the stack that closes the app's
-    own resources (stores, clients, pools) after everything else has stopped."""
+    own resources (stores, clients, pools) after everything else has stopped.
+    ``publishers`` holds one more publisher per identity the app declared."""
 
     publisher: Publisher
     registries: Registries
     stack: AsyncExitStack
+    publishers: Mapping[str, Publisher] = field(default_factory=dict)
+
+    def publisher_as(self, identity: str | None) -> Publisher:
+        """The publisher of one of the app's identities (None: the service's own)."""
+        return self.publisher if identity is None else self.publishers[identity]
 
 
 @dataclass(frozen=True)
@@ -68,3 +75,6 @@ class ServiceApp:
     wire: Callable[[Context], Wiring]
     # Audit reads the registry topics as events, not as state: it needs no follower.
     follows_registries: bool = True
+    # More principals this service acts as, by name (a route's ``identity``): each gets
+    # its own publisher, and the consumers of the routes that name it connect as it.
+    identities: Mapping[str, KafkaSettings] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""Follows the compacted registry topics into a ``Registries``.
+"""Follows the compacted registry topics (``REGISTRY_TOPICS``) into a ``Registries``.
 
 Every service instance reads the registries from the beginning (no consumer group), is
 ready once it has caught up with the end offsets it saw at start, then follows updates,
@@ -12,14 +12,16 @@ import logging
 
 from aiokafka import AIOKafkaConsumer
 
-from schemas.catalog import REGISTRY_AGENTS, REGISTRY_CASES, REGISTRY_PROVIDERS
+from schemas.catalog import REGISTRY_TOPICS
 from schemas.envelope import DecodeError, decode
-from schemas.events import AgentRecord, CaseRecord, ProviderRecord
+from schemas.events import Event
 from services.kit.kafka import KafkaSettings, client_options
 from services.kit.reader import all_partitions
-from services.kit.registry import Registries
+from services.kit.registry import Registries, RegistryEntry
 
 log = logging.getLogger("frs.registry")
+
+_CARRIES: dict[str, tuple[type[Event], ...]] = {t.name: t.events for t in REGISTRY_TOPICS}
 
 
 class RegistryFollower:
@@ -35,9 +37,7 @@ class RegistryFollower:
 
     async def start(self, timeout_s: float = 30.0) -> None:
         await self._consumer.start()
-        parts = await all_partitions(
-            self._consumer, [t.name for t in (REGISTRY_CASES, REGISTRY_AGENTS, REGISTRY_PROVIDERS)]
-        )
+        parts = await all_partitions(self._consumer, [t.name for t in REGISTRY_TOPICS])
         self._consumer.assign(parts)
         await self._consumer.seek_to_beginning(*parts)
         self._end = await self._consumer.end_offsets(parts)
@@ -73,5 +73,9 @@ class RegistryFollower:
                         log.warning("bad registry record",
                                     extra={"topic": r.topic, "offset": r.offset, "code": err.code})
                         continue
-                    if isinstance(env.event, (CaseRecord, AgentRecord, ProviderRecord)):
-                        self.registries.apply(env.event, r.offset)
+                    # Only the type each topic carries: a record on the wrong topic (a
+                    # suspension's writer posing as the operator) changes nothing.
+                    event = env.event
+                    if (isinstance(event, RegistryEntry)
+                            and type(event) in _CARRIES.get(r.topic, ())):
+                        self.registries.apply(event, r.offset)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka.helpers import create_ssl_context
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.kit.env import shared
@@ -92,6 +92,50 @@ class KafkaSettings(BaseSettings):
             raise ValueError(f"cannot read FRS_KAFKA_SASL_PASSWORD_FILE "
                              f"{self.kafka_sasl_password_file}: {exc.strerror}") from None
         return SecretStr(text)
+
+
+_IDENTITY_FIELDS = ("kafka_cert_file", "kafka_key_file", "kafka_sasl_username",
+                    "kafka_sasl_password_file")
+
+
+class IdentitySettings(BaseSettings):
+    """Another principal on the same bus, for a part of a service that must act as itself
+    (the policy gate in the intake process publishes decisions as ``policy``). Only who to
+    be: bootstrap, protocol and CA are the service's. A subclass sets the env prefix:
+    ``FRS_POLICY_`` reads FRS_POLICY_KAFKA_CERT_FILE, ..._KEY_FILE, ..._SASL_USERNAME,
+    ..._SASL_PASSWORD_FILE."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    kafka_cert_file: Path | None = Field(
+        None, description="PEM client certificate of this part's own principal.")
+    kafka_key_file: Path | None = Field(
+        None, description="PEM private key of that certificate (mode 0600).")
+    kafka_sasl_username: str | None = Field(
+        None, description="SCRAM-SHA-512 user of this part's own principal (SASL_SSL; "
+        "required there, and not the service's own).")
+    kafka_sasl_password_file: Path | None = Field(
+        None, description="File holding that principal's SCRAM password (mode 0600).")
+
+    @field_validator(*_IDENTITY_FIELDS, mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    def over(self, bus: KafkaSettings, name: str) -> KafkaSettings:
+        """This identity on the service's bus. Unset on a plaintext bus: the service's
+        own connection (there are no identities there). On SASL_SSL the identity must be
+        set and differ from the service's: the broker's ACLs tell the two apart."""
+        own = {f: getattr(bus, f) for f in KafkaSettings.model_fields}
+        mine = {f: getattr(self, f) for f in _IDENTITY_FIELDS}
+        if bus.kafka_security_protocol == "SASL_SSL" and (
+                mine["kafka_sasl_username"] in (None, bus.kafka_sasl_username)):
+            raise ValueError(f"the {name} identity needs its own principal on SASL_SSL: set "
+                             f"its KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD_FILE, "
+                             f"KAFKA_CERT_FILE and KAFKA_KEY_FILE")
+        if all(v is None for v in mine.values()):
+            return KafkaSettings(**own)
+        return KafkaSettings(**{**own, **mine})
 
 
 def ssl_context(settings: KafkaSettings) -> ssl.SSLContext:

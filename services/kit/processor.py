@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from schemas.envelope import DecodeError, Envelope, decode
 from schemas.events import Event
 from services.kit.kafka import KafkaSettings, client_options
 from services.kit.metrics import processor_metrics
-from services.kit.publisher import Publisher
+from services.kit.publisher import EventTooLarge, Publisher
 from services.kit.routing import RawRecord, Route
 from services.kit.signals import NotYet
 
@@ -364,9 +365,14 @@ class Processor:
                 delay *= 2
                 continue
             self._metrics.handler_seconds.labels(etype).observe(time.perf_counter() - started)
+            try:
+                # Every output checked before any is sent: none of a refused record's go.
+                prepared = [self.publisher.prepare(out, envelope) for out in outputs]
+            except EventTooLarge as exc:
+                return [await self._to_dlq(raw, "event_too_large", str(exc))]
             futures = []
-            for out in outputs:
-                futures.append(await self.publisher.send(out, envelope))
+            for out, ready in zip(outputs, prepared, strict=True):
+                futures.append(await self.publisher.send_prepared(ready))
                 self._metrics.events_out.labels(out.TYPE).inc()
             return futures
 
@@ -375,7 +381,11 @@ class Processor:
                                                  "offset": raw.offset, "code": err.code})
         if self.route.on_invalid is not None:
             outputs = await self.route.on_invalid(raw, err)
-            futures = [await self.publisher.send(out) for out in outputs]
+            try:
+                prepared = [self.publisher.prepare(out) for out in outputs]
+            except EventTooLarge as exc:
+                return [await self._to_dlq(raw, "event_too_large", str(exc))]
+            futures = [await self.publisher.send_prepared(ready) for ready in prepared]
             for out in outputs:
                 self._metrics.events_out.labels(out.TYPE).inc()
             return futures
@@ -383,8 +393,14 @@ class Processor:
 
     async def _to_dlq(self, raw: RawRecord, code: str, message: str) -> asyncio.Future[Any]:
         self._metrics.dlq.labels(code).inc()
+        value = raw.value
+        if self.route.dlq_value is not None:
+            # What the DLQ keeps of the record: a route whose records carry an image keeps
+            # metadata and digests only (the image would outlive its TTL there).
+            value = self.route.dlq_value(raw.value)
         headers = [
             *raw.headers,
+            ("frs_value_sha256", hashlib.sha256(raw.value or b"").hexdigest().encode()),
             ("frs_error_code", code.encode()),
             ("frs_error", message[:1000].encode()),
             ("frs_error_service", self.route.service.encode()),
@@ -393,4 +409,4 @@ class Processor:
             ("frs_source_offset", str(raw.offset).encode()),
         ]
         log.error("sent to DLQ", extra={"topic": raw.topic, "offset": raw.offset, "code": code})
-        return await self.publisher.send_raw(self.route.dlq_topic, raw.key, raw.value, headers)
+        return await self.publisher.send_raw(self.route.dlq_topic, raw.key, value, headers)

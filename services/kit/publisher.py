@@ -4,14 +4,43 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from schemas.catalog import MAX_DLQ_BYTES, topic_for
-from schemas.envelope import Envelope, Headers, child_traceparent, encode
+from schemas.catalog import MAX_DLQ_BYTES, TOPIC_BY_NAME, topic_for
+from schemas.envelope import Envelope, Headers, Record, child_traceparent, encode
 from schemas.events import Event
 from services.kit.kafka import KafkaSettings, client_options
+
+# The broker's default message.max.bytes (1 MiB + 12): a topic without its own limit.
+BROKER_DEFAULT_MAX_BYTES = 1_048_588
+
+
+class EventTooLarge(ValueError):
+    """An encoded event over its topic's size limit. Sending it would be refused by the
+    broker on every retry: it is refused here, once, with the sizes (never the content)."""
+
+    def __init__(self, event_type: str, topic: str, size: int, limit: int) -> None:
+        super().__init__(f"{event_type} is {size} bytes encoded, over the {limit}-byte "
+                         f"limit of {topic}")
+        self.event_type, self.topic, self.size, self.limit = event_type, topic, size, limit
+
+
+def topic_limit(topic: str) -> int:
+    """The largest record a catalog topic takes (its max.message.bytes, else the broker's)."""
+    known = TOPIC_BY_NAME.get(topic)
+    configured = known.extra_config.get("max.message.bytes") if known else None
+    return int(configured) if configured else BROKER_DEFAULT_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An event encoded for its topic and checked against the topic's size limit."""
+
+    topic: str
+    record: Record
 
 
 class Publisher:
@@ -48,18 +77,32 @@ class Publisher:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def send(
-        self, event: Event, cause: Envelope | None = None, *, topic: str | None = None
-    ) -> asyncio.Future[Any]:
-        """Queue one event; the returned future resolves when the broker has it."""
+    def prepare(self, event: Event, cause: Envelope | None = None, *,
+                topic: str | None = None) -> Prepared:
+        """Encode ``event``; raise ``EventTooLarge`` if its topic would refuse it."""
         record = encode(
             event,
             self.source,
             causation_id=cause.id if cause else None,
             traceparent=child_traceparent(cause.traceparent if cause else None),
         )
-        return await self.send_raw(topic or topic_for(event).name, record.key, record.value,
-                                   record.headers)
+        name = topic or topic_for(event).name
+        size = len(record.key) + len(record.value) + sum(len(k) + len(v)
+                                                           for k, v in record.headers)
+        limit = topic_limit(name)
+        if size > limit:
+            raise EventTooLarge(event.TYPE, name, size, limit)
+        return Prepared(name, record)
+
+    async def send_prepared(self, prepared: Prepared) -> asyncio.Future[Any]:
+        record = prepared.record
+        return await self.send_raw(prepared.topic, record.key, record.value, record.headers)
+
+    async def send(
+        self, event: Event, cause: Envelope | None = None, *, topic: str | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue one event; the returned future resolves when the broker has it."""
+        return await self.send_prepared(self.prepare(event, cause, topic=topic))
 
     async def send_raw(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers

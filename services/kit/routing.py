@@ -61,6 +61,11 @@ class Route:
     consumer_options: dict[str, Any] = field(default_factory=dict)
     # Where the route's processor stands, for ports that must know (bound by the kit).
     progress: RouteProgress | None = None
+    # What the DLQ keeps of a record's value (default: all of it).
+    dlq_value: Callable[[bytes | None], bytes | None] | None = None
+    # Which of the app's identities (ServiceApp.identities) consumes this route and
+    # publishes its outputs and dead letters; None: the service's own.
+    identity: str | None = None
 
 
 class Feed(Protocol):

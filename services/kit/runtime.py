@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 
 from services.kit.app import Context, Job, ServiceApp
 from services.kit.follower import RegistryFollower
+from services.kit.kafka import KafkaSettings
 from services.kit.logs import setup_logging
 from services.kit.metrics import serve_metrics
 from services.kit.processor import Processor
@@ -26,13 +27,14 @@ from services.kit.settings import ServiceSettings
 log = logging.getLogger("frs.runtime")
 
 
-def processor(settings: ServiceSettings, route: Route, publisher: Publisher) -> Processor:
+def processor(settings: ServiceSettings, route: Route, publisher: Publisher,
+              kafka: KafkaSettings | None = None) -> Processor:
     made = Processor(
         route, publisher, settings.kafka_bootstrap,
         max_retries=settings.max_retries, retry_backoff_s=settings.retry_backoff_s,
         batch_max=settings.batch_max, concurrency=settings.concurrency,
         commit_interval_s=settings.commit_interval_s,
-        kill_before_commit=settings.fault_kill_before_commit, kafka=settings,
+        kill_before_commit=settings.fault_kill_before_commit, kafka=kafka or settings,
     )
     if route.progress is not None:
         route.progress.bind(made)
@@ -53,19 +55,28 @@ async def run(app: ServiceApp) -> None:
                               kafka=settings)
         await publisher.start()
         stack.push_async_callback(publisher.stop)
+        publishers: dict[str, Publisher] = {}
+        for name, identity in app.identities.items():
+            publishers[name] = Publisher(settings.kafka_bootstrap,
+                                         source=f"/frs/{settings.service}/{name}", kafka=identity)
+            await publishers[name].start()
+            stack.push_async_callback(publishers[name].stop)
         registries = Registries()
         if app.follows_registries:
             follower = RegistryFollower(settings.kafka_bootstrap, registries, kafka=settings)
             await follower.start()
             stack.push_async_callback(follower.stop)
-        wiring = app.wire(Context(publisher, registries, stack))
+        wiring = app.wire(Context(publisher, registries, stack, publishers))
         for check in wiring.preflight:
             await check()
         for server in wiring.servers:
             await server.start(stack)
             log.info("server started", extra={"server": server.name})
-        await _run_routes(settings, [processor(settings, r, publisher) for r in wiring.routes],
-                          wiring.jobs)
+        processors = [processor(settings, r, publisher) if r.identity is None
+                      else processor(settings, r, publishers[r.identity],
+                                     app.identities[r.identity])
+                      for r in wiring.routes]
+        await _run_routes(settings, processors, wiring.jobs)
 
 
 async def _run_routes(settings: ServiceSettings, processors: list[Processor],

@@ -1,4 +1,5 @@
-"""Create or check every catalog topic. Idempotent: a second run changes nothing."""
+"""Create or check every catalog topic. Idempotent: a second run changes nothing.
+``fix=False`` only reports: missing topics and settings that drifted from the catalog."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from services.kit.kafka import KafkaSettings, client_options
 @dataclass(frozen=True)
 class TopicStatus:
     name: str
-    action: Literal["created", "ok", "drift"]
+    action: Literal["created", "ok", "drift", "missing"]
     detail: str = ""
 
 
@@ -29,7 +30,9 @@ async def ensure_topics(
         existing = {t["topic"]: t for t in await admin.describe_topics()}
         missing = [t for t in topics if t.name not in existing]
         statuses: list[TopicStatus] = []
-        if missing:
+        if missing and not fix:
+            statuses += [TopicStatus(t.name, "missing") for t in missing]
+        elif missing:
             await admin.create_topics(
                 [NewTopic(t.name, t.partitions, replication, topic_configs=t.config())
                  for t in missing]

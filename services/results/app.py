@@ -6,7 +6,8 @@ Two routes:
   CandidatesReceived or ProviderResponseRejected;
 - ``frs-results-tracker`` tracks each probe (dispatches, failures, answers, reviews,
   deletion receipts) in a SQLite store committed before its offsets, and settles probes.
-The deadline job emits NoResponse and DeletionOverdue (and suspensions).
+The deadline job emits NoResponse and DeletionOverdue (and, when configured, a
+ProviderSuspensionRequested: results may suspend a provider, nothing else about it).
 
 Why the kit's Processor and SQLite rather than faust (tried first on the pinned broker):
 see services/results/README.md."""
@@ -30,7 +31,14 @@ from schemas.catalog import (
     RESULTS_EVENTS,
 )
 from schemas.envelope import Envelope
-from schemas.events import DeletionOverdue, Event, ProviderAnswered, ProviderRecord
+from schemas.events import (
+    DeletionOverdue,
+    Event,
+    ProviderAnswered,
+    ProviderRecord,
+    ProviderSuspensionRequested,
+    SuspensionReason,
+)
 from schemas.types import utcnow
 from services.kit.app import Context, Job, Server, ServiceApp, Wiring
 from services.kit.kafka import client_options
@@ -193,7 +201,8 @@ class DeadlineWatch:
                     continue
                 out: list[Event] = [event]
                 if isinstance(event, DeletionOverdue) and event.provider_suspended:
-                    suspension = _suspension(self.registries.providers.get(event.provider_id))
+                    suspension = _suspension(self.registries.providers.get(event.provider_id),
+                                             event)
                     if suspension is None:
                         out = [event.model_copy(update={"provider_suspended": False})]
                     else:
@@ -207,8 +216,12 @@ class DeadlineWatch:
         self.emitted &= current
 
 
-def _suspension(provider: ProviderRecord | None) -> ProviderRecord | None:
+def _suspension(provider: ProviderRecord | None, overdue: DeletionOverdue
+                ) -> ProviderSuspensionRequested | None:
     if provider is None:
         return None
-    # REQ-DELETION-RECEIPT: dispatch refuses a suspended provider from its registry view.
-    return provider.model_copy(update={"status": "suspended", "updated_at": utcnow()})
+    # REQ-DELETION-RECEIPT: every registry view applies it as a suspension at once, so
+    # policy denies and dispatch refuses the provider until the operator re-activates it.
+    return ProviderSuspensionRequested(provider_id=provider.provider_id,
+                                       reason=SuspensionReason.DELETION_OVERDUE,
+                                       probe_id=overdue.probe_id, requested_at=utcnow())

@@ -72,6 +72,7 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aiokafka.errors import MessageSizeTooLargeError
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -81,7 +82,8 @@ from prometheus_client import Counter
 
 from schemas.events import DeletionConfirmed, Event, ProviderAnswered, ProviderRecord
 from schemas.types import Transport, utcnow
-from services.kit.publisher import Publisher
+from services.kit.private_files import read_private
+from services.kit.publisher import EventTooLarge, Publisher
 from services.kit.registry import Registries
 from services.results.store import Nonces, NonceStore, RefLookup, RequestRefs
 from services.results.webhook import BadJson, FreeMemory, parse_json_object, strip_photos
@@ -284,6 +286,11 @@ class MailboxHandler:
             await asyncio.wait_for(self.publisher.publish([event]), 30)
         except BaseException as exc:
             await self._release(keys)  # not accepted: the sending server may retry it
+            if isinstance(exc, EventTooLarge | MessageSizeTooLargeError):
+                # Permanent (5xx): the same mail would be refused again on every retry.
+                MESSAGES.labels("too_large").inc()
+                log.warning("mail answer too large for the bus", extra={"error": str(exc)})
+                return "552 5.3.4 answer too large to accept"
             if not isinstance(exc, TimeoutError | OSError | RuntimeError):
                 raise
             MESSAGES.labels("unavailable").inc()
@@ -415,7 +422,8 @@ def _check_validity(signer: x509.Certificate) -> None:
 
 
 def _load_key(path: Path) -> rsa.RSAPrivateKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    # A key file others may read is refused, not used (services/kit/private_files.py).
+    key = serialization.load_pem_private_key(read_private(path), password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError("the broker's S/MIME key must be RSA (PKCS#7 key transport)")
     return key

@@ -62,11 +62,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+from aiokafka.errors import MessageSizeTooLargeError
 from prometheus_client import Counter
 
 from schemas.events import DeletionConfirmed, Event, ProviderAnswered
 from schemas.types import utcnow
-from services.kit.publisher import Publisher
+from services.kit.private_files import check_private
+from services.kit.publisher import EventTooLarge, Publisher
 from services.kit.registry import Registries
 from services.results.store import Nonces, NonceStore, RefLookup, RequestRefs
 
@@ -273,6 +275,11 @@ class Webhook:
             return Refused(409, "replayed")
         try:
             await asyncio.wait_for(self.publisher.publish([event]), 30)
+        except (EventTooLarge, MessageSizeTooLargeError) as exc:
+            # Permanent: a retry of the same answer would be refused again, forever.
+            await self.nonces.release(caller.digest)
+            log.warning("webhook answer too large for the bus", extra={"error": str(exc)})
+            return Refused(413, "too_large")
         except (TimeoutError, OSError, RuntimeError) as exc:
             await self.nonces.release(caller.digest)  # not accepted: the provider may retry
             log.error("webhook publish failed", extra={"error": type(exc).__name__})
@@ -441,9 +448,8 @@ async def start_webhook(settings: ResultsSettings, publisher: Publisher,
     if settings.webhook_secrets_file is None or settings.webhook_cert_file is None:
         raise ValueError("FRS_RESULTS_WEBHOOK_CERT_FILE and FRS_RESULTS_WEBHOOK_SECRETS_FILE "
                          "are both required for the webhook")
-    if not settings.local_mode and settings.webhook_secrets_file.stat().st_mode & 0o077:
-        raise ValueError(f"{settings.webhook_secrets_file}: shared secrets must not be "
-                         "readable by group or others (chmod 600)")
+    # Shared secrets others may read are refused, in every mode (private_files).
+    check_private(settings.webhook_secrets_file)
     context = tls_context(settings.webhook_cert_file, settings.webhook_key_file)
     # Read once at start: rotating a secret means a restart.
     secrets = load_secrets(settings.webhook_secrets_file)

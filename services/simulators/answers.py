@@ -8,6 +8,11 @@ import hashlib
 import hmac
 from typing import Any
 
+# Real vendors send more than asked: a gallery photo and the person's details per
+# candidate, and their own debugging. None of it may pass the results service's edge
+# (schemas/answers.py); the simulators send it so every test run proves that.
+OVERSHARED_MARK = "SIM-OVERSHARED"
+
 
 def candidate_list(request_ref: str, n: int) -> dict[str, Any]:
     digest = hashlib.sha256(request_ref.encode()).digest()
@@ -16,9 +21,13 @@ def candidate_list(request_ref: str, n: int) -> dict[str, Any]:
         "request_ref": request_ref,
         "candidates": [{"rank": i + 1, "score": round(s, 4), "score_scale": "0-1",
                         "gallery": "sim-gallery",
-                        "candidate_ref": f"sim-{digest.hex()[:8]}-{i + 1}"}
+                        "candidate_ref": f"sim-{digest.hex()[:8]}-{i + 1}",
+                        "photo": "/9j/" + OVERSHARED_MARK,
+                        "subject": {"name": f"{OVERSHARED_MARK} person {i + 1}",
+                                    "date_of_birth": "1980-01-01"}}
                        for i, s in enumerate(scores)],
         "threshold": 0.5, "algorithm": "frs-provider-sim", "algorithm_version": "1.0",
+        "vendor_trace": {"node": OVERSHARED_MARK, "query_ms": 12},
     }
 
 

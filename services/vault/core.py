@@ -37,6 +37,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.kit.private_files import ExposedFileError, read_private, write_private
+from services.kit.sqlite import connect
 
 ObjectKind = Literal["probe", "candidate"]
 _MAGIC = b"FRSV1"
@@ -272,12 +273,7 @@ def _dt(value: float | None) -> datetime | None:
 
 def open_db(path: Path) -> sqlite3.Connection:
     """The intake's local state: vault index and request outcomes, one 0600 SQLite file."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists():
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    conn = connect(path, isolation_level=None)
     conn.execute("PRAGMA secure_delete=ON")
     return conn
 

@@ -35,7 +35,7 @@ from schemas.events import (
 )
 from schemas.types import utcnow
 from services.cli.pipeline_rig import PipelineRig
-from services.kit.bus import read_topic
+from services.kit.reader import read_topic
 from tests.chaos.history import Report, check
 from tests.conftest import BROKER
 from tests.helpers import free_port_pair, wait_committed

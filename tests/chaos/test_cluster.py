@@ -19,7 +19,8 @@ from schemas.catalog import Topic
 from schemas.envelope import Envelope, encode
 from schemas.events import DispatchFailed, DispatchFailure, ProbeRejected
 from schemas.types import utcnow
-from services.kit.bus import Publisher, read_topic
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
 from services.kit.topics import ensure_topics
 from tests.chaos.conftest import Cluster
 from tests.chaos.history import check_relay

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from deploy.simulators.vendor import VendorBehaviour
 from schemas.catalog import TOPICS
 from schemas.envelope import Envelope, encode
 from schemas.events import DispatchFailed, DispatchFailure, ProbeRejected
 from schemas.types import probe_id_for, utcnow
-from services.kit.bus import Publisher, read_topic
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
+from services.simulators.vendor import VendorBehaviour
 from tests.chaos.history import Report
 from tests.chaos.pipeline import (
     CHAOS_ENV,

@@ -1,5 +1,5 @@
 """The whole system for end-to-end tests: every service plus a simulated HTTPS vendor that
-answers on the results webhook, wired by deploy/simulators/demo.py as deploy/up.sh does."""
+answers on the results webhook, wired by services/simulators/demo.py as deploy/up.sh does."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.simulators.demo import setup
+from services.simulators.demo import setup
 from tests.conftest import ROOT, ServiceProcess
 from tests.helpers import free_port_pair
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from schemas.answers import ANSWER_FIELDS, CANDIDATE_FIELDS
 from schemas.events import LEAD_MARKING
 from schemas.types import probe_id_for
 from services.audit.store import AuditStore
+from services.simulators.answers import OVERSHARED_MARK
 from tests.e2e.conftest import System
 
 pytestmark = pytest.mark.integration
@@ -63,7 +65,8 @@ def test_probe_flows_through_every_service_and_audit_records_it(
     system.services["audit"].stop()
     store = AuditStore(Path(system.env["FRS_AUDIT_STORE_DIR"]))
     recorded = [r.ce_id for r in store.rows()]
-    leaves = [json.loads(leaf) for leaf in store.leaves()]
+    store_text = store.leaves()
+    leaves = [json.loads(leaf) for leaf in store_text]
     store.close()
     assert ids <= set(recorded)
     assert len(recorded) == len(set(recorded))
@@ -72,3 +75,15 @@ def test_probe_flows_through_every_service_and_audit_records_it(
                   and leaf.get("subject") == probe_id]
     assert candidates and all(c["lead_marking"] == LEAD_MARKING for c in candidates)
     assert all(c["candidates"] for c in candidates)
+    # The simulated vendor overshares (photos, names, its own trace): nothing of it is in
+    # the permanent log, only the allowed fields and the raw answer's digest.
+    answers = [leaf["data"] for leaf in leaves if leaf.get("type") == "frs.provider.answered.v1"]
+    assert answers, "no provider answer in the log"
+    for answer in answers:
+        assert set(answer["payload"]) <= ANSWER_FIELDS, answer["payload"].keys()
+        for candidate in answer["payload"].get("candidates", []):
+            assert set(candidate) <= CANDIDATE_FIELDS, candidate.keys()
+        # (the webhook strips photos before the answer is built; the rest is named here)
+        assert answer["raw_sha256"] and {"vendor_trace", "candidates[].subject"} <= set(
+            answer["dropped_fields"]), answer["dropped_fields"]
+    assert not [leaf for leaf in store_text if OVERSHARED_MARK.encode() in leaf]

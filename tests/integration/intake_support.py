@@ -13,7 +13,8 @@ from schemas.envelope import Envelope, encode
 from schemas.events import Event, ProbeRequested
 from schemas.types import ImageSource, Purpose, probe_id_for
 from services.cli.client import build_request
-from services.kit.bus import Publisher, read_topic
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
 from services.vault import Vault, VaultSettings
 from services.vault import open_vault as open_vault_with
 from tests.conftest import ServiceProcess

@@ -29,18 +29,31 @@ from aiokafka.errors import (
     KafkaConnectionError,
     TopicAuthorizationFailedError,
 )
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from deploy.simulators.demo import setup
 from schemas.catalog import TOPICS
-from schemas.events import CaseRecord
+from schemas.decisions import sign
+from schemas.envelope import Envelope
+from schemas.events import (
+    CaseRecord,
+    ComplianceViolation,
+    DispatchFailed,
+    DispatchFailure,
+    Event,
+    Invariant,
+    PolicyCleared,
+    ProviderDispatched,
+)
 from schemas.types import Purpose
 from services.audit.store import AuditStore
 from services.kit.acls import allows, load
-from services.kit.bus import Publisher, read_topic
 from services.kit.kafka import KafkaSettings, client_options
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
 from services.kit.topics import ensure_topics
+from services.simulators.demo import setup
 from tests.conftest import ROOT, ServiceProcess
-from tests.helpers import free_port_block, free_port_pair
+from tests.helpers import free_port_block, free_port_pair, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +79,13 @@ class SecureBroker:
     def env(self, principal: str) -> dict[str, str]:
         text = (self.state / "env" / f"{principal}.env").read_text()
         return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+    def identity_env(self, principal: str, prefix: str) -> dict[str, str]:
+        """``principal``'s own identity as a second one of a process (``FRS_POLICY_``:
+        the policy gate in the intake process), as deploy/up.sh passes it."""
+        return {f"{prefix}KAFKA_{name}": value for key, value in self.env(principal).items()
+                for name in ("CERT_FILE", "KEY_FILE", "SASL_USERNAME", "SASL_PASSWORD_FILE")
+                if key == f"FRS_KAFKA_{name}"}
 
     def settings(self, principal: str, **override: str) -> KafkaSettings:
         return KafkaSettings(**{**self.env(principal), **override})  # type: ignore[arg-type]
@@ -224,6 +244,51 @@ def test_dispatch_cannot_write_policy_topics(secure: SecureBroker, topic: str) -
         run(try_write(secure.settings("dispatch"), topic))
 
 
+# --- issue 19: the rights taken away, each refused by the broker ------------------------
+
+REMOVED_WRITES = [("supervisor", "frs.policy.decisions"), ("intake", "frs.policy.decisions"),
+                  ("intake", "frs.dlq.policy"), ("results", "frs.registry.providers")]
+
+
+@pytest.mark.parametrize(("principal", "topic"), REMOVED_WRITES)
+def test_removed_write_rights_are_refused(secure: SecureBroker, principal: str,
+                                          topic: str) -> None:
+    assert not allows(ACLS, principal, "WRITE", topic)
+    with pytest.raises(WRITE_DENIED):
+        run(try_write(secure.settings(principal), topic))
+
+
+def test_intake_no_longer_reads_decisions_nor_joins_the_policy_groups(
+        secure: SecureBroker) -> None:
+    with pytest.raises(TopicAuthorizationFailedError):
+        run(try_read(secure.settings("intake"), "frs.policy.decisions"))
+    with pytest.raises(GroupAuthorizationFailedError):
+        run(try_read(secure.settings("intake"), "frs.probe.events", "frs-policy"))
+    # The policy gate's own principal does both.
+    assert isinstance(run(try_read(secure.settings("policy"), "frs.probe.events",
+                                   "frs-policy-acl-test")), int)
+
+
+@pytest.mark.parametrize("principal", [p for p in PRINCIPALS if p != "policy"])
+def test_only_the_policy_gate_writes_decisions(secure: SecureBroker, principal: str) -> None:
+    with pytest.raises(WRITE_DENIED):
+        run(try_write(secure.settings(principal), "frs.policy.decisions"))
+
+
+@pytest.mark.parametrize("principal", [p for p in PRINCIPALS if p != "supervisor"])
+def test_only_supervisors_write_exigent_reviews(secure: SecureBroker, principal: str) -> None:
+    with pytest.raises(WRITE_DENIED):
+        run(try_write(secure.settings(principal), "frs.exigent.reviews"))
+
+
+@pytest.mark.parametrize("principal", [p for p in PRINCIPALS if p != "operator"])
+@pytest.mark.parametrize("topic", ["frs.registry.providers", "frs.registry.trusted_keys"])
+def test_only_the_operator_writes_provider_entries_and_trusted_keys(
+        secure: SecureBroker, principal: str, topic: str) -> None:
+    with pytest.raises(WRITE_DENIED):
+        run(try_write(secure.settings(principal), topic))
+
+
 def test_own_work_is_allowed_for_each_principal(secure: SecureBroker) -> None:
     """Every write and group read the file grants works (the denials above are not
     a broker that refuses everything)."""
@@ -314,7 +379,9 @@ def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
     keys = tmp_path / "keys"
     base = {**os.environ, "PYTHONPATH": str(ROOT), "FRS_STATE_DIR": str(tmp_path / "state"),
             "FRS_INTAKE_PRIVATE_KEY_FILE": str(keys / "intake.key.pem"),
-            "FRS_AUDIT_STORE_DIR": str(tmp_path / "audit"), "FRS_LOG_LEVEL": "INFO"}
+            "FRS_AUDIT_STORE_DIR": str(tmp_path / "audit"), "FRS_LOG_LEVEL": "INFO",
+            # Forged decisions are judged within seconds, not the default grace.
+            "FRS_AUDIT_CLEARANCE_GRACE_S": "5"}
     for name in ("intake", "dispatch", "results", "audit"):
         base[f"FRS_{name.upper()}_METRICS_PORT"] = "0"
     # The provider: the vendor simulator, answering on the results webhook (as up.sh does).
@@ -329,16 +396,22 @@ def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
     case_id, agent_id, request_id = f"CASE-{tag}", f"agent-{tag}", f"req-{tag}"
     capture = start_capture(secure)
     secure.key_files.append(keys / "intake.key.pem")
+    # The policy gate's signing key: made by the intake at its start, enrolled by the
+    # operator's `frs registry demo` below.
+    secure.key_files.append(tmp_path / "state" / "keys" / "policy-decisions.pem")
     procs = {}
     for name in ("intake", "dispatch", "results", "audit"):
         log = secure.state / f"{name}.log"
         secure.logs.append(log)
-        procs[name] = ServiceProcess(name, {**base, **secure.env(name)}, log).start()
+        # The intake process holds two identities: its own and the policy gate's.
+        policy = secure.identity_env("policy", "FRS_POLICY_") if name == "intake" else {}
+        procs[name] = ServiceProcess(name, {**base, **secure.env(name), **policy}, log).start()
     try:
         for proc in procs.values():
             proc.wait_log('"consumer started"', timeout=90)
         demo = secure.cli("operator", "registry", "demo", "--endpoint", vendor_url, extra=base)
         assert demo.returncode == 0, demo.stderr
+        assert "trusted policy key ed25519:" in demo.stdout
         year = "2099-01-01T00:00:00Z"
         for kind, entry in (
             ("case", {"case_id": case_id, "status": "open", "roi_refs": ["ROI-1"],
@@ -367,9 +440,18 @@ def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
         clock = run(read_topic("", ["frs.clock"], kafka=secure.settings("auditor")))
         assert b"intake" in {r.key for r, _ in clock}
         intake_log = procs["intake"].log_path.read_text()
-        assert '"purger started"' in intake_log
+        assert '"job":"purge sweep"' in intake_log
         assert "broker clock sample failed" not in intake_log
         assert "purge sweep skipped" not in intake_log
+        # The decisions came from the policy gate's own principal, signed; a forged one
+        # from a principal that may write the topic is refused by dispatch, flagged by audit.
+        decisions = run(read_topic("", ["frs.policy.decisions"],
+                                   kafka=secure.settings("auditor")))
+        assert isinstance(decisions, list)
+        decided = [d.event for _, d in decisions if isinstance(d, Envelope)
+                   and isinstance(d.event, PolicyCleared)]
+        assert decided and all(e.signature for e in decided)
+        forged_clearance_is_refused_and_flagged(secure, decided[0])
         # The audit service, on its own identity, records each of them exactly once.
         ids = {e["id"] for e in events}
         deadline = time.monotonic() + 60
@@ -411,6 +493,49 @@ def test_the_pipeline_runs_in_secured_mode(secure: SecureBroker, tmp_path: Path,
     secure.sensitive = {"case id": case_id.encode(), "agent id": agent_id.encode(),
                         "request id": request_id.encode(),
                         "probe bytes": face_jpeg[len(face_jpeg) // 2:][:48]}
+
+
+def forged_clearance_is_refused_and_flagged(secure: SecureBroker, genuine: PolicyCleared
+                                            ) -> None:
+    """Issue 19's forged clearance, published by a principal that may write decisions
+    (admin, a super user): a real provider, a zero digest, no signature; and the same with
+    another key's signature. Dispatch refuses both, the audit flags both."""
+    assert genuine.claim is not None
+    tag = uuid.uuid4().hex[:8]
+    unsigned = genuine.model_copy(update={
+        "probe_id": f"prb-forged-{tag}", "policy_digest": "0" * 64, "signature": None,
+        "key_id": None, "claim": genuine.claim.model_copy(update={"sanitized_sha256": "0" * 64})})
+    other_key = sign(unsigned.model_copy(update={"probe_id": f"prb-forged-{tag}-2"}),
+                     Ed25519PrivateKey.generate())
+    forged = [unsigned, other_key]
+
+    async def publish() -> None:
+        async with Publisher("", source="/frs/intake", kafka=secure.settings("admin")) as pub:
+            await pub.publish(forged)
+
+    run(publish())
+    ids = {e.probe_id for e in forged}
+    auditor = secure.settings("auditor")
+
+    def seen(topic: str) -> list[Event]:
+        found = run(read_topic("", [topic], kafka=auditor))
+        assert isinstance(found, list)
+        return [d.event for _, d in found if isinstance(d, Envelope)
+                and getattr(d.event, "probe_id", None) in ids]
+
+    def refusals() -> list[DispatchFailed]:
+        out = [e for e in seen("frs.dispatch.events") if isinstance(e, DispatchFailed)]
+        return out if {e.probe_id for e in out} == ids else []
+
+    def flagged() -> list[ComplianceViolation]:
+        out = [v for v in seen("frs.audit.violations") if isinstance(v, ComplianceViolation)
+               and v.invariant is Invariant.UNVERIFIED_DECISION]
+        return out if {v.probe_id for v in out} == ids else []
+
+    refused = wait_for(refusals, timeout=60, what="dispatch to refuse both forged clearances")
+    assert {e.reason for e in refused} == {DispatchFailure.UNVERIFIED_DECISION}
+    assert not [e for e in seen("frs.dispatch.events") if isinstance(e, ProviderDispatched)]
+    assert len(wait_for(flagged, timeout=60, what="the audit to flag both")) == 2
 
 
 def test_loopback_capture_shows_nothing_in_clear(secure: SecureBroker) -> None:

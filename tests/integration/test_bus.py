@@ -18,7 +18,10 @@ from schemas.catalog import TOPICS, Topic
 from schemas.envelope import Envelope, encode
 from schemas.events import DispatchFailed, DispatchFailure, Event, ProbeRejected
 from schemas.types import utcnow
-from services.kit.bus import Processor, Publisher, Route, read_topic
+from services.kit.processor import Processor
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
+from services.kit.routing import Route
 from services.kit.topics import ensure_topics
 from tests.conftest import ROOT
 from tests.helpers import events_of, subject_is, wait_records

@@ -26,10 +26,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from deploy.simulators.inbox import InboxSimulator
-from deploy.simulators.rekognition import RekognitionSimulator
-from deploy.simulators.tls import SimulatorCA
-from deploy.simulators.vendor import VendorBehaviour, VendorSimulator
 from schemas.catalog import DISPATCH_EVENTS, POLICY_DECISIONS, PROVIDER_RESPONSES
 from schemas.envelope import Envelope
 from schemas.events import (
@@ -42,8 +38,14 @@ from schemas.events import (
 )
 from schemas.types import OutboundField, Transport
 from services.cli.dispatch import cleared, start_groups_at_end, synthetic_clearance
-from services.kit.bus import Publisher, read_topic
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
+from services.simulators.inbox import InboxSimulator
+from services.simulators.rekognition import RekognitionSimulator
+from services.simulators.tls import SimulatorCA
+from services.simulators.vendor import VendorBehaviour, VendorSimulator
 from tests.conftest import ServiceProcess
+from tests.factories import POLICY_KEY
 from tests.helpers import metrics_port, wait_for_async, wait_log
 
 pytestmark = pytest.mark.integration
@@ -76,7 +78,7 @@ class Rig:
 
     async def clear(self, n: int, clearances: list[Any], start: int = 0) -> list[str]:
         probes = [f"prb-{self.tag}-{i}" for i in range(start, start + n)]
-        pairs = [synthetic_clearance(p, clearances) for p in probes]
+        pairs = [synthetic_clearance(p, clearances, key=POLICY_KEY) for p in probes]
         await self.publish([s for s, _ in pairs])
         await self.publish([d for _, d in pairs])
         return probes
@@ -449,14 +451,15 @@ async def test_two_hosts_each_see_every_claim_check(
     rig: Rig, services: dict[str, ServiceProcess], tmp_path: Path
 ) -> None:
     """Two instances with their own state dirs (two hosts): whichever gets a clearance
-    has the probe's claim check, so every clearance is sent and none waits for the DLQ."""
+    has the probe's claim check (it rides in the clearance), so every clearance is sent
+    and none waits for the DLQ."""
     n = 60
     second = ServiceProcess("dispatch", services["dispatch"].env, tmp_path / "host-b.log")
     async with VendorSimulator() as vendor:
         web = rig.provider("web", Transport.HTTPS, vendor.url)
         await rig.publish(list(rig.providers))
         env = {**rig.env, "FRS_DISPATCH_CA_FILE": str(vendor.ca_file),
-               "FRS_DISPATCH_PROBE_WAIT_S": "3", "FRS_DISPATCH_MAX_RETRIES": "0"}
+               "FRS_DISPATCH_MAX_RETRIES": "0"}
         rig.dispatch.start(**env, FRS_DISPATCH_INSTANCE_ID="host-a")
         second.start(**env, FRS_DISPATCH_INSTANCE_ID="host-b",
                      FRS_STATE_DIR=str(tmp_path / "host-b-state"))

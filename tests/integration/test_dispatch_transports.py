@@ -272,8 +272,9 @@ async def test_vendor_simulator_answers_on_the_signed_webhook(face_jpeg: bytes) 
     (p1, answer), (p2, twice), (p3, receipt) = got
     assert (p1, p2, p3) == ("/v1/answers", "/v1/answers", "/v1/deletion")
     assert answer == twice and answer["request_ref"] == req.request_ref
+    # What a vendor sends, oversharing included (the results edge keeps only the answer).
     assert sorted(answer) == ["algorithm", "algorithm_version", "candidates", "request_ref",
-                              "threshold"]
+                              "threshold", "vendor_trace"]
     ranks = [c["rank"] for c in answer["candidates"]]  # type: ignore[attr-defined]
     assert ranks == [1, 2, 3, 4]
     scores = [c["score"] for c in answer["candidates"]]  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ from schemas.catalog import MAX_REQUEST_BYTES, PROBE_REQUESTS
 from schemas.envelope import DecodeError, Envelope, Headers
 from schemas.events import ProbeRejected, ProbeRequested, ProbeSubmitted, RejectReason
 from services.audit.store import AuditStore
-from services.kit.bus import read_topic
+from services.kit.reader import read_topic
 from tests import intake_samples as s
 from tests.conftest import ServiceProcess
 from tests.helpers import wait_for_async

@@ -14,10 +14,10 @@ from schemas.catalog import PROBE_EVENTS
 from schemas.envelope import Envelope
 from schemas.events import CaseRecord, ImagePurged, ProbeSubmitted, PurgeReason
 from schemas.types import Purpose, utcnow
-from services.intake.vault import (
+from services.kit.reader import read_topic
+from services.vault import (
     ObjectPurged,
 )
-from services.kit.bus import read_topic
 from tests import intake_samples as s
 from tests.conftest import ServiceProcess
 from tests.helpers import metrics_port, wait_for_async

@@ -21,19 +21,26 @@ from typing import Any
 
 import pytest
 
-from schemas.catalog import POLICY_DECISIONS
-from schemas.envelope import Envelope
+from schemas.catalog import EXIGENT_REVIEWS, POLICY_DECISIONS, REGISTRY_SUSPENSIONS
+from schemas.decisions import unverified
+from schemas.envelope import Envelope, encode
 from schemas.events import (
     Event,
     ExigentReviewOverdue,
     PolicyCleared,
     PolicyDenied,
     ProbeSubmitted,
+    ProviderRecord,
+    ProviderSuspensionRequested,
     SupervisorReviewRecorded,
+    SuspensionReason,
 )
+from schemas.types import Transport
 from services.intake.policy.engine import POLICY_DIR
-from services.kit.bus import Publisher
+from services.intake.policy.signing import load_or_create_signing_key, public_key_path
+from services.kit.publisher import Publisher
 from tests.conftest import ROOT, ServiceProcess
+from tests.factories import trusted
 from tests.helpers import metrics_port, wait_records
 
 pytestmark = pytest.mark.integration
@@ -109,9 +116,9 @@ async def publish(bootstrap: str, *events: Event) -> None:
 async def wait_decision(bootstrap: str, probe_id: str,
                         kind: type[Event] | tuple[type[Event], ...],
                         within_s: float = 30.0) -> Event:
-    """The first ``kind`` event about the probe on the decisions topic."""
+    """The first ``kind`` event about the probe on the decisions (or reviews) topic."""
     found = await wait_records(
-        bootstrap, [POLICY_DECISIONS.name],
+        bootstrap, [POLICY_DECISIONS.name, EXIGENT_REVIEWS.name],
         lambda _r, d: isinstance(d, Envelope) and isinstance(d.event, kind)
         and d.subject == probe_id, timeout=within_s)
     decoded = found[0][1]
@@ -153,6 +160,8 @@ async def test_registry_updates_change_the_next_decision_without_restart(
     first = await decide(world)
     assert isinstance(first, PolicyCleared)
     assert verdicts(first, world.fed, world.va) == {world.fed: [], world.va: []}
+    # Signed by the gate with its key (the session's, enrolled by the operator).
+    assert unverified(first, {trusted().key_id: trusted()}) is None
     cleared = {c.provider_id: c for c in first.cleared}
     assert [str(f) for f in cleared[world.va].fields] == ["photo", "agent_id", "request_ref"]
     assert str(cleared[world.va].transport) == "smime_email"
@@ -302,3 +311,58 @@ async def test_exigent_clearance_is_flagged_until_reviewed(
     assert cli(kafka_bootstrap, "exigent", "review", no_reason.probe_id, "--supervisor",
                world.sup, "--approve").returncode == 2
     assert cli(kafka_bootstrap, "registry", "suspend", "no-such-provider").returncode == 2
+
+
+async def test_a_suspension_from_results_denies_at_once_and_replays_consistently(
+        kafka_bootstrap: str, intake: ServiceProcess) -> None:
+    """Results' one say over a provider (issue 19): a suspension on its own topic, applied
+    over the operator's entry until the operator writes a newer one. A provider entry
+    smuggled onto that topic changes nothing."""
+    world = World(kafka_bootstrap)
+    world.seed()
+    rogue = f"rogue-{uuid.uuid4().hex[:8]}"
+    entry = ProviderRecord(provider_id=rogue, name="rogue", kind="federal",
+                           transport=Transport.HTTPS, endpoint="https://203.0.113.9/steal",
+                           attestation_valid_until=datetime.now(UTC) + timedelta(days=9),
+                           updated_at=datetime.now(UTC))
+    smuggled = encode(entry, "/frs/results")
+    async with Publisher(kafka_bootstrap, source="/frs/results") as publisher:
+        await publisher.publish([ProviderSuspensionRequested(
+            provider_id=world.fed, reason=SuspensionReason.DELETION_OVERDUE,
+            probe_id="prb-late", requested_at=datetime.now(UTC) + timedelta(seconds=1))])
+        await (await publisher.send_raw(REGISTRY_SUSPENSIONS.name, smuggled.key,
+                                        smuggled.value, smuggled.headers))
+    await asyncio.sleep(REGISTRY_SETTLE_S)
+
+    denied = await decide(world)
+    assert verdicts(denied, world.fed, world.va) == {world.fed: ["REQ-PROVIDER"],
+                                                     world.va: []}
+    assert denied.registry_versions.suspensions >= 0
+    assert rogue not in {d.provider_id for d in denied.denied} | (
+        {c.provider_id for c in denied.cleared} if isinstance(denied, PolicyCleared) else set())
+    # The recorded snapshot (fed suspended) agrees with the registry topics on replay.
+    explained = cli(kafka_bootstrap, "policy", "explain", denied.probe_id, "--replay",
+                    "--json")
+    assert explained.returncode == 0, explained.stdout + explained.stderr
+    assert json.loads(explained.stdout)[0]["replay"]["registries_consistent"] is True
+
+    activated = cli_ok(kafka_bootstrap, "registry", "activate", world.fed)
+    assert activated["status"] == "active"
+    await asyncio.sleep(REGISTRY_SETTLE_S)
+    assert verdicts(await decide(world), world.fed) == {world.fed: []}
+
+
+def test_trust_key_enrolls_and_revokes_the_gates_public_key(kafka_bootstrap: str,
+                                                            tmp_path: Path) -> None:
+    key = load_or_create_signing_key(tmp_path / "keys" / "policy-decisions.pem")
+    public = str(public_key_path(tmp_path / "keys" / "policy-decisions.pem"))
+    enrolled = cli_ok(kafka_bootstrap, "registry", "trust-key", "--public-key", public)
+    assert (enrolled["status"], enrolled["purpose"]) == ("active", "policy-decisions")
+    revoked = cli_ok(kafka_bootstrap, "registry", "trust-key", "--public-key", public,
+                     "--revoke")
+    assert revoked["key_id"] == enrolled["key_id"] and revoked["status"] == "revoked"
+    assert trusted(key).key_id == enrolled["key_id"]
+    # Not a public key: a misuse, said in one line.
+    done = cli(kafka_bootstrap, "registry", "trust-key", "--public-key",
+               str(tmp_path / "keys" / "policy-decisions.pem"))
+    assert done.returncode == 2 and "--public-key" in done.stderr

@@ -10,8 +10,13 @@ from schemas.catalog import (
     AUDIT_CHECKPOINTS,
     AUDIT_VIOLATIONS,
     BROKER_CLOCK,
+    EXIGENT_REVIEWS,
+    POLICY_DECISIONS,
     PROBE_EVENTS,
     PROBE_REQUESTS,
+    REGISTRY_PROVIDERS,
+    REGISTRY_SUSPENSIONS,
+    REGISTRY_TRUSTED_KEYS,
     TOPICS,
 )
 from services.kit.acls import AclFile, Binding, allows, bindings, load, markdown_table
@@ -29,8 +34,8 @@ def test_readme_table_is_generated_from_the_acl_file() -> None:
 
 
 def test_every_service_and_outside_role_has_its_own_principal() -> None:
-    assert set(DOC.principals) == {"intake", "dispatch", "results", "audit", "upstream",
-                                   "operator", "supervisor", "auditor"}
+    assert set(DOC.principals) == {"intake", "policy", "dispatch", "results", "audit",
+                                   "upstream", "operator", "supervisor", "auditor"}
     assert set(DOC.super_users) == {"broker", "admin"}
 
 
@@ -76,19 +81,46 @@ def test_dispatch_cannot_write_policy_topics() -> None:
                    if t.startswith("frs.policy."))
 
 
-@pytest.mark.parametrize("service", ["intake", "dispatch", "results", "audit"])
+def test_only_the_policy_gate_writes_decisions() -> None:
+    # Issue 19: supervisor (exigent reviews) and intake (the gate's host process) lost it.
+    writers = {p for p in DOC.principals if allows(DOC, p, "WRITE", POLICY_DECISIONS.name)}
+    assert writers == {"policy"}
+    assert {b.principal for b in bindings(DOC) if b.resource_type == "GROUP"
+            and b.name.startswith("frs-policy")} == {"User:policy"}
+
+
+def test_only_supervisors_write_exigent_reviews_and_the_gate_reads_them() -> None:
+    writers = {p for p in DOC.principals if allows(DOC, p, "WRITE", EXIGENT_REVIEWS.name)}
+    assert writers == {"supervisor"}
+    assert allows(DOC, "policy", "READ", EXIGENT_REVIEWS.name)
+
+
+def test_results_may_request_a_suspension_but_not_write_provider_entries() -> None:
+    assert not allows(DOC, "results", "WRITE", REGISTRY_PROVIDERS.name)
+    assert allows(DOC, "results", "WRITE", REGISTRY_SUSPENSIONS.name)
+    registry_writes = {t for t in TOPIC_NAMES if t.startswith("frs.registry.")
+                       and allows(DOC, "results", "WRITE", t)}
+    assert registry_writes == {REGISTRY_SUSPENSIONS.name}
+
+
+def test_only_the_operator_enrolls_trusted_keys() -> None:
+    writers = {p for p in DOC.principals
+               if allows(DOC, p, "WRITE", REGISTRY_TRUSTED_KEYS.name)}
+    assert writers == {"operator"}
+
+
+@pytest.mark.parametrize("service", ["intake", "policy", "dispatch", "results", "audit"])
 def test_each_service_writes_its_own_dlq_and_no_other(service: str) -> None:
     dlqs = {t for t in TOPIC_NAMES if t.startswith("frs.dlq.")
             and allows(DOC, service, "WRITE", t)}
-    own = {f"frs.dlq.{service}"} | ({"frs.dlq.policy"} if service == "intake" else set())
-    assert dlqs == own
+    assert dlqs == {f"frs.dlq.{service}"}
 
 
 def test_bindings_are_literal_or_prefixed_allow_rules() -> None:
     found = bindings(DOC)
     assert Binding("TOPIC", "LITERAL", "frs.probe.requests", "User:upstream", "WRITE") in found
     assert Binding("TOPIC", "PREFIXED", "frs.", "User:auditor", "READ") in found
-    assert Binding("GROUP", "PREFIXED", "frs-policy", "User:intake", "READ") in found
+    assert Binding("GROUP", "PREFIXED", "frs-policy", "User:policy", "READ") in found
     assert not [b for b in found if b.operation == "WRITE" and b.principal == "User:auditor"]
 
 

@@ -34,8 +34,9 @@ from schemas.events import (
 )
 from schemas.types import OutboundField, Purpose, Transport
 from services.audit import handlers
-from services.audit.app import AuditSettings, CompleteUntil
+from services.audit.app import CompleteUntil
 from services.audit.invariants import LIVENESS_GRACE_S, Invariants, InvariantSettings
+from services.audit.settings import AuditSettings
 from services.audit.store import AuditStore
 from tests.unit.fakes import FakeClock
 

@@ -34,7 +34,7 @@ from services.audit import handlers
 from services.audit.invariants import Invariants, InvariantSettings
 from services.audit.report import build_report
 from services.audit.store import AuditStore
-from services.cli.main import main as frs
+from services.cli.entry import main as frs
 from tests.unit.fakes import FakeClock
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -12,16 +12,14 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.events import (
+    ClaimCheck,
     ClearedProvider,
     DispatchFailed,
     DispatchFailure,
-    ImagePurged,
     PolicyCleared,
-    ProbeSubmitted,
     ProviderAnswered,
     ProviderDispatched,
     ProviderRecord,
-    PurgeReason,
     RegistryVersions,
 )
 from schemas.types import OutboundField, Transport
@@ -43,8 +41,8 @@ from services.dispatch.transports.base import (
     SendResult,
     TransientError,
 )
-from services.kit.bus import NotYet
 from services.kit.registry import Registries
+from tests.factories import inputs_for, signed, trusting_registries
 from tests.unit.fakes import BrokenTransport, HangingTransport, ScriptedTransport, no_sleep
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -90,10 +88,6 @@ async def test_ledger_claim_states_survive_reopen(tmp_path: Any) -> None:
     assert await reopened.complete("prb-1", "p1", [failed])
     done = await reopened.claim("prb-1", "p1")
     assert done.state == "done" and done.outcome == [failed]
-    await reopened.remember_probe("prb-1", "vault:1", "agent-7")
-    await reopened.mark_purged("prb-1")
-    info = await reopened.probe("prb-1")
-    assert info is not None and info.purged and info.vault_ref == "vault:1"
     reopened.close()
 
 
@@ -240,7 +234,7 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
 @dataclass
 class Env:
     ledger: SqliteLedger
-    registries: Registries = field(default_factory=Registries)
+    registries: Registries = field(default_factory=trusting_registries)
     https: ScriptedTransport = field(default_factory=lambda: ScriptedTransport([None]))
     email: ScriptedTransport = field(
         default_factory=lambda: ScriptedTransport([None], idempotent_resend=False))
@@ -263,27 +257,23 @@ class Env:
             transports={Transport.HTTPS: self.https, Transport.SMIME_EMAIL: self.email,
                         Transport.REKOGNITION: Rek()},
             guards=ProviderGuards(concurrency=8, failure_threshold=5, open_s=1),
-            clock=lambda: NOW, retry=RetryPolicy(max_attempts=2), probe_wait_s=0.2,
+            clock=lambda: NOW, retry=RetryPolicy(max_attempts=2),
             sleep=no_sleep)
         base.update(over)
         return handlers.DispatchPorts(**base)
 
 
-def _submitted(probe: str = "prb-1", vault_ref: str = "vault:1") -> ProbeSubmitted:
-    return ProbeSubmitted(
-        probe_id=probe, request_id="req-1", case_id="C-1", agent_id="agent-7",
-        purpose="human_trafficking", roi_refs=["ROI-1"], image_source="surveillance",  # type: ignore[arg-type]
-        nexus=[], exigent=False, unedited_attestation=True, vault_ref=vault_ref,
-        image_format="jpeg", received_sha256="a" * 64, sanitized_sha256="a" * 64,
-        expires_at=NOW + timedelta(days=1), submitted_at=NOW)
-
-
-def _cleared(*providers: tuple[str, Transport], probe: str = "prb-1") -> PolicyCleared:
-    return PolicyCleared(
+def _cleared(*providers: tuple[str, Transport], probe: str = "prb-1",
+             vault_ref: str = "vault:1", expires_at: datetime = NOW + timedelta(days=1),
+             claim: bool = True) -> PolicyCleared:
+    check = ClaimCheck(vault_ref=vault_ref, agent_id="agent-7", sanitized_sha256="a" * 64,
+                       expires_at=expires_at)
+    return signed(PolicyCleared(
         probe_id=probe, case_id="C-1",
         cleared=[ClearedProvider(provider_id=p, transport=t, fields=list(OutboundField))
                  for p, t in providers],
-        policy_digest="0" * 64, registry_versions=RegistryVersions(), decided_at=NOW)
+        policy_digest="0" * 64, registry_versions=RegistryVersions(), decided_at=NOW,
+        inputs=inputs_for(*(p for p, _ in providers)), claim=check if claim else None))
 
 
 @pytest.fixture
@@ -297,7 +287,6 @@ async def test_handler_sends_once_and_reemits_on_redelivery(env: Env) -> None:
     env.registries.apply(_provider("web"))
     env.registries.apply(_provider("aws", Transport.REKOGNITION))
     ports = env.ports()
-    await handlers.on_probe_submitted(_submitted(), ports)
     event = _cleared(("web", Transport.HTTPS), ("aws", Transport.REKOGNITION))
     first = await handlers.on_policy_cleared(event, ports)
     types = sorted(type(e).__name__ for e in first)
@@ -315,7 +304,6 @@ async def test_handler_failures(env: Env) -> None:
     env.registries.apply(_provider("web"))
     env.registries.apply(_provider("off", status="suspended"))
     ports = env.ports()
-    await handlers.on_probe_submitted(_submitted(), ports)
     out = await handlers.on_policy_cleared(
         _cleared(("off", Transport.HTTPS), ("ghost", Transport.HTTPS)), ports)
     reasons = {e.provider_id: e.reason for e in out if isinstance(e, DispatchFailed)}
@@ -326,68 +314,27 @@ async def test_handler_failures(env: Env) -> None:
     await handlers.on_policy_cleared(_cleared(("off", Transport.HTTPS)), ports)
     assert env.https.calls == 0
 
-    await handlers.on_probe_submitted(_submitted("prb-2", "vault:gone"), ports)
-    out = await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-2"),
-                                           ports)
+    out = await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-2",
+                                                    vault_ref="vault:gone"), ports)
     assert [e.reason for e in out if isinstance(e, DispatchFailed)] == [
         DispatchFailure.IMAGE_PURGED]
-    with pytest.raises(handlers.ProbeNotYetKnown):
-        await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-3"),
-                                         ports)
-
-
-class _Feed:
-    """A probes route that has read up to ``handled``; a mark is its end at that time."""
-
-    def __init__(self) -> None:
-        self.end = 0
-        self.handled = 0
-        self.stopping = False
-        self.marks: list[object] = []
-
-    async def mark(self) -> object:
-        self.marks.append(self.end)
-        self.end += 5  # submissions keep arriving after the mark
-        return self.marks[-1]
-
-    async def reached(self, mark: object) -> bool:
-        assert isinstance(mark, int)
-        return self.handled >= mark
-
-
-async def test_clearance_waits_while_the_probes_route_is_behind(env: Env) -> None:
-    env.registries.apply(_provider("web"))
-    feed = _Feed()
-    feed.end = 10  # ten submissions on the bus, none read yet by this instance
-    ports = env.ports(probes=feed)
-    event = _cleared(("web", Transport.HTTPS), probe="prb-late")
-    # The submission is among those still to read: the kit retries a NotYet without limit.
-    with pytest.raises(handlers.ProbeBehind) as caught:
-        await handlers.on_policy_cleared(event, ports)
-    assert isinstance(caught.value, NotYet) and env.https.calls == 0
-    assert feed.marks == [10]  # one mark per attempt, taken at the first miss
-    await handlers.on_probe_submitted(_submitted("prb-late"), ports)
-    out = await handlers.on_policy_cleared(event, ports)
-    assert [e.provider_id for e in out if isinstance(e, ProviderDispatched)] == ["web"]
-    assert env.https.calls == 1 and feed.marks == [10]  # found at once: no mark needed
-    # Everything up to the mark read and still no submission: an unknown probe (retries,
-    # then the DLQ), although later submissions keep arriving and are not all read.
-    feed.handled = feed.end
-    with pytest.raises(handlers.ProbeNotYetKnown):
-        await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-x"),
-                                         ports)
-    # At stop nothing is concluded: the clearance is left for the next run.
-    feed.stopping = True
-    with pytest.raises(handlers.ProbeBehind):
-        await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-y"),
-                                         ports)
+    # Past its expiry by the claim check: never sent, whatever the vault still holds.
+    out = await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-3",
+                                                    expires_at=NOW), ports)
+    assert [e.reason for e in out if isinstance(e, DispatchFailed)] == [
+        DispatchFailure.IMAGE_PURGED]
+    # A clearance without a claim check (an older policy gate's) is refused, not guessed.
+    out = await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), probe="prb-4",
+                                                    claim=False), ports)
+    [refused] = [e for e in out if isinstance(e, DispatchFailed)]
+    assert refused.reason is DispatchFailure.PERMANENT_ERROR and "claim check" in refused.detail
+    assert env.https.calls == 0
 
 
 async def test_unknown_outcome_resolution(env: Env) -> None:
     env.registries.apply(_provider("web"))
     env.registries.apply(_provider("mail", Transport.SMIME_EMAIL))
     ports = env.ports(unknown_outcome_email="fail")
-    await handlers.on_probe_submitted(_submitted(), ports)
     # A previous run claimed and attempted both sends, then crashed before recording.
     for pid in ("web", "mail"):
         await env.ledger.claim("prb-1", pid)
@@ -439,7 +386,6 @@ async def test_another_live_owner_is_awaited_and_a_dead_one_taken_over(tmp_path:
     failed = DispatchFailed(probe_id="prb-1", provider_id="web",
                             reason=DispatchFailure.PERMANENT_ERROR, detail="x", failed_at=NOW)
     try:
-        await handlers.on_probe_submitted(_submitted(), ports)
         await a.claim("prb-1", "web")
         await a.record_attempt("prb-1", "web")
 
@@ -448,15 +394,16 @@ async def test_another_live_owner_is_awaited_and_a_dead_one_taken_over(tmp_path:
                 await asyncio.sleep(0.25)
                 assert await a.heartbeat() == 1
             await a.complete("prb-1", "web", [failed])
+        later = utcnow() + timedelta(days=1)  # this test runs on the real clock
         out, _ = await asyncio.gather(
-            handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS)), ports), a_finishes())
+            handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS), expires_at=later),
+                                       ports), a_finishes())
         assert out == [failed] and env.https.calls == 0, "b waited for a's outcome"
 
-        await handlers.on_probe_submitted(_submitted("prb-2"), ports)
         await a.claim("prb-2", "web")
         await a.record_attempt("prb-2", "web")  # ... and a dies here
         out = await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS),
-                                                        probe="prb-2"), ports)
+                                                        probe="prb-2", expires_at=later), ports)
         assert isinstance(out[0], ProviderDispatched) and out[0].attempts == 2
         assert env.https.calls == 1, "b took the stale claim over and resent once"
     finally:
@@ -488,25 +435,22 @@ async def test_ledger_group_commit_is_durable_per_write(tmp_path: Any) -> None:
 async def test_email_unknown_outcome_resends_by_default_and_purge_blocks_sends(env: Env) -> None:
     env.registries.apply(_provider("mail", Transport.SMIME_EMAIL))
     ports = env.ports()  # unknown_outcome_email="resend"
-    await handlers.on_probe_submitted(_submitted(), ports)
     await env.ledger.claim("prb-1", "mail")
     await env.ledger.record_attempt("prb-1", "mail")
     [sent] = await handlers.on_policy_cleared(_cleared(("mail", Transport.SMIME_EMAIL)), ports)
     assert isinstance(sent, ProviderDispatched) and sent.attempts == 2
     assert env.email.calls == 1
 
-    await handlers.on_probe_submitted(_submitted("prb-2"), ports)
-    await handlers.on_image_purged(ImagePurged(
-        probe_id="prb-2", vault_ref="vault:1", reason=PurgeReason.CASE_CLOSED,
-        expires_at=NOW, purged_at=NOW), ports)
+    # Purged in the vault (case closed): the vault is the one truth, the send fails.
     [failed] = await handlers.on_policy_cleared(
-        _cleared(("mail", Transport.SMIME_EMAIL), probe="prb-2"), ports)
+        _cleared(("mail", Transport.SMIME_EMAIL), probe="prb-2", vault_ref="vault:gone"),
+        ports)
     assert isinstance(failed, DispatchFailed)
     assert failed.reason is DispatchFailure.IMAGE_PURGED and env.email.calls == 1
 
 
 def test_settings_refuse_test_images_and_plain_smtp_outside_local_mode(tmp_path: Any) -> None:
-    from services.dispatch.app import DispatchSettings
+    from services.dispatch.settings import DispatchSettings
     from tests.conftest import secured_bus
 
     image = tmp_path / "x.jpg"
@@ -564,7 +508,6 @@ async def test_a_failing_handler_stops_heartbeating_its_claim(env: Env) -> None:
         async def get(self, vault_ref: str) -> bytes:
             raise OSError("vault unreachable")
     ports = env.ports(images=Broken())
-    await handlers.on_probe_submitted(_submitted(), ports)
     with pytest.raises(OSError):
         await handlers.on_policy_cleared(_cleared(("web", Transport.HTTPS)), ports)
     assert await env.ledger.heartbeat() == 0
@@ -583,7 +526,6 @@ async def test_a_failing_provider_waits_for_its_siblings_so_a_retry_never_resend
     ports = env.ports(transports={Transport.SMIME_EMAIL: slow,
                                   Transport.HTTPS: BrokenTransport()},
                       retry=RetryPolicy(max_attempts=1), sleep=asyncio.sleep)
-    await handlers.on_probe_submitted(_submitted(), ports)
     event = _cleared(("mail", Transport.SMIME_EMAIL), ("web", Transport.HTTPS),
                      ("mail", Transport.SMIME_EMAIL))  # named twice: still one send
     first = asyncio.create_task(handlers.on_policy_cleared(event, ports))
@@ -626,7 +568,6 @@ async def test_a_claim_taken_over_mid_send_keeps_only_the_new_owners_outcome(
     slow = HangingTransport()
     ports = env.ports(transports={Transport.SMIME_EMAIL: slow}, sleep=asyncio.sleep)
     try:
-        await handlers.on_probe_submitted(_submitted(), ports)
         sending = asyncio.create_task(handlers.on_policy_cleared(
             _cleared(("mail", Transport.SMIME_EMAIL)), ports))
         await asyncio.wait_for(slow.started.wait(), 5)

@@ -15,12 +15,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from schemas.envelope import DecodeError
 from schemas.events import ProbeRejected, ProbeRequested, ProbeSubmitted, RejectReason
+from schemas.sealed import encrypt_image
 from schemas.types import ImageSource, Purpose, probe_id_for, reused_probe_id
 from services.intake import handlers
-from services.intake.crypto import encrypt_image
 from services.intake.outcomes import OutcomeLog
 from services.intake.sanitize import sanitize
-from services.kit.bus import NotYet
+from services.kit.signals import NotYet
 from tests import intake_samples as s
 from tests.unit.fakes import tmp_vault
 

@@ -13,11 +13,12 @@ from prometheus_client import REGISTRY
 from schemas.events import CaseRecord, ImagePurged, PurgeReason
 from schemas.types import Purpose
 from services.intake.purge import Purger, purge_metrics
-from services.intake.vault import (
+from services.kit.clock import BrokerClock
+from services.kit.runtime import run_jobs
+from services.vault import (
     ObjectPurged,
     Vault,
 )
-from services.kit.clock import BrokerClock
 from tests.unit.fakes import EventSink, FakeClock, tmp_vault
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -132,7 +133,7 @@ async def test_gauges_follow_expiry_between_sweeps(tmp_path: Path) -> None:
     vault, clock = tmp_vault(tmp_path), FakeClock(T0)
     fill(vault, 2, ttl_h=1)
     purger = Purger(vault, dict, EventSink(), clock, interval_s=3600, gauge_interval_s=0.01)
-    task = asyncio.create_task(purger.run())
+    task = asyncio.create_task(run_jobs(purger.jobs()))
     try:
         await asyncio.sleep(0.1)  # the first sweep ran: nothing was due
         assert gauge() == 0

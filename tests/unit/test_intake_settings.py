@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from services.intake.policy.settings import PolicySettings
 from services.intake.settings import IntakeSettings
 from services.vault import VaultSettings
 from tests.conftest import secured_bus
@@ -32,8 +33,16 @@ def test_refuses_local_key_outside_local_mode(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="KMS_KEY_ID"):
         VaultSettings(kek_backend="kms")
     kms = VaultSettings(kek_backend="kms", kms_key_id="alias/frs-vault")
-    ok = IntakeSettings(local_mode=False, **bus, vault=kms)
+    # The policy gate publishes decisions as its own principal, never the intake's.
+    with pytest.raises(ValidationError, match="policy identity needs its own principal"):
+        IntakeSettings(local_mode=False, **bus, vault=kms)
+    same = PolicySettings(kafka_sasl_username="svc", kafka_sasl_password_file=tmp_path / "pw")
+    with pytest.raises(ValidationError, match="policy identity needs its own principal"):
+        IntakeSettings(local_mode=False, **bus, vault=kms, policy=same)
+    own = PolicySettings(kafka_sasl_username="policy", kafka_sasl_password_file=tmp_path / "pw")
+    ok = IntakeSettings(local_mode=False, **bus, vault=kms, policy=own)
     assert ok.vault.kms_key_id == "alias/frs-vault"
+    assert ok.policy.over(ok, "policy").kafka_sasl_username == "policy"
 
 
 def test_vault_settings_read_the_new_names_and_the_intake_ones(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.intake.outcomes import OutcomeLog
-from services.intake.vault import (
+from services.vault import (
     FileObjectStore,
     LocalKek,
     ObjectPurged,

@@ -78,9 +78,24 @@ def test_env_settings_are_read_by_every_service(monkeypatch: pytest.MonkeyPatch,
         monkeypatch.setenv(name, str(value))
     from services.intake.settings import IntakeSettings
 
+    # The policy gate in the intake process must have its own principal on SASL_SSL.
+    with pytest.raises(ValidationError, match="policy identity needs its own principal"):
+        IntakeSettings()
+    policy_password = tmp_path / "policy.password"
+    policy_password.write_text("policy-secret")
+    policy_password.chmod(0o600)
+    monkeypatch.setenv("FRS_POLICY_KAFKA_SASL_USERNAME", "policy")
+    monkeypatch.setenv("FRS_POLICY_KAFKA_SASL_PASSWORD_FILE", str(policy_password))
     settings = IntakeSettings()
     assert client_options(settings)["sasl_plain_username"] == "intake"
     assert client_options()["sasl_plain_password"] == PASSWORD
+    policy = client_options(settings.policy.over(settings, "policy"))
+    assert (policy["sasl_plain_username"], policy["sasl_plain_password"]) == (
+        "policy", "policy-secret")
+    assert policy["bootstrap_servers"] == settings.kafka_bootstrap
+    # Its own identity entirely: no certificate of the intake's is borrowed.
+    assert settings.policy.over(settings, "policy").kafka_cert_file is None
+    assert "policy-secret" not in repr(settings)
 
 
 def test_incomplete_security_settings_are_refused(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from schemas.decisions import key_id_for, unverified
 from schemas.envelope import decode, encode
 from schemas.events import (
     ExigentReviewOverdue,
@@ -29,6 +30,7 @@ from services.intake.policy.handlers import (
 )
 from services.intake.policy.reviews import ReviewStore
 from services.kit.registry import Registries
+from tests.factories import POLICY_KEY, trusted
 from tests.unit.policy_fixtures import (
     NOW,
     PAST,
@@ -57,7 +59,7 @@ def registries(*providers: object) -> Registries:
 
 
 def ports(engine: PolicyEngine, reg: Registries) -> PolicyPorts:
-    return PolicyPorts(registries=reg, clock=lambda: NOW, engine=engine)
+    return PolicyPorts(registries=reg, clock=lambda: NOW, engine=engine, signing_key=POLICY_KEY)
 
 
 async def test_cleared_lists_minimal_fields_and_denials(engine: PolicyEngine) -> None:
@@ -71,7 +73,8 @@ async def test_cleared_lists_minimal_fields_and_denials(engine: PolicyEngine) ->
         ("va-state", ["REQ-NEXUS"])]
     assert "nexus" in event.denied[0].rules[0].message
     assert event.policy_digest == engine.digest
-    assert event.registry_versions.model_dump() == {"cases": 3, "agents": 6, "providers": 11}
+    assert event.registry_versions.model_dump() == {"cases": 3, "agents": 6, "providers": 11,
+                                                    "suspensions": -1}
     assert event.exigent is False and event.bypassed_rules == []
     assert event.inputs is not None and event.inputs.evaluated_at == NOW
     assert [p.provider_id for p in event.inputs.providers] == ["fed-ngi", "va-state"]
@@ -128,9 +131,12 @@ async def test_replay_from_the_encoded_event_gives_the_same_result(
             probe_id="prb-3", nexus=["VA"], exigent=True, exigent_justification="why",
             exigent_bypass=["REQ-LAST-RESORT"], roi_refs=[])):
         [event] = await on_probe_submitted(p, ports(engine, reg))
+        # Every decision leaves signed, over all of it: the wire copy verifies.
+        assert isinstance(event, PolicyCleared | PolicyDenied) and event.signature
         record = encode(event, "/frs/policy")
         recorded = decode(record.headers, record.key, record.value).event
         assert isinstance(recorded, (PolicyCleared, PolicyDenied))
+        assert unverified(recorded, {key_id_for(POLICY_KEY.public_key()): trusted()}) is None
         # The registries move on after the decision; replay must not read them.
         reg.apply(provider(status="suspended"), 99)
         replayed = replay(engine, recorded)

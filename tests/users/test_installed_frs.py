@@ -15,10 +15,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, Queue
 
 import pytest
 
@@ -115,17 +117,24 @@ def _start_up(env: dict[str, str], log: Path, timeout: float = 300) -> Stack:
         proc = subprocess.Popen(["bash", str(UP)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=out, text=True, start_new_session=True)
     assert proc.stdout is not None
+    # A reader thread, so a silent up.sh cannot hang the test past its deadline.
+    queue: Queue[str] = Queue()
+    threading.Thread(target=lambda: [queue.put(line) for line in proc.stdout or ()],
+                     daemon=True).start()
     lines: list[str] = []
+    steps: list[str] | None = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
+        try:
+            line = queue.get(timeout=max(0.1, deadline - time.monotonic())).rstrip("\n")
+        except Empty:
             break
-        lines.append(line.rstrip("\n"))
+        lines.append(line)
         if line.startswith("next steps:"):
             steps = []
-            while (step := proc.stdout.readline()).startswith("  "):
-                steps.append(step.strip())
+        elif steps is not None and line.startswith("  "):
+            steps.append(line.strip())
+        elif steps is not None:
             return Stack(proc, lines, steps, env)
     _stop_up(proc)
     raise AssertionError(f"up.sh printed no next steps: {lines[-20:]}\n"

@@ -48,12 +48,31 @@ def client_tls_context(ca_file: Path | None, cert_file: Path | None = None,
     return ctx
 
 
+# A vendor's acknowledgement is a small JSON object; a reply larger than this is refused
+# while it is read (a 1 GiB reply once took dispatch to 2.1 GB resident).
+MAX_REPLY_BYTES = 64 * 1024
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, read up to ``limit`` bytes: past it the reply is malformed, not held."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise TransientError("reply_too_large", f"content-length {declared}")
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(16 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise TransientError("reply_too_large", f"over {limit} bytes")
+    return bytes(body)
+
+
 class HttpsTransport:
     idempotent_resend = True
 
     def __init__(self, tls: ssl.SSLContext, timeout_s: float = 10.0,
-                 connect_timeout_s: float = 5.0) -> None:
+                 connect_timeout_s: float = 5.0, max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         self._tls = tls
+        self._max_reply = max_reply_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -78,7 +97,7 @@ class HttpsTransport:
             async with self._client().post(url, data=payload_body(request.payload),
                                            headers=headers, allow_redirects=False) as response:
                 status = response.status
-                raw = await response.read()
+                raw = await _read_capped(response, self._max_reply)
         except TimeoutError as exc:
             raise TransientError("timeout") from exc
         except aiohttp.ClientConnectorCertificateError as exc:

@@ -1,7 +1,8 @@
 """Policy gate handlers: plain functions of typed events and ports, returning events.
 
 ``on_probe_submitted`` decides per (probe, candidate provider) with the Cedar engine;
-every provider in the registry is a candidate. ``replay`` re-runs a recorded decision
+every provider in the registry is a candidate; every decision leaves signed with the
+gate's Ed25519 key (schemas/decisions.py). ``replay`` re-runs a recorded decision
 from the inputs it carries. The exigent-review handlers keep the review flags."""
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from schemas.decisions import sign
 from schemas.events import (
     AgentRecord,
     CaseRecord,
@@ -25,6 +29,7 @@ from schemas.events import (
     ProbeSubmitted,
     ProviderDenial,
     ProviderRecord,
+    ProviderSuspensionRequested,
     RegistryVersions,
     RuleDenial,
     SupervisorReviewRecorded,
@@ -33,7 +38,7 @@ from schemas.types import MINIMAL_FIELDS
 from services.intake.policy.engine import PolicyEngine
 from services.intake.policy.metrics import policy_metrics
 from services.intake.policy.reviews import Reviews
-from services.kit.registry import Registries
+from services.kit.registry import Registries, effective_provider
 
 log = logging.getLogger("frs.policy")
 
@@ -45,6 +50,9 @@ class PolicyPorts:
     registries: Registries
     clock: Callable[[], datetime]
     engine: PolicyEngine
+    # The gate's own key: dispatch and the audit accept only decisions signed with a key
+    # the operator enrolled (frs.registry.trusted_keys).
+    signing_key: Ed25519PrivateKey
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,8 @@ async def on_probe_submitted(event: ProbeSubmitted, ports: PolicyPorts) -> list[
         decision = decision.model_copy(update={"claim": ClaimCheck(
             vault_ref=event.vault_ref, agent_id=event.agent_id,
             sanitized_sha256=event.sanitized_sha256, expires_at=event.expires_at)})
+    # Signed last: the signature covers everything else, the claim check included.
+    decision = sign(decision, ports.signing_key)
     metrics = policy_metrics()
     if isinstance(decision, PolicyCleared):
         metrics.decisions.labels("cleared").inc()
@@ -186,7 +196,7 @@ async def overdue_reviews(store: Reviews, now: datetime,
 
 # --- registry cross-check for replays ----------------------------------------------
 
-RegistryRecord = CaseRecord | AgentRecord | ProviderRecord
+RegistryRecord = CaseRecord | AgentRecord | ProviderRecord | ProviderSuspensionRequested
 
 
 def check_inputs_against_registries(
@@ -200,9 +210,11 @@ def check_inputs_against_registries(
     longer holds one at or before the version) or "omitted" (a provider registered at
     the version that the snapshot left out). Compaction only drops records older
     than a key's newest one, so the newest surviving record at or before the version is
-    the one the decision read."""
+    the one the decision read. A provider's entry is compared as the decision saw it:
+    with the suspension from results at or before ``versions.suspensions`` applied."""
     limits = {CaseRecord: versions.cases, AgentRecord: versions.agents,
-              ProviderRecord: versions.providers}
+              ProviderRecord: versions.providers,
+              ProviderSuspensionRequested: versions.suspensions}
     latest: dict[tuple[type[RegistryRecord], str], tuple[int, RegistryRecord]] = {}
     for offset, record in history:
         if offset > limits[type(record)]:
@@ -215,7 +227,12 @@ def check_inputs_against_registries(
         found = latest.get((kind, key))
         if found is None:
             return "absent" if snap is None else "compacted"
-        return "match" if found[1] == snap else "mismatch"
+        record = found[1]
+        suspension = latest.get((ProviderSuspensionRequested, key), (0, None))[1]
+        if isinstance(record, ProviderRecord) and isinstance(suspension,
+                                                             ProviderSuspensionRequested):
+            record = effective_provider(record, suspension)
+        return "match" if record == snap else "mismatch"
 
     req = inputs.request
     out = {f"case:{req.case_id}": verdict(CaseRecord, req.case_id, inputs.case),
@@ -234,4 +251,4 @@ def _registry_key(record: RegistryRecord) -> str:
         return record.case_id
     if isinstance(record, AgentRecord):
         return record.agent_id
-    return record.provider_id
+    return record.provider_id  # a provider's entry, or a suspension of it

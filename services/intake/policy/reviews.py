@@ -11,10 +11,11 @@ restarts; the review route's committed offsets keep it in step with the decision
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from services.kit.sqlite import connect
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -64,10 +65,7 @@ class ReviewStore:
     """SQLite (one host)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect(path, isolation_level=None)
         self._db.execute(_SCHEMA)
         have = {row[1] for row in self._db.execute("PRAGMA table_info(exigent_reviews)")}
         if "claimed_until" not in have:  # a file from before claims

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.envelope import encode
 from schemas.events import (
@@ -23,14 +24,15 @@ from schemas.events import (
     PolicyCleared,
     ProbeSettled,
     ProviderDispatched,
+    ProviderRecord,
     PurgeReason,
     RegistryVersions,
     SupervisorReviewRecorded,
 )
-from schemas.types import OutboundField, Transport
-from services.kit.bus import Publisher
+from schemas.types import OutboundField, Purpose, Transport
+from services.kit.publisher import Publisher
 from tests.conftest import ServiceProcess
-from tests.factories import submitted
+from tests.factories import inputs, inputs_for, signed, submitted
 from tests.helpers import wait_for
 from tests.integration.audit.conftest import later, now, violations
 
@@ -43,12 +45,15 @@ def probe() -> str:
     return f"prb-test-{uuid.uuid4()}"
 
 
-def cleared(probe_id: str, provider: str, fields: list[OutboundField]) -> PolicyCleared:
-    return PolicyCleared(probe_id=probe_id, case_id="CASE-1",
-                         cleared=[ClearedProvider(provider_id=provider, transport=Transport.HTTPS,
-                                                  fields=fields)],
-                         policy_digest=DIGEST, registry_versions=RegistryVersions(),
-                         decided_at=now())
+def cleared(probe_id: str, provider: str, fields: list[OutboundField],
+            sign: bool = True) -> PolicyCleared:
+    """Signed with the session's enrolled policy key, as the gate would (unless not)."""
+    decision = PolicyCleared(probe_id=probe_id, case_id="CASE-1",
+                             cleared=[ClearedProvider(provider_id=provider,
+                                                      transport=Transport.HTTPS, fields=fields)],
+                             policy_digest=DIGEST, registry_versions=RegistryVersions(),
+                             decided_at=now(), inputs=inputs_for(provider))
+    return signed(decision) if sign else decision
 
 
 def dispatched(probe_id: str, provider: str, fields: list[OutboundField],
@@ -208,3 +213,31 @@ def test_a_settlement_held_back_after_the_answer_is_a_liveness_violation(
     assert v.offending_event_id.endswith("/fed-ngi")
     assert "fed-ngi ended (answered) but the probe did not settle" in v.detail
     assert none_for(kafka_bootstrap, good)
+
+
+def test_a_decision_not_signed_by_the_policy_gate_is_flagged(audit_service: Audit,
+                                                             kafka_bootstrap: str) -> None:
+    """Issue 19's forged clearance: any provider, a zero digest, no signature (or another
+    key's). The gate's own decision (the enrolled session key) is not flagged."""
+    unsigned, other_key, narrow, good = probe(), probe(), probe(), probe()
+    publish(kafka_bootstrap, cleared(unsigned, "fed-ngi", ALL_FIELDS, sign=False),
+            signed(cleared(other_key, "fed-ngi", ALL_FIELDS, sign=False),
+                   Ed25519PrivateKey.generate()),
+            # Signed, but the decision's own snapshot of the provider does not allow it.
+            signed(cleared(narrow, "fed-ngi", ALL_FIELDS, sign=False).model_copy(update={
+                "inputs": inputs([registry_entry("fed-ngi", [Purpose.FINANCIAL_FRAUD])])})),
+            cleared(good, "fed-ngi", ALL_FIELDS))
+    (v,) = seen(kafka_bootstrap, unsigned, Invariant.UNVERIFIED_DECISION)
+    assert "not signed" in v.detail
+    # Waited for its key's record (topics interleave), which never came.
+    (v,) = seen(kafka_bootstrap, other_key, Invariant.UNVERIFIED_DECISION)
+    assert "the trusted-keys registry did not show" in v.detail
+    (v,) = seen(kafka_bootstrap, narrow, Invariant.PURPOSE_NOT_ALLOWED)
+    assert v.offending_event_id.endswith("/fed-ngi") and "human_trafficking" in v.detail
+    assert none_for(kafka_bootstrap, good)
+
+
+def registry_entry(provider: str, purposes: list[Purpose]) -> ProviderRecord:
+    return ProviderRecord(provider_id=provider, name=provider, kind="federal",
+                          transport=Transport.HTTPS, endpoint="https://127.0.0.1:1/",
+                          allowed_purposes=purposes, updated_at=now())

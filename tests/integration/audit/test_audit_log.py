@@ -17,7 +17,8 @@ import pytest
 from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import Envelope
 from schemas.events import CheckpointPublished, ProbeRejected, RejectReason
-from services.kit.bus import Publisher, read_topic
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
 from tests.conftest import ROOT, ServiceProcess
 from tests.helpers import wait_for
 from tests.integration.audit.conftest import audit_env, store_size

@@ -26,7 +26,8 @@ from schemas.events import (
 from schemas.types import ImageSource, Purpose, probe_id_for
 from services.audit.store import AuditStore
 from services.cli.client import submit_probe
-from services.kit.bus import Publisher, read_topic
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
 from tests.conftest import ServiceProcess
 from tests.helpers import wait_for
 from tests.integration.audit.conftest import audit_env, store_size

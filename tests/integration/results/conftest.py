@@ -9,17 +9,21 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from schemas.catalog import REGISTRY_PROVIDERS, RESULTS_EVENTS
+from schemas.catalog import REGISTRY_SUSPENSIONS, RESULTS_EVENTS
 from schemas.envelope import Envelope
 from schemas.events import (
+    ClaimCheck,
     ClearedProvider,
     Event,
     PolicyCleared,
     ProviderDispatched,
     ProviderRecord,
+    ProviderSuspensionRequested,
     RegistryVersions,
 )
-from services.kit.bus import Publisher, read_topic
+from services.kit.publisher import Publisher
+from services.kit.reader import read_topic
+from tests.factories import inputs_for, signed
 from tests.helpers import wait_for_async
 
 pytestmark = pytest.mark.integration
@@ -49,12 +53,15 @@ def provider_record(pid: str, **fields: object) -> ProviderRecord:
 
 
 def cleared(probe_id: str, *pids: str, review: bool = False) -> PolicyCleared:
-    return PolicyCleared(
+    """Signed with the session's policy key, so a dispatch in the test acts on it."""
+    return signed(PolicyCleared(
         probe_id=probe_id, case_id="CASE-1",
         cleared=[ClearedProvider(provider_id=p, transport="https",
                                  fields=["photo", "agent_id", "request_ref"]) for p in pids],
         review_required=review, policy_digest="0" * 64,
-        registry_versions=RegistryVersions(), decided_at=now())
+        registry_versions=RegistryVersions(), decided_at=now(), inputs=inputs_for(*pids),
+        claim=ClaimCheck(vault_ref=f"vault:{probe_id}", agent_id="agent-7",
+                         sanitized_sha256="0" * 64, expires_at=now() + timedelta(hours=1))))
 
 
 def dispatched(probe_id: str, pid: str, *, response_s: float = 3600,
@@ -95,7 +102,8 @@ def count(events: Sequence[Event], kind: type[Event]) -> int:
     return sum(isinstance(e, kind) for e in events)
 
 
-async def registry_records(bootstrap: str, pid: str) -> list[ProviderRecord]:
-    records = await read_topic(bootstrap, [REGISTRY_PROVIDERS.name])
+async def suspensions(bootstrap: str, pid: str) -> list[ProviderSuspensionRequested]:
+    """What results asked of the registry for ``pid``: suspensions, on their own topic."""
+    records = await read_topic(bootstrap, [REGISTRY_SUSPENSIONS.name])
     return [d.event for _, d in records if isinstance(d, Envelope)
-            and isinstance(d.event, ProviderRecord) and d.event.provider_id == pid]
+            and isinstance(d.event, ProviderSuspensionRequested) and d.event.provider_id == pid]

@@ -1,6 +1,7 @@
 """Deletion receipts on the real broker: a provider that misses its deletion deadline gets
-DeletionOverdue and, when configured, is suspended in the providers registry; dispatch
-then refuses it."""
+DeletionOverdue and, when configured, a suspension request (results' one narrow say over
+a provider, frs.registry.suspensions); every registry view applies it, and dispatch then
+refuses the provider."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from tests.integration.results.conftest import (
     now,
     provider_record,
     publish,
-    registry_records,
     results_for,
+    suspensions,
     uid,
     wait_results,
 )
@@ -46,9 +47,10 @@ async def test_missed_deletion_deadline_suspends_provider_and_dispatch_refuses_i
     [overdue] = [e for e in events if isinstance(e, DeletionOverdue)]
     assert overdue.provider_id == late and overdue.provider_suspended
     assert overdue.due_at <= now()
-    # The suspension is the provider's latest registry entry; the prompt one stays active.
-    assert (await registry_records(kafka_bootstrap, late))[-1].status == "suspended"
-    assert (await registry_records(kafka_bootstrap, prompt))[-1].status == "active"
+    # A suspension request for the late provider and its reason; none for the prompt one.
+    [asked] = await suspensions(kafka_bootstrap, late)
+    assert (asked.reason, asked.probe_id) == ("deletion_overdue", probe)
+    assert await suspensions(kafka_bootstrap, prompt) == []
     assert results.stop() == 0
     assert count(await results_for(kafka_bootstrap, probe), DeletionOverdue) == 1
 

@@ -97,6 +97,7 @@ async def results(services: dict[str, ServiceProcess], tmp_path: Path
     shared = {f"pw-{i}": secrets.token_hex(32).encode() for i in range(2)}
     secrets_file = tmp_path / "webhook-secrets.json"
     secrets_file.write_text(json.dumps({k: v.decode() for k, v in shared.items()}))
+    secrets_file.chmod(0o600)  # shared secrets others may read are refused
     port, smtp_port, metrics_port = free_port(), free_port(), free_port()
     env = {"FRS_RESULTS_WEBHOOK_CERT_FILE": str(cert), "FRS_RESULTS_WEBHOOK_KEY_FILE": str(key),
            "FRS_RESULTS_WEBHOOK_SECRETS_FILE": str(secrets_file),
@@ -104,6 +105,8 @@ async def results(services: dict[str, ServiceProcess], tmp_path: Path
            "FRS_RESULTS_WEBHOOK_HEADER_TIMEOUT_S": str(LIMIT_S),
            "FRS_RESULTS_WEBHOOK_BODY_TIMEOUT_S": str(LIMIT_S),
            "FRS_RESULTS_WEBHOOK_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+           # Above the bus's 1 MB: an answer can pass the webhook and still not fit a record.
+           "FRS_RESULTS_WEBHOOK_MAX_BODY": str(2 * 1024 * 1024),
            "FRS_RESULTS_SMIME_CERT_FILE": str(smime_cert),
            "FRS_RESULTS_SMIME_KEY_FILE": str(smime_key),
            "FRS_RESULTS_SMTP_PORT": str(smtp_port),
@@ -345,6 +348,30 @@ async def test_hostile_bytes_get_400_with_a_reason_and_the_same_answer_again(
         assert again == first, case
     # The provider's real answer is still taken.
     assert await answer_in_time(hook, answer_body, 30) < 30
+
+
+# --- poison that never drains: an answer too large for the bus ---------------------------
+
+
+async def test_an_answer_too_large_for_the_bus_is_refused_once_not_retried_forever(
+    kafka_bootstrap: str, results: Results
+) -> None:
+    """Before: the bus refused the record, the webhook said 503 and the provider retried
+    forever. Now the event's size is checked before it is sent: 413, a permanent answer."""
+    hook = results.hook
+    _probe, body = await webhook_probe(kafka_bootstrap)
+    text = "\u0001" * 256  # 6 bytes each once encoded as JSON
+    body["candidates"] = [{"rank": i + 1, "score": 0.5, "score_scale": text,
+                           "gallery": text, "candidate_ref": text} for i in range(300)]
+    assert 1_100_000 < len(json.dumps(body)) < 2 * 1024 * 1024
+    for _ in range(2):  # the same answer again: the same permanent refusal
+        status, reply = await hook.post_when_known(ANSWERS_PATH, "pw-0", body)
+        assert (status, reply) == (413, {"error": "too_large"})
+    log = hook.service.log_path.read_text()
+    assert "webhook answer too large for the bus" in log and "publish failed" not in log
+    # The provider's real answer still goes through.
+    _probe, fine = await webhook_probe(kafka_bootstrap)
+    assert await answer_in_time(hook, fine, 30) < 30
 
 
 # --- one email stalling results ------------------------------------------------------------

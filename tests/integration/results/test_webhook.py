@@ -23,7 +23,7 @@ import pytest
 from schemas.catalog import PROVIDER_RESPONSES, RESULTS_EVENTS
 from schemas.envelope import Envelope
 from schemas.events import LEAD_MARKING, CandidatesReceived, DeletionConfirmed
-from services.kit.bus import read_topic
+from services.kit.reader import read_topic
 from services.results.webhook import ANSWERS_PATH, DELETION_PATH, sign
 from tests.conftest import ServiceProcess
 from tests.helpers import free_port, wait_for_async
@@ -96,6 +96,7 @@ async def hook(services: dict[str, ServiceProcess], tmp_path: Path) -> AsyncIter
     shared = {f"pw-{i}": secrets.token_hex(32).encode() for i in range(3)}
     secrets_file = tmp_path / "webhook-secrets.json"
     secrets_file.write_text(json.dumps({k: v.decode() for k, v in shared.items()}))
+    secrets_file.chmod(0o600)  # shared secrets others may read are refused
     port, metrics_port = free_port(), free_port()
     results = services["results"]
     env = {"FRS_RESULTS_WEBHOOK_CERT_FILE": str(cert), "FRS_RESULTS_WEBHOOK_KEY_FILE": str(key),
@@ -232,6 +233,7 @@ async def test_webhook_that_cannot_bind_fails_the_start(
     cert, key = LocalCA().server("127.0.0.1").write(tmp_path / "tls2", "webhook")
     secrets_file = tmp_path / "s.json"
     secrets_file.write_text(json.dumps({"p": secrets.token_hex(16)}))
+    secrets_file.chmod(0o600)  # shared secrets others may read are refused
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
