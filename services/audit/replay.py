@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from schemas.catalog import REGISTRY_TOPICS
 from schemas.envelope import DecodeError, Envelope
 from schemas.events import ComplianceViolation, ProbeRequested
 from schemas.types import probe_id_for, utcnow
@@ -103,6 +104,17 @@ def selected(records: list[tuple[RawRecord, Envelope | DecodeError]], subjects: 
             continue
         out.append((raw, decoded))
     return out
+
+
+def for_invariants(records: list[tuple[RawRecord, Envelope | DecodeError]],
+                   subjects: set[str] | None) -> list[tuple[RawRecord, Envelope | DecodeError]]:
+    """What the invariants need to judge ``subjects``: their records from the beginning,
+    and every registry record whoever it is about (the trusted keys that verify decisions,
+    the providers' entries)."""
+    if subjects is None:
+        return records
+    registries = {t.name for t in REGISTRY_TOPICS}
+    return [r for r in records if r[0].topic in registries] + selected(records, subjects, None)
 
 
 def timeline(records: list[tuple[RawRecord, Envelope | DecodeError]],

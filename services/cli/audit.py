@@ -152,6 +152,7 @@ async def cmd_verify_proof(args: argparse.Namespace, settings: CliSettings) -> i
 async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
     from services.audit.replay import (
         cross_check,
+        for_invariants,
         replay_violations,
         reported_violations,
         selected,
@@ -169,7 +170,7 @@ async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
     audit = AuditSettings()
     # The invariants need each probe's whole history: run them on the selection's
     # subjects from the beginning, whatever --since says.
-    found = await replay_violations(selected(records, subjects, None),
+    found = await replay_violations(for_invariants(records, subjects),
                                     audit.invariant_settings())
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.wait

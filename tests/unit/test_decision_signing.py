@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.decisions import key_id_for, purpose_faults, sign, signed_bytes, unverified
-from schemas.envelope import decode, encode
+from schemas.envelope import Envelope, decode, encode
 from schemas.events import (
     ClaimCheck,
     ClearedProvider,
@@ -311,3 +311,31 @@ def test_audit_flags_a_clearance_for_a_purpose_the_provider_does_not_allow(
     eid, (v,) = audit.feed(signed(clearance("fed")))
     assert v.invariant is Invariant.PURPOSE_NOT_ALLOWED
     assert v.offending_event_id == f"{eid}/fed" and "human_trafficking" in v.detail
+
+
+def test_a_replay_of_one_case_reads_the_trusted_keys_too() -> None:
+    """`frs audit replay --case/--probe` judges the selection's decisions with the keys on
+    the registry topic, which are about no probe: without them every genuine decision would
+    look unverified."""
+    from schemas.catalog import topic_for
+    from services.audit.replay import for_invariants, replay_violations, selected
+    from services.audit.settings import AuditSettings
+    from services.kit.routing import RawRecord
+
+    def record(event: Event, offset: int) -> tuple[RawRecord, Envelope]:
+        rec = encode(event, "/frs/test", time=NOW)
+        raw = RawRecord(topic_for(event).name, 0, offset, rec.key, rec.value, rec.headers)
+        return raw, decode(rec.headers, rec.key, rec.value)
+
+    records: list[Any] = [record(trusted(), 0), record(signed(clearance("fed")), 0),
+                          record(clearance("fed", probe="prb-2"), 1)]
+    settings = AuditSettings().invariant_settings()
+    found = asyncio.run(replay_violations(for_invariants(records, {"prb-1"}), settings))
+    # (the probe reached no end: liveness, not the point here)
+    assert {inv for _, inv in found} == {"clearance_without_end"}
+    # The forged one is still found when it is the one asked about.
+    found = asyncio.run(replay_violations(for_invariants(records, {"prb-2"}), settings))
+    assert "unverified_decision" in {inv for _, inv in found}
+    # Without the registry records (the old selection), the genuine decision looked forged.
+    found = asyncio.run(replay_violations(selected(records, {"prb-1"}, None), settings))
+    assert "unverified_decision" in {inv for _, inv in found}
