@@ -158,6 +158,10 @@ def build(settings: AuditSettings) -> ServiceApp:
         if last is not None:
             checkpointed.set(last.tree_size)
             checkpoint_ts.set(datetime.fromisoformat(last.created_at).timestamp())
+        else:
+            # A new log has signed nothing yet: its staleness counts from now, not from
+            # 1970 (which paged FrsAuditCheckpointStale before the first checkpoint was due).
+            checkpoint_ts.set(time.time())
 
         async def record(raw: RawRecord, decoded: Envelope | DecodeError) -> list[Event]:
             out = await handlers.on_record(raw.topic, raw.partition, raw.offset, raw.value,
