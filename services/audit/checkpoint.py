@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from services.kit.private_files import read_private, write_private
+from services.kit.private_files import load_or_create_key as _load_or_create
 
 ALG_ED25519 = 0x01
 SIG_PREFIX = "\u2014 "  # em dash and a space
@@ -144,13 +144,4 @@ def open_checkpoint(note: str, verifier: Verifier, origin: str | None = None) ->
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     """The log's signing key, created once with mode 0600; the key never leaves the file."""
-    if path.exists():
-        key = serialization.load_pem_private_key(read_private(path), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} is not an Ed25519 private key")
-        return key
-    key = Ed25519PrivateKey.generate()
-    write_private(path, key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()), exclusive=True)
-    return key
+    return _load_or_create(path, Ed25519PrivateKey, Ed25519PrivateKey.generate)

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+K = TypeVar("K", bound=PrivateKeyTypes)
 
 
 class ExposedFileError(PermissionError):
@@ -39,3 +46,18 @@ def read_private(path: Path) -> bytes:
     """The file's bytes, after checking that only its owner may read it."""
     check_private(path)
     return path.read_bytes()
+
+
+def load_or_create_key(path: Path, kind: Any, generate: Callable[[], K]) -> K:
+    """A PEM private key of ``kind`` kept in ``path``: created once, 0600; a key file
+    others may read, or of another kind, is refused, not used."""
+    if path.exists():
+        key = serialization.load_pem_private_key(read_private(path), password=None)
+        if not isinstance(key, kind):  # kind: an abstract key class such as X25519PrivateKey
+            raise ValueError(f"{path} does not hold a {kind.__name__}")
+        return cast(K, key)
+    key = generate()
+    write_private(path, key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()), exclusive=True)
+    return key

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import email
 import email.policy
 import json
 import random
-import signal
 import sys
 import uuid
 from collections import Counter
@@ -41,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from services.simulators import until_signalled
 from services.simulators.answers import candidate_list
 
 
@@ -221,12 +220,7 @@ async def _main(args: argparse.Namespace) -> None:
     inbox.start()
     sys.stdout.write(json.dumps({"host": inbox.host, "port": inbox.port}) + "\n")
     sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    with contextlib.suppress(asyncio.CancelledError):
-        await stop.wait()
+    await until_signalled()
     inbox.stop()
 
 

@@ -21,12 +21,10 @@ import argparse
 import asyncio
 import base64
 import binascii
-import contextlib
 import dataclasses
 import hashlib
 import json
 import random
-import signal
 import ssl
 import sys
 import tempfile
@@ -38,6 +36,7 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
+from services.simulators import until_signalled
 from services.simulators.answers import candidate_list, webhook_signature
 from services.simulators.tls import SimulatorCA
 
@@ -334,12 +333,7 @@ async def _main(args: argparse.Namespace) -> None:
     await sim.start()
     sys.stdout.write(json.dumps({"url": sim.url, "ca_file": str(sim.ca_file)}) + "\n")
     sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    with contextlib.suppress(asyncio.CancelledError):
-        await stop.wait()
+    await until_signalled()
     await sim.stop()
 
 
