@@ -90,6 +90,10 @@ AUDIT_VIOLATIONS = Topic(
     "frs.audit.violations", "probe_id", 1, -1, "delete", (ev.ComplianceViolation,),
     "Compliance invariant violations found by the audit service.",
 )
+OVERSIGHT_ALERTS = Topic(
+    "frs.oversight.alerts", "subject", 3, _EVENT_RETENTION, "delete", (ev.UsageAlert,),
+    "Usage patterns over a threshold, found by the oversight service (ids and digests).",
+)
 _COMPACT = {"min.compaction.lag.ms": "0", "segment.ms": str(HOUR_MS)}
 REGISTRY_CASES = Topic(
     "frs.registry.cases", "case_id", 1, -1, "compact", (ev.CaseRecord,),
@@ -126,7 +130,7 @@ BROKER_CLOCK = Topic(
     {"message.timestamp.type": "LogAppendTime"},
 )
 
-SERVICES = ("intake", "policy", "dispatch", "results", "audit")
+SERVICES = ("intake", "policy", "dispatch", "results", "audit", "oversight")
 
 
 def dlq_topic(service: str) -> Topic:
@@ -150,6 +154,7 @@ TOPICS: tuple[Topic, ...] = (
     RESULTS_EVENTS,
     AUDIT_CHECKPOINTS,
     AUDIT_VIOLATIONS,
+    OVERSIGHT_ALERTS,
     REGISTRY_CASES,
     REGISTRY_AGENTS,
     REGISTRY_PROVIDERS,
@@ -157,6 +162,22 @@ TOPICS: tuple[Topic, ...] = (
     REGISTRY_TRUSTED_KEYS,
     BROKER_CLOCK,
     *DLQ_TOPICS,
+)
+
+# The oversight app's own faust topics (its id is the prefix): the repartition topic of
+# its observations and its tables' changelogs. Not events: nobody but the app reads them,
+# so they are outside TOPICS (and the audit log); `frs topics create` makes them too,
+# because the app does not declare topics (the broker does not auto-create).
+OVERSIGHT_APP_ID = "frs-oversight"
+_OVERSIGHT_PARTITIONS = 3  # as its inputs: a table's changelog has its source's partitions
+OVERSIGHT_INTERNAL: tuple[Topic, ...] = (
+    Topic(f"{OVERSIGHT_APP_ID}-observations", "subject", _OVERSIGHT_PARTITIONS, 8 * DAY_MS,
+          "delete", (), "Oversight observations, repartitioned by subject (agent, digest, "
+          "provider, probe)."),
+    Topic(f"{OVERSIGHT_APP_ID}-probes-changelog", "probe_id", _OVERSIGHT_PARTITIONS, -1,
+          "compact", (), "Changelog of the oversight probes table.", _COMPACT),
+    Topic(f"{OVERSIGHT_APP_ID}-subjects-changelog", "subject", _OVERSIGHT_PARTITIONS, -1,
+          "compact", (), "Changelog of the oversight windows table.", _COMPACT),
 )
 
 # What the audit log records: every topic but the clock samples (no event, no person).

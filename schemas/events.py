@@ -8,6 +8,8 @@ events stay ordered on one partition. No event carries image bytes in clear: onl
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -505,6 +507,73 @@ class ComplianceViolation(Event):
     detected_at: UtcDatetime
 
 
+# --- oversight -----------------------------------------------------------------------
+
+
+class UsageRule(StrEnum):
+    """The usage patterns the oversight service watches (services/oversight/rules.py)."""
+
+    SEARCHES_PER_HOUR = "searches_per_hour"
+    SEARCHES_PER_DAY = "searches_per_day"
+    DISTINCT_CASES = "distinct_cases"
+    PURPOSE_SHOPPING = "purpose_shopping"
+    PROVIDER_FANOUT = "provider_fanout"
+    EXIGENT_PER_WEEK = "exigent_per_week"
+    REVIEW_MISSING = "review_missing"
+    DELETION_OVERDUE_SHARE = "deletion_overdue_share"
+
+
+class UsageReason(StrEnum):
+    """Why a rule fired, as a stable code."""
+
+    COUNT_OVER_LIMIT = "count_over_limit"
+    DISTINCT_OVER_LIMIT = "distinct_over_limit"
+    RESUBMITTED_AFTER_DENIAL = "resubmitted_after_denial"
+    REVIEW_PAST_DEADLINE = "review_past_deadline"
+    SHARE_OVER_LIMIT = "share_over_limit"
+
+
+_ALERT_NAMESPACE = uuid.UUID("0b7d3f5e-9a0c-4d2e-8f71-5c1a2e6b9d40")
+
+
+def usage_alert_id(rule: UsageRule, subject: str, window_start: datetime,
+                   window_end: datetime) -> str:
+    """The same (rule, subject, window) always names the same alert: a redelivered or
+    replayed event cannot make a second one."""
+    name = f"{rule.value}|{subject}|{window_start.isoformat()}|{window_end.isoformat()}"
+    return f"ua-{uuid.uuid5(_ALERT_NAMESPACE, name)}"
+
+
+class UsageAlert(Event):
+    """A usage pattern crossed a threshold: ids and digests as evidence, never images."""
+
+    TYPE: ClassVar[str] = "frs.oversight.alert.v1"
+    alert_id: str = Field(pattern=r"^ua-[0-9a-f-]{36}$")
+    rule: UsageRule
+    reason: UsageReason
+    subject_kind: Literal["agent", "image_digest", "provider", "probe"]
+    subject: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    window_start: UtcDatetime
+    window_end: UtcDatetime
+    count: int = Field(ge=0, description="what the rule counted in the window")
+    total: int | None = Field(default=None, ge=0, description="denominator of a share rule")
+    threshold: float = Field(ge=0, description="the limit the count (or share) went over")
+    evidence_ids: list[ShortText] = Field(
+        max_length=100, description="CloudEvent ids of the events that made the count")
+    probe_ids: list[ProbeId] = Field(default_factory=list, max_length=100)
+    observed_at: UtcDatetime = Field(description="time of the event that crossed it")
+
+    @model_validator(mode="after")
+    def _deterministic_id(self) -> UsageAlert:
+        if self.alert_id != usage_alert_id(self.rule, self.subject, self.window_start,
+                                           self.window_end):
+            raise ValueError("alert_id must be usage_alert_id(rule, subject, window)")
+        return self
+
+    def partition_key(self) -> str:
+        return self.subject
+
+
 # --- registries (compacted topics, keyed by the entry's own id) ----------------------
 
 
@@ -647,6 +716,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     DeletionOverdue,
     CheckpointPublished,
     ComplianceViolation,
+    UsageAlert,
     CaseRecord,
     AgentRecord,
     ProviderRecord,

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from schemas.catalog import TOPICS, Topic
+from schemas.catalog import OVERSIGHT_INTERNAL, TOPICS, Topic
 from services.kit.kafka import KafkaSettings, client_options
 
 
@@ -21,7 +21,8 @@ class TopicStatus:
 
 
 async def ensure_topics(
-    bootstrap: str, replication: int = 1, topics: tuple[Topic, ...] = TOPICS, fix: bool = True,
+    bootstrap: str, replication: int = 1,
+    topics: tuple[Topic, ...] = (*TOPICS, *OVERSIGHT_INTERNAL), fix: bool = True,
     *, kafka: KafkaSettings | None = None,
 ) -> list[TopicStatus]:
     admin = AIOKafkaAdminClient(**client_options(kafka, bootstrap))

@@ -35,7 +35,7 @@ def test_readme_table_is_generated_from_the_acl_file() -> None:
 
 def test_every_service_and_outside_role_has_its_own_principal() -> None:
     assert set(DOC.principals) == {"intake", "policy", "dispatch", "results", "audit",
-                                   "upstream", "operator", "supervisor", "auditor"}
+                                   "oversight", "upstream", "operator", "supervisor", "auditor"}
     assert set(DOC.super_users) == {"broker", "admin"}
 
 
