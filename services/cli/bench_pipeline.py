@@ -8,7 +8,12 @@ invocation.
 (c) the pipeline at a fixed low rate (default 50 probes/s): per-stage and end-to-end
     latency;
 and each service's resident memory at both loads. The ratio is (b)'s probes/s over (a)'s
-messages/s: items through the same chain of hops per second."""
+messages/s: items through the same chain of hops per second.
+
+``--store sqlite,postgres`` runs (b) and (c) once per store in the same invocation, the
+PostgreSQL server started for it by deploy/postgres/pg.sh (from a checkout) on a free
+port, schema applied, each service as its own role; the JSON then holds each store's
+figures under ``by_store`` and PostgreSQL's throughput and p99 over SQLite's."""
 
 from __future__ import annotations
 
@@ -50,8 +55,10 @@ from services.cli.pipeline_rig import (
 from services.kit.reader import all_partitions, read_topic
 from services.kit.topics import ensure_topics
 
-# Only in a checkout of the repository: the broker is not part of the installed package.
+# Only in a checkout of the repository: the servers are not part of the installed package.
 BROKER_SCRIPT = ROOT / "deploy" / "kafka" / "broker.sh"
+PG_SCRIPT = ROOT / "deploy" / "postgres" / "pg.sh"
+STORES = ("sqlite", "postgres")
 HOPS = 4  # intake, policy, dispatch (+ vendor + webhook), results normalizer
 STAGES = (("submitted", ProbeSubmitted), ("cleared", PolicyCleared),
           ("dispatched", ProviderDispatched), ("candidates", CandidatesReceived),
@@ -268,14 +275,13 @@ async def pipeline_phase(rig: PipelineRig, watch: SettledWatch, count: int,
             "rss_peak_mb": rss, "_probes": probes}
 
 
-async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: int,
-                    with_audit: bool, image: bytes,
-                    broker_pid: int | None = None, warmup: int = 300) -> dict[str, Any]:
-    await ensure_topics(bootstrap)
-    services = ("intake", "dispatch", "results", "audit") if with_audit \
-        else ("intake", "dispatch", "results")
+async def pipeline_run(bootstrap: str, services: tuple[str, ...], image: bytes,
+                       broker_pid: int | None, warmup: int, low_rate: float,
+                       low_probes: int, probes: int,
+                       service_env: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """(b) and (c) on one store: warm-up, the low-rate phase, then the max-rate phase."""
     workdir = Path(tempfile.mkdtemp(prefix="frs-bench-pipeline-"))
-    rig = PipelineRig(bootstrap, workdir, image, services=services)
+    rig = PipelineRig(bootstrap, workdir, image, services=services, service_env=service_env)
     await rig.start()
     watch = SettledWatch(bootstrap)
     await watch.start()
@@ -298,20 +304,43 @@ async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: in
     finally:
         await watch.stop()
         await rig.stop()
+    rss = {n: {"low_load": low["rss_peak_mb"].get(n), "max_load": high["rss_peak_mb"].get(n),
+               "process_peak": peaks.get(n)} for n in services}
+    return {"pipeline_max_rate": high, "pipeline_low_rate": low, "rss_mb": rss,
+            "request_bytes": request_bytes}
+
+
+async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: int,
+                    with_audit: bool, image: bytes,
+                    broker_pid: int | None = None, warmup: int = 300,
+                    stores: Sequence[str] = ("sqlite",),
+                    store_env: dict[str, dict[str, dict[str, str]]] | None = None
+                    ) -> dict[str, Any]:
+    await ensure_topics(bootstrap)
+    services = ("intake", "dispatch", "results", "audit") if with_audit \
+        else ("intake", "dispatch", "results")
+    runs = {store: await pipeline_run(bootstrap, services, image, broker_pid, warmup,
+                                      low_rate, low_probes, probes,
+                                      (store_env or {}).get(store, {}))
+            for store in stores}
     sample = await read_topic(bootstrap, ["frs.probe.requests"], max_s=60)
     request = next((r.value for r, d in sample if isinstance(d, Envelope)), b"") or b""
     raw = await raw_baseline(bootstrap, probes, request, 1024, HOPS)
-    ratio = round(high["probes_per_s"] / raw["messages_per_s"], 3) \
-        if high["probes_per_s"] else None
-    rss = {n: {"low_load": low["rss_peak_mb"].get(n), "max_load": high["rss_peak_mb"].get(n),
-               "process_peak": peaks.get(n)} for n in services}
-    worst_rss = max((v for r in rss.values() for v in r.values() if v is not None), default=0)
-    return {
+    for run in runs.values():
+        high = run["pipeline_max_rate"]
+        run["ratio_pipeline_to_raw"] = round(high["probes_per_s"] / raw["messages_per_s"], 3) \
+            if high["probes_per_s"] else None
+    first = runs[stores[0]]
+    high, low, ratio = first["pipeline_max_rate"], first["pipeline_low_rate"], \
+        first["ratio_pipeline_to_raw"]
+    worst_rss = max((v for r in first["rss_mb"].values() for v in r.values() if v is not None),
+                    default=0)
+    result: dict[str, Any] = {
         "bench": "pipeline", "machine": machine(), "hops": HOPS, "services": list(services),
-        "warmup_probes": warmup,
-        "request_bytes": request_bytes or len(request),
+        "warmup_probes": warmup, "store": stores[0],
+        "request_bytes": first["request_bytes"] or len(request),
         "baseline_raw_relay": raw, "pipeline_max_rate": high, "pipeline_low_rate": low,
-        "rss_mb": rss,
+        "rss_mb": first["rss_mb"],
         "ratio_pipeline_to_raw": ratio,
         "targets": TARGETS,
         "met": {
@@ -322,6 +351,27 @@ async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: in
             "rss": worst_rss <= TARGETS["rss_mb_max"],
         },
     }
+    if len(runs) > 1:
+        result["by_store"] = runs
+        result["postgres_to_sqlite"] = store_ratios(runs["sqlite"], runs["postgres"]) \
+            if {"sqlite", "postgres"} <= set(runs) else None
+    return result
+
+
+def store_ratios(sqlite: dict[str, Any], postgres: dict[str, Any]) -> dict[str, Any]:
+    """PostgreSQL over SQLite, same run: throughput (target >= 0.8) and p99 at low rate."""
+    def div(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
+    pg_high, sq_high = postgres["pipeline_max_rate"], sqlite["pipeline_max_rate"]
+    throughput = div(pg_high["probes_per_s"], sq_high["probes_per_s"])
+    return {"probes_per_s": throughput,
+            "p99_ms_at_low_rate": div(postgres["pipeline_low_rate"]["end_to_end_ms"]["p99"],
+                                      sqlite["pipeline_low_rate"]["end_to_end_ms"]["p99"]),
+            "p99_ms_at_max_rate": div(pg_high["end_to_end_ms"]["p99"],
+                                      sq_high["end_to_end_ms"]["p99"]),
+            "target_probes_per_s_min": 0.8,
+            "met": throughput is not None and throughput >= 0.8}
 
 
 async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
@@ -332,6 +382,13 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
     bootstrap = settings.kafka_bootstrap
     broker_env: dict[str, str] | None = None
     broker_pid: int | None = None
+    stores = tuple(dict.fromkeys(s.strip() for s in args.store.split(",") if s.strip()))
+    if not stores or not set(stores) <= set(STORES):
+        raise Misuse(f"--store takes {' or '.join(STORES)}, or both comma-separated; "
+                     f"not {args.store!r}")
+    if "postgres" in stores and not PG_SCRIPT.is_file():
+        raise Misuse("--store postgres starts deploy/postgres/pg.sh from a checkout of the "
+                     "repository, which this installation is not: run it there")
     if args.own_broker:
         if not BROKER_SCRIPT.is_file():
             raise Misuse("--own-broker starts deploy/kafka/broker.sh from a checkout of the "
@@ -340,14 +397,19 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
         env, bootstrap = await asyncio.to_thread(start_own_broker)
         broker_env = env
         broker_pid = int((Path(env["FRS_KAFKA_STATE"]) / "broker.pid").read_text())
+    pg_env: dict[str, str] | None = None
     try:
+        store_env: dict[str, dict[str, dict[str, str]]] = {}
+        if "postgres" in stores:
+            pg_env, store_env["postgres"] = await asyncio.to_thread(start_own_postgres)
         result = await run_bench(bootstrap, args.probes, args.low_rate, args.low_probes,
-                                 args.with_audit, image, broker_pid, args.warmup)
+                                 args.with_audit, image, broker_pid, args.warmup, stores,
+                                 store_env)
     finally:
-        if broker_env is not None:
-            await asyncio.to_thread(
-                subprocess.run, [str(BROKER_SCRIPT), "stop"],
-                env=broker_env, check=False, capture_output=True)
+        for script, script_env in ((BROKER_SCRIPT, broker_env), (PG_SCRIPT, pg_env)):
+            if script_env is not None:
+                await asyncio.to_thread(subprocess.run, [str(script), "stop"], env=script_env,
+                                        check=False, capture_output=True)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
@@ -358,6 +420,10 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
             f"msgs/s through {raw['hops']} hops, ratio {result['ratio_pipeline_to_raw']}; "
             f"p99 at {low['rate_offered']}/s {low['end_to_end_ms']['p99']} ms; "
             f"peak RSS {result['rss_mb']} ({result['machine']['nproc']} cpus)\n")
+        if result.get("postgres_to_sqlite"):
+            ratios = result["postgres_to_sqlite"]
+            sys.stdout.write(f"postgres / sqlite: throughput {ratios['probes_per_s']}, "
+                             f"p99 at low rate {ratios['p99_ms_at_low_rate']}\n")
     return 0
 
 
@@ -379,6 +445,45 @@ def start_own_broker() -> tuple[dict[str, str], str]:
     subprocess.run([str(BROKER_SCRIPT), "start"], env=env,
                    check=True, capture_output=True, timeout=300)
     return env, f"127.0.0.1:{port}"
+
+
+def start_own_postgres() -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """A PostgreSQL server for the run (pg.sh, temp state, free port), this build's schema
+    applied as the owner; its script env and each service's FRS_STATE_* settings."""
+    import psycopg
+
+    from services.kit.migrate import migrate
+    from services.kit.state import read_password
+
+    state = Path(tempfile.mkdtemp(prefix="frs-bench-pg-"))
+    state.chmod(0o711)  # the server's OS user enters it; nobody lists it
+    env = {**os.environ, "FRS_PG_STATE": str(state / "pg"),
+           "FRS_PG_PORT": str(start_port())}
+    subprocess.run([str(PG_SCRIPT), "start"], env=env, check=True, capture_output=True,
+                   timeout=600)
+
+    def settings(role: str) -> dict[str, str]:
+        lines = (state / "pg" / "env" / f"{role}.env").read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if "=" in line)
+
+    owner = settings("owner")
+
+    async def apply() -> None:
+        async with await psycopg.AsyncConnection.connect(
+                owner["FRS_STATE_URL"],
+                password=read_password(Path(owner["FRS_STATE_PASSWORD_FILE"]))) as conn:
+            await migrate(conn)
+
+    asyncio.run(apply())
+    return env, {role: settings(role) for role in ("intake", "dispatch", "results", "audit")}
+
+
+def start_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def default_image() -> bytes:
@@ -410,7 +515,8 @@ def register(commands: Any) -> None:
     parser: argparse.ArgumentParser = _bench_commands(commands).add_parser(
         "pipeline", help="the whole pipeline vs a raw aiokafka relay of as many hops",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  frs bench pipeline --json --probes 2000 --low-rate 50",
+        epilog="examples:\n  frs bench pipeline --json --probes 2000 --low-rate 50\n"
+               "  frs bench pipeline --json --own-broker --store sqlite,postgres",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--probes", type=int, default=1000, help="probes at max rate; as "
@@ -424,6 +530,9 @@ def register(commands: Any) -> None:
     parser.add_argument("--own-broker", action="store_true",
                         help="start a fresh broker for the run (deploy/kafka/broker.sh)")
     parser.add_argument("--image", default=None, help="probe photo (default: a 175 px face)")
+    parser.add_argument("--store", default="sqlite", metavar="sqlite|postgres|sqlite,postgres",
+                        help="where the services keep their state; both: one run each, "
+                        "compared (postgres starts its own server from a checkout)")
     parser.set_defaults(func=cmd_bench_pipeline)
 
 

@@ -125,6 +125,8 @@ class PipelineRig:
     services: tuple[str, ...] = SERVICES
     behaviour: VendorBehaviour = field(default_factory=VendorBehaviour)
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Per service on top of extra_env: e.g. its own role's FRS_STATE_URL on PostgreSQL.
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     # How long results waits for the vendor's answer before NoResponse settles the probe.
     response_deadline_s: int = 120
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
@@ -171,7 +173,8 @@ class PipelineRig:
             "PYTHONPATH": str(ROOT),
             **self.extra_env,
         }
-        self.procs = {n: Service(n, env, self.workdir / f"{n}.log") for n in self.services}
+        self.procs = {n: Service(n, {**env, **self.service_env.get(n, {})},
+                                 self.workdir / f"{n}.log") for n in self.services}
         await self.start_services(*self.services)
         return self
 

@@ -41,7 +41,8 @@ def test_bench_pipeline_prints_the_ratio(kafka_bootstrap: str) -> None:
     assert set(result["rss_mb"]) == {"intake", "dispatch", "results"}
     assert all(r["max_load"] and r["max_load"] > 10 for r in result["rss_mb"].values())
     assert low["stages_ms"]["settled"]["n"] == 30
-    assert result["warmup_probes"] == 20
+    assert result["warmup_probes"] == 20 and result["store"] == "sqlite"
+    assert "by_store" not in result  # one store: one run
     # On the session broker (not started by the bench) only this process is measured.
     assert set(high["cpu_ms_per_probe_outside_services"]) == {"bench_process"}
     assert high["cpu_ms_per_probe_outside_services"]["bench_process"] > 0
