@@ -39,7 +39,7 @@ from services.cli.common import BENCH_HELP, group
 from services.intake import handlers
 from services.intake.decoder import DEFAULT_WORKERS, DecoderPool, WorkerLimits
 from services.intake.outcomes import OutcomeLog
-from services.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
+from services.vault import FileObjectStore, LocalKek, SqliteVaultIndex, Vault, open_db
 
 
 def sample_images(count: int) -> list[bytes]:
@@ -96,7 +96,7 @@ async def one_round(images: list[bytes], root: Path, round_no: int,
     conn = open_db(root / f"round{round_no}" / "intake.db")
     ports = handlers.IntakePorts(
         private_key=key, clock=utcnow, image_ttl=timedelta(hours=72),
-        vault=Vault(VaultIndex(conn), FileObjectStore(root / f"round{round_no}" / "objects"),
+        vault=Vault(SqliteVaultIndex(conn), FileObjectStore(root / f"round{round_no}" / "objects"),
                     LocalKek(root / "kek")),
         outcomes=OutcomeLog(conn), image_worker=image_worker,
     )

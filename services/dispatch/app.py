@@ -26,7 +26,7 @@ from services.dispatch.transports.smime_email import SmimeEmailTransport
 from services.kit.app import Context, Job, ServiceApp, Wiring
 from services.kit.registry import Registries
 from services.kit.routing import Route, RouteProgress, bind, dlq_for
-from services.vault import ObjectPurged, UnknownObject, Vault, open_db, open_vault
+from services.vault import ObjectPurged, UnknownObject, Vault, open_index, open_vault
 
 
 def build_image_source(settings: DispatchSettings, stack: AsyncExitStack) -> ImageSource:
@@ -36,9 +36,12 @@ def build_image_source(settings: DispatchSettings, stack: AsyncExitStack) -> Ima
     vault_stack = ExitStack()  # closed on the vault's own thread
 
     def opener() -> Vault:
-        conn = open_db(settings.vault.index_path)
-        vault_stack.callback(conn.close)
-        return open_vault(settings.vault, conn)
+        # FRS_STATE_URL: the shared database's index (read only, as the dispatch role) or
+        # the intake's SQLite file; the vault thread is its only user.
+        index = open_index(settings.vault, settings.state(), settings.state_password_file,
+                           name="dispatch-vault", max_size=2)
+        vault_stack.callback(index.close)
+        return open_vault(settings.vault, index)
 
     source = VaultImageSource(opener, (ObjectPurged, UnknownObject), vault_stack.close)
     stack.callback(source.close)

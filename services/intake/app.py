@@ -39,7 +39,7 @@ from services.kit.publisher import Publisher
 from services.kit.registry import Registries
 from services.kit.routing import RawRecord, Route, bind, dlq_for
 from services.kit.state import PostgresState, open_state
-from services.vault import Vault, open_db
+from services.vault import SqliteVaultIndex, Vault, open_index
 from services.vault import open_vault as open_shared_vault
 
 log = logging.getLogger("frs.intake")
@@ -47,11 +47,15 @@ log = logging.getLogger("frs.intake")
 POLICY_IDENTITY = "policy"
 
 
-def open_vault(settings: IntakeSettings, stack: AsyncExitStack) -> tuple[Vault, OutcomeLog]:
-    """The vault and the request-outcome log share one local SQLite file."""
-    conn = open_db(settings.vault.index_path)
-    stack.callback(conn.close)
-    return open_shared_vault(settings.vault, conn), OutcomeLog(conn)
+def open_vault(settings: IntakeSettings,
+               stack: AsyncExitStack) -> tuple[Vault, OutcomeLog | None]:
+    """The vault over the index FRS_STATE_URL names. On SQLite the request-outcome log
+    shares its file; on PostgreSQL no local file is made (outcomes are in the database)."""
+    index = open_index(settings.vault, settings.state(), settings.state_password_file,
+                       name="intake-vault")
+    stack.callback(index.close)
+    local = OutcomeLog(index.conn) if isinstance(index, SqliteVaultIndex) else None
+    return open_shared_vault(settings.vault, index), local
 
 
 def broker_clock(settings: IntakeSettings, publisher: Publisher) -> BrokerClock:
@@ -82,8 +86,12 @@ def build(settings: IntakeSettings) -> ServiceApp:
         # database (every instance sees every request id), or SQLite in the state dir.
         shared = open_state(settings.state(), settings.state_password_file, stack,
                             name="intake")
-        outcomes: Outcomes = PgOutcomeLog(shared.pool) \
-            if isinstance(shared, PostgresState) else local_outcomes
+        outcomes: Outcomes
+        if isinstance(shared, PostgresState):
+            outcomes = PgOutcomeLog(shared.pool)
+        else:
+            assert local_outcomes is not None  # SQLite state: the vault's file
+            outcomes = local_outcomes
         clock = broker_clock(settings, publisher)
 
         async def trusted_time() -> None:

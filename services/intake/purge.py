@@ -6,7 +6,9 @@ timers, so a restart loses nothing. Each sweep:
 2. for each object past expiry: marks it purging, deletes the ciphertext, destroys the
    wrapped data key, publishes ImagePurged (and waits for the broker's ack), marks it
    announced. Every step is recorded, so a sweep cut short by a crash is finished by
-   the next one: at worst one ImagePurged is published twice, never zero times.
+   the next one: at worst one ImagePurged is published twice, never zero times. Every
+   step is a conditional write in the index, and the announcement is claimed there, so
+   instances purging the same object at once announce it once.
 3. sets a gauge of objects still past expiry (zero when the purger keeps up);
 4. destroys the vault's epoch key-encryption keys that are over and wrap no stored
    object's key (services/vault/epochs.py): copies of the index taken before a purge
@@ -175,8 +177,12 @@ class Purger:
                 reason=PurgeReason(done.purge_reason or PurgeReason.EXPIRED.value),
                 expires_at=done.expires_at, purged_at=done.purged_at,
             )
-            await self.publish([event])
-            index.mark_announced(done.ref)
+            # Claimed first: of two instances that both saw it purged, one announces.
+            with index.announcing(done.ref) as ours:
+                if ours:
+                    await self.publish([event])
+            if not ours:
+                continue
             self.metrics.purged.labels(event.reason.value).inc()
             log.info("image purged", extra={"probe_id": done.probe_id,
                                             "reason": event.reason.value})

@@ -82,6 +82,16 @@ def read_password(path: Path | None) -> str | None:
     return None if path is None else read_private(path).decode().strip()
 
 
+def pool_kwargs(password: str | None, *, name: str, timeout_s: float) -> dict[str, Any]:
+    """Connection keywords of a service's pool: named (pg_stat_activity shows who), a
+    bounded connect, and the role's password when it has one."""
+    kwargs: dict[str, Any] = {"application_name": f"frs-{name}",
+                              "connect_timeout": max(1, int(timeout_s))}
+    if password is not None:
+        kwargs["password"] = password
+    return kwargs
+
+
 class PostgresState:
     """One service's pool on the shared database. Made (not connected) while the app is
     wired; ``ready`` connects and checks the schema version before anything runs."""
@@ -90,10 +100,7 @@ class PostgresState:
                  max_size: int = 8, timeout_s: float = 10.0) -> None:
         from psycopg_pool import AsyncConnectionPool
 
-        kwargs: dict[str, Any] = {"application_name": f"frs-{name}",
-                                  "connect_timeout": max(1, int(timeout_s))}
-        if password is not None:
-            kwargs["password"] = password
+        kwargs = pool_kwargs(password, name=name, timeout_s=timeout_s)
         self.url = url
         self.timeout_s = timeout_s
         self.pool: AsyncConnectionPool = AsyncConnectionPool(

@@ -1,11 +1,12 @@
 """The vault: encrypted image storage shared by reference (REQ-ENCRYPT, REQ-TTL). Intake
-puts and purges, dispatch gets; each opens it with ``open_vault(VaultSettings())``. It
-imports no service."""
+puts and purges, dispatch gets; each opens it with ``open_vault(VaultSettings(), index)``
+over the index ``open_index`` picks from FRS_STATE_URL. It imports no service."""
 
 from __future__ import annotations
 
-import sqlite3
+from pathlib import Path
 
+from services.kit.state import StateUrl, read_password
 from services.vault.core import (
     FileObjectStore,
     KeyWrapper,
@@ -15,6 +16,7 @@ from services.vault.core import (
     ObjectPurged,
     ObjectStore,
     S3ObjectStore,
+    SqliteVaultIndex,
     UnknownObject,
     Vault,
     VaultEntry,
@@ -25,12 +27,13 @@ from services.vault.core import (
     probe_ref,
 )
 from services.vault.epochs import EpochKek
+from services.vault.pg_index import PgVaultIndex
 from services.vault.settings import VaultSettings
 
 __all__ = ["EpochKek", "FileObjectStore", "KeyWrapper", "KmsKek", "LocalKek", "ObjectKind",
-           "ObjectPurged", "ObjectStore", "S3ObjectStore", "UnknownObject", "Vault",
-           "VaultEntry", "VaultError", "VaultIndex", "VaultSettings", "binding", "open_db",
-           "open_vault", "probe_ref"]
+           "ObjectPurged", "ObjectStore", "PgVaultIndex", "S3ObjectStore", "SqliteVaultIndex",
+           "UnknownObject", "Vault", "VaultEntry", "VaultError", "VaultIndex", "VaultSettings",
+           "binding", "open_db", "open_index", "open_vault", "probe_ref"]
 
 
 def key_wrapper(settings: VaultSettings) -> KeyWrapper:
@@ -59,8 +62,19 @@ def object_store(settings: VaultSettings) -> ObjectStore:
     return FileObjectStore(settings.root / "objects")
 
 
-def open_vault(settings: VaultSettings, conn: sqlite3.Connection | None = None) -> Vault:
-    """The vault over its index (opened here unless the caller shares a connection: the
-    intake keeps its request outcomes in the same file) and its backends."""
-    index = conn if conn is not None else open_db(settings.index_path)
-    return Vault(VaultIndex(index), object_store(settings), key_wrapper(settings))
+def open_index(settings: VaultSettings, state: StateUrl, password_file: Path | None = None,
+               *, name: str, max_size: int = 4) -> VaultIndex:
+    """The index FRS_STATE_URL names: the shared database (as the service's role; no
+    SQLite file is made), or the SQLite file under the vault dir. The caller closes it."""
+    if state.postgres:
+        return PgVaultIndex.connect(state.conninfo, read_password(password_file),
+                                    name=name, max_size=max_size)
+    return SqliteVaultIndex(open_db(settings.index_path))
+
+
+def open_vault(settings: VaultSettings, index: VaultIndex | None = None) -> Vault:
+    """The vault over its index (the SQLite file unless the caller opened one with
+    ``open_index``) and its backends."""
+    if index is None:
+        index = SqliteVaultIndex(open_db(settings.index_path))
+    return Vault(index, object_store(settings), key_wrapper(settings))

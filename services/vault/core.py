@@ -13,8 +13,11 @@ wrapped key: in local mode the data key is therefore wrapped under the key of th
 its expiry falls in (``services/vault/epochs.py``), kept outside the index and destroyed
 once the epoch is over, which makes every such copy noise too (docs/security.md).
 
-The index is SQLite in WAL mode with ``secure_delete`` on and a truncating checkpoint after
-each shred, so the destroyed key does not linger in free pages or the write-ahead log.
+The index is a port (``VaultIndex``): ``SqliteVaultIndex`` (one host: WAL mode with
+``secure_delete`` on and a truncating checkpoint after each shred, so the destroyed key does
+not linger in free pages or the write-ahead log) or ``PgVaultIndex``
+(``services/vault/pg_index.py``: the shared database, every instance of intake and dispatch
+on every host). ``services.vault.open_index`` picks one from ``FRS_STATE_URL``.
 
 Every service opens it the same way (``services.vault.open_vault`` over ``VaultSettings``,
 FRS_VAULT_*): ``Vault.get(ref)`` returns the sanitized image or raises ``ObjectPurged`` /
@@ -27,7 +30,7 @@ import hashlib
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -301,8 +304,48 @@ _COLUMNS = ("ref, probe_id, case_id, kind, object_name, created_at, expires_at, 
             "purge_reason, purged_at")
 
 
-class VaultIndex:
-    """Where each object is, its wrapped data key, its expiry and its purge state."""
+class VaultIndex(Protocol):
+    """The port: where each object is, its wrapped data key, its expiry and its purge
+    state. Every transition is one conditional write, so of two instances (or a purger
+    and a redelivered put) acting on one object at once exactly one changes it: a purge
+    begins once, a key is destroyed once, a purge is announced once, and nothing brings a
+    purged object back."""
+
+    def upsert(self, entry: VaultEntry, kek_id: str, wrapped_key: bytes) -> None: ...
+    def get(self, ref: str) -> VaultEntry | None: ...
+    def wrapped_key(self, ref: str) -> tuple[str, bytes | None]: ...
+    def expire_case(self, case_id: str, now: datetime) -> int: ...
+    def live_case_ids(self) -> list[str]: ...
+    def due(self, now: datetime, limit: int = 1000) -> list[VaultEntry]: ...
+    def count_past_expiry(self, now: datetime) -> int: ...
+    def count_stored(self) -> int: ...
+
+    def mark_purging(self, ref: str, reason: str) -> bool:
+        """True when this call began the purge (the object was stored)."""
+        ...
+
+    def shred(self, ref: str, now: datetime, *, checkpoint: bool = True) -> bool:
+        """True when this call destroyed the wrapped key."""
+        ...
+
+    def live_wrapped_keys(self, expiring_before: datetime | None = None) -> list[bytes]: ...
+
+    def checkpoint(self) -> bool:
+        """True when no copy of a destroyed key is left in the index's own log."""
+        ...
+
+    def announcing(self, ref: str) -> AbstractContextManager[bool]:
+        """Claim the announcement of a purged object: True for the one caller that is to
+        publish its ImagePurged inside the block. The object is marked announced when the
+        block ends; a block that raises leaves it to a later sweep."""
+        ...
+
+    def mark_announced(self, ref: str) -> bool: ...
+    def close(self) -> None: ...
+
+
+class SqliteVaultIndex:
+    """The index in the intake's SQLite file (one host; dispatch reads the same file)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -386,21 +429,24 @@ class VaultIndex:
             "SELECT COUNT(*) FROM vault_objects WHERE state IN ('stored','purging')").fetchone()
         return int(row[0])
 
-    def mark_purging(self, ref: str, reason: str) -> None:
+    def mark_purging(self, ref: str, reason: str) -> bool:
         with self._tx() as c:
-            c.execute("UPDATE vault_objects SET state='purging', "
-                      "purge_reason=COALESCE(purge_reason, ?) WHERE ref=? AND state='stored'",
-                      (reason, ref))
+            cur = c.execute("UPDATE vault_objects SET state='purging', "
+                            "purge_reason=COALESCE(purge_reason, ?) "
+                            "WHERE ref=? AND state='stored'", (reason, ref))
+        return cur.rowcount == 1
 
-    def shred(self, ref: str, now: datetime, *, checkpoint: bool = True) -> None:
+    def shred(self, ref: str, now: datetime, *, checkpoint: bool = True) -> bool:
         """Destroy the wrapped data key; with secure_delete the old bytes are zeroed."""
         with self._tx() as c:
-            c.execute("UPDATE vault_objects SET wrapped_key=NULL, state='purged', purged_at=? "
-                      "WHERE ref=? AND state IN ('stored','purging')", (_ts(now), ref))
+            cur = c.execute("UPDATE vault_objects SET wrapped_key=NULL, state='purged', "
+                            "purged_at=? WHERE ref=? AND state IN ('stored','purging')",
+                            (_ts(now), ref))
         # Old page images of the row live on in the WAL until a checkpoint truncates it
         # (a sweep of many objects runs one checkpoint at its end instead).
         if checkpoint:
             self.checkpoint()
+        return cur.rowcount == 1
 
     def live_wrapped_keys(self, expiring_before: datetime | None = None) -> list[bytes]:
         """Every wrapped key not yet destroyed (of objects expiring before
@@ -420,10 +466,24 @@ class VaultIndex:
         busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         return int(busy) == 0
 
-    def mark_announced(self, ref: str) -> None:
+    @contextmanager
+    def announcing(self, ref: str) -> Iterator[bool]:
+        # One host, one purger: no other caller to hold off (and no transaction may stay
+        # open on this connection across the publish: the intake's handlers share it).
+        entry = self.get(ref)
+        ours = entry is not None and entry.state == "purged"
+        yield ours
+        if ours:
+            self.mark_announced(ref)
+
+    def mark_announced(self, ref: str) -> bool:
         with self._tx() as c:
-            c.execute("UPDATE vault_objects SET state='announced' WHERE ref=? "
-                      "AND state='purged'", (ref,))
+            cur = c.execute("UPDATE vault_objects SET state='announced' WHERE ref=? "
+                            "AND state='purged'", (ref,))
+        return cur.rowcount == 1
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 # --- the vault ------------------------------------------------------------------------

@@ -15,9 +15,7 @@ from schemas.envelope import Envelope
 from schemas.events import CaseRecord, ImagePurged, ProbeSubmitted, PurgeReason
 from schemas.types import Purpose, utcnow
 from services.kit.reader import read_topic
-from services.vault import (
-    ObjectPurged,
-)
+from services.vault import ObjectPurged, SqliteVaultIndex
 from tests import intake_samples as s
 from tests.conftest import ServiceProcess
 from tests.helpers import metrics_port, wait_for_async
@@ -138,6 +136,7 @@ async def test_purger_killed_mid_sweep_finishes_after_restart(
     assert {e.reason for e in events} == {PurgeReason.EXPIRED}
     assert files_under(state / "vault" / "objects") == []
     index = open_vault(state).index
+    assert isinstance(index, SqliteVaultIndex)
     rows = index.conn.execute("SELECT state, wrapped_key FROM vault_objects").fetchall()
     assert rows and all(r == ("announced", None) for r in rows)
     services["intake"].stop()

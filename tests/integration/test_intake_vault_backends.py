@@ -23,10 +23,10 @@ from services.vault import (
     ObjectPurged,
     ObjectStore,
     S3ObjectStore,
+    SqliteVaultIndex,
     UnknownObject,
     Vault,
     VaultError,
-    VaultIndex,
     binding,
     open_db,
 )
@@ -76,7 +76,7 @@ def test_crypto_shredding_on_each_backend(
 ) -> None:
     store = store_for(store_kind, s3_server, tmp_path)
     keys = keys_for(key_kind, kms_server, tmp_path)
-    vault = Vault(VaultIndex(open_db(tmp_path / "intake.db")), store, keys)
+    vault = Vault(SqliteVaultIndex(open_db(tmp_path / "intake.db")), store, keys)
     image = s.face_jpeg()
     ref = vault.put(probe_id="prb-shred", case_id="CASE-S", data=image, created_at=T0,
                     expires_at=T0 + timedelta(hours=1))
@@ -129,7 +129,7 @@ async def test_intake_service_on_s3_and_kms_purges_a_closed_case(
     # Only the index is local: no object files, no local key file with the KMS backend.
     assert files_under(state / "vault" / "objects") == []
     assert not (state / "keys" / "vault.kek").exists()
-    index = VaultIndex(open_db(state / "vault" / "intake.db"))
+    index = SqliteVaultIndex(open_db(state / "vault" / "intake.db"))
     kek_id, wrapped = index.wrapped_key(event.vault_ref)
     assert kek_id == f"kms:{key_id}" and wrapped is not None
     # Before the purge the copy opens with the indexed key through KMS.

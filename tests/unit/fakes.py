@@ -5,6 +5,7 @@ in a test's tmp_path. No network, no broker; new handler tests take theirs from 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from schemas.events import Event
 from services.dispatch.transports.base import SendRequest, SendResult
-from services.vault import FileObjectStore, LocalKek, Vault, VaultIndex, open_db
+from services.vault import FileObjectStore, LocalKek, SqliteVaultIndex, Vault, open_db
 
 # --- time -------------------------------------------------------------------------------
 
@@ -59,8 +60,14 @@ class EventSink:
 
 def tmp_vault(root: Path) -> Vault:
     """The real vault on files under ``root`` (a tmp_path): index, objects, local KEK."""
-    return Vault(VaultIndex(open_db(root / "intake.db")), FileObjectStore(root / "objects"),
+    return Vault(SqliteVaultIndex(open_db(root / "intake.db")), FileObjectStore(root / "objects"),
                  LocalKek(root / "kek"))
+
+
+def index_db(vault: Vault) -> sqlite3.Connection:
+    """The SQLite file under a ``tmp_vault`` (the outcome log shares it)."""
+    assert isinstance(vault.index, SqliteVaultIndex)
+    return vault.index.conn
 
 
 # --- provider transports (dispatch) -----------------------------------------------------

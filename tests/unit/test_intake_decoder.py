@@ -27,7 +27,7 @@ from services.intake.quality import QualityGate
 from services.intake.sanitize import SanitizeError, SanitizeLimits
 from tests import intake_samples as s
 from tests.image_bombs import scan_bomb, scan_count
-from tests.unit.fakes import tmp_vault
+from tests.unit.fakes import index_db, tmp_vault
 
 LIMITS = SanitizeLimits()
 GATE = QualityGate()
@@ -159,7 +159,7 @@ async def test_a_limit_hit_in_the_worker_is_a_rejection_with_its_reason(
     key = X25519PrivateKey.generate()
     ports = handlers.IntakePorts(
         private_key=key, clock=lambda: datetime(2026, 1, 1, tzinfo=UTC),
-        image_ttl=timedelta(hours=72), vault=vault, outcomes=OutcomeLog(vault.index.conn),
+        image_ttl=timedelta(hours=72), vault=vault, outcomes=OutcomeLog(index_db(vault)),
         image_worker=LimitHit())
     request = ProbeRequested(
         request_id="req-1", case_id="CASE-1", agent_id="agent-7",

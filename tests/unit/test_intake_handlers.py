@@ -22,7 +22,7 @@ from services.intake.outcomes import OutcomeLog
 from services.intake.sanitize import sanitize
 from services.kit.signals import NotYet
 from tests import intake_samples as s
-from tests.unit.fakes import tmp_vault
+from tests.unit.fakes import index_db, tmp_vault
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -32,7 +32,7 @@ def ports(tmp_path: Path) -> handlers.IntakePorts:
     vault = tmp_vault(tmp_path)
     return handlers.IntakePorts(private_key=X25519PrivateKey.generate(), clock=lambda: T0,
                                 image_ttl=timedelta(hours=72), vault=vault,
-                                outcomes=OutcomeLog(vault.index.conn))
+                                outcomes=OutcomeLog(index_db(vault)))
 
 
 def request(ports: handlers.IntakePorts, image: bytes, request_id: str = "req-1",
@@ -62,7 +62,7 @@ async def test_valid_request_is_vaulted_and_submitted(ports: handlers.IntakePort
 
 
 def vault_objects(ports: handlers.IntakePorts) -> int:
-    n: int = ports.vault.index.conn.execute("SELECT COUNT(*) FROM vault_objects").fetchone()[0]
+    n: int = index_db(ports.vault).execute("SELECT COUNT(*) FROM vault_objects").fetchone()[0]
     return n
 
 
@@ -224,7 +224,7 @@ async def test_rejections(ports: handlers.IntakePorts) -> None:
         assert isinstance(out, ProbeRejected), req.request_id
         assert out.reason == reason, (req.request_id, out.detail)
         assert out.probe_id == probe_id_for(req.request_id)
-    n = ports.vault.index.conn.execute("SELECT COUNT(*) FROM vault_objects").fetchone()[0]
+    n = index_db(ports.vault).execute("SELECT COUNT(*) FROM vault_objects").fetchone()[0]
     assert n == 0  # nothing rejected reaches the vault
 
 

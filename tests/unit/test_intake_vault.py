@@ -19,7 +19,7 @@ from services.vault import (
     binding,
     open_db,
 )
-from tests.unit.fakes import tmp_vault
+from tests.unit.fakes import index_db, tmp_vault
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 IMAGE = b"\xff\xd8\xff" + os.urandom(4096) + b"clear-image-marker" + b"\xff\xd9"
@@ -77,7 +77,7 @@ def test_redelivered_put_keeps_one_object(tmp_path: Path) -> None:
     for _ in range(3):
         vault.put(probe_id="prb-1", case_id="C", data=IMAGE, created_at=T0, expires_at=T0)
     assert len(list((tmp_path / "objects").rglob("*.bin"))) == 1
-    n = vault.index.conn.execute("SELECT COUNT(*) FROM vault_objects").fetchone()[0]
+    n = index_db(vault).execute("SELECT COUNT(*) FROM vault_objects").fetchone()[0]
     assert n == 1
 
 

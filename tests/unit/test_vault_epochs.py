@@ -16,9 +16,9 @@ from services.vault import (
     EpochKek,
     FileObjectStore,
     LocalKek,
+    SqliteVaultIndex,
     Vault,
     VaultError,
-    VaultIndex,
     VaultSettings,
     binding,
     open_db,
@@ -37,7 +37,7 @@ def kek(tmp: Path, **kw: object) -> EpochKek:
 
 
 def vault_over(tmp: Path, keys: EpochKek | LocalKek) -> Vault:
-    return Vault(VaultIndex(open_db(tmp / "intake.db")), FileObjectStore(tmp / "objects"),
+    return Vault(SqliteVaultIndex(open_db(tmp / "intake.db")), FileObjectStore(tmp / "objects"),
                  keys)
 
 

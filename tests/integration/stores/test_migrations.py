@@ -26,6 +26,9 @@ from tests.pg import ROOT, SERVICE_ROLES, PgServer
 OWNERS = {"request_outcomes": "intake", "request_reuses": "intake",
           "exigent_reviews": "intake", "webhook_nonces": "results",
           "mail_replies": "results", "request_refs": "results"}
+# The vault index: intake writes it; dispatch may read it, only read (it unwraps keys).
+OWNERS["vault_objects"] = "intake"
+READERS = {"vault_objects": {"dispatch"}}
 
 
 def test_migration_files_are_numbered_and_grant_what_they_make() -> None:
@@ -105,6 +108,7 @@ def test_each_role_reaches_only_its_own_tables(pg_migrated: PgServer) -> None:
                                        (role, table, privilege)).fetchone()
                     expected = role == owner and privilege in (
                         "SELECT", "INSERT", "UPDATE", "DELETE")
+                    expected |= privilege == "SELECT" and role in READERS.get(table, ())
                     assert row == (expected,), (role, table, privilege)
             row = conn.execute("SELECT has_table_privilege(%s, 'schema_migrations', 'SELECT'),"
                                " has_table_privilege(%s, 'schema_migrations', 'INSERT')",
@@ -114,12 +118,24 @@ def test_each_role_reaches_only_its_own_tables(pg_migrated: PgServer) -> None:
 
 @pytest.mark.parametrize(("role", "table"), [
     ("results", "request_outcomes"), ("intake", "webhook_nonces"),
-    ("dispatch", "exigent_reviews"), ("audit", "request_refs")])
+    ("dispatch", "exigent_reviews"), ("audit", "request_refs"),
+    ("results", "vault_objects")])
 def test_a_service_role_is_refused_on_another_services_table(
         pg_migrated: PgServer, role: str, table: str) -> None:
     with psycopg.connect(**conninfo(pg_migrated, role)) as conn, pytest.raises(
             psycopg.errors.InsufficientPrivilege, match=f"permission denied for table {table}"):
         conn.execute(psycopg.sql.SQL("SELECT * FROM {}").format(psycopg.sql.Identifier(table)))
+
+
+def test_dispatch_may_read_the_vault_index_and_nothing_more(pg_migrated: PgServer) -> None:
+    with psycopg.connect(**conninfo(pg_migrated, "dispatch")) as conn:
+        conn.execute("SELECT kek_id, wrapped_key FROM vault_objects WHERE ref = 'x'")
+        for write in ("UPDATE vault_objects SET wrapped_key = NULL",
+                      "DELETE FROM vault_objects"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege,
+                               match="permission denied for table vault_objects"):
+                conn.execute(write.encode())
+            conn.rollback()
 
 
 def test_frs_db_commands(pg_migrated: PgServer, tmp_path: Path) -> None:
