@@ -170,15 +170,22 @@ TOPICS: tuple[Topic, ...] = (
 # because the app does not declare topics (the broker does not auto-create).
 OVERSIGHT_APP_ID = "frs-oversight"
 _OVERSIGHT_PARTITIONS = 3  # as its inputs: a table's changelog has its source's partitions
-OVERSIGHT_INTERNAL: tuple[Topic, ...] = (
-    Topic(f"{OVERSIGHT_APP_ID}-observations", "subject", _OVERSIGHT_PARTITIONS, 8 * DAY_MS,
-          "delete", (), "Oversight observations, repartitioned by subject (agent, digest, "
-          "provider, probe)."),
-    Topic(f"{OVERSIGHT_APP_ID}-probes-changelog", "probe_id", _OVERSIGHT_PARTITIONS, -1,
-          "compact", (), "Changelog of the oversight probes table.", _COMPACT),
-    Topic(f"{OVERSIGHT_APP_ID}-subjects-changelog", "subject", _OVERSIGHT_PARTITIONS, -1,
-          "compact", (), "Changelog of the oversight windows table.", _COMPACT),
-)
+
+
+def oversight_topics(app_id: str = OVERSIGHT_APP_ID) -> tuple[Topic, ...]:
+    """The topics of an oversight app with this id (tests run apps of their own)."""
+    return (
+        Topic(f"{app_id}-observations", "subject", _OVERSIGHT_PARTITIONS, 8 * DAY_MS,
+              "delete", (), "Oversight observations, repartitioned by subject (agent, "
+              "digest, provider, probe)."),
+        Topic(f"{app_id}-probes-changelog", "probe_id", _OVERSIGHT_PARTITIONS, -1,
+              "compact", (), "Changelog of the oversight probes table.", _COMPACT),
+        Topic(f"{app_id}-subjects-changelog", "subject", _OVERSIGHT_PARTITIONS, -1,
+              "compact", (), "Changelog of the oversight subjects table.", _COMPACT),
+    )
+
+
+OVERSIGHT_INTERNAL = oversight_topics()
 
 # What the audit log records: every topic but the clock samples (no event, no person).
 AUDITED_TOPICS: tuple[Topic, ...] = tuple(t for t in TOPICS if t is not BROKER_CLOCK)

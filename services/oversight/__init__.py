@@ -1,0 +1,1 @@
+"""Usage oversight: patterns of use over windows (faust-streaming), published as UsageAlert."""

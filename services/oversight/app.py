@@ -1,0 +1,239 @@
+"""The oversight app on faust-streaming: the one module (with ``__main__``) that knows faust.
+
+Two agents and two changelog-backed tables (in-memory store, recovered from their
+changelog topics at start):
+- ``observe`` reads the pipeline's probe-keyed topics, keeps each probe's facts in the
+  ``probes`` table and sends what each event says about a subject to the app's
+  observations topic, keyed by subject (the repartition step);
+- ``judge`` reads the observations, keeps each subject's windows in the ``subjects`` table
+  and publishes the alerts the rules return to ``frs.oversight.alerts``.
+A timer sends review deadlines that passed as observations too. The rules are the plain
+functions of ``handlers.py``; a record a rule (or the decoder) fails on goes to
+``frs.dlq.oversight`` with the reason, and the stream moves on.
+
+At least once, no duplicate effects: an alert is acknowledged by the broker before its
+subject's state is written and the offset committed; an observation already in a subject's
+state changes nothing; the alert's CloudEvent id is its deterministic ``alert_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+from aiokafka.partitioner import DefaultPartitioner
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+
+from schemas.catalog import (
+    DISPATCH_EVENTS,
+    OVERSIGHT_ALERTS,
+    POLICY_DECISIONS,
+    PROBE_EVENTS,
+    RESULTS_EVENTS,
+    dlq_topic,
+    oversight_topics,
+)
+from schemas.envelope import DecodeError, decode, encode
+from schemas.events import UsageAlert
+from services.kit.kafka import SASL_MECHANISM, KafkaSettings, ssl_context
+from services.kit.metrics import LATENCY_BUCKETS
+from services.oversight.handlers import (
+    Observation,
+    ProbeFacts,
+    RuleFailed,
+    SubjectState,
+    judge,
+    observe,
+    review_due,
+)
+from services.oversight.settings import OversightSettings
+
+log = logging.getLogger("frs.oversight")
+SOURCE = "/frs/oversight"
+INPUTS = (PROBE_EVENTS, POLICY_DECISIONS, DISPATCH_EVENTS, RESULTS_EVENTS)
+
+ALERTS = Counter("frs_oversight_alerts_total", "Usage alerts published, by rule.", ["rule"])
+EVENTS_IN = Counter("frs_oversight_events_in_total", "Events observed, by type.", ["type"])
+OBSERVATIONS_OUT = Counter("frs_oversight_observations_total",
+                           "Observations judged, by subject kind and kind.",
+                           ["subject_kind", "kind"])
+RULE_FAILURES = Counter("frs_oversight_rule_failures_total",
+                        "Records a rule raised on (sent to the DLQ), by rule.", ["rule"])
+DLQ = Counter("frs_oversight_dlq_total", "Records sent to the dead-letter topic.", ["reason"])
+JUDGE_SECONDS = Histogram("frs_oversight_judge_seconds", "Time to judge one observation.",
+                          buckets=LATENCY_BUCKETS)
+
+
+def credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
+    """The service's own principal, on the TLS context the kit builds for every client."""
+    if kafka.kafka_security_protocol == "PLAINTEXT":
+        return None
+    context = ssl_context(kafka)
+    if kafka.kafka_security_protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(username=kafka.kafka_sasl_username,
+                                 password=kafka.sasl_password().get_secret_value(),
+                                 ssl_context=context, mechanism=SASL_MECHANISM)
+
+
+def _partition_of(key: str, partitions: int) -> int:
+    # The kit's producers partition by aiokafka's default (murmur2, as Java's clients do).
+    ids = list(range(partitions))
+    return int(DefaultPartitioner()(key.encode(), ids, ids))
+
+
+def _headers(raw: Any) -> list[tuple[str, bytes]]:
+    items: Iterable[Any] = raw.items() if isinstance(raw, dict) else (raw or ())
+    return [(str(k), bytes(v)) for k, v in items]
+
+
+def build(settings: OversightSettings) -> faust.App:
+    s = settings
+    limits = s.limits()
+    observations_topic = oversight_topics(s.app_id)[0]
+    app = faust.App(
+        s.app_id,
+        broker=[f"kafka://{b.strip()}" for b in s.kafka_bootstrap.split(",")],
+        broker_credentials=credentials(s),
+        store="memory://",
+        # The broker does not auto-create and the principal may not create: every topic,
+        # the app's own included, comes from `frs topics create`.
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        table_standby_replicas=0,
+        topic_partitions=observations_topic.partitions,
+        consumer_auto_offset_reset="earliest",
+        # A dead worker's partitions move in seconds, not after faust's minute.
+        broker_session_timeout=s.session_timeout_s,
+        broker_heartbeat_interval=s.heartbeat_interval_s,
+        broker_rebalance_timeout=s.rebalance_timeout_s,
+        broker_commit_interval=s.commit_interval_s,
+        producer_acks=-1,
+        web_enabled=False,
+    )
+    def raw(*names: str) -> faust.TopicT:
+        # CloudEvents in binary mode: the kit's codec reads them, not faust's.
+        return app.topic(*names, key_serializer="raw", value_serializer="raw")
+
+    inputs = raw(*(t.name for t in INPUTS))
+    observations = raw(observations_topic.name)
+    alerts = raw(OVERSIGHT_ALERTS.name)
+    dlq = raw(dlq_topic("oversight").name)
+    partitions = observations_topic.partitions
+    probes = app.Table("probes", default=None, partitions=partitions)
+    subjects = app.Table("subjects", default=None, partitions=partitions)
+    flagged: set[str] = set()  # review deadlines sent by this process (a restart resends)
+    # per results partition: the latest event time read, and when a record was last read
+    results_seen: dict[int, tuple[datetime, float]] = {}
+
+    async def dead_letter(event: faust.EventT[Any], code: str, message: str) -> None:
+        DLQ.labels(code).inc()
+        m = event.message
+        headers = [*_headers(m.headers),
+                   ("frs_value_sha256", hashlib.sha256(m.value or b"").hexdigest().encode()),
+                   ("frs_error_code", code.encode()), ("frs_error", message[:1000].encode()),
+                   ("frs_error_service", b"oversight"), ("frs_source_topic", m.topic.encode()),
+                   ("frs_source_partition", str(m.partition).encode()),
+                   ("frs_source_offset", str(m.offset).encode())]
+        await (await dlq.send(key=m.key, value=m.value, headers=headers))
+        log.error("sent to DLQ", extra={"topic": m.topic, "offset": m.offset, "code": code})
+
+    async def say(obs: Observation) -> None:
+        await observations.send(key=obs.key.encode(), value=obs.model_dump_json().encode())
+
+    @app.agent(inputs)
+    async def observe_events(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            m = event.message
+            try:
+                env = decode(_headers(m.headers), m.key, m.value,
+                             timestamp_ms=int(m.timestamp * 1000),
+                             timestamp_type=m.timestamp_type)
+            except DecodeError as exc:
+                await dead_letter(event, exc.code, exc.message)
+                continue
+            EVENTS_IN.labels(env.type).inc()
+            if m.topic == RESULTS_EVENTS.name:
+                results_seen[m.partition] = (max(env.time, results_seen.get(
+                    m.partition, (env.time, 0.0))[0]), time.monotonic())
+            probe_id = getattr(env.event, "probe_id", None)
+            if probe_id is None:
+                continue
+            stored = probes.get(probe_id)
+            try:
+                before = ProbeFacts.model_validate(stored) if stored else None
+                facts, said = observe(env.id, env.event, before)
+            except Exception as exc:  # a record must not stop the stream: DLQ, move on
+                await dead_letter(event, "observe_failed", type(exc).__name__)
+                continue
+            for obs in said:
+                await say(obs)
+            if facts is not None and facts != before:
+                probes[probe_id] = facts.model_dump(mode="json")
+
+    @app.agent(observations)
+    async def judge_observations(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            try:
+                obs = Observation.model_validate_json(event.message.value or b"")
+                stored = subjects.get(obs.key)
+                state = SubjectState.model_validate(stored) if stored else None
+                started = time.perf_counter()
+                after, found = judge(obs, state, limits)
+                JUDGE_SECONDS.observe(time.perf_counter() - started)
+            except RuleFailed as exc:
+                RULE_FAILURES.labels(exc.rule.value).inc()
+                await dead_letter(event, "rule_failed", str(exc))
+                continue
+            except ValidationError as exc:
+                await dead_letter(event, "invalid_observation", type(exc).__name__)
+                continue
+            except Exception as exc:
+                await dead_letter(event, "judge_failed", type(exc).__name__)
+                continue
+            OBSERVATIONS_OUT.labels(obs.subject_kind, obs.kind).inc()
+            for alert in found:
+                await publish(alert, obs.event_id)
+            if after is not state:
+                subjects[obs.key] = after.model_dump(mode="json")
+
+    async def publish(alert: UsageAlert, cause: str) -> None:
+        # The alert is on the broker before the state that remembers it is written.
+        record = encode(alert, SOURCE, causation_id=cause, event_id=alert.alert_id,
+                        time=alert.observed_at)
+        await (await alerts.send(key=record.key, value=record.value,
+                                 headers=list(record.headers)))
+        ALERTS.labels(alert.rule.value).inc()
+        log.info("usage alert", extra={"rule": alert.rule.value, "alert_id": alert.alert_id,
+                                       "subject_kind": alert.subject_kind})
+
+    async def review_deadlines() -> None:
+        # Only the probes of the results partitions this worker owns (the timer runs on
+        # every worker). A partition's time is the latest event time read from it, and the
+        # wall clock only once it has been quiet a while: a review that is on the log but
+        # not read yet (a restart, a backlog) must not be taken for a missing one.
+        owned = {tp.partition for tp in app.consumer.assignment()
+                 if tp.topic == RESULTS_EVENTS.name}
+        wall = datetime.now(UTC)
+        for probe_id, stored in list(probes.items()):
+            if probe_id in flagged or stored is None:
+                continue
+            partition = _partition_of(probe_id, RESULTS_EVENTS.partitions)
+            if partition not in owned:
+                continue
+            latest, read_at = results_seen.get(partition, (wall, 0.0))
+            quiet = time.monotonic() - read_at >= s.review_quiet_s
+            obs = review_due(ProbeFacts.model_validate(stored),
+                             max(latest, wall) if quiet else latest, limits)
+            if obs is not None:
+                await say(obs)
+                flagged.add(probe_id)
+
+    app.timer(s.tick_s)(review_deadlines)
+    return app
