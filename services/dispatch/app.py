@@ -16,7 +16,7 @@ from services.dispatch import handlers
 from services.dispatch.breaker import ProviderGuards
 from services.dispatch.delivery import RetryPolicy
 from services.dispatch.images import ImageSource, StaticImageSource, VaultImageSource
-from services.dispatch.ledger import SqliteLedger
+from services.dispatch.ledger import Ledger, PgLedger, SqliteLedger
 from services.dispatch.metrics import dispatch_metrics
 from services.dispatch.settings import DispatchSettings
 from services.dispatch.transports.base import ProviderTransport
@@ -26,6 +26,7 @@ from services.dispatch.transports.smime_email import SmimeEmailTransport
 from services.kit.app import Context, Job, ServiceApp, Wiring
 from services.kit.registry import Registries
 from services.kit.routing import Route, RouteProgress, bind, dlq_for
+from services.kit.state import PostgresState, State, open_state
 from services.vault import ObjectPurged, UnknownObject, Vault, open_index, open_vault
 
 
@@ -78,12 +79,20 @@ def build_transports(settings: DispatchSettings) -> dict[Transport, ProviderTran
     }
 
 
-def build_ports(settings: DispatchSettings, registries: Registries,
-                stack: AsyncExitStack) -> handlers.DispatchPorts:
+def build_ledger(settings: DispatchSettings, shared: State, stack: AsyncExitStack) -> Ledger:
+    """The shared database's ledger (no file under the state dir), or SQLite's."""
     # Claim owner: per process, so another live process's claims are waited for.
+    owner = f"{settings.instance_id}-{uuid.uuid4().hex[:12]}"
+    if isinstance(shared, PostgresState):
+        return PgLedger(shared.pool, owner=owner)
     ledger = SqliteLedger(settings.ledger_file or settings.state_dir / "dispatch" / "ledger.db",
-                          owner=f"{settings.instance_id}-{uuid.uuid4().hex[:12]}")
+                          owner=owner)
     stack.callback(ledger.close)
+    return ledger
+
+
+def build_ports(settings: DispatchSettings, registries: Registries,
+                stack: AsyncExitStack, ledger: Ledger) -> handlers.DispatchPorts:
     transports = build_transports(settings)
     for transport in transports.values():
         stack.push_async_callback(transport.close)
@@ -106,13 +115,20 @@ def build_ports(settings: DispatchSettings, registries: Registries,
 def build(settings: DispatchSettings) -> ServiceApp:
     def wire(ctx: Context) -> Wiring:
         sends_progress = RouteProgress()
-        ports = replace(build_ports(settings, ctx.registries, ctx.stack),
+        # FRS_STATE_URL: the ledger in the shared PostgreSQL database (every instance on
+        # every host sees every claim), or SQLite in the state dir.
+        shared = open_state(settings.state(), settings.state_password_file, ctx.stack,
+                            name="dispatch")
+        ledger = build_ledger(settings, shared, ctx.stack)
+        ports = replace(build_ports(settings, ctx.registries, ctx.stack, ledger),
                         stopping=lambda: sends_progress.stopping)
         sends = Route("dispatch", settings.group_id, (POLICY_DECISIONS.name,),
                       dict([bind(PolicyCleared, handlers.on_policy_cleared, ports)]),
                       dlq_for("dispatch"), progress=sends_progress)
         # The heartbeat keeps this instance's claims alive while it sends.
         heartbeat = Job("claim heartbeat", settings.claim_lease_s / 5, ports.ledger.heartbeat)
-        return Wiring(routes=[sends], jobs=[heartbeat])
+        # The shared state's schema first: a wrong one stops the start in one line.
+        return Wiring(routes=[sends], jobs=[heartbeat],
+                      preflight=[shared.preflight] if isinstance(shared, PostgresState) else [])
 
     return ServiceApp(settings, wire)

@@ -1,8 +1,10 @@
 """The dispatch ledger: each (probe, provider) send happens once across redelivery,
 restart and rebalance.
 
-SQLite in the state dir, WAL with ``synchronous=FULL`` so every commit is fsync'd before
-the call returns. Protocol per send:
+Behind the ``Ledger`` port: ``SqliteLedger``, a file in the state dir (WAL with
+``synchronous=FULL``, so every commit is fsync'd before the call returns), or ``PgLedger``
+in the shared PostgreSQL database (FRS_STATE_URL; table ``sends`` of migration 0006).
+Protocol per send:
 
 1. ``claim`` before sending. A new row is ``claimed``; an existing ``done`` row returns the
    recorded outcome (the events to re-emit, nothing is sent again); an existing
@@ -15,8 +17,10 @@ the call returns. Protocol per send:
 
 Dispatch ids and request refs are derived from (probe, provider), not random, so two
 instances racing on the same clearance after a rebalance use the same Idempotency-Key.
-The ledger is per state dir: instances on one host share it, instances on different
-hosts rely on the vendors' idempotency keys.
+Instances share the ledger they are configured with: a SQLite ledger the instances of one
+host (one state dir), a PostgreSQL ledger the instances on every host, so one of them
+sends each (probe, provider). Only instances on different hosts that each keep a SQLite
+ledger fall back on the vendors' idempotency keys.
 """
 
 from __future__ import annotations
@@ -28,13 +32,16 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from schemas.events import EVENTS_BY_TYPE, Event
 from schemas.types import utcnow
 from services.kit.sqlite import connect
+
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool
 
 _DISPATCH_NS = uuid.UUID("0b1e7c52-5a0f-4c47-9e55-3f3f0d8c2a11")
 _REF_NS = uuid.UUID("9d2f6a0e-0f5c-4c7f-8f0e-6b8a3c1d2e44")
@@ -71,6 +78,7 @@ class Ledger(Protocol):
     async def heartbeat(self) -> int: ...
     def release(self, probe_id: str, provider_id: str) -> None: ...
     async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> bool: ...
+    async def counts(self) -> dict[str, int]: ...
 
 
 _SCHEMA = """
@@ -93,7 +101,33 @@ def _load(text: str | None) -> list[Event]:
             for item in json.loads(text or "[]")]
 
 
-class SqliteLedger:
+class _Holder:
+    """What a ledger keeps in its process, whatever the store: the owner it writes claims
+    as, and the claims it is working on (``heartbeat`` vouches for those)."""
+
+    def __init__(self, owner: str | None) -> None:
+        # Which process holds a claim: another live owner's claim is waited for, not resent.
+        self.owner = owner or f"dispatch-{uuid.uuid4()}"
+        self._held: set[tuple[str, str]] = set()  # claims this owner is working on
+        self.transactions = 0  # committed write transactions
+
+    def _claimed(self, probe_id: str, provider_id: str, claim: Claim) -> Claim:
+        if claim.state == "new" or (claim.state == "unknown" and claim.owner == self.owner):
+            self._held.add((probe_id, provider_id))  # on the loop thread, like heartbeat()
+        return claim
+
+    def _taken(self, probe_id: str, provider_id: str, taken: bool) -> bool:
+        if taken:
+            self._held.add((probe_id, provider_id))
+        return taken
+
+    def release(self, probe_id: str, provider_id: str) -> None:
+        """Stop vouching for a claim this process gave up on (its handler raised): after the
+        lease another instance may take it over."""
+        self._held.discard((probe_id, provider_id))
+
+
+class SqliteLedger(_Holder):
     """One connection, used from one worker thread, so the event loop never blocks on fsync.
 
     Writes use group commit: every write queued while a transaction is being fsync'd goes
@@ -101,16 +135,13 @@ class SqliteLedger:
     caller still returns only once its own write is durable."""
 
     def __init__(self, path: Path | str, owner: str | None = None) -> None:
-        # Which process holds a claim: another live owner's claim is waited for, not resent.
-        self.owner = owner or f"dispatch-{uuid.uuid4()}"
-        self._held: set[tuple[str, str]] = set()  # claims this owner is working on
+        super().__init__(owner)
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._db = self._pool.submit(self._open, str(path)).result()
         self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.transactions = 0  # committed write transactions (group commit makes it < writes)
+        self._flusher: asyncio.Task[None] | None = None  # group commit: transactions < writes
 
     @staticmethod
     def _open(path: str) -> sqlite3.Connection:
@@ -194,10 +225,7 @@ class SqliteLedger:
             return Claim(dispatch_id, request_ref, "done" if state == "done" else "unknown",
                          attempts, datetime.fromisoformat(claimed_at), _load(outcome), owner,
                          datetime.fromisoformat(heartbeat) if heartbeat else None)
-        result = await self._write(claim)
-        if result.state == "new" or (result.state == "unknown" and result.owner == self.owner):
-            self._held.add((probe_id, provider_id))  # on the loop thread, like heartbeat()
-        return result
+        return self._claimed(probe_id, provider_id, await self._write(claim))
 
     # Every write to a claim is fenced by its owner: an owner whose claim was taken over
     # (its heartbeat stopped) cannot count an attempt or record an outcome any more.
@@ -224,10 +252,7 @@ class SqliteLedger:
                 "provider_id = ? AND state = 'claimed' AND owner = ? AND heartbeat_at IS ?",
                 (self.owner, utcnow().isoformat(), probe_id, provider_id, seen.owner, beat),
             ).rowcount == 1
-        taken = await self._write(swap)
-        if taken:
-            self._held.add((probe_id, provider_id))
-        return taken
+        return self._taken(probe_id, provider_id, await self._write(swap))
 
     async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> bool:
         """Record the outcome; False if the claim was taken over meanwhile (not recorded)."""
@@ -238,11 +263,6 @@ class SqliteLedger:
             (utcnow().isoformat(), outcome, probe_id, provider_id, self.owner)).rowcount == 1)
         self._held.discard((probe_id, provider_id))
         return bool(done)
-
-    def release(self, probe_id: str, provider_id: str) -> None:
-        """Stop vouching for a claim this process gave up on (its handler raised): after the
-        lease another instance may take it over."""
-        self._held.discard((probe_id, provider_id))
 
     async def heartbeat(self) -> int:
         """Mark this owner's open claims alive, so other instances wait instead of resending."""
@@ -261,3 +281,98 @@ class SqliteLedger:
             return {str(s): int(n) for s, n in rows}
         result: dict[str, int] = await self._run(read)
         return result
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # timestamptz comes back in the session's time zone; claims carry UTC, like SQLite's.
+    return value.astimezone(UTC) if value is not None else None
+
+
+class PgLedger(_Holder):
+    """PostgreSQL (migration 0006, the dispatch role): the same statements, each call its
+    own transaction on a connection of the service's pool, committed before it returns.
+    Row locks make the races safe across instances: of two claims of one send, the second
+    ``INSERT … ON CONFLICT DO NOTHING`` waits for the first to commit, then reads its row
+    (``unknown``); of two takeovers, the second ``UPDATE`` re-checks (owner, heartbeat_at)
+    on the row the first wrote and changes nothing."""
+
+    def __init__(self, pool: AsyncConnectionPool, owner: str | None = None) -> None:
+        super().__init__(owner)
+        self.pool = pool
+
+    async def _update(self, query: str, params: tuple[Any, ...]) -> int:
+        """Rows changed by one committed UPDATE."""
+        async with self.pool.connection() as conn:
+            changed = (await conn.execute(query, params)).rowcount
+        self.transactions += 1
+        return changed
+
+    async def claim(self, probe_id: str, provider_id: str) -> Claim:
+        dispatch_id = dispatch_id_for(probe_id, provider_id)
+        request_ref = request_ref_for(dispatch_id)
+        now = utcnow()
+        async with self.pool.connection() as conn:
+            inserted = (await conn.execute(
+                "INSERT INTO sends (probe_id, provider_id, dispatch_id, request_ref, state, "
+                "claimed_at, owner, heartbeat_at) VALUES (%s, %s, %s, %s, 'claimed', %s, %s, %s) "
+                "ON CONFLICT (probe_id, provider_id) DO NOTHING",
+                (probe_id, provider_id, dispatch_id, request_ref, now, self.owner, now),
+            )).rowcount
+            row = None if inserted else await (await conn.execute(
+                "SELECT state, attempts, claimed_at, outcome, owner, heartbeat_at FROM sends "
+                "WHERE probe_id = %s AND provider_id = %s", (probe_id, provider_id))).fetchone()
+        self.transactions += 1
+        if row is None:
+            claim = Claim(dispatch_id, request_ref, "new", 0, now, [], self.owner, now)
+        else:
+            state, attempts, claimed_at, outcome, owner, heartbeat = row
+            claim = Claim(dispatch_id, request_ref, "done" if state == "done" else "unknown",
+                          int(attempts), claimed_at.astimezone(UTC), _load(outcome),
+                          str(owner), _utc(heartbeat))
+        return self._claimed(probe_id, provider_id, claim)
+
+    # Every write is fenced by owner and state, as in SqliteLedger.
+
+    async def record_attempt(self, probe_id: str, provider_id: str) -> int:
+        """The attempt's number, durable before the send; 0 if the claim is not ours."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(
+                "UPDATE sends SET attempts = attempts + 1, heartbeat_at = %s "
+                "WHERE probe_id = %s AND provider_id = %s AND owner = %s AND state = 'claimed' "
+                "RETURNING attempts", (utcnow(), probe_id, provider_id, self.owner))).fetchone()
+        self.transactions += 1
+        return int(row[0]) if row else 0
+
+    async def take_over(self, probe_id: str, provider_id: str, seen: Claim) -> bool:
+        """Compare-and-swap on (owner, heartbeat_at) as ``seen``: one of two wins."""
+        return self._taken(probe_id, provider_id, await self._update(
+            "UPDATE sends SET owner = %s, heartbeat_at = %s WHERE probe_id = %s AND "
+            "provider_id = %s AND state = 'claimed' AND owner = %s AND "
+            "heartbeat_at IS NOT DISTINCT FROM %s::timestamptz",
+            (self.owner, utcnow(), probe_id, provider_id, seen.owner, seen.heartbeat_at)) == 1)
+
+    async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> bool:
+        """Record the outcome; False if the claim was taken over meanwhile (not recorded)."""
+        done = await self._update(
+            "UPDATE sends SET state = 'done', finished_at = %s, outcome = %s "
+            "WHERE probe_id = %s AND provider_id = %s AND owner = %s AND state = 'claimed'",
+            (utcnow(), _dump(events), probe_id, provider_id, self.owner))
+        self.release(probe_id, provider_id)
+        return done == 1
+
+    async def heartbeat(self) -> int:
+        """Mark this owner's open claims alive, in one statement."""
+        held = list(self._held)
+        if held:
+            await self._update(
+                "UPDATE sends SET heartbeat_at = %s FROM unnest(%s::text[], %s::text[]) "
+                "AS h(probe_id, provider_id) WHERE sends.probe_id = h.probe_id AND "
+                "sends.provider_id = h.provider_id AND owner = %s AND state = 'claimed'",
+                (utcnow(), [p for p, _ in held], [q for _, q in held], self.owner))
+        return len(held)
+
+    async def counts(self) -> dict[str, int]:
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(
+                "SELECT state, count(*) FROM sends GROUP BY state")).fetchall()
+        return {str(s): int(n) for s, n in rows}

@@ -368,25 +368,21 @@ async def test_sigkill_mid_send_is_resolved_by_the_idempotency_key(rig: Rig) -> 
                       "stored": sum(stored.values())}))
 
 
-async def test_rebalance_between_live_instances_sends_nothing_twice(
-    rig: Rig, services: dict[str, ServiceProcess], tmp_path: Path,
-    smime: tuple[str, Any, Any],
-) -> None:
-    """A second instance joins the group mid-run (same state dir): partitions move while
-    the first is sending, and still no provider gets a second copy."""
-    cert_pem, _, _ = smime
-    n = 200
-    second = ServiceProcess("dispatch", services["dispatch"].env, tmp_path / "dispatch-2.log")
+async def join_mid_run(rig: Rig, second: ServiceProcess, cert_pem: str, n: int,
+                       hosts: tuple[dict[str, str], dict[str, str]]) -> None:
+    """``n`` probes cleared for a web and a mail provider; ``second`` (with ``hosts[1]``'s
+    settings) joins the group while the first instance is sending, so partitions move
+    mid-run. Every pair gets its outcome and no provider gets a second copy."""
     async with VendorSimulator(VendorBehaviour(latency_s=0.3)) as vendor:
         with InboxSimulator() as inbox:
             web, mail, probes = await rig.web_and_mail(vendor.url, cert_pem, n)
             env = {**rig.env, "FRS_DISPATCH_CA_FILE": str(vendor.ca_file),
                    "FRS_DISPATCH_SMTP_PORT": str(inbox.port), "FRS_DISPATCH_BATCH_MAX": "30",
                    "FRS_DISPATCH_CONCURRENCY": "16"}
-            rig.dispatch.start(**env, FRS_DISPATCH_INSTANCE_ID="dispatch-a")
+            rig.dispatch.start(**env, **hosts[0])
             await wait_for_async(lambda: len(vendor.state.accepted) >= 20, timeout=60,
                                  interval=0.05, what="the first instance to send")
-            second.start(**env, FRS_DISPATCH_INSTANCE_ID="dispatch-b")
+            second.start(**env, **hosts[1])
             try:
                 by_pair = await outcomes(rig.bootstrap, probes, 2 * n, timeout_s=180)
                 for proc in (rig.dispatch, second):
@@ -403,8 +399,19 @@ async def test_rebalance_between_live_instances_sends_nothing_twice(
         assert inbox.copies(f"<{sent_mail.dispatch_id}@frs-broker.local>") == 1
     assert sum(vendor.state.copies.values()) == n and len(inbox.state.mails) == n
     # Both instances did part of the work.
-    logs = [rig.dispatch.log_path.read_text(), (tmp_path / "dispatch-2.log").read_text()]
+    logs = [rig.dispatch.log_path.read_text(), second.log_path.read_text()]
     assert all("consumer started" in log for log in logs)
+
+
+async def test_rebalance_between_live_instances_sends_nothing_twice(
+    rig: Rig, services: dict[str, ServiceProcess], tmp_path: Path,
+    smime: tuple[str, Any, Any],
+) -> None:
+    """A second instance joins the group mid-run (same state dir): partitions move while
+    the first is sending, and still no provider gets a second copy."""
+    second = ServiceProcess("dispatch", services["dispatch"].env, tmp_path / "dispatch-2.log")
+    await join_mid_run(rig, second, smime[0], 200, ({"FRS_DISPATCH_INSTANCE_ID": "dispatch-a"},
+                                                    {"FRS_DISPATCH_INSTANCE_ID": "dispatch-b"}))
 
 
 async def test_rekognition_search_answer_goes_to_provider_responses(rig: Rig) -> None:

@@ -1,4 +1,5 @@
-"""Dispatch core without I/O: payload schemas, ledger states, breaker, retries, handlers."""
+"""Dispatch core without I/O: payload schemas, breaker, retries, handlers, the SQLite
+ledger's group commit (the ledger's states: tests/integration/stores/test_ledger_contract.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from services.dispatch import handlers
 from services.dispatch.breaker import CircuitBreaker, CircuitState, ProviderGuards
 from services.dispatch.delivery import Delivered, Failed, RetryPolicy, deliver
 from services.dispatch.images import StaticImageSource
-from services.dispatch.ledger import SqliteLedger, dispatch_id_for
+from services.dispatch.ledger import SqliteLedger
 from services.dispatch.payloads import (
     HttpsPayload,
     PhotoNotCleared,
@@ -64,31 +65,6 @@ def test_payload_admits_only_cleared_fields() -> None:
     r = build_payload(Transport.REKOGNITION, list(OutboundField), photo=b"img",
                       agent_id="agent-7", request_ref=REF)
     assert isinstance(r, RekognitionPayload) and r.fields_sent() == ["photo"]
-
-
-# --- ledger -----------------------------------------------------------------------------
-
-async def test_ledger_claim_states_survive_reopen(tmp_path: Any) -> None:
-    path = tmp_path / "ledger.db"
-    ledger = SqliteLedger(path)
-    first = await ledger.claim("prb-1", "p1")
-    assert first.state == "new" and first.dispatch_id == dispatch_id_for("prb-1", "p1")
-    assert await ledger.record_attempt("prb-1", "p1") == 1
-    ledger.close()
-    reopened = SqliteLedger(path)
-    again = await reopened.claim("prb-1", "p1")
-    assert (again.state, again.attempts, again.request_ref) == ("unknown", 1, first.request_ref)
-    failed = DispatchFailed(probe_id="prb-1", provider_id="p1",
-                            reason=DispatchFailure.SUSPENDED, detail="x", failed_at=NOW)
-    # Another owner (a restart is one) records nothing on a claim it has not taken over.
-    assert not await reopened.complete("prb-1", "p1", [failed])
-    assert await reopened.record_attempt("prb-1", "p1") == 0
-    assert await reopened.take_over("prb-1", "p1", again)
-    assert not await reopened.take_over("prb-1", "p1", again), "the claim moved on"
-    assert await reopened.complete("prb-1", "p1", [failed])
-    done = await reopened.claim("prb-1", "p1")
-    assert done.state == "done" and done.outcome == [failed]
-    reopened.close()
 
 
 # --- breaker ----------------------------------------------------------------------------

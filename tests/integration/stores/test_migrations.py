@@ -25,6 +25,7 @@ from tests.pg import ROOT, SERVICE_ROLES, PgServer
 # Each table and the one service role that may use it.
 OWNERS = {"request_outcomes": "intake", "request_reuses": "intake",
           "exigent_reviews": "intake", "webhook_nonces": "results",
+          "sends": "dispatch",
           "mail_replies": "results", "request_refs": "results"}
 # The vault index: intake writes it; dispatch may read it, only read (it unwraps keys).
 OWNERS["vault_objects"] = "intake"
