@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
               ("bench_intake", "dispatch", "audit", "bench_pipeline")),
     "acl": ("least privilege on the bus: Kafka ACLs", ("acl",)),
     "audit": ("verify, replay and report on the audit log", ("audit",)),
+    "oversight": ("usage oversight: report and replay of usage alerts", ("oversight",)),
     "settings": ("list every setting: variable, default, meaning", ("settings_doc",)),
     "profile": ("client profiles: who frs is on the bus (--as ROLE)", ("profile_cmd",)),
     "db": ("the shared PostgreSQL database: schema migrations and status", ("db",)),

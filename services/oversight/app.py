@@ -56,6 +56,7 @@ from services.oversight.settings import OversightSettings
 
 log = logging.getLogger("frs.oversight")
 SOURCE = "/frs/oversight"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 INPUTS = (PROBE_EVENTS, POLICY_DECISIONS, DISPATCH_EVENTS, RESULTS_EVENTS)
 
 ALERTS = Counter("frs_oversight_alerts_total", "Usage alerts published, by rule.", ["rule"])
@@ -131,6 +132,7 @@ def build(settings: OversightSettings) -> faust.App:
     flagged: set[str] = set()  # review deadlines sent by this process (a restart resends)
     # per results partition: the latest event time read, and when a record was last read
     results_seen: dict[int, tuple[datetime, float]] = {}
+    began = time.monotonic()
 
     async def dead_letter(event: faust.EventT[Any], code: str, message: str) -> None:
         DLQ.labels(code).inc()
@@ -202,6 +204,10 @@ def build(settings: OversightSettings) -> faust.App:
                 await publish(alert, obs.event_id)
             if after is not state:
                 subjects[obs.key] = after.model_dump(mode="json")
+            if found:
+                # The state that remembers the alert, on the broker now: a crash between
+                # the two is the only way an alert is published twice (same id, same body).
+                await app.producer.flush()
 
     async def publish(alert: UsageAlert, cause: str) -> None:
         # The alert is on the broker before the state that remembers it is written.
@@ -227,7 +233,8 @@ def build(settings: OversightSettings) -> faust.App:
             partition = _partition_of(probe_id, RESULTS_EVENTS.partitions)
             if partition not in owned:
                 continue
-            latest, read_at = results_seen.get(partition, (wall, 0.0))
+            # Not read from since the start: quiet only once it has been for a while.
+            latest, read_at = results_seen.get(partition, (_EPOCH, began))
             quiet = time.monotonic() - read_at >= s.review_quiet_s
             obs = review_due(ProbeFacts.model_validate(stored),
                              max(latest, wall) if quiet else latest, limits)
