@@ -94,6 +94,19 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
         ("Overdue deletion receipts", "short", [
             ("max(frs_results_deletion_receipts_overdue)", "overdue")]),
     ]),
+    ("Usage oversight", [
+        ("Usage alerts by rule (1h)", "short", [
+            ("sum by (rule) (increase(frs_oversight_alerts_total[1h]))", "{{rule}}")]),
+        ("Observations judged /s", "ops", [
+            ("sum by (subject_kind, kind) (rate(frs_oversight_observations_total[5m]))",
+             "{{subject_kind}} {{kind}}")]),
+        ("Judge latency p95", "s", [
+            ("histogram_quantile(0.95, sum by (le) "
+             "(rate(frs_oversight_judge_seconds_bucket[5m])))", "p95")]),
+        ("Rule failures and dead letters /s", "ops", [
+            ("sum by (rule) (rate(frs_oversight_rule_failures_total[5m]))", "{{rule}}"),
+            ("sum by (reason) (rate(frs_oversight_dlq_total[5m]))", "dlq {{reason}}")]),
+    ]),
 ]
 
 
