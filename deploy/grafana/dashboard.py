@@ -94,6 +94,17 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
         ("Overdue deletion receipts", "short", [
             ("max(frs_results_deletion_receipts_overdue)", "overdue")]),
     ]),
+    ("Instances (frs status lists the members and their partitions)", [
+        ("Instances per service", "short", [
+            ("count by (service) (frs_instance_info)", "{{service}}")]),
+        ("Partitions owned per instance", "short", [
+            ("sum by (service, instance, topic) (frs_partitions_owned)",
+             "{{service}} {{instance}} {{topic}}")]),
+        ("Partitions without an owner", "short", [
+            ("max by (service, topic) (frs_topic_partitions) - "
+             "sum by (service, topic) (frs_partitions_owned)", "{{service}} {{topic}}")]),
+        ("Audit leaders (must be 1)", "short", [("sum(frs_audit_leader)", "leaders")]),
+    ]),
     ("Usage oversight", [
         ("Usage alerts by rule (1h)", "short", [
             ("sum by (rule) (increase(frs_oversight_alerts_total[1h]))", "{{rule}}")]),

@@ -27,19 +27,22 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "exigent": ("supervisor review of exigent clearances", ("policy",)),
     "review": ("examiner review of candidate lists", ("results",)),
     "bench": ("benchmarks, as JSON, each against a baseline measured in the same run",
-              ("bench_intake", "dispatch", "audit", "bench_pipeline")),
+              ("bench_intake", "dispatch", "audit", "bench_pipeline", "oversight")),
     "acl": ("least privilege on the bus: Kafka ACLs", ("acl",)),
     "audit": ("verify, replay and report on the audit log", ("audit",)),
     "oversight": ("usage oversight: report and replay of usage alerts", ("oversight",)),
     "settings": ("list every setting: variable, default, meaning", ("settings_doc",)),
     "profile": ("client profiles: who frs is on the bus (--as ROLE)", ("profile_cmd",)),
     "db": ("the shared PostgreSQL database: schema migrations and status", ("db",)),
+    "status": ("instances of each service: their partitions, lag, partitions without "
+               "an owner, the audit leader", ("status",)),
 }
 
 EPILOG = """examples:
   frs --as upstream submit --image face.jpg --case CASE-1 --agent agent-7 \\
       --purpose human_trafficking --roi ROI-1 --source surveillance --nexus VA
   frs --as auditor audit verify --checkpoints-from-kafka
+  frs --as operator status
   frs topics create --json
 
 every command: frs COMMAND --help (each with an example)"""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Literal
 
@@ -21,10 +20,6 @@ class DispatchSettings(ServiceSettings):
     # Dispatch waits on providers, not on CPU: hold many clearances at once (ordered per key).
     concurrency: int = Field(256, ge=1, description="Clearances handled at once.")
     group_id: str = Field("frs-dispatch", description="Consumer group of the clearances.")
-    instance_id: str = Field(
-        default_factory=socket.gethostname,
-        description="This host's dispatch instance: its claims in the ledger are owned by "
-                    "<instance>-<random>, one owner per process.")
     claim_lease_s: float = Field(5.0, gt=0, description="Another instance's claim without a "
                                                         "heartbeat this long is taken over.")
     ledger_file: Path | None = Field(None, description="Default: <state dir>/dispatch/ledger.db")

@@ -1,7 +1,8 @@
 """Least privilege on the bus: the ACL file (services/kit/acls.json) as a typed model.
 
 One principal per service and outside role; per principal the topics it may read, write
-or describe and the consumer groups it may use. A name ending in ``*`` is a prefix.
+or describe, the consumer groups it may use and those it may only describe (see members,
+assignments and offsets: `frs status`). A name ending in ``*`` is a prefix.
 ``bindings`` turns the file into Kafka ACL bindings (``frs acl apply`` installs exactly
 those), ``markdown_table`` renders the README table, and ``allows`` answers "may X do Y
 on topic T" from the file alone (tests compare it with what the broker enforces)."""
@@ -30,6 +31,7 @@ class Grants(BaseModel):
     write: tuple[str, ...] = ()
     describe: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    describe_groups: tuple[str, ...] = ()
 
 
 class AclFile(BaseModel):
@@ -84,6 +86,9 @@ def bindings(doc: AclFile) -> list[Binding]:
         for group in grants.groups:
             kind, resource = _pattern(group)
             out.add(Binding("GROUP", kind, resource, principal, "READ"))
+        for group in grants.describe_groups:
+            kind, resource = _pattern(group)
+            out.add(Binding("GROUP", kind, resource, principal, "DESCRIBE"))
     return sorted(out)
 
 
@@ -113,8 +118,10 @@ def markdown_table(doc: AclFile) -> str:
     lines = ["| principal | role | reads | writes | describes | consumer groups |",
              "|---|---|---|---|---|---|"]
     for name, g in doc.principals.items():
+        groups = [*(f"`{i}`" for i in g.groups),
+                  *(f"`{i}` (describe)" for i in g.describe_groups)]
         lines.append(f"| `{name}` | {g.role} | {cell(g.read)} | {cell(g.write)} | "
-                     f"{cell(g.describe)} | {cell(g.groups)} |")
+                     f"{cell(g.describe)} | {', '.join(groups) or '-'} |")
     supers = ", ".join(f"`{s}`" for s in doc.super_users)
     lines.append(f"| {supers} | super users: certificate only, internal listener "
                  "(inter-broker, topic and ACL admin) | all | all | all | all |")

@@ -12,12 +12,13 @@ import signal
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
 from services.kit.app import Context, Job, ServiceApp
 from services.kit.follower import RegistryFollower
 from services.kit.kafka import KafkaSettings
 from services.kit.logs import setup_logging
-from services.kit.metrics import serve_metrics
+from services.kit.metrics import identify, serve_metrics
 from services.kit.processor import Processor
 from services.kit.publisher import Publisher
 from services.kit.registry import Registries
@@ -29,6 +30,9 @@ log = logging.getLogger("frs.runtime")
 
 def processor(settings: ServiceSettings, route: Route, publisher: Publisher,
               kafka: KafkaSettings | None = None) -> Processor:
+    # Which instance a group member is, for `frs status` (the route's own options win).
+    route = replace(route, consumer_options={
+        "client_id": f"frs-{route.service}-{settings.instance_id}", **route.consumer_options})
     made = Processor(
         route, publisher, settings.kafka_bootstrap,
         max_retries=settings.max_retries, retry_backoff_s=settings.retry_backoff_s,
@@ -81,8 +85,10 @@ async def run(app: ServiceApp) -> None:
 
 async def _run_routes(settings: ServiceSettings, processors: list[Processor],
                       jobs: Sequence[Job]) -> None:
+    identify(settings.service, settings.instance_id)
     port = serve_metrics(settings.metrics_host, settings.metrics_port)
-    log.info("service started", extra={"metrics_port": port})
+    log.info("service started", extra={"metrics_port": port,
+                                       "instance": settings.instance_id})
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

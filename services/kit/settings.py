@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 # The Kafka connection settings (bootstrap, TLS, SASL) live with client_options().
-from services.kit.env import shared
+from services.kit.env import default_instance_id, shared
 from services.kit.kafka import KafkaSettings
 from services.kit.state import StateUrl, parse_state_url
 
@@ -37,6 +37,11 @@ class ServiceSettings(KafkaSettings):
         "owner may read (never in FRS_STATE_URL).")
     metrics_host: str = shared("FRS_METRICS_HOST", "127.0.0.1", "Bind address for /metrics.")
     metrics_port: int = Field(0, description="Port for /metrics; 0 picks a free one.")
+    instance_id: str = Field(
+        default_factory=default_instance_id, description="This instance of the service: "
+        "its consumers' client id (frs-<service>-<instance>, shown by `frs status`) and the "
+        "instance label of its metrics; dispatch's ledger claims are owned by "
+        "<instance>-<random>. Default: <host>-<pid>.")
     max_retries: int = Field(3, ge=0, description="Handler retries before the DLQ.")
     retry_backoff_s: float = Field(0.2, ge=0.0, description="First retry delay; doubles.")
     batch_max: int = Field(500, ge=1, description="Records fetched per poll.")
