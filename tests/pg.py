@@ -15,7 +15,8 @@ from tests.helpers import free_port_block
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_SH = ROOT / "deploy" / "postgres" / "pg.sh"
-SERVICE_ROLES = ("intake", "dispatch", "results", "audit")
+# The login roles pg.sh makes: one per service, and the auditors' read-only one.
+SERVICE_ROLES = ("intake", "dispatch", "results", "audit", "auditor")
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 # a state dir, on 127.0.0.1 only, SCRAM-SHA-256 passwords, one login role per service.
 #   pg.sh start    initdb once, start (pg_ctl -w), create the database `frs`, its owner role
 #                  (frs_owner, for `frs db migrate`) and the roles intake, dispatch, results,
-#                  audit; print the FRS_STATE_URL of each. Data survive a stop and a start.
+#                  audit, and auditor (the auditors' commands: it may only read the audit
+#                  log); print the FRS_STATE_URL of each. Data survive a stop and a start.
 #   pg.sh stop     stop the server this script started (the data dir's postmaster.pid)
 #   pg.sh status   exit 0 when our server runs and answers, 3 when it does not
-#   pg.sh env ROLE the settings of ROLE (intake, dispatch, results, audit, owner)
+#   pg.sh env ROLE the settings of ROLE (intake, dispatch, results, audit, auditor, owner)
 # Environment (defaults in brackets):
 #   FRS_PG_STATE  [.state/postgres]  data/ (the cluster), run/ (its only socket), log/,
 #                 secrets/ (one password per role, 0600), env/ (ROLE.env: FRS_STATE_URL and
@@ -26,7 +27,7 @@ run=$state/run
 logdir=$state/log
 database=frs
 owner=frs_owner
-services=(intake dispatch results audit)
+services=(intake dispatch results audit auditor)
 
 if [ "$(id -u)" -eq 0 ]; then
   osuser=${FRS_PG_OSUSER:-frs-pg}

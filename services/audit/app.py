@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 from functools import cache
+from pathlib import Path
 from typing import Protocol
 
 from prometheus_client import Gauge, Histogram
@@ -22,9 +23,10 @@ from services.audit import handlers
 from services.audit.checkpoint import Signer, load_or_create_key
 from services.audit.invariants import Invariants
 from services.audit.settings import AuditSettings
-from services.audit.store import AuditStore
+from services.audit.store import AuditLog, open_store
 from services.kit.app import Context, Job, ServiceApp, Wiring
 from services.kit.routing import RawRecord, Route, RouteProgress, dlq_for
+from services.kit.state import SchemaMismatch
 
 log = logging.getLogger("frs.audit")
 
@@ -117,13 +119,30 @@ def signer_for(settings: AuditSettings) -> Signer:
     return signer
 
 
+def open_log(settings: AuditSettings) -> AuditLog:
+    """The store FRS_STATE_URL names; a shared database that cannot be used (unreachable,
+    refused, a schema other than this build's) stops the start in one line."""
+    where = settings.store_at()
+    try:
+        return open_store(where)
+    except Exception as exc:
+        if isinstance(where, Path):
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.error(text if isinstance(exc, SchemaMismatch)
+                  else f"cannot use the shared state at {settings.state().shown()}: {text}")
+        raise SystemExit(1) from None
+
+
 def build(settings: AuditSettings) -> ServiceApp:
     """One route reads every catalog topic (DLQs included) into the store and checks the
     invariants; one job runs the time rules and signs time-due checkpoints."""
 
     def wire(ctx: Context) -> Wiring:
         publisher = ctx.publisher
-        store = AuditStore(settings.store_dir)
+        # FRS_STATE_URL: leaves, tree, checkpoints and the invariants' state in the shared
+        # PostgreSQL database, or the segment and SQLite index in store_dir.
+        store = open_log(settings)
         ctx.stack.callback(store.close)
         invariants = Invariants(store, settings.invariant_settings(), utcnow)
         ports = handlers.AuditPorts(store=store, invariants=invariants)

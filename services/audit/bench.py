@@ -2,7 +2,11 @@
 
 The baseline, measured in the same run on the same disk, is a plain sequential file
 append of the very same leaf bytes with one fsync per batch: the ratio says what the
-index, the hashing and the Merkle frontier cost on top of the unavoidable disk work."""
+index, the hashing and the Merkle frontier cost on top of the unavoidable disk work.
+
+With a PostgreSQL location (``--postgres``), the store and service paths also run on
+PgAuditStore, interleaved with the SQLite runs, so both figures come from the same run.
+That log must be empty (a scratch database): each run deletes what it wrote."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,7 @@ from schemas.types import MINIMAL_FIELDS, ImageSource, Purpose, Transport
 from services.audit import handlers
 from services.audit.checkpoint import Signer, Verifier
 from services.audit.invariants import Invariants, InvariantSettings
-from services.audit.store import AuditStore, LeafMeta, canonical
+from services.audit.store import AuditLog, LeafMeta, PgLocation, canonical, open_store
 from services.audit.verify import verify_store
 
 ORIGIN = "frs-broker.bench/audit"
@@ -66,11 +71,12 @@ def _body(i: int) -> tuple[LeafMeta, dict[str, Any]]:
     return meta, body
 
 
-def _appends(directory: Path, n: int, batch: int,
-             on_batch: Callable[[AuditStore], None] | None = None) -> tuple[float, float]:
-    """Store path: leaf bytes, index row, hash, frontier; fsync per batch. (wall, cpu) s."""
+def _appends(directory: Path | PgLocation, n: int, batch: int,
+             on_batch: Callable[[AuditLog], None] | None = None) -> tuple[float, float]:
+    """Store path: leaf bytes, index row, hash, frontier; fsync (or a commit) per batch.
+    (wall, cpu) s."""
     bodies = [_body(i) for i in range(n)]
-    store = AuditStore(directory)
+    store = open_store(directory)
     started, cpu = time.perf_counter(), time.process_time()
     for i, (meta, body) in enumerate(bodies):
         store.append(meta, body)
@@ -160,11 +166,11 @@ def _envelopes(n: int, mix: bool) -> list[tuple[str, bytes, Envelope]]:
     return out[:n]
 
 
-def _service(directory: Path, records: list[tuple[str, bytes, Envelope]],
+def _service(directory: Path | PgLocation, records: list[tuple[str, bytes, Envelope]],
              batch: int) -> tuple[float, float]:
     """What the audit service does per decoded record: leaf, savepoint, index, hash,
-    frontier and the invariants' state; fsync per batch. (wall, cpu) seconds."""
-    store = AuditStore(directory)
+    frontier and the invariants' state; fsync (or a commit) per batch. (wall, cpu) s."""
+    store = open_store(directory)
     ports = handlers.AuditPorts(store, Invariants(
         store, InvariantSettings(30.0, 300.0), lambda: datetime.now(UTC)))
 
@@ -196,9 +202,21 @@ def _raw(path: Path, n: int, batch: int) -> tuple[float, float]:
     return time.perf_counter() - started, time.process_time() - cpu
 
 
+def _on_pg(pg: PgLocation, run: Callable[[PgLocation], tuple[float, float]]
+           ) -> tuple[float, float]:
+    """One run on an empty PostgreSQL log, emptied again after it."""
+    from services.audit.pg_store import clear_log
+
+    clear_log(pg, refuse_if_not_empty=True)
+    try:
+        return run(pg)
+    finally:
+        clear_log(pg, refuse_if_not_empty=False)
+
+
 def run(append_leaves: int = 100_000, verify_leaves: int = 1_000_000,
         batches: tuple[int, ...] = (50, 500), workdir: Path | None = None,
-        repeats: int = 3) -> dict[str, Any]:
+        repeats: int = 3, pg: PgLocation | None = None) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="frs-bench-audit-", dir=workdir))
     results: dict[str, Any] = {
         "append_leaves": append_leaves, "cpus": os.cpu_count(),
@@ -219,13 +237,33 @@ def run(append_leaves: int = 100_000, verify_leaves: int = 1_000_000,
         # CPU time per append is given as well (it does not depend on the neighbours).
         runs: dict[str, list[tuple[float, float]]] = {"store": [], "service": [],
                                                       "dispatch": [], "raw": []}
+        if pg is not None:
+            runs |= {"pg_store": [], "pg_service": [], "pg_dispatch": []}
         for rep in range(repeats):
             runs["store"].append(_appends(base / f"a{batch}-{rep}", append_leaves, batch))
             runs["service"].append(_service(base / f"s{batch}-{rep}", lifecycle, batch))
             runs["dispatch"].append(_service(base / f"d{batch}-{rep}", dispatches, batch))
             runs["raw"].append(_raw(base / f"raw{batch}-{rep}.seg", append_leaves, batch))
+            if pg is not None:
+                runs["pg_store"].append(_on_pg(pg, partial(_appends, n=append_leaves,
+                                                           batch=batch)))
+                runs["pg_service"].append(_on_pg(pg, partial(_service, records=lifecycle,
+                                                             batch=batch)))
+                runs["pg_dispatch"].append(_on_pg(pg, partial(_service, records=dispatches,
+                                                              batch=batch)))
         wall = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
         cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+        if pg is not None:
+            results.setdefault("appends_postgres", []).append({
+                "batch": batch,
+                "store_appends_per_s": round(append_leaves / wall["pg_store"]),
+                "service_appends_per_s": round(append_leaves / wall["pg_service"]),
+                "service_dispatch_only_appends_per_s": round(append_leaves
+                                                             / wall["pg_dispatch"]),
+                "service_vs_sqlite": round(wall["service"] / wall["pg_service"], 3),
+                "store_appends_per_cpu_s": round(append_leaves / cpu["pg_store"]),
+                "service_appends_per_cpu_s": round(append_leaves / cpu["pg_service"]),
+                "repeats": repeats})
         results["appends"].append({
             "batch": batch,
             "store_appends_per_s": round(append_leaves / wall["store"]),
@@ -242,7 +280,7 @@ def run(append_leaves: int = 100_000, verify_leaves: int = 1_000_000,
     signer = Signer(ORIGIN, Ed25519PrivateKey.generate())
     policy = handlers.CheckpointPolicy(signer, ORIGIN, 100_000, 1e9, lambda: datetime.now(UTC))
 
-    def checkpoint(store: AuditStore) -> None:
+    def checkpoint(store: AuditLog) -> None:
         if store.size % 100_000 == 0:
             handlers.make_checkpoint(store, policy)
 

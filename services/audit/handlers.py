@@ -15,14 +15,14 @@ from schemas.envelope import DecodeError, Envelope, Headers
 from schemas.events import CheckpointPublished, ComplianceViolation, Event, ProbeRequested
 from services.audit.checkpoint import Signer, sign_checkpoint
 from services.audit.invariants import Invariants
-from services.audit.store import AuditStore, LeafMeta, value_digest
+from services.audit.store import AuditLog, LeafMeta, value_digest
 
 CHECKPOINT_TOPIC = TOPIC_FOR_EVENT[CheckpointPublished].name
 
 
 @dataclass(frozen=True)
 class AuditPorts:
-    store: AuditStore
+    store: AuditLog
     invariants: Invariants | None = None
 
 
@@ -91,7 +91,7 @@ async def on_record(topic: str, partition: int, offset: int, value: bytes | None
     return list(out)
 
 
-def checkpoint_due(store: AuditStore, policy: CheckpointPolicy, last_at: float,
+def checkpoint_due(store: AuditLog, policy: CheckpointPolicy, last_at: float,
                    now: float) -> bool:
     last = store.last_checkpoint()
     last_size = last.tree_size if last else 0
@@ -103,12 +103,10 @@ def checkpoint_due(store: AuditStore, policy: CheckpointPolicy, last_at: float,
         return False
     # Our own checkpoints come back as leaves: those alone do not call for another one,
     # or an idle log would sign a new head every interval forever.
-    fresh = store.query("SELECT COUNT(*) FROM leaves WHERE idx >= ? AND topic != ?",
-                        (last_size, CHECKPOINT_TOPIC))
-    return last is None or int(fresh[0][0]) > 0
+    return last is None or store.count_since(last_size, CHECKPOINT_TOPIC) > 0
 
 
-def make_checkpoint(store: AuditStore, policy: CheckpointPolicy) -> CheckpointPublished:
+def make_checkpoint(store: AuditLog, policy: CheckpointPolicy) -> CheckpointPublished:
     """Sign the committed head, keep it in the store, return the event to publish."""
     root = store.frontier.root()
     size = store.frontier.size

@@ -1,7 +1,8 @@
 """REQ-INVARIANTS: compliance rules checked continuously as events reach the audit log.
 
-State lives in the audit store's SQLite database, written in the same transaction as
-the batch's leaves, so a redelivered record (already a leaf) is never evaluated twice.
+State lives in the audit store's database (SQLite, or PostgreSQL's tables of migration
+0008), written in the same transaction as the batch's leaves, so a redelivered record
+(already a leaf) is never evaluated twice.
 Topics are consumed concurrently, so an event may arrive before the one it depends on
 (a dispatch before its clearance): rules that need an earlier event wait a grace period
 before they fire; rules about time (dispatch after purge) compare event timestamps.
@@ -60,7 +61,7 @@ from schemas.events import (
     TrustedKey,
 )
 from schemas.types import MINIMAL_FIELDS
-from services.audit.store import AuditStore
+from services.audit.store import AuditLog
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inv_cleared (
@@ -138,7 +139,7 @@ class InvariantSettings:
 
 
 class Invariants:
-    def __init__(self, store: AuditStore, settings: InvariantSettings,
+    def __init__(self, store: AuditLog, settings: InvariantSettings,
                  clock: Callable[[], datetime]) -> None:
         self.store = store
         self.settings = settings
@@ -148,10 +149,7 @@ class Invariants:
             # first violation as a change rather than as a new series.
             for invariant in Invariant:
                 violations_metric().labels(invariant.value)
-            for stmt in SCHEMA.split(";"):
-                if stmt.strip():
-                    store.execute(stmt)
-            store.commit()
+            store.prepare(SCHEMA)
 
     # --- per record --------------------------------------------------------------------
 
@@ -184,19 +182,20 @@ class Invariants:
             return self._purged(event)
         if isinstance(event, ProbeSubmitted):
             self.store.execute(
-                "INSERT OR IGNORE INTO inv_probes (probe_id, expires_at) VALUES (?, ?)",
+                "INSERT INTO inv_probes (probe_id, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (probe_id) DO NOTHING",
                 (event.probe_id, event.expires_at.isoformat()))
             if event.exigent:
                 due = event.submitted_at + timedelta(seconds=self.settings.exigent_review_s)
                 self.store.execute(
-                    "INSERT OR IGNORE INTO inv_exigent (probe_id, due_at) VALUES (?, ?)",
-                    (event.probe_id, due.isoformat()))
+                    "INSERT INTO inv_exigent (probe_id, due_at) VALUES (?, ?)"
+                    " ON CONFLICT (probe_id) DO NOTHING", (event.probe_id, due.isoformat()))
             return []
         if isinstance(event, SupervisorReviewRecorded):
             # The review may be consumed before the submission: remember it either way.
             self.store.execute(
                 "INSERT INTO inv_exigent (probe_id, due_at, reviewed) VALUES (?, ?, 1)"
-                " ON CONFLICT DO UPDATE SET reviewed = 1",
+                " ON CONFLICT (probe_id) DO UPDATE SET reviewed = 1",
                 (event.probe_id, event.reviewed_at.isoformat()))
             return []
         if isinstance(event, CandidatesReceived):
@@ -213,11 +212,12 @@ class Invariants:
         elif isinstance(event, ProviderRecord):
             self.store.execute(
                 "INSERT INTO inv_providers (provider_id, response_deadline_s) VALUES (?, ?)"
-                " ON CONFLICT DO UPDATE SET response_deadline_s = excluded.response_deadline_s",
+                " ON CONFLICT (provider_id) DO UPDATE"
+                " SET response_deadline_s = excluded.response_deadline_s",
                 (event.provider_id, event.response_deadline_s))
             self.store.execute(
                 "INSERT INTO inv_provider_purposes (provider_id, purposes) VALUES (?, ?)"
-                " ON CONFLICT DO UPDATE SET purposes = excluded.purposes",
+                " ON CONFLICT (provider_id) DO UPDATE SET purposes = excluded.purposes",
                 (event.provider_id, json.dumps([p.value for p in event.allowed_purposes])))
         return []
 
@@ -239,8 +239,9 @@ class Invariants:
             # The key's record may be on the log, not read yet (topics interleave): the
             # decision waits for it, and is judged when it comes or when the grace ends.
             self.store.execute(
-                "INSERT OR IGNORE INTO inv_decisions_waiting (event_id, probe_id, key_id,"
-                " decision_type, decision, seen_at) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO inv_decisions_waiting (event_id, probe_id, key_id,"
+                " decision_type, decision, seen_at) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT (event_id) DO NOTHING",
                 (eid, event.probe_id, event.key_id, event.TYPE, event.model_dump_json(),
                  self.clock().isoformat()))
             return []
@@ -250,7 +251,7 @@ class Invariants:
     def _trusted_key(self, event: TrustedKey) -> list[ComplianceViolation]:
         self.store.execute(
             "INSERT INTO inv_trusted_keys (key_id, record) VALUES (?, ?)"
-            " ON CONFLICT DO UPDATE SET record = excluded.record",
+            " ON CONFLICT (key_id) DO UPDATE SET record = excluded.record",
             (event.key_id, event.model_dump_json()))
         out = []
         for eid, kind, text in self.store.query(
@@ -282,17 +283,18 @@ class Invariants:
             fields = sorted({f.value for f in c.fields})
             self.store.execute(
                 "INSERT INTO inv_cleared (probe_id, provider_id, fields) VALUES (?,?,?)"
-                " ON CONFLICT DO UPDATE SET fields = excluded.fields",
+                " ON CONFLICT (probe_id, provider_id) DO UPDATE SET fields = excluded.fields",
                 (event.probe_id, c.provider_id, json.dumps(fields)))
             due = event.decided_at + timedelta(
                 seconds=self._response_deadline_s(event, c.provider_id))
             # The first clearance names the obligation: a later copy neither resets its
             # deadline nor renames its violation.
             self.store.execute(
-                _UNIT.format(columns="clearance_id, cleared_due_at", values="?3, ?4",
-                             update="clearance_id = COALESCE(clearance_id, ?3),"
-                                    " cleared_due_at = COALESCE(cleared_due_at, ?4)"),
-                (event.probe_id, c.provider_id, clearance_id, due.isoformat()))
+                _UNIT.format(columns="clearance_id, cleared_due_at", values="?, ?",
+                             update="clearance_id = COALESCE(l.clearance_id, ?),"
+                                    " cleared_due_at = COALESCE(l.cleared_due_at, ?)"),
+                (event.probe_id, c.provider_id, clearance_id, due.isoformat(), event.probe_id,
+                 clearance_id, due.isoformat()))
         out = []
         # Dispatches that arrived before this clearance are judged now.
         for eid, provider, fields_json in self.store.query(
@@ -317,13 +319,13 @@ class Invariants:
         fields = sorted(f.value for f in event.fields_sent)
         # One query for both facts this rule needs: the clearance and any purge.
         ((cleared_json, purged_at),) = self.store.query(
-            "SELECT (SELECT fields FROM inv_cleared WHERE probe_id = ?1 AND provider_id = ?2),"
-            " (SELECT purged_at FROM inv_purged WHERE probe_id = ?1)",
-            (event.probe_id, event.provider_id))
+            "SELECT (SELECT fields FROM inv_cleared WHERE probe_id = ? AND provider_id = ?),"
+            " (SELECT purged_at FROM inv_purged WHERE probe_id = ?)",
+            (event.probe_id, event.provider_id, event.probe_id))
         cleared = set(json.loads(cleared_json)) if cleared_json is not None else None
         self.store.execute(
-            "INSERT OR IGNORE INTO inv_dispatches (event_id, probe_id, provider_id, fields,"
-            " sent_at, seen_at, cleared) VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO inv_dispatches (event_id, probe_id, provider_id, fields,"
+            " sent_at, seen_at, cleared) VALUES (?,?,?,?,?,?,?) ON CONFLICT (event_id) DO NOTHING",
             (eid, event.probe_id, event.provider_id, json.dumps(fields),
              event.sent_at.isoformat(), self.clock().isoformat(), int(cleared is not None)))
         out = []
@@ -348,20 +350,22 @@ class Invariants:
 
     def _unit_dispatched(self, event: ProviderDispatched) -> None:
         # A resend may move the deadline later: the latest one is the tracker's.
+        due = event.response_due_at.isoformat()
         self.store.execute(
-            _UNIT.format(columns="dispatched_due_at", values="?3",
-                         update="dispatched_due_at = MAX(COALESCE(dispatched_due_at, ''), ?3)"),
-            (event.probe_id, event.provider_id, event.response_due_at.isoformat()))
+            _UNIT.format(columns="dispatched_due_at", values="?",
+                         update="dispatched_due_at = CASE WHEN l.dispatched_due_at >= ?"
+                                " THEN l.dispatched_due_at ELSE ? END"),
+            (event.probe_id, event.provider_id, due, event.probe_id, due, due))
 
     def _unit_ended(self, probe_id: str, provider_id: str, how: str) -> None:
         self.store.execute(
-            _UNIT.format(columns="ended", values="?3", update="ended = COALESCE(ended, ?3)"),
-            (probe_id, provider_id, how))
+            _UNIT.format(columns="ended", values="?", update="ended = COALESCE(l.ended, ?)"),
+            (probe_id, provider_id, how, probe_id, how))
 
     def _probe_ended(self, probe_id: str, how: str) -> None:
         # Kept per probe as well: a clearance consumed after its settlement is born ended.
-        self.store.execute("INSERT OR IGNORE INTO inv_probe_ends (probe_id, how) VALUES (?, ?)",
-                           (probe_id, how))
+        self.store.execute("INSERT INTO inv_probe_ends (probe_id, how) VALUES (?, ?)"
+                           " ON CONFLICT (probe_id) DO NOTHING", (probe_id, how))
         self.store.execute("UPDATE inv_liveness SET probe_ended = 1 WHERE probe_id = ?",
                            (probe_id,))
 
@@ -378,8 +382,8 @@ class Invariants:
         if event.object_kind != "probe":
             return []
         self.store.execute(
-            "INSERT OR IGNORE INTO inv_purged (probe_id, purged_at) VALUES (?, ?)",
-            (event.probe_id, event.purged_at.isoformat()))
+            "INSERT INTO inv_purged (probe_id, purged_at) VALUES (?, ?)"
+            " ON CONFLICT (probe_id) DO NOTHING", (event.probe_id, event.purged_at.isoformat()))
         out = []
         # Dispatches consumed before the purge record but sent after the purge.
         for eid, provider, sent_at in self.store.query(
@@ -483,7 +487,7 @@ class Invariants:
                 " o.cleared_due_at)) FROM inv_liveness o WHERE o.probe_id = l.probe_id"
                 " AND o.clearance_id IS NOT NULL) FROM inv_liveness l"
                 " WHERE clearance_id IS NOT NULL AND probe_ended = 0 AND flagged = 0"
-                " AND due <= ?", (cutoff,)):
+                " AND COALESCE(dispatched_due_at, cleared_due_at) <= ?", (cutoff,)):
             if ended is None:
                 detail = (f"cleared for {provider}: no answer, NoResponse or DispatchFailed"
                           f" by its deadline {due} + {grace:g}s")
@@ -503,10 +507,11 @@ class Invariants:
     def _violation(self, probe_id: str, invariant: Invariant, eid: str,
                    detail: str) -> list[ComplianceViolation]:
         now = self.clock()
-        cur = self.store.execute(
-            "INSERT OR IGNORE INTO inv_violations (offending_event_id, invariant, probe_id,"
-            " detected_at) VALUES (?,?,?,?)", (eid, invariant.value, probe_id, now.isoformat()))
-        if cur.rowcount == 0:
+        changed = self.store.execute(
+            "INSERT INTO inv_violations (offending_event_id, invariant, probe_id,"
+            " detected_at) VALUES (?,?,?,?) ON CONFLICT (offending_event_id, invariant)"
+            " DO NOTHING", (eid, invariant.value, probe_id, now.isoformat()))
+        if changed == 0:
             return []  # already reported
         violations_metric().labels(invariant.value).inc()
         return [ComplianceViolation(probe_id=probe_id, invariant=invariant, detail=detail[:2000],
@@ -514,10 +519,13 @@ class Invariants:
 
 
 # One row per (probe, provider) obligation, made by whichever of its events comes first
-# (topics interleave); every insert asks whether the probe has already ended.
-_UNIT = ("INSERT INTO inv_liveness (probe_id, provider_id, {columns}, probe_ended)"
-         " VALUES (?1, ?2, {values}, EXISTS (SELECT 1 FROM inv_probe_ends WHERE probe_id = ?1))"
-         " ON CONFLICT DO UPDATE SET {update}")
+# (topics interleave); every insert asks whether the probe has already ended. Arguments:
+# probe, provider, the values, probe again, then the update's. The same text runs on
+# SQLite and PostgreSQL (``l.`` names the row already there).
+_UNIT = ("INSERT INTO inv_liveness AS l (probe_id, provider_id, {columns}, probe_ended)"
+         " VALUES (?, ?, {values}, CASE WHEN EXISTS (SELECT 1 FROM inv_probe_ends e"
+         " WHERE e.probe_id = ?) THEN 1 ELSE 0 END)"
+         " ON CONFLICT (probe_id, provider_id) DO UPDATE SET {update}")
 
 
 def _json(value: bytes | None) -> dict[str, Any]:

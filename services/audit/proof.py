@@ -11,27 +11,25 @@ from typing import Any
 
 from services.audit.checkpoint import CheckpointError, Verifier, open_checkpoint
 from services.audit.merkle import ProofError, Tree, leaf_hash, verify_inclusion
-from services.audit.store import AuditStore
+from services.audit.store import PgLocation, open_store
 
 
 class ProofUnavailable(LookupError):
     pass
 
 
-def inclusion_bundle(directory: Path, event_id: str) -> dict[str, Any]:
-    store = AuditStore(directory, readonly=True)
+def inclusion_bundle(directory: Path | PgLocation, event_id: str) -> dict[str, Any]:
+    store = open_store(directory, readonly=True)
     try:
-        rows = store.query("SELECT idx FROM leaves WHERE ce_id = ? AND topic NOT LIKE 'frs.dlq.%'"
-                           " ORDER BY idx LIMIT 1", (event_id,))
-        if not rows:
+        found = store.index_of(event_id)
+        if found is None:
             raise ProofUnavailable(f"event {event_id} is not in the audit log")
-        index = int(rows[0][0])
+        index = found
         checkpoint = store.last_checkpoint()
         if checkpoint is None or checkpoint.tree_size <= index:
             raise ProofUnavailable(f"no signed checkpoint covers leaf {index} yet; retry later")
         size = checkpoint.tree_size
-        hashes = [bytes(h) for (h,) in store.query(
-            "SELECT leaf_hash FROM leaves WHERE idx < ? ORDER BY idx", (size,))]
+        hashes = store.leaf_hashes(size)
         (leaf,) = store.leaves(index, index + 1)
         path = Tree(hashes).inclusion_proof(index, size)
     finally:

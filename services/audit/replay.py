@@ -17,7 +17,7 @@ from schemas.events import ComplianceViolation, ProbeRequested
 from schemas.types import probe_id_for, utcnow
 from services.audit.handlers import AuditPorts, on_record
 from services.audit.invariants import Invariants, InvariantSettings
-from services.audit.store import AuditStore, value_digest
+from services.audit.store import AuditStore, PgLocation, open_store, value_digest
 from services.kit.routing import RawRecord
 
 Coord = tuple[str, int, int]
@@ -54,9 +54,10 @@ class ReplayReport:
                                           for e, i in self.unreported_violations[:100]]}
 
 
-def store_index(directory: Path) -> tuple[dict[Coord, str], list[tuple[Coord, str | None]]]:
+def store_index(directory: Path | PgLocation
+                ) -> tuple[dict[Coord, str], list[tuple[Coord, str | None]]]:
     """(coordinate -> value digest, [(coordinate, event id)] in log order) from the leaves."""
-    store = AuditStore(directory, readonly=True)
+    store = open_store(directory, readonly=True)
     try:
         digests: dict[Coord, str] = {}
         order: list[tuple[Coord, str | None]] = []
@@ -118,7 +119,7 @@ def for_invariants(records: list[tuple[RawRecord, Envelope | DecodeError]],
 
 
 def timeline(records: list[tuple[RawRecord, Envelope | DecodeError]],
-             directory: Path) -> list[dict[str, Any]]:
+             directory: Path | PgLocation) -> list[dict[str, Any]]:
     """A probe's or case's events in time order, straight from the topics, each marked
     with whether the audit log holds it."""
     digests, _ = store_index(directory)
@@ -137,7 +138,8 @@ def timeline(records: list[tuple[RawRecord, Envelope | DecodeError]],
     return sorted(rows, key=lambda r: str(r["time"]))
 
 
-def cross_check(records: list[tuple[RawRecord, Envelope | DecodeError]], directory: Path,
+def cross_check(records: list[tuple[RawRecord, Envelope | DecodeError]],
+                directory: Path | PgLocation,
                 subjects: set[str] | None = None, since: datetime | None = None) -> ReplayReport:
     """Every record of ``records`` (all of them, or the selected subjects since a time)
     must be in the store once with the same bytes; with no selection, every leaf that

@@ -26,7 +26,7 @@ from schemas.events import (
     ProviderDispatched,
     ProviderRecord,
 )
-from services.audit.store import AuditStore
+from services.audit.store import PgLocation, open_store
 
 FEDERAL = "federal"
 
@@ -58,10 +58,11 @@ def _in_window(time: str | None, since: datetime | None, until: datetime | None)
     return (since is None or t >= since) and (until is None or t < until)
 
 
-def build_report(directory: Path, since: datetime | None = None, until: datetime | None = None,
+def build_report(directory: Path | PgLocation, since: datetime | None = None,
+                 until: datetime | None = None,
                  late_after_s: float = 0.0) -> dict[str, Any]:
     since, until = (_utc(t) if t else None for t in (since, until))
-    store = AuditStore(directory, readonly=True)
+    store = open_store(directory, readonly=True)
     try:
         events: dict[str, list[dict[str, Any]]] = defaultdict(list)
         kinds: dict[str, str] = {}

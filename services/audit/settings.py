@@ -8,7 +8,9 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.audit.invariants import LIVENESS_GRACE_S, InvariantSettings
+from services.audit.store import PgLocation
 from services.kit.settings import ServiceSettings
+from services.kit.state import read_password
 
 
 class AuditSettings(ServiceSettings):
@@ -39,6 +41,14 @@ class AuditSettings(ServiceSettings):
 
     def key_file(self) -> Path:
         return self.signing_key_file or self.state_dir / "keys" / "audit-checkpoint.pem"
+
+    def store_at(self) -> Path | PgLocation:
+        """Where the log is: ``store_dir``, or the shared database when FRS_STATE_URL
+        names PostgreSQL (then nothing of it is kept under the state dir)."""
+        url = self.state()
+        if not url.postgres:
+            return self.store_dir
+        return PgLocation(url.conninfo, read_password(self.state_password_file))
 
     def invariant_settings(self) -> InvariantSettings:
         return InvariantSettings(self.clearance_grace_s, self.expiry_grace_s,

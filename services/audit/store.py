@@ -7,7 +7,11 @@ the last indexed leaf (a crash between the two writes) are cut off. (topic, part
 offset) is unique, so a redelivered record is recognized and not appended twice.
 
 The index keeps each leaf's RFC 9162 hash and the tree's right edge (``Frontier``), so
-an append costs O(log n) hashes and signed checkpoints never recompute the tree."""
+an append costs O(log n) hashes and signed checkpoints never recompute the tree.
+
+``AuditLog`` is the port the service, the invariants and the auditors' commands use:
+``AuditStore`` here (one host), ``pg_store.PgAuditStore`` in the shared PostgreSQL
+database, where the leaf bytes live in their row. ``open_store`` opens either."""
 
 from __future__ import annotations
 
@@ -17,10 +21,10 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from services.audit.merkle import Frontier, leaf_hash
 from services.kit.sqlite import connect, private_path
@@ -64,9 +68,69 @@ class StoredCheckpoint:
     note: str
     created_at: str
 
+    @classmethod
+    def of(cls, row: tuple[Any, ...] | Any) -> StoredCheckpoint:
+        """From a (seq, tree_size, root, note, created_at) row of either backend."""
+        s, n, r, t, c = row
+        return cls(int(s), int(n), bytes(r), str(t), str(c))
+
 
 def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class PgLocation:
+    """A store in PostgreSQL: the role's conninfo (no password in it) and its password."""
+
+    conninfo: str
+    password: str | None = field(default=None, repr=False)
+
+
+# An index row as ``iter_leaves`` yields it: (idx, byte position, length, leaf hash).
+IndexRow = tuple[Any, ...]
+
+
+class AuditLog(Protocol):
+    """The port. SQL given to ``execute``/``query`` (the invariants' own tables) is written
+    once for both backends: ``?`` placeholders, ``ON CONFLICT (key)``, no SQLite-only
+    functions."""
+
+    readonly: bool
+    frontier: Frontier
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def in_tx(self) -> bool: ...
+    def append(self, meta: LeafMeta, body: dict[str, Any]) -> int | None: ...
+    def savepoint(self) -> AbstractContextManager[None]: ...
+    def snapshot(self) -> AbstractContextManager[None]: ...
+    def prepare(self, schema: str) -> None: ...
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int: ...
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]: ...
+    def commit(self) -> None: ...
+    def add_checkpoint(self, tree_size: int, root: bytes, note: str,
+                       created_at: str) -> None: ...
+    def checkpoints(self) -> list[StoredCheckpoint]: ...
+    def last_checkpoint(self) -> StoredCheckpoint | None: ...
+    def leaves(self, start: int = 0, end: int | None = None) -> list[bytes]: ...
+    def iter_leaves(self, start: int = 0, end: int | None = None
+                    ) -> Iterator[tuple[IndexRow, bytes]]: ...
+    def leaf_hashes(self, end: int) -> list[bytes]: ...
+    def index_of(self, ce_id: str) -> int | None: ...
+    def count_since(self, start: int, other_than_topic: str) -> int: ...
+    def rows(self, subject: str | None = None) -> list[LeafMeta]: ...
+    def close(self) -> None: ...
+
+
+def open_store(where: Path | PgLocation, *, readonly: bool = False) -> AuditLog:
+    """The store at a directory (SQLite and its segment) or in PostgreSQL."""
+    if isinstance(where, Path):
+        return AuditStore(where, readonly=readonly)
+    from services.audit.pg_store import PgAuditStore
+
+    return PgAuditStore.connect(where, readonly=readonly)
 
 
 class AuditStore:
@@ -181,12 +245,20 @@ class AuditStore:
         finally:
             self._db.execute("COMMIT")
 
-    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        """Run a statement inside the current batch's transaction (invariant state)."""
+    def prepare(self, schema: str) -> None:
+        """Make the invariants' tables (PostgreSQL has them from its migration)."""
+        for stmt in schema.split(";"):
+            if stmt.strip():
+                self.execute(stmt)
+        self.commit()
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        """Run a statement inside the current batch's transaction (invariant state); the
+        number of rows it changed."""
         if not self._in_tx and not self.readonly:
             self._db.execute("BEGIN")
             self._in_tx = True
-        return self._db.execute(sql, args)
+        return self._db.execute(sql, args).rowcount
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         return self._db.execute(sql, args).fetchall()
@@ -217,18 +289,14 @@ class AuditStore:
         )
 
     def checkpoints(self) -> list[StoredCheckpoint]:
-        return [StoredCheckpoint(int(s), int(n), bytes(r), str(t), str(c)) for s, n, r, t, c in
-                self._db.execute("SELECT seq, tree_size, root, note, created_at FROM checkpoints"
-                                 " ORDER BY seq")]
+        return [StoredCheckpoint.of(row) for row in self._db.execute(
+            "SELECT seq, tree_size, root, note, created_at FROM checkpoints ORDER BY seq")]
 
     def last_checkpoint(self) -> StoredCheckpoint | None:
         cps = self._db.execute(
             "SELECT seq, tree_size, root, note, created_at FROM checkpoints"
             " ORDER BY seq DESC LIMIT 1").fetchone()
-        if cps is None:
-            return None
-        s, n, r, t, c = cps
-        return StoredCheckpoint(int(s), int(n), bytes(r), str(t), str(c))
+        return None if cps is None else StoredCheckpoint.of(cps)
 
     # --- reading ----------------------------------------------------------------------
 
@@ -236,7 +304,7 @@ class AuditStore:
         return [leaf for _, leaf in self.iter_leaves(start, end)]
 
     def iter_leaves(self, start: int = 0, end: int | None = None
-                    ) -> Iterator[tuple[tuple[Any, ...], bytes]]:
+                    ) -> Iterator[tuple[IndexRow, bytes]]:
         """(index row, leaf bytes) in index order; the row is (idx, seg_pos, seg_len,
         leaf_hash). Reads the segment sequentially in large blocks."""
         cur = self._db.execute(
@@ -255,6 +323,24 @@ class AuditStore:
                     block_start, block = pos, f.read(max(length, 1 << 20))
                 rel = pos - block_start
                 yield row, block[rel:rel + length]
+
+    def leaf_hashes(self, end: int) -> list[bytes]:
+        """The hashes of leaves [0, end), for proofs."""
+        return [bytes(h) for (h,) in self._db.execute(
+            "SELECT leaf_hash FROM leaves WHERE idx < ? ORDER BY idx", (end,))]
+
+    def index_of(self, ce_id: str) -> int | None:
+        """The first leaf of an event on its own topic (not a DLQ copy)."""
+        row = self._db.execute(
+            "SELECT idx FROM leaves WHERE ce_id = ? AND topic NOT LIKE 'frs.dlq.%'"
+            " ORDER BY idx LIMIT 1", (ce_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def count_since(self, start: int, other_than_topic: str) -> int:
+        """Leaves from ``start`` on, those of one topic left out."""
+        row = self._db.execute("SELECT COUNT(*) FROM leaves WHERE idx >= ? AND topic != ?",
+                               (start, other_than_topic)).fetchone()
+        return int(row[0])
 
     def rows(self, subject: str | None = None) -> list[LeafMeta]:
         query = 'SELECT topic, partition, "offset", ce_id, ce_type, subject, time FROM leaves'

@@ -23,7 +23,7 @@ from typing import Any
 
 from services.audit.checkpoint import CheckpointError, Verifier, open_checkpoint
 from services.audit.merkle import ProofError, Tree, leaf_hash, verify_consistency
-from services.audit.store import AuditStore
+from services.audit.store import AuditLog, PgLocation, open_store
 
 _INDEX_KEY = b'"index":'
 
@@ -69,7 +69,8 @@ def _named_index(leaf: bytes) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
-def verify_store(directory: Path, verifier: Verifier, origin: str | None = None,
+def verify_store(directory: Path | PgLocation, verifier: Verifier,
+                 origin: str | None = None,
                  *, max_findings: int = 100, external: list[str] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """``external``: checkpoint notes kept outside the store (the frs.audit.checkpoints
@@ -77,7 +78,7 @@ def verify_store(directory: Path, verifier: Verifier, origin: str | None = None,
     checkpoints from the store hides nothing; notes by other keys are ignored."""
     started = time.perf_counter()
     report = VerifyReport()
-    store = AuditStore(directory, readonly=True)
+    store = open_store(directory, readonly=True)
     try:
         with store.snapshot():
             _verify(store, verifier, origin, report, max_findings, external or [],
@@ -88,7 +89,7 @@ def verify_store(directory: Path, verifier: Verifier, origin: str | None = None,
     return report
 
 
-def _verify(store: AuditStore, verifier: Verifier, origin: str | None, report: VerifyReport,
+def _verify(store: AuditLog, verifier: Verifier, origin: str | None, report: VerifyReport,
             max_findings: int, external: list[str], progress: Callable[[int, int], None]
             ) -> None:
     add = report.findings.append
@@ -128,7 +129,7 @@ def _verify(store: AuditStore, verifier: Verifier, origin: str | None, report: V
     _verify_checkpoints(store, verifier, origin, tree, report, external)
 
 
-def _verify_checkpoints(store: AuditStore, verifier: Verifier, origin: str | None, tree: Tree,
+def _verify_checkpoints(store: AuditLog, verifier: Verifier, origin: str | None, tree: Tree,
                         report: VerifyReport, external: list[str]) -> None:
     add = report.findings.append
     n = tree.size

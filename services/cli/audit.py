@@ -15,13 +15,24 @@ from typing import Any
 from schemas.catalog import AUDITED_TOPICS
 from services.audit.checkpoint import CheckpointError, Verifier
 from services.audit.settings import AuditSettings
+from services.audit.store import PgLocation, open_store
 from services.cli.common import BENCH_HELP, CliSettings, Misuse, emit, group, subcommand
 
 
-def _store_dir(args: argparse.Namespace) -> Path:
-    directory = Path(args.store) if args.store else AuditSettings().store_dir
-    if not (directory / "index.sqlite3").exists():
-        raise Misuse(f"no audit store at {directory}: pass --store or set FRS_AUDIT_STORE_DIR")
+def _store_dir(args: argparse.Namespace) -> Path | PgLocation:
+    """--store, else the shared database FRS_STATE_URL names, else FRS_AUDIT_STORE_DIR."""
+    directory = Path(args.store) if args.store else AuditSettings().store_at()
+    if isinstance(directory, Path):
+        if not (directory / "index.sqlite3").exists():
+            raise Misuse(f"no audit store at {directory}: pass --store or set "
+                         "FRS_AUDIT_STORE_DIR")
+        return directory
+    try:  # unreachable, refused, or another schema: one line, not a traceback
+        open_store(directory, readonly=True).close()
+    except Exception as exc:
+        raise Misuse(f"cannot read the audit log at {AuditSettings().state().shown()}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                     ) from None
     return directory
 
 
@@ -61,7 +72,8 @@ def _progress(label: str) -> Any:
 
 def _store_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None,
-                        help="audit store directory (default FRS_AUDIT_STORE_DIR)")
+                        help="audit store directory (default: the database FRS_STATE_URL "
+                             "names when it is PostgreSQL, else FRS_AUDIT_STORE_DIR)")
 
 
 # --- verify ---------------------------------------------------------------------------
@@ -248,13 +260,22 @@ async def cmd_bench(args: argparse.Namespace, settings: CliSettings) -> int:
 
     if args.append_leaves < 1 or args.verify_leaves < 1:
         raise Misuse("leaf counts must be positive")
+    pg = None
+    if args.postgres:
+        where = AuditSettings().store_at()
+        if not isinstance(where, PgLocation):
+            raise Misuse("--postgres: FRS_STATE_URL names no PostgreSQL database")
+        pg = where
     result = await asyncio.to_thread(
         run, args.append_leaves, args.verify_leaves, tuple(args.batch or (50, 500)),
-        Path(args.workdir) if args.workdir else None)
+        Path(args.workdir) if args.workdir else None, pg=pg)
     lines = [f"batch {a['batch']:>5}: service {a['service_appends_per_s']:>7}/s, store "
              f"{a['store_appends_per_s']:>7}/s, raw append+fsync "
              f"{a['raw_append_fsync_per_s']:>7}/s (service/raw {a['service_ratio_vs_raw']})"
              for a in result["appends"]]
+    lines += [f"batch {a['batch']:>5}: PostgreSQL service {a['service_appends_per_s']:>7}/s,"
+              f" store {a['store_appends_per_s']:>7}/s (service vs SQLite "
+              f"{a['service_vs_sqlite']})" for a in result.get("appends_postgres", [])]
     v = result["verify"]
     lines.append(f"verify {v['leaves']} leaves: {v['verify_s']}s (ok={v['ok']})")
     emit(args, result, "\n".join(lines))
@@ -318,6 +339,9 @@ def register(commands: Any) -> None:
     bench.add_argument("--batch", type=int, action="append", default=None,
                        help="fsync batch size (repeat; default 50 and 500, the kit's batch_max)")
     bench.add_argument("--workdir", default=None, help="where the scratch stores go")
+    bench.add_argument("--postgres", action="store_true",
+                       help="also run the store and service paths on the PostgreSQL database "
+                            "FRS_STATE_URL names (an empty scratch log; emptied after)")
 
     report.add_argument("--format", choices=("text", "json", "csv", "html"), default="text",
                         help="output format (--json is the same as --format json)")

@@ -33,7 +33,7 @@ from schemas.types import ImageSource, OutboundField, Purpose, Transport
 from services.audit import handlers
 from services.audit.invariants import Invariants, InvariantSettings
 from services.audit.report import build_report
-from services.audit.store import AuditStore
+from services.audit.store import AuditLog, AuditStore
 from services.cli.entry import main as frs
 from tests.unit.fakes import FakeClock
 
@@ -72,7 +72,7 @@ def cleared(pid: str, *providers: str) -> PolicyCleared:
                          policy_digest=D, registry_versions=RegistryVersions(), decided_at=T0)
 
 
-def feed(store: AuditStore, inv: Invariants, events: list[Event]) -> list[Invariant]:
+def feed(store: AuditLog, inv: Invariants, events: list[Event]) -> list[Invariant]:
     found = []
     for i, event in enumerate(events):
         rec = encode(event, "/frs/test", time=T0)

@@ -20,6 +20,7 @@ from services.kit import migrate as migrations
 from services.kit.migrate import MigrationError, available, latest, migrate, status
 from services.kit.state import PostgresState, SchemaMismatch, open_state, parse_state_url
 from tests.integration.stores.conftest import conninfo
+from tests.integration.stores.test_audit_store_contract import AUDIT_TABLES
 from tests.pg import ROOT, SERVICE_ROLES, PgServer
 
 # Each table and the one service role that may use it.
@@ -30,6 +31,9 @@ OWNERS = {"request_outcomes": "intake", "request_reuses": "intake",
 # The vault index: intake writes it; dispatch may read it, only read (it unwraps keys).
 OWNERS["vault_objects"] = "intake"
 READERS = {"vault_objects": {"dispatch"}}
+# The audit log and the invariants' state (migration 0008): the audit role's alone.
+OWNERS |= dict.fromkeys(AUDIT_TABLES, "audit")
+READERS |= {table: {"auditor"} for table in AUDIT_TABLES[:3]}  # the log alone
 
 
 def test_migration_files_are_numbered_and_grant_what_they_make() -> None:
