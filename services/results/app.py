@@ -5,7 +5,8 @@ Two routes:
 - ``frs-results`` normalizes ProviderAnswered (every inbound channel) into
   CandidatesReceived or ProviderResponseRejected;
 - ``frs-results-tracker`` tracks each probe (dispatches, failures, answers, reviews,
-  deletion receipts) in a SQLite store committed before its offsets, and settles probes.
+  deletion receipts) in its ``Tracker`` (SQLite, or PostgreSQL with FRS_STATE_URL)
+  committed before its offsets, and settles probes.
 The deadline job emits NoResponse and DeletionOverdue (and, when configured, a
 ProviderSuspensionRequested: results may suspend a provider, nothing else about it).
 
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from prometheus_client import Counter, Gauge
 
 from schemas.catalog import (
@@ -49,9 +52,9 @@ from services.kit.routing import Route, bind, dlq_for
 from services.kit.state import PostgresState, open_state
 from services.results import handlers, tracking
 from services.results.mailbox import start_mailbox
-from services.results.pg_store import PgNonceStore, PgRequestRefs
+from services.results.pg_store import PgNonceStore, PgRequestRefs, PgTracker
 from services.results.settings import ResultsSettings
-from services.results.store import Nonces, RefLookup, TrackerStore
+from services.results.store import Nonces, RefLookup, Tracker, TrackerStore
 from services.results.webhook import start_webhook
 
 log = logging.getLogger("frs.results")
@@ -63,6 +66,16 @@ DELETIONS_OVERDUE = Gauge("frs_results_deletion_receipts_overdue",
 DEADLINES_MISSED = Counter("frs_results_deadlines_missed_total",
                            "NoResponse and DeletionOverdue events emitted, by type.", ["type"])
 
+TRACKED_TOPICS = (PROBE_EVENTS, POLICY_DECISIONS, DISPATCH_EVENTS, RESULTS_EVENTS)
+# Every tracked event is keyed by its probe id: with as many partitions in each topic, the
+# range assignor gives one instance partition i of all four, so one instance (one
+# tracker) holds all of a probe's events and no two write its state at once (round robin,
+# the default, splits them). Range alone: aiokafka 0.14 offered both livelocks the join
+# of two members (rebalance after rebalance), so a group still on round robin is stopped
+# whole, not rolled, to switch.
+if len({t.partitions for t in TRACKED_TOPICS}) != 1:
+    raise RuntimeError("the tracker's topics must have as many partitions each")
+
 
 
 
@@ -72,40 +85,47 @@ def build(settings: ResultsSettings) -> ServiceApp:
         normalizer = Route("results", "frs-results", (PROVIDER_RESPONSES.name,),
                            dict([bind(ProviderAnswered, handlers.on_provider_answered, ports)]),
                            dlq_for("results"))
-        store = TrackerStore(settings.tracker_path())
-        ctx.stack.callback(store.close)
-        # FRS_STATE_URL: on PostgreSQL the inbound channels' nonces and request refs are
-        # shared by every instance; the tracker itself is still SQLite (issue 17), so the
-        # refs it learns are also written to the shared table, which the channels read.
+        # FRS_STATE_URL: on PostgreSQL the tracker, the inbound channels' nonces and the
+        # request refs (written by the tracker, read by the channels) are shared by every
+        # instance, and no state file is made under FRS_STATE_DIR.
         shared = open_state(settings.state(), settings.state_password_file, ctx.stack,
                             name="results")
-        refs: PgRequestRefs | None = None
+        store: Tracker
         inbound: dict[str, tuple[Nonces, RefLookup] | None] = {"nonces": None,
                                                                "mail_replies": None}
         if isinstance(shared, PostgresState):
+            store = PgTracker(shared.pool)
             refs = PgRequestRefs(shared.pool)
             inbound = {table: (PgNonceStore(shared.pool, table), refs) for table in inbound}
+        else:
+            store = TrackerStore(settings.tracker_path())
+        ctx.stack.callback(store.close)
+
+        # A probe's records on different topics are handled concurrently (one key per
+        # partition): each read-apply-write of its state is one at a time.
+        busy: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
         async def track(event: Any, _env: Envelope) -> list[Event]:
-            state = store.get(event.probe_id)
-            pid = getattr(event, "provider_id", None)
-            provider = ctx.registries.providers.get(pid) if pid else None
-            new, out = tracking.apply(state, event, provider, utcnow())
-            if new != state:
-                if refs is not None:  # idempotent: a replayed batch writes them again
-                    await refs.record(_new_refs(state, new))
-                store.put(new)  # committed in before_commit, after `out` is acknowledged
+            lock = busy.get(event.probe_id)
+            if lock is None:
+                lock = busy[event.probe_id] = asyncio.Lock()
+            async with lock:
+                state = await store.get(event.probe_id)
+                pid = getattr(event, "provider_id", None)
+                provider = ctx.registries.providers.get(pid) if pid else None
+                new, out = tracking.apply(state, event, provider, utcnow())
+                if new != state:
+                    await store.put(new)  # committed in before_commit, after `out` is acked
             return out
 
         async def durable() -> None:
-            store.commit()
+            await store.commit()
 
         tracker = Route(
-            "results", "frs-results-tracker",
-            (PROBE_EVENTS.name, POLICY_DECISIONS.name, DISPATCH_EVENTS.name,
-             RESULTS_EVENTS.name),
+            "results", "frs-results-tracker", tuple(t.name for t in TRACKED_TOPICS),
             dict.fromkeys(tracking.TRACKED_TYPES, track), dlq_for("results"),
             before_commit=durable,
+            consumer_options={"partition_assignment_strategy": (RangePartitionAssignor,)},
         )
         deadlines = DeadlineWatch(settings, store, ctx.registries, ctx.publisher)
 
@@ -133,14 +153,6 @@ async def _start(start: Any, settings: ResultsSettings, ctx: Context,
     await start(settings, ctx.publisher, ctx.registries, stack, stores)
 
 
-def _new_refs(old: tracking.ProbeState, new: tracking.ProbeState
-              ) -> list[tuple[str, str, str]]:
-    """(request_ref, probe_id, provider_id) that ``new`` knows and ``old`` did not."""
-    return [(track.request_ref, new.probe_id, pid) for pid, track in new.providers.items()
-            if track.request_ref is not None and (
-                pid not in old.providers or old.providers[pid].request_ref != track.request_ref)]
-
-
 async def backlog_done(bootstrap: str, group: str, topics: Sequence[str],
                        poll_s: float = 0.5) -> None:
     """Wait until ``group`` has committed everything that was in ``topics`` when called.
@@ -166,17 +178,19 @@ async def backlog_done(bootstrap: str, group: str, topics: Sequence[str],
 
 class DeadlineWatch:
     """Emits NoResponse / DeletionOverdue for passed deadlines. The tracker consumes them
-    back (that is what settles the provider), so the watch keeps no durable state: after a
-    restart it may repeat an event the tracker had not consumed yet, and the tracker
-    ignores the repeat. It is armed once the tracker has caught up with the backlog."""
+    back (that is what settles the provider). Each deadline is reported once: the store
+    hands each due probe to one sweep (on PostgreSQL, of all instances) with the
+    deadlines already reported, and records those this one reports. After a crash between
+    the send and that record, or a restart on SQLite, a deadline may be reported again;
+    the tracker ignores the repeat. It is armed once the tracker has caught up with the
+    backlog."""
 
-    def __init__(self, settings: ResultsSettings, store: TrackerStore,
+    def __init__(self, settings: ResultsSettings, store: Tracker,
                  registries: Registries, publisher: Publisher) -> None:
         self.settings = settings
         self.store = store
         self.registries = registries
         self.publisher = publisher
-        self.emitted: set[tuple[str, str, str]] = set()
 
     async def arm(self, group: str, topics: Sequence[str]) -> None:
         try:
@@ -188,32 +202,31 @@ class DeadlineWatch:
         log.info("deadline timer armed", extra={"group": group})
 
     async def tick(self) -> None:
-        reviews, overdue = self.store.open_counts()
+        reviews, overdue = await self.store.open_counts()
         REVIEWS_PENDING.set(reviews)
         DELETIONS_OVERDUE.set(overdue)
         now = utcnow()
-        current: set[tuple[str, str, str]] = set()
-        for state in list(self.store.due_before(now)):
-            for event in tracking.due(state, now, self.settings.suspend_on_deletion_overdue):
-                key = (event.TYPE, event.probe_id, event.provider_id)
-                current.add(key)
-                if key in self.emitted:
-                    continue
-                out: list[Event] = [event]
+
+        async def report(state: tracking.ProbeState, acted: frozenset[str]) -> list[str]:
+            due = [e for e in tracking.due(state, now, self.settings.suspend_on_deletion_overdue)
+                   if tracking.deadline_key(e) not in acted]
+            out: list[Event] = []
+            for event in due:
                 if isinstance(event, DeletionOverdue) and event.provider_suspended:
                     suspension = _suspension(self.registries.providers.get(event.provider_id),
                                              event)
-                    if suspension is None:
-                        out = [event.model_copy(update={"provider_suspended": False})]
-                    else:
-                        out.append(suspension)
-                await self.publisher.publish(out)  # a failure: the next tick retries
-                self.emitted.add(key)
+                    out += [event, suspension] if suspension is not None else [
+                        event.model_copy(update={"provider_suspended": False})]
+                else:
+                    out.append(event)
+            await self.publisher.publish(out)  # a failure: the next tick retries
+            for event in due:
                 DEADLINES_MISSED.labels(event.TYPE).inc()
                 log.info("deadline passed", extra={"type": event.TYPE,
                                                    "provider": event.provider_id})
-        # Once the tracker has consumed an event its deadline is no longer due: forget it.
-        self.emitted &= current
+            return [tracking.deadline_key(e) for e in due]
+
+        await self.store.act_on_due(now, report)
 
 
 def _suspension(provider: ProviderRecord | None, overdue: DeletionOverdue

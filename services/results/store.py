@@ -1,11 +1,12 @@
-"""Durable local stores of the results service, in SQLite (WAL).
+"""Durable local stores of the results service, in SQLite (WAL), and their ports.
 
-``TrackerStore`` holds each probe's tracking state. Writes stay in one open transaction
-per consumed batch and are committed by the processor's ``before_commit`` hook, after the
+``Tracker`` is the port of each probe's tracking state; ``TrackerStore`` is its SQLite
+implementation, ``pg_store.PgTracker`` its PostgreSQL one. Writes of one consumed batch
+are kept together and committed by the processor's ``before_commit`` hook, after the
 batch's outputs are acknowledged and before its offsets are committed: a crash before
-the SQLite commit replays the batch against the old state (outputs may repeat only if
-the crash falls between the broker's ack and this commit); a crash after it replays
-against the new state, where every transition is a no-op, so nothing is emitted twice.
+that commit replays the batch against the old state (outputs may repeat only if the
+crash falls between the broker's ack and this commit); a crash after it replays against
+the new state, where every transition is a no-op, so nothing is emitted twice.
 
 ``NonceStore`` remembers accepted webhook calls for the replay window, and accepted reply
 mails for ``FRS_RESULTS_SMTP_REPLAY_KEEP_DAYS``, across restarts.
@@ -17,7 +18,7 @@ shared by every instance, are in pg_store.py.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -30,7 +31,31 @@ def _connect(path: Path) -> sqlite3.Connection:
     return connect(path, isolation_level="DEFERRED", check_same_thread=False)
 
 
+# What a deadline sweep does with a due probe: given its state and the deadline keys
+# (tracking.deadline_key) already acted on, act on the others and return their keys.
+DueAction = Callable[[ProbeState, frozenset[str]], Awaitable[Iterable[str]]]
+
+
+class Tracker(Protocol):
+    async def get(self, probe_id: str) -> ProbeState: ...
+    async def put(self, state: ProbeState) -> None:
+        """Kept with the batch's other writes until ``commit``; ``get`` sees it at once."""
+    async def commit(self) -> None:
+        """The batch's writes, durable (the route's ``before_commit``)."""
+    async def act_on_due(self, now: datetime, act: DueAction) -> int:
+        """Call ``act`` on each probe with a deadline passed by ``now``; a key it returns
+        is not offered again. Returns how many probes were offered."""
+    async def open_counts(self) -> tuple[int, int]:
+        """(probes awaiting examiner review, provider deletion receipts overdue)."""
+    def close(self) -> None:
+        """Drop an uncommitted batch: it is replayed from Kafka, never half-kept."""
+
+
 class TrackerStore:
+    """SQLite, one instance: the batch is the connection's open transaction, and the keys
+    acted on live in memory (after a restart a deadline whose event the tracker has not
+    consumed yet is reported again, and the tracker ignores the repeat)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db = _connect(path)
@@ -43,15 +68,16 @@ class TrackerStore:
                 provider_id TEXT NOT NULL);
         """)
         self._db.commit()
+        self._acted: dict[str, frozenset[str]] = {}
 
-    def get(self, probe_id: str) -> ProbeState:
+    async def get(self, probe_id: str) -> ProbeState:
         row = self._db.execute("SELECT state FROM probes WHERE probe_id = ?",
                                (probe_id,)).fetchone()
         if row is None:
             return ProbeState(probe_id=probe_id)
         return ProbeState.model_validate_json(row[0])
 
-    def put(self, state: ProbeState) -> None:
+    async def put(self, state: ProbeState) -> None:
         due = state.next_due()
         self._db.execute(
             "INSERT INTO probes(probe_id, state, next_due) VALUES (?, ?, ?) "
@@ -66,17 +92,24 @@ class TrackerStore:
                     (track.request_ref, state.probe_id, pid),
                 )
 
-    def due_before(self, now: datetime) -> Iterator[ProbeState]:
+    async def act_on_due(self, now: datetime, act: DueAction) -> int:
         # ISO strings of UTC datetimes sort like the datetimes themselves.
         rows = self._db.execute(
             "SELECT state FROM probes WHERE next_due IS NOT NULL AND next_due <= ?",
             (now.isoformat(),),
         ).fetchall()
+        due: set[str] = set()
         for (text,) in rows:
-            yield ProbeState.model_validate_json(text)
+            state = ProbeState.model_validate_json(text)
+            due.add(state.probe_id)
+            acted = self._acted.get(state.probe_id, frozenset())
+            done = await act(state, acted)
+            # Only keys still open: once the tracker consumed an event it is not due again.
+            self._acted[state.probe_id] = (acted | set(done)) & state.open_deadlines().keys()
+        self._acted = {p: keys for p, keys in self._acted.items() if p in due and keys}
+        return len(rows)
 
-    def open_counts(self) -> tuple[int, int]:
-        """(probes awaiting examiner review, provider deletion receipts overdue), for gauges."""
+    async def open_counts(self) -> tuple[int, int]:
         reviews = self._db.execute(
             "SELECT COUNT(*) FROM probes WHERE json_extract(state, '$.review') = 'requested'"
         ).fetchone()[0]
@@ -86,7 +119,7 @@ class TrackerStore:
         ).fetchone()[0]
         return int(reviews), int(overdue)
 
-    def commit(self) -> None:
+    async def commit(self) -> None:
         self._db.commit()
 
     def close(self) -> None:

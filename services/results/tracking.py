@@ -11,6 +11,7 @@ It settles exactly once: ``settled`` is part of the durable state."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Literal
 
@@ -65,13 +66,25 @@ class ProbeState(BaseModel):
     review: Literal["none", "requested", "completed"] = "none"
     settled: bool = False
 
-    def next_due(self) -> datetime | None:
-        """Earliest deadline still open, for the store's index."""
-        dues = [t.response_due_at for t in self.providers.values()
-                if t.status == "expected" and t.response_due_at is not None]
-        dues += [t.deletion_due_at for t in self.providers.values()
-                 if t.deletion == "pending" and t.deletion_due_at is not None]
+    def open_deadlines(self) -> dict[str, datetime]:
+        """Deadlines still open, by ``deadline_key`` of the event each would emit."""
+        out: dict[str, datetime] = {}
+        for pid, t in self.providers.items():
+            if t.status == "expected" and t.response_due_at is not None:
+                out[f"{NoResponse.TYPE}/{pid}"] = t.response_due_at
+            if t.deletion == "pending" and t.deletion_due_at is not None:
+                out[f"{DeletionOverdue.TYPE}/{pid}"] = t.deletion_due_at
+        return out
+
+    def next_due(self, acted: Collection[str] = ()) -> datetime | None:
+        """Earliest deadline still open (and not in ``acted``), for the store's index."""
+        dues = [at for key, at in self.open_deadlines().items() if key not in acted]
         return min(dues) if dues else None
+
+
+def deadline_key(event: NoResponse | DeletionOverdue) -> str:
+    """Which deadline an event of ``due`` reports: a sweep acts on each key once."""
+    return f"{event.TYPE}/{event.provider_id}"
 
 
 def _track(state: ProbeState, provider_id: str) -> ProviderTrack:

@@ -8,16 +8,16 @@ from services.results.store import TrackerStore
 from services.results.tracking import ProbeState, ProviderTrack
 
 
-def test_open_counts_follow_state(tmp_path: Path) -> None:
+async def test_open_counts_follow_state(tmp_path: Path) -> None:
     store = TrackerStore(tmp_path / "t.sqlite")
-    assert store.open_counts() == (0, 0)
-    store.put(ProbeState(probe_id="p1", review="requested", providers={
+    assert await store.open_counts() == (0, 0)
+    await store.put(ProbeState(probe_id="p1", review="requested", providers={
         "a": ProviderTrack(deletion="overdue"), "b": ProviderTrack(deletion="pending")}))
-    store.put(ProbeState(probe_id="p2", review="completed",
-                         providers={"a": ProviderTrack(deletion="overdue")}))
-    assert store.open_counts() == (1, 2)
+    await store.put(ProbeState(probe_id="p2", review="completed",
+                               providers={"a": ProviderTrack(deletion="overdue")}))
+    assert await store.open_counts() == (1, 2)
     # A late receipt and a completed review take them off again.
-    store.put(ProbeState(probe_id="p1", review="completed", providers={
+    await store.put(ProbeState(probe_id="p1", review="completed", providers={
         "a": ProviderTrack(deletion="confirmed"), "b": ProviderTrack(deletion="pending")}))
-    assert store.open_counts() == (0, 1)
+    assert await store.open_counts() == (0, 1)
     store.close()

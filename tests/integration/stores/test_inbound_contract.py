@@ -85,9 +85,9 @@ async def refs(backend: str, request: pytest.FixtureRequest,
         reader = RequestRefs(path)
 
         async def through_the_tracker(ref: str, probe_id: str, provider_id: str) -> None:
-            tracker.put(ProbeState(probe_id=probe_id,
-                                   providers={provider_id: ProviderTrack(request_ref=ref)}))
-            tracker.commit()
+            await tracker.put(ProbeState(
+                probe_id=probe_id, providers={provider_id: ProviderTrack(request_ref=ref)}))
+            await tracker.commit()
 
         yield Refs(reader, through_the_tracker)
         reader.close()

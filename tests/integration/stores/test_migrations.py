@@ -27,7 +27,8 @@ from tests.pg import ROOT, SERVICE_ROLES, PgServer
 OWNERS = {"request_outcomes": "intake", "request_reuses": "intake",
           "exigent_reviews": "intake", "webhook_nonces": "results",
           "sends": "dispatch",
-          "mail_replies": "results", "request_refs": "results"}
+          "mail_replies": "results", "request_refs": "results",
+          "tracker_probes": "results"}
 # The vault index: intake writes it; dispatch may read it, only read (it unwraps keys).
 OWNERS["vault_objects"] = "intake"
 READERS = {"vault_objects": {"dispatch"}}
