@@ -172,16 +172,21 @@ OVERSIGHT_APP_ID = "frs-oversight"
 _OVERSIGHT_PARTITIONS = 3  # as its inputs: a table's changelog has its source's partitions
 
 
+_EXPIRING = {**_COMPACT, "cleanup.policy": "compact,delete"}
+
+
 def oversight_topics(app_id: str = OVERSIGHT_APP_ID) -> tuple[Topic, ...]:
     """The topics of an oversight app with this id (tests run apps of their own)."""
     return (
         Topic(f"{app_id}-observations", "subject", _OVERSIGHT_PARTITIONS, 8 * DAY_MS,
               "delete", (), "Oversight observations, repartitioned by subject (agent, "
               "digest, provider, probe)."),
-        Topic(f"{app_id}-probes-changelog", "probe_id", _OVERSIGHT_PARTITIONS, -1,
-              "compact", (), "Changelog of the oversight probes table.", _COMPACT),
-        Topic(f"{app_id}-subjects-changelog", "subject", _OVERSIGHT_PARTITIONS, -1,
-              "compact", (), "Changelog of the oversight subjects table.", _COMPACT),
+        # Compacted, and what nobody wrote for ten days goes: a probe or subject that
+        # quiet is outside every window and deadline, and recovery stays short.
+        Topic(f"{app_id}-probes-changelog", "probe_id", _OVERSIGHT_PARTITIONS, 10 * DAY_MS,
+              "compact", (), "Changelog of the oversight probes table.", _EXPIRING),
+        Topic(f"{app_id}-subjects-changelog", "subject", _OVERSIGHT_PARTITIONS, 10 * DAY_MS,
+              "compact", (), "Changelog of the oversight subjects table.", _EXPIRING),
     )
 
 

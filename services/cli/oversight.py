@@ -25,7 +25,7 @@ from schemas.catalog import (
 )
 from schemas.envelope import Envelope
 from schemas.events import ProbeSubmitted, ProviderDispatched, UsageAlert
-from services.cli.common import CliSettings, Misuse, emit, subcommand
+from services.cli.common import BENCH_HELP, CliSettings, Misuse, emit, group, subcommand
 from services.kit.reader import read_topic
 from services.oversight.handlers import Limits, MemoryTables
 
@@ -150,6 +150,18 @@ async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
     return 0 if result.equal else 1
 
 
+async def cmd_bench(args: argparse.Namespace, settings: CliSettings) -> int:
+    from services.oversight.bench import run
+    from services.oversight.settings import OversightSettings
+
+    result = await run(OversightSettings(), probes=args.probes, max_s=args.max_s,
+                       kafka=settings)
+    emit(args, result, f"oversight: {result['rules']['events_per_s']:.0f} events/s through "
+         f"the rules, {result['baseline']['events_per_s']:.0f} events/s counted by a bare "
+         f"faust agent: ratio {result['ratio']:.2f} (target {result['target_ratio']})")
+    return 0
+
+
 def register(commands: Any) -> None:
     oversight = commands.add_parser("oversight", help="usage oversight: report, replay")
     cmds = oversight.add_subparsers(dest="oversight_command", required=True)
@@ -164,3 +176,11 @@ def register(commands: Any) -> None:
                         cmd_replay)
     replay.add_argument("--max-s", type=float, default=120.0,
                         help="longest time to read the topics, seconds (default 120)")
+    bench = subcommand(group(commands, "bench", BENCH_HELP), "oversight",
+                       "events/s through the oversight rules vs a bare faust agent that "
+                       "only counts, same run, same scratch topic",
+                       "frs bench oversight --probes 5000 --json", cmd_bench)
+    bench.add_argument("--probes", type=int, default=5000,
+                       help="probes of ordinary use (3 events each; default 5000)")
+    bench.add_argument("--max-s", type=float, default=600.0,
+                       help="longest time for either run, seconds (default 600)")

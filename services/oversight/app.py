@@ -21,14 +21,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import faust
 from aiokafka.partitioner import DefaultPartitioner
+from faust.serializers.codecs import Codec
+from faust.types.codecs import CodecT
 from prometheus_client import Counter, Histogram
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas.catalog import (
     DISPATCH_EVENTS,
@@ -55,6 +57,7 @@ from services.oversight.handlers import (
 from services.oversight.settings import OversightSettings
 
 log = logging.getLogger("frs.oversight")
+M = TypeVar("M", bound=BaseModel)
 SOURCE = "/frs/oversight"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 INPUTS = (PROBE_EVENTS, POLICY_DECISIONS, DISPATCH_EVENTS, RESULTS_EVENTS)
@@ -83,6 +86,28 @@ def credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
                                  ssl_context=context, mechanism=SASL_MECHANISM)
 
 
+class ModelCodec(Codec):
+    """A table's values as pydantic models: JSON on the changelog, models in memory, so a
+    read is a dict lookup and only a write pays for the encoding (a recovered value is
+    JSON until its first read, ``_as``)."""
+
+    def __init__(self, model: type[BaseModel], children: tuple[CodecT, ...] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(children, model=model, **kwargs)
+        self.model = model
+
+    def _dumps(self, obj: Any) -> bytes:
+        return cast(BaseModel, obj).model_dump_json().encode()
+
+    def _loads(self, s: bytes) -> Any:
+        return self.model.model_validate_json(s)
+
+
+def _as(model: type[M], value: Any) -> M | None:
+    # Recovery from the changelog gives the JSON (dicts); what this process wrote, models.
+    return value if value is None or isinstance(value, model) else model.model_validate(value)
+
+
 def _partition_of(key: str, partitions: int) -> int:
     # The kit's producers partition by aiokafka's default (murmur2, as Java's clients do).
     ids = list(range(partitions))
@@ -94,12 +119,9 @@ def _headers(raw: Any) -> list[tuple[str, bytes]]:
     return [(str(k), bytes(v)) for k, v in items]
 
 
-def build(settings: OversightSettings) -> faust.App:
-    s = settings
-    limits = s.limits()
-    observations_topic = oversight_topics(s.app_id)[0]
-    app = faust.App(
-        s.app_id,
+def _app(s: OversightSettings, app_id: str) -> faust.App:
+    return faust.App(
+        app_id,
         broker=[f"kafka://{b.strip()}" for b in s.kafka_bootstrap.split(",")],
         broker_credentials=credentials(s),
         store="memory://",
@@ -107,8 +129,10 @@ def build(settings: OversightSettings) -> faust.App:
         # the app's own included, comes from `frs topics create`.
         topic_allow_declare=False,
         topic_disable_leader=True,
-        table_standby_replicas=0,
-        topic_partitions=observations_topic.partitions,
+        # A hot copy of another worker's tables: a dead worker's partitions are taken
+        # over without replaying their changelogs (the timer acts on active ones only).
+        table_standby_replicas=1,
+        topic_partitions=oversight_topics(app_id)[0].partitions,
         consumer_auto_offset_reset="earliest",
         # A dead worker's partitions move in seconds, not after faust's minute.
         broker_session_timeout=s.session_timeout_s,
@@ -118,17 +142,43 @@ def build(settings: OversightSettings) -> faust.App:
         producer_acks=-1,
         web_enabled=False,
     )
+
+
+def build_counter(settings: OversightSettings, topic: str, app_id: str
+                  ) -> tuple[faust.App, Callable[[], int]]:
+    """The bench's baseline: a bare faust agent on ``topic`` that only counts records."""
+    app = _app(settings, app_id)
+    seen = [0]
+
+    @app.agent(app.topic(topic, key_serializer="raw", value_serializer="raw"))
+    async def count(stream: faust.StreamT[bytes]) -> None:
+        async for _event in stream.events():
+            seen[0] += 1
+
+    return app, lambda: seen[0]
+
+
+def build(settings: OversightSettings, inputs: Sequence[str] | None = None) -> faust.App:
+    """The oversight app; ``inputs`` replaces the pipeline's topics (the bench's scratch
+    topic)."""
+    s = settings
+    limits = s.limits()
+    observations_topic = oversight_topics(s.app_id)[0]
+    app = _app(s, s.app_id)
     def raw(*names: str) -> faust.TopicT:
         # CloudEvents in binary mode: the kit's codec reads them, not faust's.
         return app.topic(*names, key_serializer="raw", value_serializer="raw")
 
-    inputs = raw(*(t.name for t in INPUTS))
+    sources = raw(*(inputs or [t.name for t in INPUTS]))
     observations = raw(observations_topic.name)
     alerts = raw(OVERSIGHT_ALERTS.name)
     dlq = raw(dlq_topic("oversight").name)
     partitions = observations_topic.partitions
     probes = app.Table("probes", default=None, partitions=partitions)
     subjects = app.Table("subjects", default=None, partitions=partitions)
+    # Before first use (the store and the changelog topic are made lazily with it).
+    cast(Any, probes).value_serializer = ModelCodec(ProbeFacts)
+    cast(Any, subjects).value_serializer = ModelCodec(SubjectState)
     flagged: set[str] = set()  # review deadlines sent by this process (a restart resends)
     # per results partition: the latest event time read, and when a record was last read
     results_seen: dict[int, tuple[datetime, float]] = {}
@@ -149,7 +199,7 @@ def build(settings: OversightSettings) -> faust.App:
     async def say(obs: Observation) -> None:
         await observations.send(key=obs.key.encode(), value=obs.model_dump_json().encode())
 
-    @app.agent(inputs)
+    @app.agent(sources)
     async def observe_events(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             m = event.message
@@ -167,25 +217,23 @@ def build(settings: OversightSettings) -> faust.App:
             probe_id = getattr(env.event, "probe_id", None)
             if probe_id is None:
                 continue
-            stored = probes.get(probe_id)
             try:
-                before = ProbeFacts.model_validate(stored) if stored else None
+                before = _as(ProbeFacts, probes.get(probe_id))
                 facts, said = observe(env.id, env.event, before)
             except Exception as exc:  # a record must not stop the stream: DLQ, move on
                 await dead_letter(event, "observe_failed", type(exc).__name__)
                 continue
             for obs in said:
                 await say(obs)
-            if facts is not None and facts != before:
-                probes[probe_id] = facts.model_dump(mode="json")
+            if facts is not None and facts is not before:
+                probes[probe_id] = facts
 
     @app.agent(observations)
     async def judge_observations(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             try:
                 obs = Observation.model_validate_json(event.message.value or b"")
-                stored = subjects.get(obs.key)
-                state = SubjectState.model_validate(stored) if stored else None
+                state = _as(SubjectState, subjects.get(obs.key))
                 started = time.perf_counter()
                 after, found = judge(obs, state, limits)
                 JUDGE_SECONDS.observe(time.perf_counter() - started)
@@ -203,7 +251,7 @@ def build(settings: OversightSettings) -> faust.App:
             for alert in found:
                 await publish(alert, obs.event_id)
             if after is not state:
-                subjects[obs.key] = after.model_dump(mode="json")
+                subjects[obs.key] = after
             if found:
                 # The state that remembers the alert, on the broker now: a crash between
                 # the two is the only way an alert is published twice (same id, same body).
@@ -220,6 +268,14 @@ def build(settings: OversightSettings) -> faust.App:
                                        "subject_kind": alert.subject_kind})
 
     async def review_deadlines() -> None:
+        # A timer that raises crashes the faust app: a failed tick is logged, the next
+        # comes on time (as the kit's jobs do).
+        try:
+            await check_reviews()
+        except Exception:
+            log.exception("review deadline tick failed")
+
+    async def check_reviews() -> None:
         # Only the probes of the results partitions this worker owns (the timer runs on
         # every worker). A partition's time is the latest event time read from it, and the
         # wall clock only once it has been quiet a while: a review that is on the log but
@@ -228,7 +284,8 @@ def build(settings: OversightSettings) -> faust.App:
                  if tp.topic == RESULTS_EVENTS.name}
         wall = datetime.now(UTC)
         for probe_id, stored in list(probes.items()):
-            if probe_id in flagged or stored is None:
+            facts = _as(ProbeFacts, stored)
+            if probe_id in flagged or facts is None:
                 continue
             partition = _partition_of(probe_id, RESULTS_EVENTS.partitions)
             if partition not in owned:
@@ -236,7 +293,7 @@ def build(settings: OversightSettings) -> faust.App:
             # Not read from since the start: quiet only once it has been for a while.
             latest, read_at = results_seen.get(partition, (_EPOCH, began))
             quiet = time.monotonic() - read_at >= s.review_quiet_s
-            obs = review_due(ProbeFacts.model_validate(stored),
+            obs = review_due(facts,
                              max(latest, wall) if quiet else latest, limits)
             if obs is not None:
                 await say(obs)

@@ -353,13 +353,14 @@ def deletion_overdue_share(obs: Observation, seen: Sequence[Observation], lim: L
     """Per provider and day of sending: overdue receipts over a share of the sends."""
     hits = []
     for window in tumbling(obs.at, DAY):
-        sends = _inside(seen, "send", window)
         overdue = _inside(seen, "overdue", window)
-        if (len(overdue) >= lim.deletion_overdue_min and sends
-                and len(overdue) / len(sends) > lim.deletion_overdue_share):
+        if len(overdue) < lim.deletion_overdue_min:
+            continue  # the usual case: no need to count the sends
+        sends = sum(1 for o in seen if o.kind == "send" and window[0] <= o.at < window[1])
+        if sends and len(overdue) / sends > lim.deletion_overdue_share:
             hits.append(Hit(UsageRule.DELETION_OVERDUE_SHARE, UsageReason.SHARE_OVER_LIMIT,
                             window, len(overdue), lim.deletion_overdue_share, overdue,
-                            total=len(sends)))
+                            total=sends))
     return hits
 
 
@@ -386,8 +387,8 @@ RULE_NAMES: dict[Rule, UsageRule] = {
 }
 
 
-def _horizon(kind: ObservationKind, lim: Limits) -> timedelta:
-    """How long an observation can still count in some window of its rules."""
+def _horizons(lim: Limits) -> dict[str, timedelta]:
+    """How long an observation of each kind can still count in some window of its rules."""
     return {
         "search": max(DAY, timedelta(seconds=lim.distinct_cases_window_s)),
         "exigent": WEEK,
@@ -397,7 +398,7 @@ def _horizon(kind: ObservationKind, lim: Limits) -> timedelta:
         "send": 3 * DAY,
         "overdue": 3 * DAY,
         "review_due": timedelta(0),
-    }[kind]
+    }
 
 
 def _overlaps(alerted: Sequence[Alerted], rule: UsageRule, window: Window) -> bool:
@@ -416,11 +417,11 @@ def judge(obs: Observation, state: SubjectState | None, lim: Limits
           ) -> tuple[SubjectState, list[UsageAlert]]:
     """The subject's state with ``obs``, and the alerts of the windows it put over."""
     state = state or SubjectState()
-    if any(o.id == obs.id for o in state.observations):
+    if any(o.event_id == obs.event_id and o.kind == obs.kind for o in state.observations):
         return state, []  # a redelivered observation
     newest = max([obs.at, *(o.at for o in state.observations)])
-    seen = tuple(o for o in (*state.observations, obs)
-                 if o.at >= newest - _horizon(o.kind, lim))
+    oldest = {kind: newest - span for kind, span in _horizons(lim).items()}
+    seen = tuple(o for o in (*state.observations, obs) if o.at >= oldest[o.kind])
     alerted = [a for a in state.alerted if a.end >= newest - 2 * WEEK]
     alerts: list[UsageAlert] = []
     for rule in RULES.get((obs.subject_kind, obs.kind), ()):
