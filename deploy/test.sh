@@ -75,13 +75,17 @@ else
   "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/e2e --ignore=tests/perf \
     --ignore=tests/users
   rc=$?
-  # users: up.sh starts its own secured broker, as a user's first run does.
-  for tier in perf e2e users; do
+  # users: up.sh starts its own secured broker, as a user's first run does. The e2e tier
+  # runs twice: state in SQLite files, then in PostgreSQL (with the vault on S3).
+  for tier in perf e2e e2e:postgresql users; do
     log "pytest: $tier, on a fresh broker"
+    store=${tier#*:}
+    [ "$store" = "$tier" ] && store=sqlite
     if [ "$own_broker" = 1 ]; then
-      env -u FRS_KAFKA_BOOTSTRAP "$PY" -m pytest -q -p no:cacheprovider "tests/$tier"
+      env -u FRS_KAFKA_BOOTSTRAP FRS_TEST_STORE="$store" \
+        "$PY" -m pytest -q -p no:cacheprovider "tests/${tier%%:*}"
     else
-      "$PY" -m pytest -q -p no:cacheprovider "tests/$tier"
+      FRS_TEST_STORE="$store" "$PY" -m pytest -q -p no:cacheprovider "tests/${tier%%:*}"
     fi
     rc2=$?
     [ "$rc" = 0 ] && rc=$rc2

@@ -3,6 +3,10 @@
 #   deploy/up.sh          keeps running until Ctrl-C, then stops what it started
 #   deploy/up.sh --demo   exits 0 after the sample probe and stops what it started
 #   deploy/up.sh --fresh  removes the bus and every service's state first (says what)
+#   deploy/up.sh --store postgres   keeps the services' state in PostgreSQL (deploy/postgres/
+#                         pg.sh, one role per service) and the vault's ciphertexts in an
+#                         S3-compatible server (deploy/s3proxy/s3proxy.sh), as on many hosts:
+#                         then only keys stay in a service's state dir. Default: sqlite.
 # The bus and the services' state live together in .state/ and are kept together: a second
 # run resumes the same bus with the same state. Never a fresh bus with old state.
 # Outside roles (upstream, operator, supervisor, auditor) get a client profile each in
@@ -15,13 +19,19 @@ set -euo pipefail
 cd "$ROOT"
 demo=0
 fresh=0
-for arg in "$@"; do
-  case "$arg" in
+store=sqlite
+usage="usage: deploy/up.sh [--demo] [--fresh] [--store sqlite|postgres]"
+while [ $# -gt 0 ]; do
+  case "$1" in
     --demo) demo=1 ;;
     --fresh) fresh=1 ;;
-    *) die "usage: deploy/up.sh [--demo] [--fresh]" ;;
+    --store) [ $# -ge 2 ] || die "$usage"; store=$2; shift ;;
+    --store=*) store=${1#--store=} ;;
+    *) die "$usage" ;;
   esac
+  shift
 done
+case "$store" in sqlite|postgres) ;; *) die "--store is sqlite or postgres, not $store" ;; esac
 # FRS_UP_STATE moves the whole run (bus and state) elsewhere, e.g. for a test.
 STATE=${FRS_UP_STATE:-$ROOT/.state}
 export STATE
@@ -32,6 +42,15 @@ if [ "$fresh" = 1 ] && [ -d "$STATE" ]; then
   log "--fresh: removing the bus and all state in $STATE: $(cd "$STATE" && ls -A | tr '\n' ' ')"
   rm -rf "$STATE"
 fi
+# The store is part of the state: a run resumes on the store its state was made with.
+if [ -f "$STATE/store" ]; then
+  was_store=$(cat "$STATE/store")
+elif [ -n "$(ls -A "$STATE" 2>/dev/null | grep -v '^logs$' || true)" ]; then
+  was_store=sqlite  # state from before the store was recorded
+else
+  was_store=$store
+fi
+[ "$was_store" = "$store" ] || die "the state in $STATE is on $was_store, this run asks for $store: run deploy/up.sh --fresh --store $store"
 mkdir -p "$STATE/logs"
 
 ensure_tools
@@ -63,12 +82,23 @@ as_principal() {
     fi
     set +a
   fi
+  if [ "$store" = postgres ] && [ -f "${FRS_PG_STATE:-}/env/$who.env" ]; then
+    set -a
+    # shellcheck disable=SC1090
+    . "$FRS_PG_STATE/env/$who.env"  # FRS_STATE_URL and the path of its password file
+    set +a
+  fi
   exec "$@"
 }
+own_pg=0
+own_s3=0
 cleanup() {
   log "stopping services"
   stop_started
   [ "$own_broker" = 1 ] && deploy/kafka/broker.sh stop >&2
+  [ "$own_s3" = 1 ] && deploy/s3proxy/s3proxy.sh stop >&2
+  [ "$own_pg" = 1 ] && deploy/postgres/pg.sh stop >&2
+  return 0
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -104,10 +134,36 @@ else
   secure=0  # someone else's broker: its settings come from the environment
 fi
 [ "$secure" = 1 ] || "$PY" -m services.cli topics create >/dev/null
+echo "$store" >"$STATE/store"
+
+FRS=$VENV/bin/frs
+if [ "$store" = postgres ]; then
+  # State shared by every instance: PostgreSQL with a role per service, the schema applied
+  # by its owner; image ciphertexts in an S3-compatible bucket. The server's OS user must
+  # be able to enter the state dir, nobody may list it.
+  export FRS_PG_STATE=$STATE/postgres FRS_PG_PORT=${FRS_PG_PORT:-15432}
+  chmod 0711 "$STATE"
+  log "starting PostgreSQL on 127.0.0.1:$FRS_PG_PORT (state in $FRS_PG_STATE)"
+  own_pg=1
+  deploy/postgres/pg.sh start >/dev/null
+  "$FRS" --as "$FRS_PG_STATE/env/owner.env" db migrate >/dev/null
+  export FRS_S3PROXY_STATE=$STATE/s3 FRS_S3PROXY_PORT=${FRS_S3PROXY_PORT:-18089}
+  log "starting an S3-compatible server (s3proxy) on 127.0.0.1:$FRS_S3PROXY_PORT for the vault"
+  own_s3=1
+  deploy/s3proxy/s3proxy.sh start >/dev/null
+  export FRS_VAULT_BACKEND=s3 FRS_VAULT_S3_BUCKET=frs-vault \
+    FRS_VAULT_S3_ENDPOINT_URL=http://127.0.0.1:$FRS_S3PROXY_PORT \
+    AWS_ACCESS_KEY_ID=${FRS_S3PROXY_IDENTITY:-frs-local} \
+    AWS_SECRET_ACCESS_KEY=${FRS_S3PROXY_CREDENTIAL:-frs-local-secret} AWS_DEFAULT_REGION=us-east-1
+  "$PY" -c 'import os, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["FRS_VAULT_S3_ENDPOINT_URL"])
+if "frs-vault" not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+    s3.create_bucket(Bucket="frs-vault")'
+fi
 
 # One client profile per outside role: how to reach the bus as that role, and the paths
-# its commands need. Plaintext: the same profiles, without an identity.
-FRS=$VENV/bin/frs
+# its commands need. Plaintext: the same profiles, without an identity. On PostgreSQL the
+# auditor reads the audit log where the audit service keeps it.
 export FRS_PROFILE_DIR=${FRS_PROFILE_DIR:-${XDG_CONFIG_HOME:-$HOME/.config}/frs/profiles}
 for role in upstream operator supervisor auditor; do
   if [ "$secure" = 1 ]; then
@@ -115,7 +171,14 @@ for role in upstream operator supervisor auditor; do
   else
     identity=(--set "FRS_KAFKA_BOOTSTRAP=$FRS_KAFKA_BOOTSTRAP")
   fi
-  "$FRS" profile save "$role" "${identity[@]}" \
+  state=()
+  if [ "$store" = postgres ] && [ "$role" = auditor ]; then
+    reader=$FRS_PG_STATE/env/auditor.env
+    [ -f "$reader" ] || reader=$FRS_PG_STATE/env/audit.env
+    state=(--set "$(grep '^FRS_STATE_URL=' "$reader")"
+           --set "$(grep '^FRS_STATE_PASSWORD_FILE=' "$reader")")
+  fi
+  "$FRS" profile save "$role" "${identity[@]}" "${state[@]}" \
     --set "FRS_STATE_DIR=$STATE" --set "FRS_AUDIT_STORE_DIR=$FRS_AUDIT_STORE_DIR" \
     --set "FRS_INTAKE_PUBLIC_KEY_FILE=$STATE/keys/intake.key.pub.pem" >/dev/null
 done

@@ -13,7 +13,6 @@ import pytest
 from schemas.answers import ANSWER_FIELDS, CANDIDATE_FIELDS
 from schemas.events import LEAD_MARKING
 from schemas.types import probe_id_for
-from services.audit.store import AuditStore
 from services.simulators.answers import OVERSHARED_MARK
 from tests.e2e.conftest import System
 
@@ -63,7 +62,7 @@ def test_probe_flows_through_every_service_and_audit_records_it(
 
     # The audit service records every one of them, each exactly once.
     system.services["audit"].stop()
-    store = AuditStore(Path(system.env["FRS_AUDIT_STORE_DIR"]))
+    store = system.audit_log()
     recorded = [r.ce_id for r in store.rows()]
     store_text = store.leaves()
     leaves = [json.loads(leaf) for leaf in store_text]
