@@ -192,7 +192,7 @@ read -r vendor_line <&"${VENDOR[0]}" || die "the vendor simulator did not start:
 vendor_url=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["url"])' "$vendor_line")
 
 log "starting services (logs in .state/logs/)"
-for svc in intake dispatch results audit; do
+for svc in intake dispatch results audit oversight; do
   start_bg "$svc" "$STATE/logs/$svc.log" as_principal "$svc" "$PY" -m "services.$svc"
 done
 for _ in $(seq 1 100); do

@@ -17,13 +17,14 @@ from services.dispatch.settings import DispatchSettings
 from services.intake.policy.settings import PolicySettings
 from services.intake.settings import IntakeSettings
 from services.kit.settings import ServiceSettings
+from services.oversight.settings import OversightSettings
 from services.results.settings import ResultsSettings
 from services.vault import VaultSettings
 
 SCOPES: tuple[tuple[str, type[BaseSettings]], ...] = (
     ("every service", ServiceSettings), ("intake", IntakeSettings), ("policy", PolicySettings),
     ("vault", VaultSettings), ("dispatch", DispatchSettings), ("results", ResultsSettings),
-    ("audit", AuditSettings),
+    ("audit", AuditSettings), ("oversight", OversightSettings),
 )
 
 
