@@ -24,6 +24,7 @@ from services.dispatch.transports.https import HttpsTransport, client_tls_contex
 from services.dispatch.transports.rekognition import RekognitionTransport
 from services.dispatch.transports.smime_email import SmimeEmailTransport
 from services.kit.app import Context, Job, ServiceApp, Wiring
+from services.kit.fencing import PgLeases
 from services.kit.registry import Registries
 from services.kit.routing import Route, RouteProgress, bind, dlq_for
 from services.kit.state import PostgresState, State, open_state
@@ -122,9 +123,13 @@ def build(settings: DispatchSettings) -> ServiceApp:
         ledger = build_ledger(settings, shared, ctx.stack)
         ports = replace(build_ports(settings, ctx.registries, ctx.stack, ledger),
                         stopping=lambda: sends_progress.stopping)
+        # On PostgreSQL the sends are fenced by partition leases: a stale instance (a
+        # zombie whose partitions moved) cannot claim or send (services/kit/fencing.py).
         sends = Route("dispatch", settings.group_id, (POLICY_DECISIONS.name,),
                       dict([bind(PolicyCleared, handlers.on_policy_cleared, ports)]),
-                      dlq_for("dispatch"), progress=sends_progress)
+                      dlq_for("dispatch"), progress=sends_progress,
+                      leases=PgLeases(shared.pool, "dispatch")
+                      if isinstance(shared, PostgresState) else None)
         # The heartbeat keeps this instance's claims alive while it sends.
         heartbeat = Job("claim heartbeat", settings.claim_lease_s / 5, ports.ledger.heartbeat)
         # The shared state's schema first: a wrong one stops the start in one line.

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from schemas.events import EVENTS_BY_TYPE, Event
 from schemas.types import utcnow
+from services.kit.fencing import check_fence
 from services.kit.sqlite import connect
 
 if TYPE_CHECKING:
@@ -294,15 +295,22 @@ class PgLedger(_Holder):
     Row locks make the races safe across instances: of two claims of one send, the second
     ``INSERT … ON CONFLICT DO NOTHING`` waits for the first to commit, then reads its row
     (``unknown``); of two takeovers, the second ``UPDATE`` re-checks (owner, heartbeat_at)
-    on the row the first wrote and changes nothing."""
+    on the row the first wrote and changes nothing.
+
+    The writes that act on the world (a claim before a send, the attempt just before it,
+    the completion) also check this instance's partition lease in their transaction
+    (services/kit/fencing.py): a stale owner's raises ``Fenced`` and it sends nothing."""
 
     def __init__(self, pool: AsyncConnectionPool, owner: str | None = None) -> None:
         super().__init__(owner)
         self.pool = pool
 
-    async def _update(self, query: str, params: tuple[Any, ...]) -> int:
-        """Rows changed by one committed UPDATE."""
+    async def _update(self, query: str, params: tuple[Any, ...], *, fenced: bool = False
+                      ) -> int:
+        """Rows changed by one committed UPDATE (after the lease check, when fenced)."""
         async with self.pool.connection() as conn:
+            if fenced:
+                await check_fence(conn)
             changed = (await conn.execute(query, params)).rowcount
         self.transactions += 1
         return changed
@@ -312,6 +320,7 @@ class PgLedger(_Holder):
         request_ref = request_ref_for(dispatch_id)
         now = utcnow()
         async with self.pool.connection() as conn:
+            await check_fence(conn)
             inserted = (await conn.execute(
                 "INSERT INTO sends (probe_id, provider_id, dispatch_id, request_ref, state, "
                 "claimed_at, owner, heartbeat_at) VALUES (%s, %s, %s, %s, 'claimed', %s, %s, %s) "
@@ -336,6 +345,7 @@ class PgLedger(_Holder):
     async def record_attempt(self, probe_id: str, provider_id: str) -> int:
         """The attempt's number, durable before the send; 0 if the claim is not ours."""
         async with self.pool.connection() as conn:
+            await check_fence(conn)  # the last write before the send goes out
             row = await (await conn.execute(
                 "UPDATE sends SET attempts = attempts + 1, heartbeat_at = %s "
                 "WHERE probe_id = %s AND provider_id = %s AND owner = %s AND state = 'claimed' "
@@ -349,14 +359,15 @@ class PgLedger(_Holder):
             "UPDATE sends SET owner = %s, heartbeat_at = %s WHERE probe_id = %s AND "
             "provider_id = %s AND state = 'claimed' AND owner = %s AND "
             "heartbeat_at IS NOT DISTINCT FROM %s::timestamptz",
-            (self.owner, utcnow(), probe_id, provider_id, seen.owner, seen.heartbeat_at)) == 1)
+            (self.owner, utcnow(), probe_id, provider_id, seen.owner, seen.heartbeat_at),
+            fenced=True) == 1)
 
     async def complete(self, probe_id: str, provider_id: str, events: list[Event]) -> bool:
         """Record the outcome; False if the claim was taken over meanwhile (not recorded)."""
         done = await self._update(
             "UPDATE sends SET state = 'done', finished_at = %s, outcome = %s "
             "WHERE probe_id = %s AND provider_id = %s AND owner = %s AND state = 'claimed'",
-            (utcnow(), _dump(events), probe_id, provider_id, self.owner))
+            (utcnow(), _dump(events), probe_id, provider_id, self.owner), fenced=True)
         self.release(probe_id, provider_id)
         return done == 1
 

@@ -10,6 +10,14 @@ DLQ with its original headers plus error headers, and the partition moves on. A 
 that raises ``NotYet`` (a valid record that cannot be handled yet, see signals.py) is
 retried for as long as the processor runs and never dead-lettered.
 Records with the same key are handled in order; different keys run concurrently.
+
+Ownership (issue 18): a route's input topics must be co-partitioned (checked at start) and
+are assigned by partition number (services/kit/assignor.py), so one instance holds all of
+a key's records. On revocation the processor stops waiting on the revoked partitions,
+lets the work in hand finish for a bounded time (else abandons it), commits, then lets the
+rebalance go on. On assignment it takes the partitions' leases (services/kit/fencing.py)
+and calls the route's ``on_assigned``; a write refused by the fence makes it drop that
+partition's work and stop fetching it until the group hands it out again.
 """
 from __future__ import annotations
 
@@ -20,16 +28,20 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
+from schemas.catalog import TOPIC_BY_NAME
 from schemas.envelope import DecodeError, Envelope, decode
 from schemas.events import Event
+from services.kit.assignor import CopartitionedAssignor
+from services.kit.fencing import Fenced, FenceScope, fenced_as
 from services.kit.kafka import KafkaSettings, client_options
-from services.kit.metrics import processor_metrics
+from services.kit.metrics import owned_partitions, processor_metrics
 from services.kit.publisher import EventTooLarge, Publisher
 from services.kit.routing import RawRecord, Route
 from services.kit.signals import NotYet
@@ -41,15 +53,31 @@ class _LeftForNextOwner(Exception):
     """Stop came while a record waited or failed: its batch must not be committed."""
 
 
-class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, on_revoked: Callable[[Iterable[TopicPartition]], None]) -> None:
-        self._on_revoked = on_revoked
+class NotCopartitioned(Exception):
+    """A route's input topics differ in partition count: one key would be on partition
+    numbers that different instances hold."""
+
+
+def copartition_fault(group_id: str, counts: dict[str, int | None]) -> str | None:
+    """The one line that stops a start, or None when every topic has as many partitions."""
+    if len(set(counts.values())) <= 1 and None not in counts.values():
+        return None
+    shown = ", ".join(f"{t}={'missing' if n is None else n}" for t, n in sorted(counts.items()))
+    return (f"consumer group {group_id}: its input topics must have as many partitions each "
+            f"(co-partitioned by key), found {shown}")
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, revoked: Callable[[set[TopicPartition]], Awaitable[None]],
+                 assigned: Callable[[set[TopicPartition]], Awaitable[None]]) -> None:
+        self._revoked = revoked
+        self._assigned = assigned
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self._on_revoked(revoked)
+        await self._revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        return None
+        await self._assigned(set(assigned))
 
 
 class Processor:
@@ -67,6 +95,7 @@ class Processor:
         concurrency: int = 64,
         commit_interval_s: float = 0.0,
         stop_timeout_s: float = 60.0,
+        revoke_wait_s: float = 5.0,
         kill_before_commit: bool = False,
         kafka: KafkaSettings | None = None,
     ) -> None:
@@ -78,6 +107,9 @@ class Processor:
         self.batch_max = batch_max
         self.commit_interval_s = commit_interval_s
         self.stop_timeout_s = stop_timeout_s
+        # How long a revocation waits for the work in hand: well inside the rebalance
+        # timeout (the session timeout, 10 s), or the group goes on without this member.
+        self.revoke_wait_s = revoke_wait_s
         # Offsets whose batches are done (effects acknowledged) but not yet committed.
         self._done: dict[TopicPartition, int] = {}
         self._committed_at = 0.0
@@ -90,6 +122,20 @@ class Processor:
         self._batch_epoch: dict[TopicPartition, int] = {}
         # First offset per partition of the batch in hand (fetched, not yet handled).
         self._in_hand_from: dict[TopicPartition, int] = {}
+        self._idle = asyncio.Event()  # no batch's handlers are running
+        self._idle.set()
+        self._finishing: asyncio.Task[None] | None = None
+        # Partitions being revoked: a record of them waiting on NotYet gives up now.
+        self._revoking: set[TopicPartition] = set()
+        # The epoch of each partition number's lease this instance holds (route.leases),
+        # taken at assignment; a number missing here is not ours to act on.
+        self._leases: dict[int, int] = {}
+        self._leases_ready = asyncio.Event()
+        if route.leases is None:
+            self._leases_ready.set()
+        self.holder = f"{route.group_id}-{uuid.uuid4().hex[:12]}"
+        # One per consumer: it remembers this member's partitions (sticky).
+        self.assignor = CopartitionedAssignor()
         self._metrics = processor_metrics(route.service)
         options: dict[str, Any] = {
             **client_options(kafka, bootstrap),
@@ -102,23 +148,138 @@ class Processor:
             # record (a 10 MB probe) still comes whole: the broker returns at least one.
             "max_partition_fetch_bytes": 1024 * 1024,
             "fetch_max_bytes": 8 * 1024 * 1024,
+            # Partition p of every input topic to one member (the assignor's docstring).
+            # This one only: aiokafka offering two livelocks the join of two members, so a
+            # group on another assignor is stopped whole, not rolled, to switch.
+            "partition_assignment_strategy": (self.assignor,),
         }
         options.update(route.consumer_options)
         self._consumer = AIOKafkaConsumer(**options)
-        self._consumer.subscribe(list(route.topics), listener=_Revocations(self._revoked))
         self.processed = 0
 
     def stop(self) -> None:
         self._stopping.set()
+        self._leases_ready.set()  # a loop waiting for an assignment's leases stops too
 
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def _revoked(self, revoked: Iterable[TopicPartition]) -> None:
+    async def _check_copartitioned(self) -> None:
+        """NotCopartitioned unless the route's topics have as many partitions each. Only
+        topics keyed alike are co-partitioned (the catalog's key; a topic not in the
+        catalog counts as keyed alike): audit reads every topic, whatever its key, as one
+        log, and no key of one topic is looked for on another."""
+        keys = {TOPIC_BY_NAME[t].key if t in TOPIC_BY_NAME else None
+                for t in self.route.topics}
+        if len(self.route.topics) < 2 or len(keys - {None}) > 1:
+            return
+        # Before subscribing, so a refused start never joins the group; aiokafka's consumer
+        # has no public call for a topic's partitions before it tracks the topic.
+        cluster = await self._consumer._client.fetch_all_metadata()
+        counts: dict[str, int | None] = {}
+        for topic in self.route.topics:
+            found = cluster.partitions_for_topic(topic)
+            counts[topic] = len(found) if found else None
+        fault = copartition_fault(self.route.group_id, counts)
+        if fault is not None:
+            raise NotCopartitioned(fault)
+
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        """Before the group moves ``revoked``: waits on them stop, the work in hand finishes
+        (at most ``revoke_wait_s``, then it is abandoned: its offsets are not recorded, and
+        the next owner handles it again), the done offsets are committed, then the
+        rebalance goes on. aiokafka stops fetching them while it rebalances."""
+        self._leases_ready.clear()
+        self._revoking |= revoked
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled(), self.revoke_wait_s)
+        if not self._idle.is_set():
+            log.warning("revoked with work in hand: abandoned to the next owner",
+                        extra={"group": self.route.group_id,
+                               "partitions": ",".join(map(str, sorted(_numbers(revoked))))})
         for tp in revoked:
             self._epoch[tp] = self._epoch.get(tp, 0) + 1
-            self._done.pop(tp, None)  # the next owner commits it
+        offsets = {tp: o for tp, o in self._done.items() if tp in revoked}
+        for tp in revoked:
+            self._done.pop(tp, None)
+        if offsets:
+            try:
+                await self._consumer.commit(offsets)
+            except KafkaError as exc:  # the next owner redelivers: repeated work only
+                log.warning("commit at revocation failed",
+                            extra={"group": self.route.group_id, "error": type(exc).__name__})
+        self._revoking -= revoked
+        kept = self._consumer.assignment() - revoked
+        for number in _numbers(revoked) - _numbers(kept):
+            self._leases.pop(number, None)
+        self._owned(kept)
+
+    async def _settled(self) -> None:
+        """Until the batch in hand is handled and every finishing batch committed."""
+        while True:
+            await self._idle.wait()
+            finishing = self._finishing
+            if finishing is None or finishing.done():
+                return
+            await asyncio.wait({finishing})
+
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        """Take the leases of the partitions just assigned (their epoch + 1: whoever held
+        them before is fenced from now on), then let the service load their state."""
+        numbers = sorted(_numbers(assigned))
+        self._owned(assigned)
+        log.info("partitions assigned", extra={
+            "group": self.route.group_id, "partitions": ",".join(map(str, numbers)),
+            "assigned": " ".join(sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))})
+        leases = self.route.leases
+        try:
+            if leases is not None:
+                self._leases = {}
+                if numbers:
+                    try:
+                        self._leases = await leases.take(self.route.group_id, numbers,
+                                                         self.holder)
+                    except Exception as exc:
+                        # Not acting is safe: these records wait for the next assignment.
+                        log.error("could not take partition leases; not acting on them",
+                                  extra={"group": self.route.group_id,
+                                         "error": type(exc).__name__})
+            if self.route.on_assigned is not None and numbers:
+                await self.route.on_assigned(numbers)
+        finally:
+            self._leases_ready.set()
+
+    def _owned(self, tps: set[TopicPartition]) -> None:
+        for topic in self.route.topics:  # frs_partitions_owned, for frs status and alerts
+            owned_partitions(topic, sum(1 for tp in tps if tp.topic == topic))
+
+    def _scope(self, partitions: Iterable[int], leases: dict[int, int] | None = None
+                ) -> FenceScope | None:
+        if self.route.leases is None:
+            return None
+        held = self._leases if leases is None else leases
+        return FenceScope(self.route.leases.table, self.route.group_id,
+                          {p: held.get(p, -1) for p in partitions})
+
+    def _fenced(self, exc: Fenced, tried: FenceScope | None) -> None:
+        """A write of ours was refused: stop acting on those partitions. Work from before
+        our own newer lease (a rebalance that gave them back) is only dropped; a lease
+        another instance took means we are stale: stop fetching until the group rebalances
+        (it hands the partitions to their owner, or back to us with a new lease)."""
+        for number in exc.partitions:
+            stale_try = tried is not None and tried.epochs.get(number) != self._leases.get(
+                number, -1)
+            tps = [tp for tp in self._consumer.assignment() if tp.partition == number]
+            for tp in tps:
+                self._epoch[tp] = self._epoch.get(tp, 0) + 1  # its batch is not recorded
+            if stale_try or number not in self._leases:
+                continue
+            del self._leases[number]
+            if tps:
+                self._consumer.pause(*tps)
+            log.warning("partition lease lost to a newer owner: dropped its work",
+                        extra={"group": self.route.group_id, "partition": number})
 
     async def mark(self) -> object:
         """The end of every partition of this route's topics now, for ``reached`` (None if
@@ -159,6 +320,13 @@ class Processor:
 
     async def run(self) -> None:
         await self._consumer.start()
+        try:
+            await self._check_copartitioned()
+        except NotCopartitioned:
+            await self._consumer.stop()
+            raise  # the runtime says it in one line and stops the start
+        self._consumer.subscribe(list(self.route.topics),
+                                 listener=_Rebalance(self._revoked, self._assigned))
         log.info("consumer started", extra={"group": self.route.group_id,
                                             "topics": ",".join(self.route.topics)})
         finishing: asyncio.Task[None] | None = None
@@ -175,9 +343,15 @@ class Processor:
                     # The hook makes local state durable; it must not take in effects of
                     # a batch whose outputs are not yet acknowledged, so no overlap here.
                     await finishing
+                if not self._leases_ready.is_set():
+                    await self._leases_ready.wait()  # an assignment is taking its leases
                 self._batch_epoch = {tp: self._epoch.get(tp, 0) for tp in batch}
                 self._in_hand_from = {tp: records[0].offset for tp, records in batch.items()}
-                pending = await self._handle_batch(batch)
+                self._idle.clear()
+                try:
+                    pending = await self._handle_batch(batch)
+                finally:
+                    self._idle.set()
                 self._in_hand_from = {}
                 if finishing is not None:
                     # At most one batch finishing behind the one in hand: a stalled commit
@@ -186,8 +360,8 @@ class Processor:
                     finishing.result()
                 # Acknowledgements and the commit of this batch overlap the handling of the
                 # next one; commits stay in order.
-                finishing = asyncio.create_task(self._finish_batch(
-                    batch, dict(self._batch_epoch), pending, finishing))
+                finishing = self._finishing = asyncio.create_task(self._finish_batch(
+                    batch, dict(self._batch_epoch), pending, finishing, dict(self._leases)))
         except _LeftForNextOwner:
             log.info("stopped with a batch left uncommitted for the next owner",
                      extra={"group": self.route.group_id})
@@ -223,14 +397,29 @@ class Processor:
     async def _finish_batch(self, batch: dict[TopicPartition, list[ConsumerRecord]],
                             epochs: dict[TopicPartition, int],
                             pending: list[asyncio.Future[Any]],
-                            previous: asyncio.Task[None] | None) -> None:
+                            previous: asyncio.Task[None] | None,
+                            leases: dict[int, int] | None = None) -> None:
         if previous is not None:
             await previous
         # Effects are durable before the offsets move: at-least-once, never at-most-once.
         if pending:
             await asyncio.gather(*pending)
         if self.route.before_commit is not None:
-            await self.route.before_commit()
+            # The batch's state is written under the leases it was handled under.
+            scope = self._scope(_numbers(batch), leases)
+            try:
+                with fenced_as(scope):
+                    await self.route.before_commit()
+            except Fenced as exc:
+                # Nothing of the batch is durable: no offset of it is recorded, and the
+                # partitions still ours go back to its start to be handled again.
+                self._fenced(exc, scope)
+                assigned = self._consumer.assignment()
+                for tp, records in batch.items():
+                    self._epoch[tp] = self._epoch.get(tp, 0) + 1
+                    if tp in assigned and tp.partition in self._leases:
+                        self._consumer.seek(tp, records[0].offset)
+                return
         if self.kill_before_commit and pending:
             # Fault injection for crash tests: effects are out, offsets are not.
             log.warning("fault injection: SIGKILL before commit",
@@ -285,6 +474,11 @@ class Processor:
 
     async def _handle_record(self, record: ConsumerRecord) -> list[asyncio.Future[Any]]:
         tp = TopicPartition(record.topic, record.partition)
+        if self.route.leases is not None and record.partition not in self._leases:
+            # Not ours (fenced, or no lease taken): dropped, and its batch not recorded.
+            self._epoch[tp] = self._epoch.get(tp, 0) + 1
+            return []
+        scope = self._scope((record.partition,))
         raw = RawRecord(
             record.topic, record.partition, record.offset, record.key, record.value,
             [(k, bytes(v)) for k, v in (record.headers or ())],
@@ -328,8 +522,14 @@ class Processor:
         while True:
             started = time.perf_counter()
             try:
-                outputs = await call()
+                with fenced_as(scope):
+                    outputs = await call()
+            except Fenced as exc:
+                self._fenced(exc, scope)
+                return []  # the owner of the lease handles it
             except NotYet as exc:
+                if tp in self._revoking:
+                    self._epoch[tp] = self._epoch.get(tp, 0) + 1  # abandoned: not recorded
                 if self._epoch.get(tp, 0) != self._batch_epoch.get(tp, 0):
                     return []  # revoked while waiting: the new owner handles it
                 waited += 1
@@ -410,3 +610,8 @@ class Processor:
         ]
         log.error("sent to DLQ", extra={"topic": raw.topic, "offset": raw.offset, "code": code})
         return await self.publisher.send_raw(self.route.dlq_topic, raw.key, value, headers)
+
+
+def _numbers(tps: Iterable[TopicPartition]) -> set[int]:
+    """Partition numbers: the unit of ownership, the same in every input topic."""
+    return {tp.partition for tp in tps}

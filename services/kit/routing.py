@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from schemas.catalog import dlq_topic
 from schemas.envelope import DecodeError, Envelope, Headers
 from schemas.events import Event
+
+if TYPE_CHECKING:
+    from services.kit.fencing import Leases
 
 Handler = Callable[[Any, Envelope], Awaitable[Sequence[Event]]]
 InvalidHandler = Callable[["RawRecord", DecodeError], Awaitable[Sequence[Event]]]
 # Sees every record, decodable or not (the audit log records everything, DLQs included).
 RecordHandler = Callable[["RawRecord", "Envelope | DecodeError"], Awaitable[Sequence[Event]]]
 BatchHook = Callable[[], Awaitable[None]]
+# Called with the partition numbers (of every input topic) just assigned to this instance.
+AssignHook = Callable[[Sequence[int]], Awaitable[None]]
 E = TypeVar("E", bound=Event)
 P = TypeVar("P")
 
@@ -66,6 +71,13 @@ class Route:
     # Which of the app's identities (ServiceApp.identities) consumes this route and
     # publishes its outputs and dead letters; None: the service's own.
     identity: str | None = None
+    # Where the processor takes the lease of each partition it is assigned (the shared
+    # store's, services/kit/fencing.py), so a stale owner's writes are refused. None: no
+    # fencing (SQLite: one host, nothing to fence against).
+    leases: Leases | None = None
+    # Runs once a rebalance has given this instance partitions (and their leases), before
+    # their records are handled: load that partition's state.
+    on_assigned: AssignHook | None = None
 
 
 class Feed(Protocol):

@@ -19,7 +19,7 @@ from services.kit.follower import RegistryFollower
 from services.kit.kafka import KafkaSettings
 from services.kit.logs import setup_logging
 from services.kit.metrics import identify, serve_metrics
-from services.kit.processor import Processor
+from services.kit.processor import NotCopartitioned, Processor
 from services.kit.publisher import Publisher
 from services.kit.registry import Registries
 from services.kit.routing import Route
@@ -108,7 +108,10 @@ async def _run_routes(settings: ServiceSettings, processors: list[Processor],
     waiter.cancel()
     crashed = [r for r in drained if isinstance(r, BaseException)]
     for exc in crashed:
-        log.error("processor crashed", exc_info=exc)
+        if isinstance(exc, NotCopartitioned):
+            log.error(str(exc))  # a refused start: one line that says what is wrong
+        else:
+            log.error("processor crashed", exc_info=exc)
     if crashed:
         raise SystemExit(1)
     log.info("service stopped")

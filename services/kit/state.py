@@ -82,11 +82,19 @@ def read_password(path: Path | None) -> str | None:
     return None if path is None else read_private(path).decode().strip()
 
 
+# An instance frozen inside a transaction (SIGSTOP, a VM paused) holds its row locks, and
+# every other instance waiting on them, until the server ends the transaction: after this
+# long idle in it. No transaction here waits on anything slower than a publish.
+IDLE_IN_TRANSACTION_S = 30
+
+
 def pool_kwargs(password: str | None, *, name: str, timeout_s: float) -> dict[str, Any]:
     """Connection keywords of a service's pool: named (pg_stat_activity shows who), a
-    bounded connect, and the role's password when it has one."""
-    kwargs: dict[str, Any] = {"application_name": f"frs-{name}",
-                              "connect_timeout": max(1, int(timeout_s))}
+    bounded connect, a bounded idle transaction, and the role's password when it has
+    one."""
+    kwargs: dict[str, Any] = {
+        "application_name": f"frs-{name}", "connect_timeout": max(1, int(timeout_s)),
+        "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S}s"}
     if password is not None:
         kwargs["password"] = password
     return kwargs

@@ -23,7 +23,6 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from prometheus_client import Counter, Gauge
 
 from schemas.catalog import (
@@ -44,6 +43,7 @@ from schemas.events import (
 )
 from schemas.types import utcnow
 from services.kit.app import Context, Job, Server, ServiceApp, Wiring
+from services.kit.fencing import PgLeases
 from services.kit.kafka import client_options
 from services.kit.publisher import Publisher
 from services.kit.reader import all_partitions
@@ -68,11 +68,10 @@ DEADLINES_MISSED = Counter("frs_results_deadlines_missed_total",
 
 TRACKED_TOPICS = (PROBE_EVENTS, POLICY_DECISIONS, DISPATCH_EVENTS, RESULTS_EVENTS)
 # Every tracked event is keyed by its probe id: with as many partitions in each topic, the
-# range assignor gives one instance partition i of all four, so one instance (one
-# tracker) holds all of a probe's events and no two write its state at once (round robin,
-# the default, splits them). Range alone: aiokafka 0.14 offered both livelocks the join
-# of two members (rebalance after rebalance), so a group still on round robin is stopped
-# whole, not rolled, to switch.
+# kit's assignor (services/kit/assignor.py) gives one instance partition i of all four, so
+# one instance (one tracker) holds all of a probe's events and no two write its state at
+# once (round robin, aiokafka's default, splits them). A group still on round robin or
+# range is stopped whole, not rolled, to switch: aiokafka cannot offer two assignors.
 if len({t.partitions for t in TRACKED_TOPICS}) != 1:
     raise RuntimeError("the tracker's topics must have as many partitions each")
 
@@ -125,7 +124,10 @@ def build(settings: ResultsSettings) -> ServiceApp:
             "results", "frs-results-tracker", tuple(t.name for t in TRACKED_TOPICS),
             dict.fromkeys(tracking.TRACKED_TYPES, track), dlq_for("results"),
             before_commit=durable,
-            consumer_options={"partition_assignment_strategy": (RangePartitionAssignor,)},
+            # A batch's states are committed under the leases of its partitions: a stale
+            # instance's commit is refused (services/kit/fencing.py).
+            leases=PgLeases(shared.pool, "results") if isinstance(shared, PostgresState)
+            else None,
         )
         deadlines = DeadlineWatch(settings, store, ctx.registries, ctx.publisher)
 

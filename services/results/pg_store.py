@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
+from services.kit.fencing import Fenced, check_fence
 from services.results.store import DueAction
 from services.results.tracking import ProbeState
 
@@ -129,16 +130,23 @@ class PgTracker:
                  sum(t.deletion == "overdue" for t in s.providers.values())) for s in states]
         refs = [(t.request_ref, s.probe_id, pid) for s in states
                 for pid, t in s.providers.items() if t.request_ref is not None]
-        async with self.pool.connection() as conn, conn.transaction():
-            async with conn.cursor() as cur:
-                # ``acted`` stays: the sweep prunes it against the state it locks.
-                await cur.executemany(
-                    "INSERT INTO tracker_probes (probe_id, state, next_due, review_pending, "
-                    "deletions_overdue) VALUES (%s, %s::jsonb, %s, %s, %s) "
-                    "ON CONFLICT (probe_id) DO UPDATE SET state = excluded.state, "
-                    "next_due = excluded.next_due, review_pending = excluded.review_pending, "
-                    "deletions_overdue = excluded.deletions_overdue", rows)
-            await _record_refs(conn, refs)
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                # Under this instance's partition leases (the processor's scope): a stale
+                # owner's batch is refused whole, and forgotten, never written later.
+                await check_fence(conn)
+                async with conn.cursor() as cur:
+                    # ``acted`` stays: the sweep prunes it against the state it locks.
+                    await cur.executemany(
+                        "INSERT INTO tracker_probes (probe_id, state, next_due, "
+                        "review_pending, deletions_overdue) VALUES (%s, %s::jsonb, %s, %s, %s) "
+                        "ON CONFLICT (probe_id) DO UPDATE SET state = excluded.state, "
+                        "next_due = excluded.next_due, review_pending = excluded.review_pending, "
+                        "deletions_overdue = excluded.deletions_overdue", rows)
+                await _record_refs(conn, refs)
+        except Fenced:
+            self._batch.clear()
+            raise
         self._batch.clear()
 
     async def act_on_due(self, now: datetime, act: DueAction) -> int:

@@ -45,7 +45,7 @@ async def test_offsets_of_a_batch_fetched_before_a_revocation_are_never_recorded
         assert proc._done == {TP: 42}
         # A rebalance takes the partition (and may give it back): what was done under the
         # old assignment is dropped, and a batch fetched before it records nothing.
-        proc._revoked([TP])
+        await proc._revoked({TP})
         assert proc._done == {}
         await proc._finish_batch(batch, {TP: 0}, [], None)
         assert proc._done == {}

@@ -34,6 +34,8 @@ OWNERS["vault_objects"] = "intake"
 READERS = {"vault_objects": {"dispatch"}}
 # The audit log and the invariants' state (migration 0008): the audit role's alone.
 OWNERS |= dict.fromkeys(AUDIT_TABLES, "audit")
+# Partition leases (migration 0009, services/kit/fencing.py): each role its own table.
+OWNERS |= {f"{role}_leases": role for role in ("intake", "dispatch", "results")}
 READERS |= {table: {"auditor"} for table in AUDIT_TABLES[:3]}  # the log alone
 
 
