@@ -18,11 +18,13 @@ state changes nothing; the alert's CloudEvent id is its deterministic ``alert_id
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import faust
@@ -120,8 +122,12 @@ def _headers(raw: Any) -> list[tuple[str, bytes]]:
 
 
 def _app(s: OversightSettings, app_id: str) -> faust.App:
-    return faust.App(
+    # faust makes an (empty, with in-memory tables) data directory: not in the working
+    # directory nor the state dir; removed at exit.
+    scratch = tempfile.TemporaryDirectory(prefix=f"{app_id}-")
+    app = faust.App(
         app_id,
+        datadir=scratch.name,
         broker=[f"kafka://{b.strip()}" for b in s.kafka_bootstrap.split(",")],
         broker_credentials=credentials(s),
         store="memory://",
@@ -142,6 +148,8 @@ def _app(s: OversightSettings, app_id: str) -> faust.App:
         producer_acks=-1,
         web_enabled=False,
     )
+    cast(Any, app)._frs_datadir = scratch  # lives as long as the app
+    return app
 
 
 def build_counter(settings: OversightSettings, topic: str, app_id: str
@@ -180,9 +188,14 @@ def build(settings: OversightSettings, inputs: Sequence[str] | None = None) -> f
     cast(Any, probes).value_serializer = ModelCodec(ProbeFacts)
     cast(Any, subjects).value_serializer = ModelCodec(SubjectState)
     flagged: set[str] = set()  # review deadlines sent by this process (a restart resends)
-    # per results partition: the latest event time read, and when a record was last read
+    # per results partition: the latest event time read, when a record was last read, and
+    # the offset after the last one handled
     results_seen: dict[int, tuple[datetime, float]] = {}
+    results_next: dict[int, int] = {}
     began = time.monotonic()
+    ticking = asyncio.Lock()  # faust starts a tick even while the last one still runs
+    reviews: dict[str, datetime] = {}  # probe -> review deadline, not yet met
+    indexed: list[frozenset[int]] = [frozenset()]  # results partitions reviews indexes
 
     async def dead_letter(event: faust.EventT[Any], code: str, message: str) -> None:
         DLQ.labels(code).inc()
@@ -214,6 +227,7 @@ def build(settings: OversightSettings, inputs: Sequence[str] | None = None) -> f
             if m.topic == RESULTS_EVENTS.name:
                 results_seen[m.partition] = (max(env.time, results_seen.get(
                     m.partition, (env.time, 0.0))[0]), time.monotonic())
+                results_next[m.partition] = m.offset + 1
             probe_id = getattr(env.event, "probe_id", None)
             if probe_id is None:
                 continue
@@ -227,6 +241,7 @@ def build(settings: OversightSettings, inputs: Sequence[str] | None = None) -> f
                 await say(obs)
             if facts is not None and facts is not before:
                 probes[probe_id] = facts
+                remember_review(probe_id, facts)
 
     @app.agent(observations)
     async def judge_observations(stream: faust.StreamT[bytes]) -> None:
@@ -270,34 +285,70 @@ def build(settings: OversightSettings, inputs: Sequence[str] | None = None) -> f
     async def review_deadlines() -> None:
         # A timer that raises crashes the faust app: a failed tick is logged, the next
         # comes on time (as the kit's jobs do).
+        if ticking.locked():
+            return
         try:
-            await check_reviews()
+            async with ticking:
+                await check_reviews()
         except Exception:
             log.exception("review deadline tick failed")
 
     async def check_reviews() -> None:
         # Only the probes of the results partitions this worker owns (the timer runs on
         # every worker). A partition's time is the latest event time read from it, and the
-        # wall clock only once it has been quiet a while: a review that is on the log but
-        # not read yet (a restart, a backlog) must not be taken for a missing one.
-        owned = {tp.partition for tp in app.consumer.assignment()
-                 if tp.topic == RESULTS_EVENTS.name}
+        # wall clock only once it is caught up (handled to its end) and has been quiet a
+        # while: a review that is on the log but not handled yet (a restart, a backlog, a
+        # partition starved by busier ones) must not be taken for a missing one.
+        owned_tps = [tp for tp in app.consumer.assignment()
+                     if tp.topic == RESULTS_EVENTS.name]
+        owned = frozenset(tp.partition for tp in owned_tps)
+        if owned != indexed[0]:
+            # New partitions bring table entries the stream did not pass through here.
+            indexed[0] = owned
+            for probe_id, stored in list(probes.items()):
+                remember_review(probe_id, _as(ProbeFacts, stored))
         wall = datetime.now(UTC)
-        for probe_id, stored in list(probes.items()):
-            facts = _as(ProbeFacts, stored)
-            if probe_id in flagged or facts is None:
+        due = [p for p, at in reviews.items() if at <= wall and p not in flagged
+               and _partition_of(p, RESULTS_EVENTS.partitions) in owned]
+        if not due:
+            return
+        ends = await app.consumer.highwaters(*owned_tps)
+        caught_up = set()
+        for tp in owned_tps:
+            handled = results_next.get(tp.partition)
+            if handled is None:
+                try:
+                    handled = await app.consumer.position(tp)
+                except Exception:  # in the middle of a rebalance: next tick
+                    continue
+            if handled is not None and ends.get(tp) is not None and handled >= ends[tp]:
+                caught_up.add(tp.partition)
+        for probe_id in due:
+            facts = _as(ProbeFacts, probes.get(probe_id))
+            if facts is None:
+                reviews.pop(probe_id, None)
                 continue
             partition = _partition_of(probe_id, RESULTS_EVENTS.partitions)
-            if partition not in owned:
-                continue
             # Not read from since the start: quiet only once it has been for a while.
             latest, read_at = results_seen.get(partition, (_EPOCH, began))
-            quiet = time.monotonic() - read_at >= s.review_quiet_s
-            obs = review_due(facts,
-                             max(latest, wall) if quiet else latest, limits)
+            quiet = (partition in caught_up
+                     and time.monotonic() - read_at >= s.review_quiet_s)
+            obs = review_due(facts, max(latest, wall) if quiet else latest, limits)
             if obs is not None:
                 await say(obs)
                 flagged.add(probe_id)
+                reviews.pop(probe_id, None)
+
+    def remember_review(probe_id: str, facts: ProbeFacts | None) -> None:
+        """Index the reviews that may come due, so a tick does not scan every probe."""
+        if facts is None or facts.review_requested_at is None:
+            return
+        due = facts.review_requested_at + timedelta(seconds=limits.review_deadline_s)
+        done = facts.review_completed_at
+        if done is not None and done <= due:
+            reviews.pop(probe_id, None)
+        else:
+            reviews[probe_id] = due
 
     app.timer(s.tick_s)(review_deadlines)
     return app

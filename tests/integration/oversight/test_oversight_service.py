@@ -23,6 +23,7 @@ from tests.integration.oversight.support import alert_records, publish
 from tests.oversight_scenarios import HITS, LIMITS, clean
 
 Worker = Callable[[str], ServiceProcess]
+RULE_OF: dict[str, str] = {}  # alert id -> rule and subject, for failure messages
 REASSIGNED = "Executing _on_partitions_assigned"  # faust's log line of a new assignment
 
 
@@ -30,7 +31,9 @@ def expected(events: Sequence[tuple[str, Event]]) -> set[str]:
     """The alert ids the rules make of these events, without faust."""
     tables = MemoryTables(LIMITS)
     alerts = [a for event_id, event in events for a in tables.feed(event_id, event)]
-    return {a.alert_id for a in alerts + tables.due(datetime.now(UTC))}
+    alerts += tables.due(datetime.now(UTC))
+    RULE_OF.update({a.alert_id: f"{a.rule.value} {a.subject}" for a in alerts})
+    return {a.alert_id for a in alerts}
 
 
 def ours(alerts: list[UsageAlert], ns: str) -> list[UsageAlert]:
@@ -46,12 +49,9 @@ def wait_alerts(bootstrap: str, ns: str, want: set[str], timeout: float = 90.0
         return {a.alert_id for a in found} >= want
 
     wait_for(complete, timeout=timeout, interval=1.0,
-             what=lambda: f"alerts {sorted(want - {a.alert_id for a in found})}")
+             what=lambda: "alerts " + ", ".join(
+                 RULE_OF.get(i, i) for i in sorted(want - {a.alert_id for a in found})))
     return found
-
-
-def live_alerts_by_id(alerts: list[UsageAlert]) -> dict[str, UsageAlert]:
-    return {a.alert_id: a for a in alerts}
 
 
 def hits(ns: str) -> list[tuple[str, Event]]:
@@ -71,13 +71,16 @@ def test_one_alert_per_scripted_hit_and_none_for_ordinary_use(
     # A moment more: nothing else comes, and nothing twice.
     asyncio.run(asyncio.sleep(3))
     found = ours(asyncio.run(alert_records(kafka_bootstrap)), ns)
-    assert Counter(a.rule for a in found) == Counter(list(HITS))
-    assert sorted(a.alert_id for a in found) == sorted(want)
+    alerts = {a.alert_id: a for a in found}  # a record again is the same alert, by id
+    assert all(alerts[a.alert_id] == a for a in found)
+    assert Counter(a.rule for a in alerts.values()) == Counter(list(HITS))
+    assert set(alerts) == want
+    print(f"alert records {len(found)} for {len(want)} alerts")
     # `frs oversight replay`'s check: the same alerts from the topics alone.
     inputs = envelopes(asyncio.run(read_topic(kafka_bootstrap, INPUT_TOPICS)))
     replayed = replayed_alerts(inputs, LIMITS, datetime.now(UTC))
     mine = {k: v for k, v in replayed.items() if v in ours(list(replayed.values()), ns)}
-    assert compare(live_alerts_by_id(found), mine).equal
+    assert compare(alerts, mine).equal
 
 
 def test_sigkill_mid_stream_then_restart_loses_and_repeats_nothing(
