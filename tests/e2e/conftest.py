@@ -39,7 +39,11 @@ from tests.integration.stores.conftest import (  # noqa: F401 - fixtures
 )
 from tests.pg import PgServer
 
-SERVICES = ("intake", "dispatch", "results", "audit")
+SERVICES = ("intake", "dispatch", "results", "audit", "oversight")
+# What each logs once it consumes: the kit's services, and the faust worker (oversight).
+READY = {name: '"consumer started"' for name in SERVICES} | {"oversight": "Ready"}
+# The services with state of their own (oversight keeps its tables in changelog topics).
+STATEFUL = ("intake", "dispatch", "results", "audit")
 STORE = os.environ.get("FRS_TEST_STORE", "sqlite")
 if STORE not in ("sqlite", "postgresql"):
     raise ValueError(f"FRS_TEST_STORE is sqlite or postgresql, not {STORE!r}")
@@ -88,7 +92,7 @@ def left_in_state_dir(state_dir: Path, audit_dir: Path) -> list[str]:
 def system(service_env: dict[str, str], tmp_path: Path,
            request: pytest.FixtureRequest) -> Iterator[System]:
     demo = setup(tmp_path / "demo", webhook_port=free_port_pair())
-    env = {**service_env, **demo.service_env}
+    env = {**service_env, **demo.service_env, "FRS_OVERSIGHT_METRICS_PORT": "0"}
     pg: PgServer | None = None
     per_service: dict[str, dict[str, str]] = {name: {} for name in SERVICES}
     if STORE == "postgresql":
@@ -101,7 +105,7 @@ def system(service_env: dict[str, str], tmp_path: Path,
         bucket = new_bucket(s3, f"e2e-{uuid.uuid4().hex[:12]}")
         env |= {**aws_env(), "FRS_VAULT_BACKEND": "s3", "FRS_VAULT_S3_BUCKET": bucket,
                 "FRS_VAULT_S3_ENDPOINT_URL": s3.url}
-        per_service = {name: on_postgres(pg, name) for name in SERVICES}
+        per_service |= {name: on_postgres(pg, name) for name in STATEFUL}
         # The CLI (the tests' auditor and operator) reads the audit log in the database.
         env |= on_postgres(pg, auditor_role(pg))
     vendor = subprocess.Popen(demo.vendor_args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -114,8 +118,8 @@ def system(service_env: dict[str, str], tmp_path: Path,
                  for n in SERVICES}
         for p in procs.values():
             p.start()
-        for p in procs.values():
-            p.wait_log('"consumer started"', timeout=90)
+        for name, p in procs.items():
+            p.wait_log(READY[name], timeout=90)
         yield System(env, procs, url, STORE, pg)
     finally:
         for p in procs.values():

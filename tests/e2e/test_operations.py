@@ -81,10 +81,11 @@ def prometheus(system: System, tmp_path: Path) -> Any:
                 targets = query(base, "/api/v1/targets")["activeTargets"]
             except OSError:
                 return False
-            return len(targets) == 4 and all(t["health"] == "up" for t in targets)
+            return len(targets) == len(system.services) \
+                and all(t["health"] == "up" for t in targets)
 
         wait_for(all_up, timeout=60, interval=0.5,
-                 what=lambda: "4 healthy targets; prometheus log:\n"
+                 what=lambda: f"{len(system.services)} healthy targets; prometheus log:\n"
                  + log_text(tmp_path / "prometheus.log")[-2000:])
         yield base
     finally:
