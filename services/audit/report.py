@@ -2,7 +2,8 @@
 
 Searches by provider and by provider kind (which non-federal systems were used), by
 purpose; outcomes; denials by rule; candidate list sizes; purge timeliness; compliance
-violations; rejections by reason. Only ids, counts and times: never an image, never a key.
+violations; rejections by reason; usage alerts by rule, with their ids. Only ids, counts
+and times: never an image, never a key.
 Every format says its window in words."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from schemas.events import (
     ProbeSubmitted,
     ProviderDispatched,
     ProviderRecord,
+    UsageAlert,
 )
 from services.audit.store import PgLocation, open_store
 
@@ -110,6 +112,11 @@ def build_report(directory: Path | PgLocation, since: datetime | None = None,
                        - datetime.fromisoformat(d["expires_at"])).total_seconds()
                       for d in purges if d["reason"] == "expired")
     purged_ids = {d["probe_id"] for d in purges}
+    # By alert id: an alert published again after a crash is the same alert.
+    alerts = {d["alert_id"]: d["rule"] for d in events[UsageAlert.TYPE]}
+    alert_ids: dict[str, list[str]] = defaultdict(list)
+    for alert_id, rule in sorted(alerts.items()):
+        alert_ids[rule].append(alert_id)
     return {
         # `from` is inclusive, `to` exclusive; the words are for people.
         "window": {"from": since.isoformat() if since else None,
@@ -155,6 +162,11 @@ def build_report(directory: Path | PgLocation, since: datetime | None = None,
         },
         "violations": dict(Counter(d["invariant"] for d in
                                    events[ComplianceViolation.TYPE])),
+        "usage_alerts": {
+            "total": len(alerts),
+            "by_rule": dict(Counter(alerts.values()).most_common()),
+            "alert_ids": dict(sorted(alert_ids.items())),
+        },
     }
 
 
@@ -177,6 +189,9 @@ def text_report(r: dict[str, Any]) -> str:
     lines.append(f"candidate list sizes: {r['candidate_list_sizes']}")
     lines.append(f"purge timeliness: {r['purge_timeliness']}")
     lines.append(f"violations: {r['violations'] or 'none'}")
+    alerts = r["usage_alerts"]
+    lines.append(f"usage alerts: {alerts['total']}; by rule: {_counts(alerts['by_rule'])}")
+    lines += [f"  {rule}: {', '.join(ids)}" for rule, ids in alerts["alert_ids"].items()]
     return "\n".join(lines)
 
 
@@ -266,7 +281,10 @@ def html_report(r: dict[str, Any]) -> str:
               {"on time": purge["expired_purges_on_time"], "late": purge["expired_purges_late"],
                "not yet purged": purge["submitted_not_yet_purged"]}),
         _bars("Compliance violations", r["violations"]),
+        _bars("Usage alerts by rule", r["usage_alerts"]["by_rule"]),
     ]
+    alert_rows = "".join(f"<tr><th>{escape(rule)}</th><td>{escape(', '.join(ids))}</td></tr>"
+                         for rule, ids in r["usage_alerts"]["alert_ids"].items())
     non_federal = ", ".join(escape(p) for p in s["non_federal_systems_used"]) or "none"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -295,7 +313,10 @@ td {{ overflow-wrap: anywhere; }}
  {r['outcomes']['denied']}</td></tr>
 <tr><th>Candidate lists</th><td>{r['outcomes']['candidate_lists']}</td></tr>
 <tr><th>No response</th><td>{r['outcomes']['no_response']}</td></tr>
+<tr><th>Usage alerts</th><td>{r['usage_alerts']['total']}</td></tr>
 </table>
 {''.join(sections)}
+<h2>Usage alert ids</h2>
+{f"<table>{alert_rows}</table>" if alert_rows else "<p class=none>none</p>"}
 </body></html>
 """

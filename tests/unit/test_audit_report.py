@@ -28,6 +28,10 @@ from schemas.events import (
     RegistryVersions,
     RejectReason,
     RuleDenial,
+    UsageAlert,
+    UsageReason,
+    UsageRule,
+    usage_alert_id,
 )
 from schemas.types import ImageSource, OutboundField, Purpose, Transport
 from services.audit import handlers
@@ -59,7 +63,7 @@ def dispatched(pid: str, provider: str, at: datetime = T0) -> ProviderDispatched
 
 
 def provider(pid: str, kind: str) -> ProviderRecord:
-    return ProviderRecord(provider_id=pid, name=pid.upper(), kind=kind,  # type: ignore[arg-type]
+    return ProviderRecord(provider_id=pid, name=pid.upper(), kind=kind,
                           transport=Transport.HTTPS, endpoint="https://x", updated_at=T0)
 
 
@@ -218,6 +222,56 @@ def test_rejections_are_counted_by_reason_in_every_format(
     for reason, count in (("no_face", 3), ("too_blurred", 2), ("polyglot", 1)):
         assert f"<div class=label>{reason}</div>" in section
         assert f"<div class=value>{count}</div>" in section
+
+
+def alert(rule: UsageRule, subject: str) -> UsageAlert:
+    start, end = T0, T0 + timedelta(hours=1)
+    return UsageAlert(alert_id=usage_alert_id(rule, subject, start, end), rule=rule,
+                      reason=UsageReason.COUNT_OVER_LIMIT, subject_kind="agent",
+                      subject=subject, window_start=start, window_end=end, count=4,
+                      threshold=3, evidence_ids=["ev-1"], observed_at=T0)
+
+
+def test_usage_alerts_are_counted_by_rule_and_id_in_every_format(
+        store: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inv = Invariants(store, InvariantSettings(30, 60), FakeClock(T0))
+    hour = [alert(UsageRule.SEARCHES_PER_HOUR, f"a-{i}") for i in range(2)]
+    exigent = alert(UsageRule.EXIGENT_PER_WEEK, "a-9")
+    # The first alert again (a republish after a crash, under a record of its own): it is
+    # the same alert, counted once.
+    feed(store, inv, [*hour, exigent, hour[0]])
+    store.close()
+    directory = tmp_path / "audit"
+    r = json.loads(report(directory, capsys, "--json"))
+    hour_ids = sorted(a.alert_id for a in hour)
+    assert r["usage_alerts"] == {
+        "total": 3, "by_rule": {"searches_per_hour": 2, "exigent_per_week": 1},
+        "alert_ids": {"exigent_per_week": [exigent.alert_id], "searches_per_hour": hour_ids}}
+    text = report(directory, capsys).splitlines()
+    assert "usage alerts: 3; by rule: searches_per_hour 2, exigent_per_week 1" in text
+    assert f"  searches_per_hour: {', '.join(hour_ids)}" in text
+    rows = list(csv.reader(report(directory, capsys, "--format", "csv").splitlines()))
+    assert ["usage_alerts.total", "3"] in rows
+    assert ["usage_alerts.by_rule.searches_per_hour", "2"] in rows
+    assert ["usage_alerts.alert_ids.searches_per_hour", ";".join(hour_ids)] in rows
+    page = report(directory, capsys, "--format", "html")
+    section = page.split("<h2>Usage alerts by rule</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "<div class=label>searches_per_hour</div><svg" in section
+    assert "<div class=value>2</div>" in section
+    ids = page.split("<h2>Usage alert ids</h2>", 1)[1]
+    assert all(i in ids for i in [*hour_ids, exigent.alert_id])
+
+
+def test_a_report_without_alerts_says_none(
+        store: AuditStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inv = Invariants(store, InvariantSettings(30, 60), FakeClock(T0))
+    feed(store, inv, [submitted("p1", Purpose.FINANCIAL_FRAUD)])
+    store.close()
+    r = json.loads(report(tmp_path / "audit", capsys, "--json"))
+    assert r["usage_alerts"] == {"total": 0, "by_rule": {}, "alert_ids": {}}
+    assert "usage alerts: 0; by rule: none" in report(tmp_path / "audit", capsys)
+    assert "<h2>Usage alert ids</h2>\n<p class=none>none</p>" in report(
+        tmp_path / "audit", capsys, "--format", "html")
 
 
 @pytest.mark.parametrize(("window", "words", "machine"), [
