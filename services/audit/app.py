@@ -8,23 +8,37 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Protocol
 
+import psycopg
 from prometheus_client import Gauge, Histogram
 
 from schemas.catalog import AUDITED_TOPICS
 from schemas.envelope import DecodeError, Envelope
-from schemas.events import CandidatesReceived, Event, ProbeRequested
+from schemas.events import CandidatesReceived, ComplianceViolation, Event, ProbeRequested
 from schemas.types import probe_id_for, utcnow
 from services.audit import handlers
 from services.audit.checkpoint import Signer, load_or_create_key
 from services.audit.invariants import Invariants
+from services.audit.pg_store import Fenced, PgAuditStore
+from services.audit.sequencer import (
+    LEASE_TTL_S,
+    RENEW_S,
+    SEQUENCE_BATCH,
+    SEQUENCE_TICK_S,
+    IngestQueue,
+    Lease,
+    PgLeaseTable,
+    sequence_batch,
+)
 from services.audit.settings import AuditSettings
-from services.audit.store import AuditLog, open_store
+from services.audit.store import AuditLog, PgLocation, open_store
 from services.kit.app import Context, Job, ServiceApp, Wiring
+from services.kit.metrics import audit_leader
 from services.kit.routing import RawRecord, Route, RouteProgress, dlq_for
 from services.kit.state import SchemaMismatch
 
@@ -134,6 +148,70 @@ def open_log(settings: AuditSettings) -> AuditLog:
         raise SystemExit(1) from None
 
 
+class Shared:
+    """This instance's part in the one log on PostgreSQL: its ingest queue, its view of
+    the sequencer lease, and the sequencing it does while it holds that lease."""
+
+    def __init__(self, store: PgAuditStore, queue: IngestQueue, lease: Lease) -> None:
+        self.store = store
+        self.queue = queue
+        self.lease = lease
+        self._renewed_at = float("-inf")
+        self._broken = False
+
+    @classmethod
+    def open(cls, settings: AuditSettings, store: AuditLog) -> Shared:
+        where = settings.store_at()
+        assert isinstance(store, PgAuditStore) and isinstance(where, PgLocation)
+        holder = f"frs-{settings.service}-{settings.instance_id}"  # its client id
+        return cls(store, IngestQueue(where), Lease(PgLeaseTable(where), holder, LEASE_TTL_S))
+
+    def ingest(self, raw: RawRecord, decoded: Envelope | DecodeError,
+               invariants: Invariants) -> None:
+        meta, body = handlers.leaf_for(raw.topic, raw.partition, raw.offset, raw.value,
+                                       decoded, raw.headers)
+        kept = handlers.invariant_input(raw.headers, raw.key, raw.value, decoded) \
+            if invariants.concerns(raw.topic, decoded) else None
+        self.queue.add(meta, body, kept)
+
+    def tick(self) -> bool:
+        """Keep or take the lease every RENEW_S; whether this instance leads now."""
+        now = time.monotonic()
+        if now - self._renewed_at >= RENEW_S:
+            self._renewed_at = now
+            try:
+                self.lease.keep()
+            except psycopg.Error as exc:
+                log.error("sequencer lease unreachable", extra={"error": type(exc).__name__})
+        leading = self.lease.leading
+        self.store.fence = self.lease.epoch if leading else None
+        return leading
+
+    def drain(self, invariants: Invariants) -> list[ComplianceViolation]:
+        """Sequence what is queued, batch by batch, for at most about a second (the event
+        loop waits meanwhile)."""
+        if self._broken:
+            self.store.reconnect()
+            self._broken = False
+        found: list[ComplianceViolation] = []
+        started = time.monotonic()
+        try:
+            while self.lease.leading:
+                taken, violations = sequence_batch(self.store, invariants, SEQUENCE_BATCH)
+                found += violations
+                if taken < SEQUENCE_BATCH or time.monotonic() - started > 1.0:
+                    break
+        except psycopg.OperationalError:
+            self._broken = True  # the session is gone (ended by the server, a restart)
+            raise
+        return found
+
+    def close(self) -> None:
+        with suppress(psycopg.Error):  # else it expires on its own
+            self.lease.release()
+        self.queue.close()
+
+
 def build(settings: AuditSettings) -> ServiceApp:
     """One route reads every catalog topic (DLQs included) into the store and checks the
     invariants; one job runs the time rules and signs time-due checkpoints."""
@@ -145,6 +223,14 @@ def build(settings: AuditSettings) -> ServiceApp:
         store = open_log(settings)
         ctx.stack.callback(store.close)
         invariants = Invariants(store, settings.invariant_settings(), utcnow)
+        # On PostgreSQL, many instances: each ingests into the queue, the lease's holder
+        # sequences (sequencer.py). On SQLite, one host: this instance is the leader and
+        # ingest and sequencing stay one step.
+        shared = Shared.open(settings, store) if isinstance(settings.store_at(),
+                                                             PgLocation) else None
+        if shared is not None:
+            ctx.stack.callback(shared.close)
+        audit_leader(shared is None)
         ports = handlers.AuditPorts(store=store, invariants=invariants)
         policy = handlers.CheckpointPolicy(signer_for(settings), settings.origin,
                                            settings.checkpoint_every_n,
@@ -183,8 +269,12 @@ def build(settings: AuditSettings) -> ServiceApp:
             checkpoint_ts.set(time.time())
 
         async def record(raw: RawRecord, decoded: Envelope | DecodeError) -> list[Event]:
-            out = await handlers.on_record(raw.topic, raw.partition, raw.offset, raw.value,
-                                           decoded, ports, raw.headers)
+            out: list[Event] = []
+            if shared is not None:
+                shared.ingest(raw, decoded, invariants)
+            else:
+                out = await handlers.on_record(raw.topic, raw.partition, raw.offset,
+                                               raw.value, decoded, ports, raw.headers)
             if isinstance(decoded, Envelope):
                 latency = request_times.observe(decoded)
                 if latency is not None:
@@ -192,6 +282,9 @@ def build(settings: AuditSettings) -> ServiceApp:
             return out
 
         async def durable() -> None:
+            if shared is not None:
+                shared.queue.commit()  # the leader sequences it
+                return
             store.commit()
             log_metrics()[0].set(store.size)
             await checkpoint_if_due()
@@ -202,23 +295,54 @@ def build(settings: AuditSettings) -> ServiceApp:
                           progress=progress)
         complete = CompleteUntil(progress, utcnow)
 
-        async def timers() -> None:
-            await complete.advance()  # awaits: before the in_tx check, not after it
-            if store.in_tx:
-                return  # a batch is open; its own commit hook runs the checks next
-            violations = invariants.deadline_rules()
-            until = complete.take()
-            if until is not None:
-                violations += invariants.liveness(until)
-            store.commit()
+        async def report(violations: list[ComplianceViolation]) -> None:
             if violations:
                 for v in violations:
                     log.warning("compliance violation", extra={"invariant": v.invariant.value})
                 await publish(list(violations))
-            await checkpoint_if_due()
 
-        return Wiring(routes=[log_route],
-                      jobs=[Job("invariant timers and checkpoints", settings.tick_s, timers)])
+        async def timers() -> None:
+            await complete.advance()  # awaits: before the in_tx check, not after it
+            if store.in_tx:
+                return  # a batch is open; its own commit hook runs the checks next
+            if shared is not None and not shared.lease.leading:
+                return  # the leader judges the sequenced log
+            try:
+                violations = invariants.deadline_rules()
+                until = complete.take()
+                if until is not None:
+                    if shared is not None:
+                        await report(shared.drain(invariants))  # everything read by then
+                    violations += invariants.liveness(until)
+                store.commit()
+                await report(violations)
+                await checkpoint_if_due()
+            except Fenced:
+                shared_lost()
+
+        def shared_lost() -> None:
+            assert shared is not None
+            shared.lease.lost()
+            audit_leader(False)
+            log.warning("another audit instance sequences now: this one stops")
+
+        async def sequence() -> None:
+            assert shared is not None
+            try:
+                leading = shared.tick()
+                audit_leader(leading)
+                if not leading:
+                    return
+                await report(shared.drain(invariants))
+                log_metrics()[0].set(store.size)
+                await checkpoint_if_due()
+            except Fenced:
+                shared_lost()
+
+        jobs = [Job("invariant timers and checkpoints", settings.tick_s, timers)]
+        if shared is not None:
+            jobs.append(Job("audit sequencer", SEQUENCE_TICK_S, sequence))
+        return Wiring(routes=[log_route], jobs=jobs)
 
     # The registry topics are audited like any other: read as events, not followed.
     return ServiceApp(settings, wire, follows_registries=False)

@@ -6,7 +6,9 @@ index, the hashing and the Merkle frontier cost on top of the unavoidable disk w
 
 With a PostgreSQL location (``--postgres``), the store and service paths also run on
 PgAuditStore, interleaved with the SQLite runs, so both figures come from the same run.
-That log must be empty (a scratch database): each run deletes what it wrote."""
+That log must be empty (a scratch database): each run deletes what it wrote. So does
+the path of many instances (sequencer.py): ingest into the queue, batch by batch, then
+the lease holder's sequencing of it (leaves, tree, invariants), each stage timed."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.catalog import topic_for
 from schemas.decisions import sign, trusted_key
-from schemas.envelope import Envelope, decode, encode
+from schemas.envelope import Envelope, Headers, decode, encode
 from schemas.events import (
     Candidate,
     CandidatesReceived,
@@ -145,28 +147,33 @@ def _lifecycle(i: int, now: datetime) -> list[Event]:
     ]
 
 
-def _envelopes(n: int, mix: bool) -> list[tuple[str, bytes, Envelope]]:
+# A consumed record: topic, headers, key, value, and its decoding.
+Consumed = tuple[str, Headers, bytes | None, bytes, Envelope]
+
+
+def _envelopes(n: int, mix: bool) -> list[Consumed]:
     """n decoded records: ProviderDispatched only (the invariants' heaviest type), or the
     mix of a probe's whole life (seven events per probe)."""
     now = datetime.now(UTC)
-    out: list[tuple[str, bytes, Envelope]] = []
+    out: list[Consumed] = []
     if mix:  # the operator's enrollment of the gate's key, as on the registry topic
         trust = TrustedKey.model_validate({**trusted_key(_POLICY_KEY.public_key()),
                                            "updated_at": now})
         rec = encode(trust, "/frs/bench")
-        out.append((topic_for(trust).name, rec.value, decode(rec.headers, rec.key, rec.value)))
+        out.append((topic_for(trust).name, rec.headers, rec.key, rec.value,
+                    decode(rec.headers, rec.key, rec.value)))
     i = 0
     while len(out) < n:
         events = _lifecycle(i, now) if mix else [_lifecycle(i, now)[3]]
         for event in events:
             rec = encode(event, "/frs/bench")
-            out.append((topic_for(event).name, rec.value, decode(rec.headers, rec.key,
-                                                                 rec.value)))
+            out.append((topic_for(event).name, rec.headers, rec.key, rec.value,
+                        decode(rec.headers, rec.key, rec.value)))
         i += 1
     return out[:n]
 
 
-def _service(directory: Path | PgLocation, records: list[tuple[str, bytes, Envelope]],
+def _service(directory: Path | PgLocation, records: list[Consumed],
              batch: int) -> tuple[float, float]:
     """What the audit service does per decoded record: leaf, savepoint, index, hash,
     frontier and the invariants' state; fsync (or a commit) per batch. (wall, cpu) s."""
@@ -175,7 +182,7 @@ def _service(directory: Path | PgLocation, records: list[tuple[str, bytes, Envel
         store, InvariantSettings(30.0, 300.0), lambda: datetime.now(UTC)))
 
     async def feed() -> None:
-        for i, (topic, value, env) in enumerate(records):
+        for i, (topic, _headers, _key, value, env) in enumerate(records):
             await handlers.on_record(topic, 0, i, value, env, ports)
             if (i + 1) % batch == 0:
                 store.commit()
@@ -186,6 +193,54 @@ def _service(directory: Path | PgLocation, records: list[tuple[str, bytes, Envel
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     store.close()
     return elapsed, cpu
+
+
+def _ingest_sequence(pg: PgLocation, records: list[Consumed] | None, n: int,
+                     batch: int) -> tuple[float, float]:
+    """Many instances' path: every record ingested into the queue (a commit per consumer
+    batch), then sequenced by the lease holder in its batches (leaves, tree, invariants).
+    ``records`` None: the store path's leaves, which no invariant concerns. (ingest s,
+    sequence s), wall."""
+    from services.audit.pg_store import PgAuditStore
+    from services.audit.sequencer import (
+        SEQUENCE_BATCH,
+        IngestQueue,
+        Lease,
+        PgLeaseTable,
+        sequence_batch,
+    )
+
+    store = PgAuditStore.connect(pg)
+    invariants = Invariants(store, InvariantSettings(30.0, 300.0), lambda: datetime.now(UTC))
+    queue, lease = IngestQueue(pg), Lease(PgLeaseTable(pg), "frs-audit-bench", 60.0)
+    entries: list[tuple[LeafMeta, dict[str, Any], bytes | None]] = []
+    for i in range(n):
+        if records is None:
+            entries.append((*_body(i), None))
+            continue
+        topic, headers, key, value, env = records[i]
+        meta, body = handlers.leaf_for(topic, 0, i, value, env, headers)
+        kept = handlers.invariant_input(headers, key, value, env) \
+            if invariants.concerns(topic, env) else None
+        entries.append((meta, body, kept))
+    started = time.perf_counter()
+    for i, (meta, body, kept) in enumerate(entries):
+        queue.add(meta, body, kept)
+        if (i + 1) % batch == 0:
+            queue.commit()
+    queue.commit()
+    ingest_s = time.perf_counter() - started
+    assert lease.keep()
+    store.fence = lease.epoch
+    started = time.perf_counter()
+    while sequence_batch(store, invariants, SEQUENCE_BATCH)[0] == SEQUENCE_BATCH:
+        pass
+    sequence_s = time.perf_counter() - started
+    assert store.size == n
+    lease.release()
+    queue.close()
+    store.close()
+    return ingest_s, sequence_s
 
 
 def _raw(path: Path, n: int, batch: int) -> tuple[float, float]:
@@ -229,7 +284,12 @@ def run(append_leaves: int = 100_000, verify_leaves: int = 1_000_000,
                              " decoded records in the mix of a probe's life: requested,"
                              " submitted, cleared, dispatched, answered, candidates, settled",
                   "service_dispatch_only": "the same on ProviderDispatched records only,"
-                                           " the invariants' heaviest type"},
+                                           " the invariants' heaviest type",
+                  "ingest_sequence_postgres": "many instances: IngestQueue.add + commit per"
+                                              " batch, then sequence_batch (leaves by COPY,"
+                                              " tree, invariants, fenced) until the queue is"
+                                              " empty; store_path on the store path's"
+                                              " leaves (no invariant concerns them)"},
         "appends": []}
     dispatches, lifecycle = _envelopes(append_leaves, False), _envelopes(append_leaves, True)
     for batch in batches:
@@ -238,7 +298,8 @@ def run(append_leaves: int = 100_000, verify_leaves: int = 1_000_000,
         runs: dict[str, list[tuple[float, float]]] = {"store": [], "service": [],
                                                       "dispatch": [], "raw": []}
         if pg is not None:
-            runs |= {"pg_store": [], "pg_service": [], "pg_dispatch": []}
+            runs |= {"pg_store": [], "pg_service": [], "pg_dispatch": [], "iq_store": [],
+                     "iq_service": [], "iq_dispatch": []}
         for rep in range(repeats):
             runs["store"].append(_appends(base / f"a{batch}-{rep}", append_leaves, batch))
             runs["service"].append(_service(base / f"s{batch}-{rep}", lifecycle, batch))
@@ -251,8 +312,16 @@ def run(append_leaves: int = 100_000, verify_leaves: int = 1_000_000,
                                                              batch=batch)))
                 runs["pg_dispatch"].append(_on_pg(pg, partial(_service, records=dispatches,
                                                               batch=batch)))
+                for name, recs in (("iq_store", None), ("iq_service", lifecycle),
+                                   ("iq_dispatch", dispatches)):
+                    runs[name].append(_on_pg(pg, partial(_ingest_sequence, records=recs,
+                                                         n=append_leaves, batch=batch)))
+        # For the ingest+sequence runs the pair is (ingest s, sequence s), both wall.
         wall = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
         cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+        if pg is not None:
+            results.setdefault("ingest_sequence_postgres", []).append(
+                _ingest_sequence_figures(batch, append_leaves, runs, wall, repeats))
         if pg is not None:
             results.setdefault("appends_postgres", []).append({
                 "batch": batch,
@@ -294,13 +363,36 @@ def run(append_leaves: int = 100_000, verify_leaves: int = 1_000_000,
         "segment_bytes": (base / "v" / "leaves.seg").stat().st_size,
     }
     results["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    results["targets"] = {}
     store_best = max(a["store_appends_per_s"] for a in results["appends"])
     service_best = max(a["service_appends_per_s"] for a in results["appends"])
-    results["targets"] = {"store_appends_per_s>=20000": store_best >= 20_000,
+    if pg is not None:
+        best = max(a["store_path"]["events_per_s"] for a in results["ingest_sequence_postgres"])
+        results["targets"]["ingest_sequence_store_path_events_per_s>=20000"] = best >= 20_000
+    results["targets"] |= {"store_appends_per_s>=20000": store_best >= 20_000,
                           "service_appends_per_s>=20000": service_best >= 20_000,
                           f"verify_{verify_leaves}_s<=30": report.seconds <= 30}
     _remove(base)
     return results
+
+
+def _ingest_sequence_figures(batch: int, n: int, runs: dict[str, list[tuple[float, float]]],
+                             wall: dict[str, float], repeats: int) -> dict[str, Any]:
+    """events/s of each stage and of both (one after the other, as one instance would do
+    them), against the SQLite single instance's same path in the same run."""
+    out: dict[str, Any] = {"batch": batch, "repeats": repeats}
+    for name, sqlite in (("store_path", "store"), ("service", "service"),
+                         ("service_dispatch_only", "dispatch")):
+        key = {"store_path": "iq_store", "service": "iq_service",
+               "service_dispatch_only": "iq_dispatch"}[name]
+        ingest = statistics.median(i for i, _ in runs[key])
+        sequence = statistics.median(s for _, s in runs[key])
+        out[name] = {"ingest_events_per_s": round(n / ingest),
+                     "sequence_events_per_s": round(n / sequence),
+                     "events_per_s": round(n / (ingest + sequence)),
+                     "sqlite_single_instance_per_s": round(n / wall[sqlite]),
+                     "vs_sqlite": round(wall[sqlite] / (ingest + sequence), 3)}
+    return out
 
 
 def _remove(path: Path) -> None:

@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from schemas.catalog import TOPIC_FOR_EVENT
-from schemas.envelope import DecodeError, Envelope, Headers
-from schemas.events import CheckpointPublished, ComplianceViolation, Event, ProbeRequested
+from schemas.envelope import LOG_APPEND_TIME, DecodeError, Envelope, Headers, decode
+from schemas.events import (
+    CandidatesReceived,
+    CheckpointPublished,
+    ComplianceViolation,
+    Event,
+    ProbeRequested,
+    ProviderDispatched,
+)
 from services.audit.checkpoint import Signer, sign_checkpoint
 from services.audit.invariants import Invariants
-from services.audit.store import AuditLog, LeafMeta, value_digest
+from services.audit.store import AuditLog, LeafMeta, canonical, value_digest
 
 CHECKPOINT_TOPIC = TOPIC_FOR_EVENT[CheckpointPublished].name
 
@@ -89,6 +98,66 @@ async def on_record(topic: str, partition: int, offset: int, value: bytes | None
             return []  # redelivered: already in the log, its invariants already checked
         out: list[ComplianceViolation] = invariants.observe(topic, headers, value, decoded)
     return list(out)
+
+
+# Stands for the index in a queued leaf's JSON until the sequencer knows it; random per
+# process, so no record's data can hold it.
+_SLOT = f"frs-index-slot-{secrets.token_hex(16)}"
+_SLOT_JSON = canonical(_SLOT)
+# Undecodable records whose raw bytes the invariants read: types that never carry an image.
+_RAW_TYPES = frozenset({CandidatesReceived.TYPE, ProviderDispatched.TYPE})
+
+
+def queued_leaf(body: dict[str, Any]) -> tuple[bytes, int]:
+    """The leaf's canonical JSON without its index, and the byte the index goes in at:
+    the sequencer makes the very bytes ``canonical({**body, "index": i})`` would be."""
+    text = canonical({**body, "index": _SLOT})
+    at = text.find(_SLOT_JSON)
+    assert at > 0 and text.count(_SLOT_JSON) == 1
+    return text[:at] + text[at + len(_SLOT_JSON):], at
+
+
+def invariant_input(headers: Headers | None, key: bytes | None, value: bytes | None,
+                    decoded: Envelope | DecodeError) -> bytes:
+    """What the sequencer needs to run the invariants on a record again: the record as
+    consumed (decoded again there) and its time as decoded here. An undecodable record's
+    bytes only when the rules read them (never a type that carries an image)."""
+    def b64(raw: bytes | None) -> str | None:
+        return None if raw is None else base64.b64encode(raw).decode()
+
+    doc: dict[str, Any] = {"headers": [[k, b64(v)] for k, v in headers or ()], "key": b64(key)}
+    if isinstance(decoded, DecodeError):
+        doc["error"] = [decoded.code, decoded.message]
+        if _header(headers, "ce_type") in _RAW_TYPES:
+            doc["value"] = b64(value)
+    else:
+        doc |= {"value": b64(value), "time": decoded.time.isoformat(),
+                "time_source": decoded.time_source}
+    return canonical(doc)
+
+
+def observe_queued(topic: str, record: bytes,
+                   invariants: Invariants) -> list[ComplianceViolation]:
+    """The invariants on a sequenced record, from what ``invariant_input`` kept."""
+    doc = json.loads(record)
+
+    def raw(text: str | None) -> bytes | None:
+        return None if text is None else base64.b64decode(text)
+
+    headers: Headers = [(k, raw(v) or b"") for k, v in doc["headers"]]
+    value = raw(doc.get("value"))
+    decoded: Envelope | DecodeError
+    if "error" in doc:
+        decoded = DecodeError(*doc["error"])
+    else:
+        source = doc["time_source"]
+        at = datetime.fromisoformat(doc["time"])
+        decoded = decode(headers, raw(doc["key"]), value,
+                         timestamp_ms=None if source == "event" else round(
+                             at.timestamp() * 1000),
+                         timestamp_type=LOG_APPEND_TIME
+                         if source == "kafka_log_append_time" else 0)
+    return invariants.observe(topic, headers, value, decoded)
 
 
 def checkpoint_due(store: AuditLog, policy: CheckpointPolicy, last_at: float,

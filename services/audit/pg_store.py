@@ -10,13 +10,21 @@ is found and not appended twice (checked at append time, so that neither its ind
 its invariants are taken; a new offset above a partition's highest is known new without
 asking the server).
 
+Many audit instances (migration 0010, sequencer.py): each ingests into ``audit_queue``;
+the one holding the sequencer lease takes queued entries (``take_queued``) and appends
+them (``append_leaf``) in batches. With ``fence`` set to its epoch, every transaction of
+this store first reads the lease row ``FOR SHARE``: a takeover (which updates that row)
+waits for the batch in flight, and a stale leader's next batch or checkpoint fails with
+``Fenced``, so two leaders never both write.
+
 The store is synchronous like its SQLite twin: the audit service's one route and its
 timer job use it between awaits, and the auditors' commands run it in a thread."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -33,7 +41,46 @@ _LOCK_HEAD = ("INSERT INTO audit_tree (id, size, frontier) VALUES (0, 0, '') ON 
               " DO UPDATE SET id = excluded.id RETURNING size, frontier")
 _CHECKPOINT = "SELECT seq, tree_size, root, note, created_at FROM audit_checkpoints"
 
+_FENCE = "SELECT epoch FROM audit_sequencer_lease WHERE id = 0 FOR SHARE"
+# Queued entries in arrival order, taken out of the queue in the sequencer's transaction;
+# one already sequenced (ingested twice: by CloudEvents id, or a redelivery after its
+# entry was taken) is flagged, to be dropped.
+_TAKE = """WITH taken AS (
+  DELETE FROM audit_queue WHERE seq IN (SELECT seq FROM audit_queue ORDER BY seq LIMIT %s)
+  RETURNING seq, topic, partition, "offset", ce_id, ce_type, subject, time, leaf, cut, record)
+SELECT t.*, EXISTS (SELECT 1 FROM audit_leaves l WHERE l.topic = t.topic
+                    AND l.partition = t.partition AND l."offset" = t."offset")
+  OR (t.ce_id IS NOT NULL AND EXISTS (
+    SELECT 1 FROM (SELECT topic FROM audit_leaves WHERE ce_id = t.ce_id OFFSET 0) l
+    WHERE l.topic = t.topic))
+FROM taken t ORDER BY t.seq"""
+# (OFFSET 0 keeps the topic out of the index condition: by the ce_id index alone, a
+# look-up costs one row, not a scan of the topic's leaves as the planner may choose.)
+# A session idle inside a transaction this long is ended by the server: a writer stopped
+# mid-batch (SIGSTOP) does not hold the tree's lock, or the lease's, for ever.
+IDLE_IN_TX_S = 5
+
 Key = tuple[str, int, int]
+
+
+class Fenced(RuntimeError):
+    """The sequencer lease's epoch is no longer ours: another instance leads."""
+
+
+@dataclass(frozen=True)
+class Queued:
+    """An ingested record waiting for its index: its leaf's canonical JSON without the
+    index (which goes in at byte ``cut``), and what the invariants read (``record``,
+    only for records they concern)."""
+
+    meta: LeafMeta
+    template: bytes
+    cut: int
+    record: bytes | None
+    sequenced: bool = False  # already a leaf: dropped
+
+    def leaf(self, idx: int) -> bytes:
+        return self.template[:self.cut] + str(idx).encode() + self.template[self.cut:]
 
 
 def _dialect(sql: str) -> str:
@@ -54,6 +101,21 @@ class PgAuditStore:
         self._keys: set[Key] = set()
         self._high: dict[tuple[str, int], int] = {}  # highest offset stored, per partition
         self._sql: dict[str, str] = {}
+        # The sequencer's epoch: when set, every transaction checks it first.
+        self.fence: int | None = None
+        self.location: PgLocation | None = None  # where connect() found it (reconnect)
+        self._size, self.frontier = self._head()
+
+    def reconnect(self) -> None:
+        """A new session after the old one broke (the server ended it, a restart): the
+        batch in flight is gone; the head is read again."""
+        assert self.location is not None
+        fresh = type(self).connect(self.location, readonly=self.readonly)
+        with suppress(psycopg.Error):
+            self._conn.close()
+        self._conn = fresh._conn
+        self._end()
+        self._high.clear()
         self._size, self.frontier = self._head()
 
     @classmethod
@@ -61,7 +123,9 @@ class PgAuditStore:
         """Connect, refuse a schema other than this build's (SchemaMismatch), open."""
         conn = psycopg.connect(where.conninfo, password=where.password,
                                application_name="frs-audit-reader" if readonly else "frs-audit",
-                               connect_timeout=10, autocommit=readonly)
+                               connect_timeout=10, autocommit=readonly,
+                               options="" if readonly else
+                               f"-c idle_in_transaction_session_timeout={IDLE_IN_TX_S}s")
         try:
             version = 0
             if conn.execute("SELECT to_regclass('schema_migrations')").fetchone() != (None,):
@@ -72,7 +136,9 @@ class PgAuditStore:
                                      f"{latest()}: run frs db migrate")
             if not readonly:
                 conn.rollback()
-            return cls(conn, readonly=readonly)
+            store = cls(conn, readonly=readonly)
+            store.location = where
+            return store
         except BaseException:
             conn.close()
             raise
@@ -130,6 +196,11 @@ class PgAuditStore:
             return
         if self.readonly:
             raise RuntimeError("a read-only audit store does not write")
+        if self.fence is not None:
+            row = self._conn.execute(_FENCE).fetchone()
+            if row is None or int(row[0]) != self.fence:
+                self._conn.rollback()
+                raise Fenced(f"sequencer epoch {self.fence} is no longer the lease's")
         size, frontier = self._one(_LOCK_HEAD)
         self._in_tx = True
         if int(size) != self._size:
@@ -167,6 +238,32 @@ class PgAuditStore:
         self._keys.add(key)
         part = (meta.topic, meta.partition)
         self._high[part] = max(self._high.get(part, -1), meta.offset)
+        self._size += 1
+        self.frontier.append(lh)
+        return idx
+
+    def take_queued(self, limit: int) -> list[Queued]:
+        """Up to ``limit`` ingested entries, oldest first, out of the queue in this batch's
+        transaction (fenced, under the head's lock): they become leaves in the same commit
+        or stay queued."""
+        self._begin()
+        out = []
+        for *meta, template, cut, record, sequenced in self._conn.execute(
+                _TAKE, (limit,)).fetchall():
+            out.append(Queued(LeafMeta(*meta[1:]), bytes(template), int(cut),
+                              None if record is None else bytes(record), bool(sequenced)))
+        return out
+
+    def append_leaf(self, entry: Queued) -> int:
+        """Append a queued entry (not sequenced yet) at the head; its index."""
+        self._begin()
+        idx = self._size
+        leaf = entry.leaf(idx)
+        lh = leaf_hash(leaf)
+        m = entry.meta
+        self._pending.append((idx, m.topic, m.partition, m.offset, m.ce_id, m.ce_type,
+                              m.subject, m.time, leaf, lh))
+        self._high.pop((m.topic, m.partition), None)  # append()'s cache: ask again
         self._size += 1
         self.frontier.append(lh)
         return idx
@@ -356,17 +453,20 @@ class PgAuditStore:
 
     def close(self) -> None:
         try:
-            if not self.readonly:
+            if not self.readonly and not self._conn.broken:
                 self.commit()
+        except psycopg.OperationalError:
+            pass  # the session is gone (ended by the server): its batch was never committed
         finally:
             self._conn.close()
 
 
-# Every table of migration 0008, the invariants' state included.
+# Every table of migration 0008, the invariants' state included, then 0010's queue and
+# sequencer lease.
 LOG_TABLES = ("audit_leaves", "audit_tree", "audit_checkpoints", "inv_cleared",
               "inv_dispatches", "inv_purged", "inv_probes", "inv_exigent", "inv_liveness",
               "inv_probe_ends", "inv_providers", "inv_trusted_keys", "inv_provider_purposes",
-              "inv_decisions_waiting", "inv_violations")
+              "inv_decisions_waiting", "inv_violations", "audit_queue", "audit_sequencer_lease")
 
 
 def clear_log(where: PgLocation, *, refuse_if_not_empty: bool) -> None:

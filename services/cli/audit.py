@@ -276,6 +276,11 @@ async def cmd_bench(args: argparse.Namespace, settings: CliSettings) -> int:
     lines += [f"batch {a['batch']:>5}: PostgreSQL service {a['service_appends_per_s']:>7}/s,"
               f" store {a['store_appends_per_s']:>7}/s (service vs SQLite "
               f"{a['service_vs_sqlite']})" for a in result.get("appends_postgres", [])]
+    lines += [f"batch {a['batch']:>5}: PostgreSQL ingest+sequence {p['events_per_s']:>7}/s"
+              f" (ingest {p['ingest_events_per_s']}/s, sequence {p['sequence_events_per_s']}"
+              f"/s; vs SQLite single instance {p['vs_sqlite']}), {name}"
+              for a in result.get("ingest_sequence_postgres", [])
+              for name in ("store_path", "service") for p in (a[name],)]
     v = result["verify"]
     lines.append(f"verify {v['leaves']} leaves: {v['verify_s']}s (ok={v['ok']})")
     emit(args, result, "\n".join(lines))
@@ -340,8 +345,9 @@ def register(commands: Any) -> None:
                        help="fsync batch size (repeat; default 50 and 500, the kit's batch_max)")
     bench.add_argument("--workdir", default=None, help="where the scratch stores go")
     bench.add_argument("--postgres", action="store_true",
-                       help="also run the store and service paths on the PostgreSQL database "
-                            "FRS_STATE_URL names (an empty scratch log; emptied after)")
+                       help="also run the store and service paths, and the ingest+sequence "
+                            "path of many instances, on the PostgreSQL database FRS_STATE_URL "
+                            "names (an empty scratch log; emptied after)")
 
     report.add_argument("--format", choices=("text", "json", "csv", "html"), default="text",
                         help="output format (--json is the same as --format json)")

@@ -14,10 +14,13 @@ import argparse
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.cli.common import CliSettings, subcommand
 from services.kit.acls import load
+
+if TYPE_CHECKING:
+    from services.audit.sequencer import LeaseHolder
 
 EXAMPLE = "frs --as operator status --service dispatch --json"
 
@@ -90,16 +93,40 @@ def group_status(group: str, service: str, state: str, members: Sequence[Member]
                        rows)
 
 
-def audit_leader(groups: Sequence[GroupStatus]) -> AuditLeader:
-    """Who sequences the audit log. The place for the sequencer's lease (issue 18, item 5):
-    once it exists, read the holder and its epoch here. Until then each audit instance
-    keeps its own log, so there is a leader only while exactly one instance runs."""
+def audit_leader(groups: Sequence[GroupStatus], lease: LeaseHolder | None = None
+                 ) -> AuditLeader:
+    """Who sequences the audit log: the holder of the sequencer lease and its epoch when
+    the log is in PostgreSQL (``lease``, read by ``read_lease``); on SQLite (no lease)
+    the single instance, the only one that may run."""
+    if lease is not None:
+        if lease.live:
+            return AuditLeader(lease.holder, f"(epoch {lease.epoch}, lease until "
+                                             f"{lease.expires_at})")
+        return AuditLeader(None, f"(none: the lease of {lease.holder}, epoch {lease.epoch},"
+                                 f" expired at {lease.expires_at})")
     members = [m for g in groups if g.service == "audit" for m in g.members]
     if not members:
         return AuditLeader(None, "(no audit instance)")
     if len(members) == 1:
         return AuditLeader(members[0].client_id, "(single audit instance)")
-    return AuditLeader(None, f"(none: {len(members)} audit instances, no sequencer lease yet)")
+    return AuditLeader(None, f"(none: {len(members)} audit instances and no sequencer lease:"
+                             " several need the log in PostgreSQL)")
+
+
+def read_lease(settings: CliSettings) -> LeaseHolder | None:
+    """The sequencer lease, when FRS_STATE_URL names PostgreSQL (as the auditor or the
+    audit role); None on SQLite or before any instance took it."""
+    url = settings.state()
+    if not url.postgres:
+        return None
+    import psycopg
+
+    from services.audit.sequencer import read_lease as lease_row
+    from services.kit.state import read_password
+
+    with psycopg.connect(url.conninfo, password=read_password(settings.state_password_file),
+                         connect_timeout=10, autocommit=True) as conn:
+        return lease_row(conn)
 
 
 # --- reading the bus ------------------------------------------------------------------
@@ -196,7 +223,7 @@ async def cmd_status(args: argparse.Namespace, settings: CliSettings) -> int:
     import sys
 
     found = await read_status(settings, args.service or (), args.group or ())
-    leader = audit_leader(found)
+    leader = audit_leader(found, read_lease(settings))
     if args.json:
         sys.stdout.write(json.dumps({"groups": [g.as_json() for g in found],
                                      "audit_leader": asdict(leader)}) + "\n")

@@ -37,6 +37,9 @@ OWNERS |= dict.fromkeys(AUDIT_TABLES, "audit")
 # Partition leases (migration 0009, services/kit/fencing.py): each role its own table.
 OWNERS |= {f"{role}_leases": role for role in ("intake", "dispatch", "results")}
 READERS |= {table: {"auditor"} for table in AUDIT_TABLES[:3]}  # the log alone
+# The audit queue and sequencer lease (migration 0010, in AUDIT_TABLES): frs status and
+# the auditors may see who sequences.
+READERS["audit_sequencer_lease"] = {"auditor"}
 
 
 def test_migration_files_are_numbered_and_grant_what_they_make() -> None:
