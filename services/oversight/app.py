@@ -13,7 +13,9 @@ functions of ``handlers.py``; a record a rule (or the decoder) fails on goes to
 
 At least once, no duplicate effects: an alert is acknowledged by the broker before its
 subject's state is written and the offset committed; an observation already in a subject's
-state changes nothing; the alert's CloudEvent id is its deterministic ``alert_id``.
+state changes nothing; the alert's CloudEvent id is its deterministic ``alert_id`` and the
+rest of its record (body, time, trace) follows from the alert, so a republished alert is the
+same record again, recorded once by whoever keys by CloudEvent id.
 """
 
 from __future__ import annotations
@@ -114,6 +116,13 @@ def _partition_of(key: str, partitions: int) -> int:
     # The kit's producers partition by aiokafka's default (murmur2, as Java's clients do).
     ids = list(range(partitions))
     return int(DefaultPartitioner()(key.encode(), ids, ids))
+
+
+def alert_traceparent(alert: UsageAlert) -> str:
+    """A trace of the alert's own, named by its id: an alert published again after a crash
+    is then the same record, headers and all (its CloudEvent id is the alert id)."""
+    digest = hashlib.sha256(alert.alert_id.encode()).hexdigest()
+    return f"00-{digest[:32]}-{digest[32:48]}-01"
 
 
 def _headers(raw: Any) -> list[tuple[str, bytes]]:
@@ -275,7 +284,7 @@ def build(settings: OversightSettings, inputs: Sequence[str] | None = None) -> f
     async def publish(alert: UsageAlert, cause: str) -> None:
         # The alert is on the broker before the state that remembers it is written.
         record = encode(alert, SOURCE, causation_id=cause, event_id=alert.alert_id,
-                        time=alert.observed_at)
+                        time=alert.observed_at, traceparent=alert_traceparent(alert))
         await (await alerts.send(key=record.key, value=record.value,
                                  headers=list(record.headers)))
         ALERTS.labels(alert.rule.value).inc()

@@ -8,13 +8,22 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from schemas.catalog import PROBE_EVENTS, dlq_topic
+from schemas.catalog import OVERSIGHT_ALERTS, PROBE_EVENTS, dlq_topic
+from schemas.envelope import Envelope
 from schemas.events import Event, UsageAlert, UsageRule
-from services.cli.oversight import INPUT_TOPICS, compare, envelopes, replayed_alerts
+from services.cli.oversight import (
+    INPUT_TOPICS,
+    compare,
+    envelopes,
+    live_alerts,
+    replayed_alerts,
+    usage_report,
+)
 from services.kit.reader import read_topic
 from services.oversight.handlers import MemoryTables
 from tests.conftest import ServiceProcess
@@ -105,11 +114,21 @@ def test_sigkill_mid_stream_then_restart_loses_and_repeats_nothing(
     found = ours(asyncio.run(alert_records(kafka_bootstrap)), ns)
     assert {a.alert_id for a in found} == want  # none lost, none made up
     # None twice: a kill between an alert's send and its state's changelog write can
-    # publish it again, but as the same alert (same id, same body), so every reader that
-    # keys by id (report, replay, the audit's ce_id) counts it once.
-    by_id: dict[str, UsageAlert] = {}
-    for alert in found:
-        assert by_id.setdefault(alert.alert_id, alert) == alert
+    # publish it again, but as the same record (CloudEvent id = alert id, same body, same
+    # headers), so what every consumer keys by id sees each alert exactly once.
+    records: dict[str, set[tuple[bytes | None, bytes | None, tuple[Any, ...]]]] = {}
+    mine = []
+    for raw, env in asyncio.run(read_topic(kafka_bootstrap, [OVERSIGHT_ALERTS.name])):
+        assert isinstance(env, Envelope) and isinstance(env.event, UsageAlert)
+        if env.id in want:
+            assert env.id == env.event.alert_id
+            records.setdefault(env.id, set()).add((raw.key, raw.value, tuple(raw.headers)))
+            mine.append(env)
+    assert set(records) == want and all(len(r) == 1 for r in records.values())
+    # `frs oversight report` and `replay` count by alert id: each one once.
+    now = datetime.now(UTC)
+    seen = usage_report([], live_alerts(mine), now - timedelta(days=3650), now)["alerts"]
+    assert sorted(a["alert_id"] for a in seen) == sorted(want)
     print(f"alert records {len(found)} for {len(want)} alerts")
 
 
