@@ -89,12 +89,20 @@ def left_in_state_dir(state_dir: Path, audit_dir: Path) -> list[str]:
 
 
 @pytest.fixture
-def system(service_env: dict[str, str], tmp_path: Path,
+def oversight_env() -> dict[str, str]:
+    """Settings of the oversight worker alone (a test module overrides this fixture to
+    give it low thresholds or an app of its own)."""
+    return {}
+
+
+@pytest.fixture
+def system(service_env: dict[str, str], tmp_path: Path, oversight_env: dict[str, str],
            request: pytest.FixtureRequest) -> Iterator[System]:
     demo = setup(tmp_path / "demo", webhook_port=free_port_pair())
     env = {**service_env, **demo.service_env, "FRS_OVERSIGHT_METRICS_PORT": "0"}
     pg: PgServer | None = None
     per_service: dict[str, dict[str, str]] = {name: {} for name in SERVICES}
+    per_service["oversight"] = dict(oversight_env)
     if STORE == "postgresql":
         pg = request.getfixturevalue("pg_migrated")
         # Each test starts from empty tables: rows other tests left (sends, deadlines,
