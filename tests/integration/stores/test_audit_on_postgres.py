@@ -92,7 +92,14 @@ def test_the_audit_log_lives_in_the_database_and_the_auditor_reads_it(
     report = frs("audit", "report", "--json", env=env)
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["log_size"] == count
-    replay = frs("audit", "replay", "--json", "--wait", "30", env=env)
+    # Replay against a running service: what it published as it stopped (its last
+    # checkpoint, violations over an old broker's history) is recorded once it runs again.
+    audit.start()
+    audit.wait_log("consumer started", timeout=60, count=3)
+    try:
+        replay = frs("audit", "replay", "--json", "--wait", "30", env=env)
+    finally:
+        assert audit.stop() == 0
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert json.loads(replay.stdout)["missing_count"] == 0
     for text in (verify.stdout, verify.stderr, replay.stderr, log_text(audit.log_path)):
