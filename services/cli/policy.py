@@ -164,7 +164,9 @@ async def cmd_policy_validate(args: argparse.Namespace, _settings: CliSettings) 
 
 async def _decisions(bootstrap: str, probe_id: str) -> list[Decision]:
     out: list[Decision] = []
-    for _raw, decoded in await read_topic(bootstrap, [POLICY_DECISIONS.name]):
+    # Decisions are keyed by probe id: one partition holds all of a probe's.
+    for _raw, decoded in await read_topic(bootstrap, [POLICY_DECISIONS.name],
+                                          key=probe_id.encode()):
         if (isinstance(decoded, Envelope)
                 and isinstance(decoded.event, PolicyCleared | PolicyDenied)
                 and decoded.event.probe_id == probe_id):
