@@ -25,7 +25,7 @@ import pytest
 from services.audit.store import AuditLog, PgLocation, open_store
 from services.simulators.demo import setup
 from tests.conftest import ROOT, ServiceProcess
-from tests.helpers import free_port_pair
+from tests.helpers import free_port_pair, wait_for
 from tests.integration.aws_servers import (  # noqa: F401 - fixtures
     AwsEndpoint,
     aws_env,
@@ -63,6 +63,25 @@ class System:
             return open_store(Path(self.env["FRS_AUDIT_STORE_DIR"]), readonly=True)
         role = auditor_role(self.pg)
         return open_store(PgLocation(self.pg.url(role), self.pg.password(role)), readonly=True)
+
+    def wait_recorded(self, ids: set[str], timeout: float = 90) -> None:
+        """Until every CloudEvents id in ``ids`` is a leaf of the audit log. The flow can
+        settle before audit is even assigned its partitions (its group's join waits out
+        the last test's member), and on PostgreSQL a consumed record is a leaf only once
+        the sequencer has taken it from the queue."""
+        missing: set[str] = set(ids)
+
+        def recorded() -> bool:
+            nonlocal missing
+            store = self.audit_log()
+            try:
+                missing = ids - {r.ce_id for r in store.rows()}
+            finally:
+                store.close()
+            return not missing
+
+        wait_for(recorded, timeout=timeout, interval=0.5,
+                 what=lambda: f"audit to record {sorted(missing)}")
 
     def frs(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT,

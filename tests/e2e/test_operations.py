@@ -138,8 +138,10 @@ def test_prometheus_sees_the_flow_and_no_alert_fires(
         return all(v >= 3 for v in seen.values())
 
     wait_for(counted, timeout=30, interval=1, what=lambda: f"every count at 3; saw {seen}")
+    # Over the buckets' totals, not their rate: a rate needs two scrapes of a series, and
+    # the histogram's series may be born with all three observations in it (seen in CI).
     p99 = value(prometheus, "histogram_quantile(0.99, sum by (le) "
-                            "(rate(frs_audit_end_to_end_seconds_bucket[5m])))")
+                            "(frs_audit_end_to_end_seconds_bucket))")
     assert 0 < p99 < 60
 
     # Healthy: rules evaluated, nothing firing or pending.

@@ -61,6 +61,7 @@ def test_probe_flows_through_every_service_and_audit_records_it(
     assert all(e["causationid"] in ids for e in events[1:] if e["causationid"])
 
     # The audit service records every one of them, each exactly once.
+    system.wait_recorded(ids)
     system.services["audit"].stop()
     store = system.audit_log()
     recorded = [r.ce_id for r in store.rows()]
