@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from schemas.events import EVENTS_BY_TYPE, Event
 from schemas.types import utcnow
+from services.kit.cost import step
 from services.kit.fencing import check_fence
 from services.kit.sqlite import connect
 
@@ -178,6 +179,10 @@ class SqliteLedger(_Holder):
                         future.set_exception(value)
 
     def _transaction(self, fns: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        with step("state"):  # on the ledger's own thread: its CPU only
+            return self._transaction_of(fns)
+
+    def _transaction_of(self, fns: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
         db = self._db
         out: list[tuple[bool, Any]] = []
         db.execute("BEGIN IMMEDIATE")

@@ -43,6 +43,7 @@ from prometheus_client import Counter
 from schemas.events import QualityReport
 from services.intake.quality import QualityGate, assess, warm_up
 from services.intake.sanitize import CleanImage, SanitizeError, SanitizeLimits, sanitize
+from services.kit.cost import collect, step
 
 log = logging.getLogger("frs.intake")
 
@@ -91,6 +92,9 @@ class Examined(CleanImage):
     quality report. The decoded pixels stay in the worker."""
 
     quality: QualityReport
+    # CPU seconds by step (services/kit/cost.py) spent on it in the worker, for the
+    # intake to count: the worker's own counters are never scraped.
+    cpu: tuple[tuple[str, float], ...] = ()
 
 
 def _out_of_memory() -> DecodeLimitExceeded:
@@ -103,11 +107,14 @@ def examine(data: bytes, limits: SanitizeLimits, gate: QualityGate) -> Examined 
     A refusal is returned; running out of the worker's memory raises
     ``DecodeLimitExceeded``."""
     try:
-        try:
-            clean = sanitize(data, limits)
-        except SanitizeError as err:
-            return err
-        report = assess(clean.image, gate)
+        with collect() as spent:
+            try:
+                with step("decode"):  # re-encoding is its own step inside
+                    clean = sanitize(data, limits)
+            except SanitizeError as err:
+                return err
+            with step("detect"):
+                report = assess(clean.image, gate)
     except MemoryError:
         raise _out_of_memory() from None
     except cv2.error as exc:
@@ -115,7 +122,7 @@ def examine(data: bytes, limits: SanitizeLimits, gate: QualityGate) -> Examined 
             raise _out_of_memory() from None
         raise
     kept = {f.name: getattr(clean, f.name) for f in fields(CleanImage)}
-    return Examined(**kept, quality=report)
+    return Examined(**kept, quality=report, cpu=tuple(spent.items()))
 
 
 # --- the worker process -------------------------------------------------------------

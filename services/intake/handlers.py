@@ -42,6 +42,7 @@ from services.intake.outcomes import (
 from services.intake.policy.handlers import PolicyPorts, on_probe_submitted
 from services.intake.quality import QualityGate, rejection
 from services.intake.sanitize import SanitizeError, SanitizeLimits
+from services.kit.cost import add_all, step
 from services.kit.signals import NotYet
 from services.vault import ObjectPurged, Vault
 
@@ -91,7 +92,8 @@ async def on_probe_requested(event: ProbeRequested, ports: IntakePorts) -> list[
 
 def _decrypt(event: ProbeRequested, ports: IntakePorts) -> bytes | None:
     try:
-        return decrypt_image(event.image, ports.private_key, event.request_id)
+        with step("decrypt"):
+            return decrypt_image(event.image, ports.private_key, event.request_id)
     except DecryptError:
         return None
 
@@ -193,6 +195,7 @@ async def _intake(event: ProbeRequested, image: bytes | None,
         return reject(RejectReason.DECODE_LIMIT_EXCEEDED, exc.detail)
     if isinstance(clean, SanitizeError):
         return reject(clean.reason, clean.detail)
+    add_all(dict(clean.cpu))  # the worker's decode, detect and re-encode
     report = clean.quality
     refused = rejection(report)
     if refused is not None:
@@ -200,8 +203,9 @@ async def _intake(event: ProbeRequested, image: bytes | None,
     now = ports.clock()
     expires_at = now + ports.image_ttl
     try:
-        ref = ports.vault.put(probe_id=probe_id, case_id=event.case_id, data=clean.data,
-                              created_at=now, expires_at=expires_at)
+        with step("vault"):
+            ref = ports.vault.put(probe_id=probe_id, case_id=event.case_id, data=clean.data,
+                                  created_at=now, expires_at=expires_at)
     except ObjectPurged:
         return reject(RejectReason.IMAGE_PURGED,
                       "this request's image was stored and purged before; not stored again")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from schemas.events import EVENTS_BY_TYPE, Event, ProbeRejected, ProbeRequested, ProbeSubmitted
+from services.kit.cost import step
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
@@ -123,10 +124,11 @@ class OutcomeLog:
                 conn.execute(f"ALTER TABLE request_outcomes ADD COLUMN {column} TEXT")
 
     async def find(self, request_id: str) -> Recorded | None:
-        row = self.conn.execute(
-            "SELECT event_type, event_json, content_sha256, record_sha256"
-            " FROM request_outcomes WHERE request_id=?", (request_id,)).fetchone()
-        return _recorded(row)
+        with step("state"):
+            row = self.conn.execute(
+                "SELECT event_type, event_json, content_sha256, record_sha256"
+                " FROM request_outcomes WHERE request_id=?", (request_id,)).fetchone()
+            return _recorded(row)
 
     async def get(self, request_id: str) -> ProbeSubmitted | ProbeRejected | None:
         found = await self.find(request_id)
@@ -135,8 +137,9 @@ class OutcomeLog:
     async def record(self, request_id: str, event: Event, *, content_sha256: str | None = None,
                      record_sha256: str | None = None) -> None:
         # First outcome wins: a concurrent duplicate cannot replace it.
-        self.conn.execute("INSERT OR IGNORE INTO request_outcomes VALUES (?,?,?,?,?,?)",
-                          (request_id, *_row(event), content_sha256, record_sha256))
+        with step("state"):
+            self.conn.execute("INSERT OR IGNORE INTO request_outcomes VALUES (?,?,?,?,?,?)",
+                              (request_id, *_row(event), content_sha256, record_sha256))
 
     async def bind(self, request_id: str, content_sha256: str,
                    record_sha256: str | None) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.events import RejectReason
+from services.kit.cost import step
 
 ImageFormat = Literal["jpeg", "png"]
 
@@ -332,10 +333,12 @@ def sanitize(data: bytes, limits: SanitizeLimits | None = None) -> SanitizedImag
     _decode_fully(img)
     clean = _clean_pixels(img, fmt)
     img.close()
-    encoded = _encode(clean, fmt, limits.jpeg_quality)
+    with step("reencode"):
+        encoded = _encode(clean, fmt, limits.jpeg_quality)
+        sanitized_sha256 = hashlib.sha256(encoded).hexdigest()
     return SanitizedImage(
         data=encoded, format=fmt, width=clean.width, height=clean.height,
         received_sha256=hashlib.sha256(data).hexdigest(),
-        sanitized_sha256=hashlib.sha256(encoded).hexdigest(),
+        sanitized_sha256=sanitized_sha256,
         image=clean,
     )

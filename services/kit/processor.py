@@ -39,6 +39,7 @@ from schemas.catalog import TOPIC_BY_NAME
 from schemas.envelope import DecodeError, Envelope, decode
 from schemas.events import Event
 from services.kit.assignor import CopartitionedAssignor
+from services.kit.cost import step
 from services.kit.fencing import Fenced, FenceScope, fenced_as
 from services.kit.kafka import KafkaSettings, client_options
 from services.kit.metrics import owned_partitions, processor_metrics
@@ -485,8 +486,10 @@ class Processor:
         )
         decoded: Envelope | DecodeError
         try:
-            decoded = decode(raw.headers, raw.key, raw.value, timestamp_ms=record.timestamp,
-                             timestamp_type=record.timestamp_type)
+            with step("envelope"):
+                decoded = decode(raw.headers, raw.key, raw.value,
+                                 timestamp_ms=record.timestamp,
+                                 timestamp_type=record.timestamp_type)
         except DecodeError as err:
             decoded = err
         on_record = self.route.on_record
@@ -567,7 +570,8 @@ class Processor:
             self._metrics.handler_seconds.labels(etype).observe(time.perf_counter() - started)
             try:
                 # Every output checked before any is sent: none of a refused record's go.
-                prepared = [self.publisher.prepare(out, envelope) for out in outputs]
+                with step("produce"):
+                    prepared = [self.publisher.prepare(out, envelope) for out in outputs]
             except EventTooLarge as exc:
                 return [await self._to_dlq(raw, "event_too_large", str(exc))]
             futures = []

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from services.kit.cost import step
 from services.kit.sqlite import connect
 from services.results.tracking import ProbeState
 
@@ -71,13 +72,18 @@ class TrackerStore:
         self._acted: dict[str, frozenset[str]] = {}
 
     async def get(self, probe_id: str) -> ProbeState:
-        row = self._db.execute("SELECT state FROM probes WHERE probe_id = ?",
-                               (probe_id,)).fetchone()
-        if row is None:
-            return ProbeState(probe_id=probe_id)
-        return ProbeState.model_validate_json(row[0])
+        with step("state"):
+            row = self._db.execute("SELECT state FROM probes WHERE probe_id = ?",
+                                   (probe_id,)).fetchone()
+            if row is None:
+                return ProbeState(probe_id=probe_id)
+            return ProbeState.model_validate_json(row[0])
 
     async def put(self, state: ProbeState) -> None:
+        with step("state"):
+            self._put(state)
+
+    def _put(self, state: ProbeState) -> None:
         due = state.next_due()
         self._db.execute(
             "INSERT INTO probes(probe_id, state, next_due) VALUES (?, ?, ?) "
@@ -120,7 +126,8 @@ class TrackerStore:
         return int(reviews), int(overdue)
 
     async def commit(self) -> None:
-        self._db.commit()
+        with step("commit"):  # the batch's one transaction: its fsync
+            self._db.commit()
 
     def close(self) -> None:
         self._db.rollback()  # an uncommitted batch is replayed from Kafka, never half-kept
@@ -144,10 +151,11 @@ class RequestRefs:
         self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
 
     async def lookup(self, request_ref: str) -> tuple[str, str] | None:
-        row = self._db.execute(
-            "SELECT probe_id, provider_id FROM request_refs WHERE request_ref = ?",
-            (request_ref,),
-        ).fetchone()
+        with step("state"):
+            row = self._db.execute(
+                "SELECT probe_id, provider_id FROM request_refs WHERE request_ref = ?",
+                (request_ref,),
+            ).fetchone()
         return (str(row[0]), str(row[1])) if row else None
 
     def close(self) -> None:
@@ -182,10 +190,11 @@ class NonceStore:
 
     async def claim(self, digest: str, now: float, keep_s: float) -> bool:
         """True if ``digest`` was not claimed within ``keep_s``; records it durably."""
-        self._db.execute(f"DELETE FROM {self._table} WHERE seen_at < ?", (now - keep_s,))
-        cur = self._db.execute(f"INSERT OR IGNORE INTO {self._table} VALUES (?, ?)",
-                               (digest, now))
-        self._db.commit()
+        with step("state"):
+            self._db.execute(f"DELETE FROM {self._table} WHERE seen_at < ?", (now - keep_s,))
+            cur = self._db.execute(f"INSERT OR IGNORE INTO {self._table} VALUES (?, ?)",
+                                   (digest, now))
+            self._db.commit()
         return cur.rowcount == 1
 
     async def release(self, digest: str) -> None:

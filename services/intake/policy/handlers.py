@@ -38,6 +38,7 @@ from schemas.types import MINIMAL_FIELDS
 from services.intake.policy.engine import PolicyEngine
 from services.intake.policy.metrics import policy_metrics
 from services.intake.policy.reviews import Reviews
+from services.kit.cost import step
 from services.kit.registry import Registries, effective_provider
 
 log = logging.getLogger("frs.policy")
@@ -110,17 +111,19 @@ def decide(engine: PolicyEngine, probe_id: str, inputs: DecisionInputs,
 
 async def on_probe_submitted(event: ProbeSubmitted, ports: PolicyPorts) -> list[Event]:
     registries = ports.registries
-    # Versions first: the snapshot is at least as new as the versions it claims.
-    versions = registries.versions
-    inputs = snapshot(event, registries, ports.clock())
-    decision = decide(ports.engine, event.probe_id, inputs, versions, event.review_required)
-    if isinstance(decision, PolicyCleared):
-        # The claim check rides with the clearance: dispatch sends from it alone.
-        decision = decision.model_copy(update={"claim": ClaimCheck(
-            vault_ref=event.vault_ref, agent_id=event.agent_id,
-            sanitized_sha256=event.sanitized_sha256, expires_at=event.expires_at)})
-    # Signed last: the signature covers everything else, the claim check included.
-    decision = sign(decision, ports.signing_key)
+    with step("policy"):
+        # Versions first: the snapshot is at least as new as the versions it claims.
+        versions = registries.versions
+        inputs = snapshot(event, registries, ports.clock())
+        decision = decide(ports.engine, event.probe_id, inputs, versions,
+                          event.review_required)
+        if isinstance(decision, PolicyCleared):
+            # The claim check rides with the clearance: dispatch sends from it alone.
+            decision = decision.model_copy(update={"claim": ClaimCheck(
+                vault_ref=event.vault_ref, agent_id=event.agent_id,
+                sanitized_sha256=event.sanitized_sha256, expires_at=event.expires_at)})
+        # Signed last: the signature covers everything else, the claim check included.
+        decision = sign(decision, ports.signing_key)
     metrics = policy_metrics()
     if isinstance(decision, PolicyCleared):
         metrics.decisions.labels("cleared").inc()
