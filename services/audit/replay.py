@@ -29,7 +29,10 @@ class ReplayReport:
     store_leaves: int = 0
     missing: list[Coord] = field(default_factory=list)       # in Kafka, not in the store
     digest_mismatch: list[Coord] = field(default_factory=list)
-    duplicate_ids: list[str] = field(default_factory=list)   # one event id at two places
+    duplicate_ids: list[str] = field(default_factory=list)   # one event id, two contents
+    # The same event (topic, id and bytes) published again at another offset (a producer
+    # retried after a crash): one event, kept once or at each offset, not a duplicate.
+    redelivered: int = 0
     unknown_to_topics: list[Coord] = field(default_factory=list)  # should still be in Kafka
     aged_out: int = 0                                         # older than the topic's retention
     violations_found: int = 0                                 # invariants run again on the topics
@@ -47,7 +50,7 @@ class ReplayReport:
                 "store_leaves": self.store_leaves, "missing": coords(self.missing),
                 "missing_count": len(self.missing),
                 "digest_mismatch": coords(self.digest_mismatch),
-                "duplicate_ids": self.duplicate_ids[:100],
+                "duplicate_ids": self.duplicate_ids[:100], "redelivered": self.redelivered,
                 "unknown_to_topics": coords(self.unknown_to_topics),
                 "aged_out": self.aged_out, "violations_found": self.violations_found,
                 "unreported_violations": [{"offending_event_id": e, "invariant": i}
@@ -147,11 +150,16 @@ def cross_check(records: list[tuple[RawRecord, Envelope | DecodeError]],
     report = ReplayReport()
     digests, order = store_index(directory)
     report.store_leaves = len(order)
+    # (topic, event id) -> the digests recorded under it (a DLQ keeps its record's id).
+    contents: dict[tuple[str, str], set[str]] = {}
+    for coord, eid in order:
+        if eid is not None:
+            contents.setdefault((coord[0], eid), set()).add(digests[coord])
     earliest: dict[tuple[str, int], int] = {}
     latest: dict[tuple[str, int], int] = {}
     in_topics: set[Coord] = set()
     full = subjects is None and since is None
-    for raw, _ in selected(records, subjects, since) if not full else records:
+    for raw, decoded in selected(records, subjects, since) if not full else records:
         coord = (raw.topic, raw.partition, raw.offset)
         in_topics.add(coord)
         key = (raw.topic, raw.partition)
@@ -159,13 +167,27 @@ def cross_check(records: list[tuple[RawRecord, Envelope | DecodeError]],
         latest[key] = max(latest.get(key, raw.offset), raw.offset)
         report.topic_records += 1
         digest = digests.get(coord)
-        if digest is None:
+        if digest is None and isinstance(decoded, Envelope) and value_digest(raw.value) in \
+                contents.get((raw.topic, decoded.id), ()):
+            report.redelivered += 1  # recorded once, at its first offset
+        elif digest is None:
             report.missing.append(coord)
         elif digest != value_digest(raw.value):
             report.digest_mismatch.append(coord)
     ids = Counter(eid for (topic, _, _), eid in order
                   if eid is not None and not topic.startswith("frs.dlq."))
-    report.duplicate_ids = sorted(eid for eid, n in ids.items() if n > 1)
+    id_contents: dict[str, set[str]] = {}
+    for (topic, eid), found in contents.items():
+        if not topic.startswith("frs.dlq."):
+            id_contents.setdefault(eid, set()).update(found)
+    # One id at two places is a duplicate when the contents differ (a reused id); the
+    # same bytes again are a redelivery (the SQLite store keeps both offsets).
+    for eid, n in ids.items():
+        if n > 1 and len(id_contents[eid]) > 1:
+            report.duplicate_ids.append(eid)
+        elif n > 1:
+            report.redelivered += n - 1
+    report.duplicate_ids.sort()
     if full:
         for coord, _ in order:
             if coord in in_topics:

@@ -208,7 +208,8 @@ async def cmd_replay(args: argparse.Namespace, settings: CliSettings) -> int:
         f"{'ok' if report.ok else 'MISMATCH'}: {report.topic_records} records in the "
         f"topics, {report.store_leaves} leaves in the store, {len(report.missing)} "
         f"missing, {len(report.digest_mismatch)} altered, {len(report.duplicate_ids)} "
-        f"duplicated, {len(report.unknown_to_topics)} unknown to the topics, "
+        f"duplicated, {report.redelivered} redelivered, {len(report.unknown_to_topics)} "
+        f"unknown to the topics, "
         f"{report.aged_out} past retention; invariants found {len(found)} violations, "
         f"{len(report.unreported_violations)} never reported by the audit service")
     emit(args, payload, "\n".join(lines))
