@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
@@ -129,23 +130,31 @@ class PipelineRig:
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     # How long results waits for the vendor's answer before NoResponse settles the probe.
     response_deadline_s: int = 120
+    # Processes per service (one number for all, or by service): with more than one, each
+    # instance has a state dir of its own, as on a host of its own (see instance_env).
+    instances: int | dict[str, int] = 1
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     procs: dict[str, Service] = field(default_factory=dict)
+    webhook_ports: dict[str, int] = field(default_factory=dict)  # results instance -> port
     vendor: VendorSimulator | None = None
     acked: list[str] = field(default_factory=list)
     submitted_at: dict[str, float] = field(default_factory=dict)  # request id -> wall time
 
     async def start(self) -> PipelineRig:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.check_shared()
         ca = SimulatorCA("frs pipeline rig CA")
         pki = self.workdir / "pki"
         cert, key = ca.server().write(pki, "webhook")
         secret = secrets.token_hex(24)
         secrets_file = pki / "webhook-secrets.json"
         write_private(secrets_file, json.dumps({PROVIDER: secret}).encode())
-        webhook_port = free_port()
+        # Each results instance listens on its own port; the vendor spreads its answers
+        # over all of them, as a load balancer in front of them would.
+        self.webhook_ports = {k: free_port() for k in self.instance_keys("results")}
+        urls = [f"https://127.0.0.1:{port}" for port in self.webhook_ports.values()]
         self.vendor = VendorSimulator(
-            dataclass_replace(self.behaviour, webhook_url=f"https://127.0.0.1:{webhook_port}",
+            dataclass_replace(self.behaviour, webhook_url=urls[0], webhook_urls=tuple(urls[1:]),
                               webhook_provider_id=PROVIDER, webhook_secret=secret,
                               webhook_ca_file=str(ca_file(pki, ca))),
             ca=ca, pki_dir=pki / "vendor")
@@ -164,7 +173,7 @@ class PipelineRig:
             "FRS_DISPATCH_RETRY_BASE_DELAY_S": "0.05",
             "FRS_DISPATCH_RETRY_MAX_DELAY_S": "1.0",
             "FRS_DISPATCH_HTTPS_TIMEOUT_S": "5",
-            "FRS_RESULTS_WEBHOOK_PORT": str(webhook_port),
+            "FRS_RESULTS_WEBHOOK_PORT": str(self.webhook_ports["results"]),
             "FRS_RESULTS_WEBHOOK_CERT_FILE": str(cert),
             "FRS_RESULTS_WEBHOOK_KEY_FILE": str(key),
             "FRS_RESULTS_WEBHOOK_SECRETS_FILE": str(secrets_file),
@@ -173,10 +182,61 @@ class PipelineRig:
             "PYTHONPATH": str(ROOT),
             **self.extra_env,
         }
-        self.procs = {n: Service(n, {**env, **self.service_env.get(n, {})},
-                                 self.workdir / f"{n}.log") for n in self.services}
+        if self.many():
+            env |= self.deployment_secrets()
+        self.procs = {k: Service(n, self.instance_env(n, k, env), self.workdir / f"{k}.log")
+                      for n in self.services for k in self.instance_keys(n)}
         await self.start_services(*self.services)
         return self
+
+    def count(self, name: str) -> int:
+        return self.instances if isinstance(self.instances, int) \
+            else self.instances.get(name, 1)
+
+    def instance_keys(self, name: str) -> list[str]:
+        """The procs keys of a service's instances: its name, then name-2, name-3, ..."""
+        return [name] + [f"{name}-{i}" for i in range(2, self.count(name) + 1)]
+
+    def many(self) -> bool:
+        return any(self.count(n) > 1 for n in self.services)
+
+    def check_shared(self) -> None:
+        """Instances on separate hosts share only what a deployment shares: a service with
+        many needs its state in PostgreSQL, and the vault's objects in S3 under KMS-wrapped
+        keys (the epoch keys are files on one host: another host's dispatch could not
+        unwrap a data key, and its purger would not destroy them)."""
+        for name in self.services:
+            if self.count(name) < 2:
+                continue
+            if "FRS_STATE_URL" not in {**self.extra_env, **self.service_env.get(name, {})}:
+                raise ValueError(f"{self.count(name)} {name} instances need FRS_STATE_URL "
+                                 "(PostgreSQL) in service_env: a state dir is one host's")
+            if name in ("intake", "dispatch") and (
+                    self.extra_env.get("FRS_VAULT_BACKEND") != "s3"
+                    or self.extra_env.get("FRS_VAULT_KEK_BACKEND") != "kms"):
+                raise ValueError(f"{self.count(name)} {name} instances need the vault in S3 "
+                                 "with FRS_VAULT_KEK_BACKEND=kms in extra_env")
+
+    def deployment_secrets(self) -> dict[str, str]:
+        """Keys every instance of a service shares, as deployed to each host: made here
+        once, so no two instances race to create them. The webhook's TLS pair and HMAC
+        secrets and the policy key are shared already."""
+        from services.audit.checkpoint import load_or_create_key as audit_key
+        from services.intake.crypto import load_or_create_private_key
+
+        load_or_create_private_key(self.workdir / "keys" / "intake.key.pem")
+        audit_key(self.workdir / "keys" / "audit-checkpoint.pem")
+        return {"FRS_AUDIT_SIGNING_KEY_FILE": str(self.workdir / "keys" / "audit-checkpoint.pem")}
+
+    def instance_env(self, name: str, key: str, env: dict[str, str]) -> dict[str, str]:
+        out = {**env, **self.service_env.get(name, {})}
+        if self.count(name) > 1:
+            home = self.workdir / "hosts" / key
+            out |= {"FRS_STATE_DIR": str(home / "state"),
+                    "FRS_AUDIT_STORE_DIR": str(home / "audit")}
+        if name == "results":  # each instance its own port
+            out["FRS_RESULTS_WEBHOOK_PORT"] = str(self.webhook_ports[key])
+        return out
 
     @property
     def policy_key_file(self) -> Path:
@@ -196,7 +256,9 @@ class PipelineRig:
             await publisher.publish(records)
 
     async def start_services(self, *names: str) -> None:
-        chosen = names or self.services
+        """Start services (every instance) or single instances, by procs key."""
+        chosen = [k for n in names or self.services
+                  for k in (self.instance_keys(n) if n in self.services else [n])]
         before = {n: self.procs[n].count('"consumer started"') for n in chosen}
         for n in chosen:
             self.procs[n].start()
@@ -308,3 +370,52 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return round(ordered[k], 4)
+
+
+class VaultServers:
+    """What the vault shares across hosts, for a rig with many instances: an S3-compatible
+    server with one bucket (deploy/s3proxy/s3proxy.sh, from a checkout) and a KMS with one
+    key (moto's server, a dev dependency, in this process). ``start`` returns the services'
+    FRS_VAULT_* and AWS settings."""
+
+    ACCESS = {"AWS_ACCESS_KEY_ID": "frs-local", "AWS_SECRET_ACCESS_KEY": "frs-local-secret",
+              "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.script = ROOT / "deploy" / "s3proxy" / "s3proxy.sh"
+        self.script_env: dict[str, str] | None = None
+        self.kms: Any = None
+
+    def start(self) -> dict[str, str]:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        s3_port, kms_port = free_port(), free_port()
+        self.script_env = {**os.environ, "FRS_S3PROXY_PORT": str(s3_port),
+                           "FRS_S3PROXY_STATE": str(self.state / "s3proxy"),
+                           "FRS_S3PROXY_IDENTITY": self.ACCESS["AWS_ACCESS_KEY_ID"],
+                           "FRS_S3PROXY_CREDENTIAL": self.ACCESS["AWS_SECRET_ACCESS_KEY"]}
+        subprocess.run([str(self.script), "start"], env=self.script_env, check=True,
+                       capture_output=True, timeout=600)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per KMS call
+        self.kms = ThreadedMotoServer(ip_address="127.0.0.1", port=kms_port, verbose=False)
+        self.kms.start()
+        s3_url, kms_url = f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{kms_port}"
+        session = boto3.session.Session(
+            region_name="us-east-1", aws_access_key_id=self.ACCESS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.ACCESS["AWS_SECRET_ACCESS_KEY"])
+        bucket = f"frs-rig-{uuid.uuid4().hex[:12]}"
+        session.client("s3", endpoint_url=s3_url).create_bucket(Bucket=bucket)
+        key = session.client("kms", endpoint_url=kms_url).create_key(
+            Description="frs vault KEK (rig)")["KeyMetadata"]["KeyId"]
+        return {**self.ACCESS, "FRS_VAULT_BACKEND": "s3", "FRS_VAULT_S3_BUCKET": bucket,
+                "FRS_VAULT_S3_ENDPOINT_URL": s3_url, "FRS_VAULT_KEK_BACKEND": "kms",
+                "FRS_VAULT_KMS_KEY_ID": str(key), "FRS_VAULT_KMS_ENDPOINT_URL": kms_url}
+
+    def stop(self) -> None:
+        if self.kms is not None:
+            self.kms.stop()
+        if self.script_env is not None:
+            subprocess.run([str(self.script), "stop"], env=self.script_env, check=False,
+                           capture_output=True, timeout=120)

@@ -50,6 +50,9 @@ class VendorBehaviour:
     malformed_rate: float = 0.0  # accept, then answer garbage
     answer_twice: bool = False
     webhook_url: str | None = None  # base URL: answers to /v1/answers, receipts to /v1/deletion
+    # More base URLs of the same webhook (many results instances): each post, retries
+    # included, goes to the next one in turn, as a load balancer in front of them would.
+    webhook_urls: tuple[str, ...] = ()
     webhook_provider_id: str = "sim-vendor"
     webhook_secret: str = "simulator-shared-secret"
     webhook_ca_file: str | None = None  # trust for an https webhook
@@ -107,6 +110,7 @@ class VendorSimulator:
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: ClientSession | None = None
+        self._posts = 0  # webhook posts so far: picks the next base URL
 
     @property
     def url(self) -> str:
@@ -250,13 +254,17 @@ class VendorSimulator:
             tls = ssl.create_default_context(cafile=b.webhook_ca_file)
             self._client = ClientSession(timeout=ClientTimeout(total=10),
                                          connector=TCPConnector(ssl=tls))
-        assert b.webhook_url is not None
-        base = b.webhook_url.rstrip("/")
         for path, body in calls:
-            await self._post_signed(base, path, body, b)
+            await self._post_signed(path, body, b)
 
-    async def _post_signed(self, base: str, path: str, body: dict[str, Any],
-                           b: VendorBehaviour) -> None:
+    def _webhook_base(self, b: VendorBehaviour) -> str:
+        """The next webhook base URL, round-robin over all of them."""
+        assert b.webhook_url is not None
+        bases = (b.webhook_url, *b.webhook_urls)
+        self._posts += 1
+        return bases[self._posts % len(bases)].rstrip("/")
+
+    async def _post_signed(self, path: str, body: dict[str, Any], b: VendorBehaviour) -> None:
         raw = json.dumps(body).encode()
         assert self._client is not None
         # 404 (dispatch not recorded yet) and 5xx are retried, as a real vendor would.
@@ -267,7 +275,8 @@ class VendorSimulator:
                        "X-FRS-Signature": webhook_signature(
                            b.webhook_secret.encode(), b.webhook_provider_id, ts, path, raw)}
             try:
-                async with self._client.post(base + path, data=raw, headers=headers) as r:
+                async with self._client.post(self._webhook_base(b) + path, data=raw,
+                                             headers=headers) as r:
                     status = r.status
             except Exception:  # a simulator keeps going
                 status = 599
