@@ -43,6 +43,7 @@ from schemas.events import (
     ProviderDispatched,
 )
 from schemas.types import probe_id_for
+from services.cli import bench_cost
 from services.cli.common import Misuse
 from services.cli.pipeline_rig import (
     ROOT,
@@ -248,6 +249,7 @@ async def pipeline_phase(rig: PipelineRig, watch: SettledWatch, count: int,
     before = len(rig.acked)
     cpu0 = {n: p.cpu_s() for n, p in rig.procs.items()}
     other0 = other_cpu_s(broker_pid)
+    steps0 = await bench_cost.snapshot(rig.procs)
     sampler = RssSampler(rig.procs)
     sampler.start()
     started = time.time()
@@ -262,6 +264,10 @@ async def pipeline_phase(rig: PipelineRig, watch: SettledWatch, count: int,
     cpu = sum(cpu_by.values())
     e2e = [(watch.arrived[probe_id_for(r)] - rig.submitted_at[r]) * 1000
            for r in rig.acked[before:] if probe_id_for(r) in watch.arrived]
+    # By step, with each service's whole process tree (its image workers too).
+    cost = bench_cost.breakdown(steps0, await bench_cost.snapshot(rig.procs), len(e2e))
+    cost["all_in_cpu_ms_per_probe"] = round(cost["services_cpu_ms_per_probe"] + sum(
+        c * 1000 / max(1, len(e2e)) for c in other.values()), 2)
     return {"probes": count, "settled": sum(1 for p in probes if p in watch.arrived),
             "complete": complete, "rate_offered": rate, "seconds": round(seconds, 3),
             "probes_per_s": round(len(e2e) / seconds, 1) if seconds > 0 else None,
@@ -272,7 +278,7 @@ async def pipeline_phase(rig: PipelineRig, watch: SettledWatch, count: int,
                                             for n, c in cpu_by.items()},
             "cpu_ms_per_probe_outside_services": {n: round(c * 1000 / max(1, len(e2e)), 2)
                                                   for n, c in other.items()},
-            "rss_peak_mb": rss, "_probes": probes}
+            "rss_peak_mb": rss, "cost": cost, "_probes": probes}
 
 
 async def pipeline_run(bootstrap: str, services: tuple[str, ...], image: bytes,
@@ -420,6 +426,8 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
             f"msgs/s through {raw['hops']} hops, ratio {result['ratio_pipeline_to_raw']}; "
             f"p99 at {low['rate_offered']}/s {low['end_to_end_ms']['p99']} ms; "
             f"peak RSS {result['rss_mb']} ({result['machine']['nproc']} cpus)\n")
+        sys.stdout.write(bench_cost.table({"max rate": high["cost"],
+                                           f"{low['rate_offered']}/s": low["cost"]}))
         if result.get("postgres_to_sqlite"):
             ratios = result["postgres_to_sqlite"]
             sys.stdout.write(f"postgres / sqlite: throughput {ratios['probes_per_s']}, "

@@ -47,3 +47,12 @@ def test_bench_pipeline_prints_the_ratio(kafka_bootstrap: str) -> None:
     assert set(high["cpu_ms_per_probe_outside_services"]) == {"bench_process"}
     assert high["cpu_ms_per_probe_outside_services"]["bench_process"] > 0
     assert set(result["met"]) == {"ratio", "probes_per_s", "p99_at_low_rate", "rss"}
+    # Where the CPU goes: per service and step, scraped from the services' own counters.
+    for phase in (high, low):
+        intake = phase["cost"]["by_service"]["intake"]
+        assert {"decrypt", "decode", "detect", "reencode", "vault", "policy", "envelope",
+                "produce"} <= {s for s, ms in intake["steps_ms_per_probe"].items() if ms > 0}
+        assert intake["cpu_ms_per_probe"] > sum(intake["steps_ms_per_probe"].values()) * 0.9
+        assert set(phase["cost"]["by_service"]) == {"intake", "dispatch", "results"}
+        assert phase["cost"]["all_in_cpu_ms_per_probe"] >= \
+            phase["cost"]["services_cpu_ms_per_probe"]
