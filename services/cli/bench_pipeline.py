@@ -13,7 +13,13 @@ messages/s: items through the same chain of hops per second.
 ``--store sqlite,postgres`` runs (b) and (c) once per store in the same invocation, the
 PostgreSQL server started for it by deploy/postgres/pg.sh (from a checkout) on a free
 port, schema applied, each service as its own role; the JSON then holds each store's
-figures under ``by_store`` and PostgreSQL's throughput and p99 over SQLite's."""
+figures under ``by_store`` and PostgreSQL's throughput and p99 over SQLite's.
+
+``--instances 1,2 --store postgres`` runs (b) and (c) once per N with N processes of each
+service, each with its own state dir as on hosts of its own, sharing what hosts share
+(PostgreSQL, the vault's S3 bucket and KMS key: s3proxy and moto's KMS started for the
+run); the JSON holds each N's figures under ``by_instances`` and ``scaling_efficiency``,
+probes/s at N=2 over twice N=1's."""
 
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ from services.cli.pipeline_rig import (
     ROOT,
     PipelineRig,
     Service,
+    VaultServers,
     machine,
     percentile,
     process_cpu_s,
@@ -284,10 +291,12 @@ async def pipeline_phase(rig: PipelineRig, watch: SettledWatch, count: int,
 async def pipeline_run(bootstrap: str, services: tuple[str, ...], image: bytes,
                        broker_pid: int | None, warmup: int, low_rate: float,
                        low_probes: int, probes: int,
-                       service_env: dict[str, dict[str, str]]) -> dict[str, Any]:
+                       service_env: dict[str, dict[str, str]], instances: int = 1,
+                       extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """(b) and (c) on one store: warm-up, the low-rate phase, then the max-rate phase."""
     workdir = Path(tempfile.mkdtemp(prefix="frs-bench-pipeline-"))
-    rig = PipelineRig(bootstrap, workdir, image, services=services, service_env=service_env)
+    rig = PipelineRig(bootstrap, workdir, image, services=services, service_env=service_env,
+                      instances=instances, extra_env=extra_env or {})
     await rig.start()
     watch = SettledWatch(bootstrap)
     await watch.start()
@@ -307,32 +316,43 @@ async def pipeline_run(bootstrap: str, services: tuple[str, ...], image: bytes,
         request_bytes = next((len(r.value or b"") for r, d in records
                               if r.topic == "frs.probe.requests"), 0)
         peaks = {n: p.rss_mb().get("peak_rss_mb") for n, p in rig.procs.items()}
+        # Distinct live processes per service at the end: proof that N instances ran.
+        processes = {n: len({p.proc.pid for p in rig.procs.values()
+                             if p.name == n and p.alive and p.proc is not None})
+                     for n in services}
     finally:
         await watch.stop()
         await rig.stop()
     rss = {n: {"low_load": low["rss_peak_mb"].get(n), "max_load": high["rss_peak_mb"].get(n),
                "process_peak": peaks.get(n)} for n in services}
     return {"pipeline_max_rate": high, "pipeline_low_rate": low, "rss_mb": rss,
-            "request_bytes": request_bytes}
+            "request_bytes": request_bytes, "instances": instances, "processes": processes}
 
 
 async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: int,
                     with_audit: bool, image: bytes,
                     broker_pid: int | None = None, warmup: int = 300,
                     stores: Sequence[str] = ("sqlite",),
-                    store_env: dict[str, dict[str, dict[str, str]]] | None = None
+                    store_env: dict[str, dict[str, dict[str, str]]] | None = None,
+                    instances: Sequence[int] = (1,), vault_env: dict[str, str] | None = None
                     ) -> dict[str, Any]:
     await ensure_topics(bootstrap)
     services = ("intake", "dispatch", "results", "audit") if with_audit \
         else ("intake", "dispatch", "results")
     runs = {store: await pipeline_run(bootstrap, services, image, broker_pid, warmup,
                                       low_rate, low_probes, probes,
-                                      (store_env or {}).get(store, {}))
+                                      (store_env or {}).get(store, {}), instances[0], vault_env)
             for store in stores}
+    # Each further N: the same phases on the (one) store with N processes per service.
+    scaled = {instances[0]: runs[stores[0]]}
+    for n in instances[1:]:
+        scaled[n] = await pipeline_run(bootstrap, services, image, broker_pid, warmup,
+                                       low_rate, low_probes, probes,
+                                       (store_env or {}).get(stores[0], {}), n, vault_env)
     sample = await read_topic(bootstrap, ["frs.probe.requests"], max_s=60)
     request = next((r.value for r, d in sample if isinstance(d, Envelope)), b"") or b""
     raw = await raw_baseline(bootstrap, probes, request, 1024, HOPS)
-    for run in runs.values():
+    for run in [*runs.values(), *scaled.values()]:
         high = run["pipeline_max_rate"]
         run["ratio_pipeline_to_raw"] = round(high["probes_per_s"] / raw["messages_per_s"], 3) \
             if high["probes_per_s"] else None
@@ -357,11 +377,29 @@ async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: in
             "rss": worst_rss <= TARGETS["rss_mb_max"],
         },
     }
+    if len(scaled) > 1:
+        result |= scaling(scaled)
     if len(runs) > 1:
         result["by_store"] = runs
         result["postgres_to_sqlite"] = store_ratios(runs["sqlite"], runs["postgres"]) \
             if {"sqlite", "postgres"} <= set(runs) else None
     return result
+
+
+def scaling(scaled: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Figures per N, and the scaling efficiency: probes/s at N=2 over twice N=1's."""
+    by_n = {str(n): {"instances": n, "processes": run["processes"],
+                     "probes_per_s": run["pipeline_max_rate"]["probes_per_s"],
+                     "p99_ms_at_max_rate": run["pipeline_max_rate"]["end_to_end_ms"]["p99"],
+                     "p99_ms_at_low_rate": run["pipeline_low_rate"]["end_to_end_ms"]["p99"],
+                     "cpu_ms_per_probe": run["pipeline_max_rate"]["cpu_ms_per_probe"],
+                     **run} for n, run in scaled.items()}
+    one, two = scaled.get(1), scaled.get(2)
+    efficiency = None
+    if one is not None and two is not None and one["pipeline_max_rate"]["probes_per_s"]:
+        efficiency = round((two["pipeline_max_rate"]["probes_per_s"] or 0)
+                           / (2 * one["pipeline_max_rate"]["probes_per_s"]), 3)
+    return {"by_instances": by_n, "scaling_efficiency": efficiency}
 
 
 def store_ratios(sqlite: dict[str, Any], postgres: dict[str, Any]) -> dict[str, Any]:
@@ -392,6 +430,7 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
     if not stores or not set(stores) <= set(STORES):
         raise Misuse(f"--store takes {' or '.join(STORES)}, or both comma-separated; "
                      f"not {args.store!r}")
+    instances = parse_instances(args.instances, stores)
     if "postgres" in stores and not PG_SCRIPT.is_file():
         raise Misuse("--store postgres starts deploy/postgres/pg.sh from a checkout of the "
                      "repository, which this installation is not: run it there")
@@ -404,14 +443,21 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
         broker_env = env
         broker_pid = int((Path(env["FRS_KAFKA_STATE"]) / "broker.pid").read_text())
     pg_env: dict[str, str] | None = None
+    vault = VaultServers(Path(tempfile.mkdtemp(prefix="frs-bench-vault-"))) \
+        if max(instances) > 1 else None
     try:
         store_env: dict[str, dict[str, dict[str, str]]] = {}
         if "postgres" in stores:
             pg_env, store_env["postgres"] = await asyncio.to_thread(start_own_postgres)
+        # Many instances share the vault as many hosts do (S3, KMS); every N uses it, so
+        # N=1 and N=2 differ only in the number of processes.
+        vault_env = await asyncio.to_thread(vault.start) if vault is not None else None
         result = await run_bench(bootstrap, args.probes, args.low_rate, args.low_probes,
                                  args.with_audit, image, broker_pid, args.warmup, stores,
-                                 store_env)
+                                 store_env, instances, vault_env)
     finally:
+        if vault is not None:
+            await asyncio.to_thread(vault.stop)
         for script, script_env in ((BROKER_SCRIPT, broker_env), (PG_SCRIPT, pg_env)):
             if script_env is not None:
                 await asyncio.to_thread(subprocess.run, [str(script), "stop"], env=script_env,
@@ -432,7 +478,27 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
             ratios = result["postgres_to_sqlite"]
             sys.stdout.write(f"postgres / sqlite: throughput {ratios['probes_per_s']}, "
                              f"p99 at low rate {ratios['p99_ms_at_low_rate']}\n")
+        for n, run in result.get("by_instances", {}).items():
+            sys.stdout.write(f"N={n}: {run['probes_per_s']} probes/s, p99 "
+                             f"{run['p99_ms_at_max_rate']} ms\n")
+        if "scaling_efficiency" in result:
+            sys.stdout.write(f"scaling efficiency {result['scaling_efficiency']}\n")
     return 0
+
+
+def parse_instances(text: str, stores: Sequence[str]) -> tuple[int, ...]:
+    """--instances: one N or several comma-separated, each >= 1; N > 1 on postgres only
+    (instances on separate hosts share their state there, not in a state dir)."""
+    try:
+        instances = tuple(dict.fromkeys(int(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        instances = ()
+    if not instances or min(instances) < 1:
+        raise Misuse(f"--instances takes numbers >= 1, comma-separated; not {text!r}")
+    if max(instances) > 1 and tuple(stores) != ("postgres",):
+        raise Misuse("--instances above 1 needs --store postgres (alone): instances on "
+                     "separate hosts share their state in PostgreSQL")
+    return instances
 
 
 def start_own_broker() -> tuple[dict[str, str], str]:
@@ -524,7 +590,8 @@ def register(commands: Any) -> None:
         "pipeline", help="the whole pipeline vs a raw aiokafka relay of as many hops",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  frs bench pipeline --json --probes 2000 --low-rate 50\n"
-               "  frs bench pipeline --json --own-broker --store sqlite,postgres",
+               "  frs bench pipeline --json --own-broker --store sqlite,postgres\n"
+               "  frs bench pipeline --json --own-broker --store postgres --instances 1,2",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--probes", type=int, default=1000, help="probes at max rate; as "
@@ -541,6 +608,10 @@ def register(commands: Any) -> None:
     parser.add_argument("--store", default="sqlite", metavar="sqlite|postgres|sqlite,postgres",
                         help="where the services keep their state; both: one run each, "
                         "compared (postgres starts its own server from a checkout)")
+    parser.add_argument("--instances", default="1", metavar="N[,N...]",
+                        help="processes per service; several: one run each (e.g. 1,2), "
+                        "with the scaling efficiency; above 1 needs --store postgres and "
+                        "starts s3proxy and a KMS (moto) for the shared vault")
     parser.set_defaults(func=cmd_bench_pipeline)
 
 

@@ -56,3 +56,37 @@ def test_bench_pipeline_prints_the_ratio(kafka_bootstrap: str) -> None:
         assert set(phase["cost"]["by_service"]) == {"intake", "dispatch", "results"}
         assert phase["cost"]["all_in_cpu_ms_per_probe"] >= \
             phase["cost"]["services_cpu_ms_per_probe"]
+
+
+def test_bench_pipeline_scales_instances_on_postgres(kafka_bootstrap: str) -> None:
+    """N=1 and N=2 in one invocation on PostgreSQL (its own server from pg.sh, the vault
+    in s3proxy under a moto KMS key): figures per N, the scaling efficiency, and N=2 ran
+    two processes of each service."""
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "bench", "pipeline", "--json", "--probes", "40",
+         "--low-probes", "20", "--low-rate", "20", "--warmup", "10", "--store", "postgres",
+         "--instances", "1,2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "FRS_KAFKA_BOOTSTRAP": kafka_bootstrap,
+             "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["store"] == "postgres" and result["machine"]["nproc"] >= 1
+    runs = result["by_instances"]
+    assert set(runs) == {"1", "2"}
+    for n, run in runs.items():
+        assert run["instances"] == int(n)
+        assert run["processes"] == {s: int(n) for s in ("intake", "dispatch", "results")}
+        assert run["pipeline_max_rate"]["complete"] and run["pipeline_max_rate"]["settled"] == 40
+        assert run["probes_per_s"] > 0 and run["p99_ms_at_max_rate"] > 0
+        assert run["p99_ms_at_low_rate"] > 0
+    assert result["scaling_efficiency"] == pytest.approx(
+        runs["2"]["probes_per_s"] / (2 * runs["1"]["probes_per_s"]), abs=0.002)
+
+
+def test_bench_pipeline_refuses_instances_without_postgres() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "bench", "pipeline", "--instances", "1,2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2 and "--store postgres" in out.stderr
