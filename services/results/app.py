@@ -20,6 +20,7 @@ import logging
 import weakref
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -54,7 +55,7 @@ from services.results import handlers, tracking
 from services.results.mailbox import start_mailbox
 from services.results.pg_store import PgNonceStore, PgRequestRefs, PgTracker
 from services.results.settings import ResultsSettings
-from services.results.store import Nonces, RefLookup, Tracker, TrackerStore
+from services.results.store import Arrivals, Nonces, RefLookup, Tracker, TrackerStore
 from services.results.webhook import start_webhook
 
 log = logging.getLogger("frs.results")
@@ -103,6 +104,7 @@ def build(settings: ResultsSettings) -> ServiceApp:
         # A probe's records on different topics are handled concurrently (one key per
         # partition): each read-apply-write of its state is one at a time.
         busy: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        arrivals = Arrivals()  # the webhook waits on the commits of its refs
 
         async def track(event: Any, _env: Envelope) -> list[Event]:
             lock = busy.get(event.probe_id)
@@ -115,10 +117,13 @@ def build(settings: ResultsSettings) -> ServiceApp:
                 new, out = tracking.apply(state, event, provider, utcnow())
                 if new != state:
                     await store.put(new)  # committed in before_commit, after `out` is acked
+                    arrivals.written(t.request_ref for t in new.providers.values()
+                                     if t.request_ref is not None)
             return out
 
         async def durable() -> None:
             await store.commit()
+            arrivals.committed()
 
         tracker = Route(
             "results", "frs-results-tracker", tuple(t.name for t in TRACKED_TOPICS),
@@ -137,7 +142,8 @@ def build(settings: ResultsSettings) -> ServiceApp:
         servers = []
         if settings.webhook_cert_file is not None:
             servers.append(Server("webhook", lambda stack: _start(
-                start_webhook, settings, ctx, stack, inbound["nonces"])))
+                partial(start_webhook, arrivals=arrivals), settings, ctx, stack,
+                inbound["nonces"])))
         if settings.smime_cert_file is not None:
             servers.append(Server("smtp inbox", lambda stack: _start(
                 start_mailbox, settings, ctx, stack, inbound["mail_replies"])))

@@ -17,6 +17,7 @@ shared by every instance, are in pg_store.py.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
@@ -136,6 +137,39 @@ class TrackerStore:
 
 class RefLookup(Protocol):
     async def lookup(self, request_ref: str) -> tuple[str, str] | None: ...
+
+
+class Arrivals:
+    """Word, within this process, that the tracker has committed request refs: an inbound
+    answer that came before its ref (a vendor answering at once) looks again when a batch
+    holding it is committed, instead of every 10 ms (about ten lookups a probe)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self._written: set[str] = set()  # put in the open batch, not yet committed
+
+    def written(self, refs: Iterable[str]) -> None:
+        self._written.update(refs)
+
+    def committed(self) -> None:
+        for ref in self._written:
+            for waiter in self._waiting.pop(ref, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._written.clear()
+
+    def watch(self, request_ref: str) -> asyncio.Future[None]:
+        """Resolved once a commit of this process holds ``request_ref``; ``forget`` it."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(request_ref, []).append(waiter)
+        return waiter
+
+    def forget(self, request_ref: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiting.get(request_ref)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiting[request_ref]
 
 
 class Nonces(Protocol):

@@ -70,7 +70,7 @@ from schemas.types import utcnow
 from services.kit.private_files import check_private
 from services.kit.publisher import EventTooLarge, Publisher
 from services.kit.registry import Registries
-from services.results.store import Nonces, NonceStore, RefLookup, RequestRefs
+from services.results.store import Arrivals, Nonces, NonceStore, RefLookup, RequestRefs
 
 if TYPE_CHECKING:
     from services.results.settings import ResultsSettings
@@ -203,6 +203,8 @@ class Webhook:
     # answer waits this long for the record before it is refused with 404 (retry later).
     unknown_hold_s: float = 2.0
     max_body: int = 1_048_576
+    # The tracker's word that a ref was committed in this process (None: poll only).
+    arrivals: Arrivals | None = None
     body_timeout_s: float = 10.0
     max_json_depth: int = 16
 
@@ -290,12 +292,26 @@ class Webhook:
         return None
 
     async def _lookup(self, request_ref: str) -> tuple[str, str] | None:
-        found = await self.refs.lookup(request_ref)
         deadline = time.monotonic() + self.unknown_hold_s
-        while found is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-            found = await self.refs.lookup(request_ref)
-        return found
+        pause = 0.01
+        while True:
+            # Watched before the lookup, so a commit between the two is not missed.
+            arrived = self.arrivals.watch(request_ref) if self.arrivals is not None else None
+            try:
+                found = await self.refs.lookup(request_ref)
+                left = deadline - time.monotonic()
+                if found is not None or left <= 0:
+                    return found
+                if arrived is None:
+                    await asyncio.sleep(min(pause, left))
+                else:
+                    # Woken by this process's commit of the ref; another instance's
+                    # tracker may commit it instead: looked for again after a pause.
+                    await asyncio.wait({arrived}, timeout=min(pause, left))
+                    pause = min(pause * 2, 0.05)
+            finally:
+                if arrived is not None and self.arrivals is not None:
+                    self.arrivals.forget(request_ref, arrived)
 
     async def _event(self, path: str, provider_id: str, body: bytes) -> Event:
         try:
@@ -441,7 +457,8 @@ def make_app(webhook: Webhook, cap: ConnectionCap) -> web.Application:
 
 async def start_webhook(settings: ResultsSettings, publisher: Publisher,
                         registries: Registries, stack: AsyncExitStack,
-                        stores: tuple[Nonces, RefLookup] | None = None) -> None:
+                        stores: tuple[Nonces, RefLookup] | None = None,
+                        arrivals: Arrivals | None = None) -> None:
     """Bind now (a bad certificate or a taken port fails the start, not later); the stack
     stops the server and closes the stores. ``stores``: the shared ones (PostgreSQL);
     without, SQLite files in the state dir."""
@@ -464,7 +481,7 @@ async def start_webhook(settings: ResultsSettings, publisher: Publisher,
                       unknown_hold_s=settings.webhook_unknown_hold_s,
                       max_body=settings.webhook_max_body,
                       body_timeout_s=settings.webhook_body_timeout_s,
-                      max_json_depth=settings.max_json_depth)
+                      max_json_depth=settings.max_json_depth, arrivals=arrivals)
     cap = ConnectionCap(settings.webhook_max_connections)
     runner = web.AppRunner(
         make_app(webhook, cap), access_log=None,
