@@ -5,6 +5,7 @@ pixel count that compress to almost nothing."""
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -74,3 +75,13 @@ def flat_png(width: int, height: int, rgb: bool = True) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2 if rgb else 0, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat)
             + _chunk(b"IEND", b""))
+
+
+_HELD: list[bytearray] = []
+
+
+def hold_memory(mb: int) -> int:
+    """Run in an image worker: keep ``mb`` MB resident there (touched, not just reserved),
+    as an image's leftovers would; the worker's pid."""
+    _HELD.append(bytearray(b"\x01") * (mb * 1024 * 1024))
+    return os.getpid()

@@ -1,26 +1,32 @@
 """Probe quality (REQ-QUALITY): faces found, largest face size, sharpness, exposure, and a
 configurable gate that rejects images a 1:N search cannot use.
 
-Faces come from OpenCV's frontal-face Haar cascade (shipped in opencv-python-headless 4.x).
-Sharpness is the variance of the Laplacian of the largest face, resized to a fixed 112 px
-square (a common face-matcher input), so it does not depend on the photo's resolution;
-exposure is the mean luminance (0..1) of that face, or of the whole image if none is found.
-When the cascade reports several faces, those under 40% of the largest one's size are
-dropped, and of the rest those the eye cascade confirms are kept (all, if none is): the
-frontal cascade's false positives on real photos would otherwise read as a second person.
+Faces come from MediaPipe's BlazeFace CNN (``facedetect``; a model file shipped with the
+package, run by OpenCV's DNN module), which on the labelled set of ``frs bench intake
+--detectors`` finds more faces than OpenCV's frontal-face Haar cascade, with fewer false
+ones, at a fraction of its CPU (docs/performance.md). The Haar path stays for that
+comparison (``detector="haar"``). Sharpness is the variance of the Laplacian of the
+largest face, resized to a fixed 112 px square (a common face-matcher input), so it does
+not depend on the photo's resolution; exposure is the mean luminance (0..1) of that face,
+or of the whole image if none is found. Faces under 40% of the largest one's size are not
+counted: only a second person close enough to matter makes a photo ambiguous. With Haar,
+of the rest those the eye cascade confirms are kept (all, if none is): the frontal
+cascade's false positives on real photos would otherwise read as a second person;
+BlazeFace's own landmarks place the eyes, and ``facedetect`` keeps upright faces only.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from schemas.events import QualityReport, RejectReason
+from services.intake import facedetect
 
 _CASCADE = "haarcascade_frontalface_default.xml"
 _EYE_CASCADE = "haarcascade_eye.xml"
@@ -29,6 +35,7 @@ _FACE_NORM_PX = 112
 _WINDOW = 24  # the frontal cascade's smallest window (its training size), px
 _SECONDARY_FACE_RATIO = 0.4  # faces under 40% of the largest one's size are not counted
 Box = tuple[int, int, int, int]  # x, y, w, h
+Detector = Literal["blazeface", "haar"]
 
 
 @dataclass(frozen=True)
@@ -60,9 +67,8 @@ def _cascade(name: str = _CASCADE) -> Any:
 
 
 def warm_up() -> None:
-    """Load this thread's cascades now (an image worker, before its first image)."""
-    _cascade()
-    _cascade(_EYE_CASCADE)
+    """Load this thread's detector now (an image worker, before its first image)."""
+    facedetect.warm_up()
 
 
 def _has_eyes(gray: np.ndarray[Any, Any], face: Box) -> bool:
@@ -81,15 +87,20 @@ def _has_eyes(gray: np.ndarray[Any, Any], face: Box) -> bool:
     return len(eyes) > 0
 
 
-def _plausible(gray: np.ndarray[Any, Any],
-               faces: list[Box]) -> list[Box]:
-    """Drop the frontal cascade's false positives when it reports several faces."""
+def _comparable(faces: list[Box]) -> list[Box]:
+    """The faces of at least 40% of the largest one's size."""
     if not faces:
         return faces
     # False positives (cloth folds, patterns) mostly come out far smaller than the real
     # face; a second person close enough to matter is of comparable size.
     top = max(max(f[2], f[3]) for f in faces)
-    faces = [f for f in faces if max(f[2], f[3]) >= _SECONDARY_FACE_RATIO * top]
+    return [f for f in faces if max(f[2], f[3]) >= _SECONDARY_FACE_RATIO * top]
+
+
+def _plausible(gray: np.ndarray[Any, Any],
+               faces: list[Box]) -> list[Box]:
+    """Drop the frontal cascade's false positives when it reports several faces."""
+    faces = _comparable(faces)
     if len(faces) > 1:
         # Of comparable size: keep those the eye cascade confirms (all, if none is).
         confirmed = [f for f in faces if _has_eyes(gray, f)]
@@ -147,36 +158,48 @@ def _inside(box: Box, other: Box) -> bool:
     return ox <= x + w / 2 <= ox + ow and oy <= y + h / 2 <= oy + oh
 
 
-def _gray(image: Image.Image) -> np.ndarray[Any, Any]:
+def grayscale(image: Image.Image) -> np.ndarray[Any, Any]:
     return np.asarray(image.convert("L"))
 
 
-def measure(image: Image.Image, min_face_px: int = 64
-            ) -> tuple[int, int, float, float, int, int]:
-    """(faces, largest face px, sharpness, exposure, width, height) of a decoded image."""
-    gray = _gray(image)
-    faces = _plausible(gray, detect_faces(gray, min_face_px))
+def find_faces(image: Image.Image, gray: np.ndarray[Any, Any], min_face_px: int = 64,
+               detector: Detector = "blazeface") -> list[Box]:
+    """The faces the gate counts, boxes in the image's pixels; ``gray`` is
+    ``grayscale(image)``, which the report needs anyway."""
+    if detector == "haar":
+        return _plausible(gray, detect_faces(gray, min_face_px))
+    return _comparable([f.box for f in facedetect.detect_image(image)])
+
+
+def assess(image: Image.Image, gate: QualityGate | None = None,
+           detector: Detector = "blazeface") -> QualityReport:
+    gate = gate or QualityGate()
+    gray = grayscale(image)
+    return judge(image, gray, find_faces(image, gray, gate.min_face_px, detector), gate)
+
+
+def judge(image: Image.Image, gray: np.ndarray[Any, Any], faces: list[Box],
+          gate: QualityGate) -> QualityReport:
+    """The report and the gate's verdict on an image whose faces are found."""
     region = gray
     largest = 0
     if faces:
         x, y, fw, fh = max(faces, key=lambda f: f[2] * f[3])
         largest = max(fw, fh)
-        region = gray[y : y + fh, x : x + fw]
+        # A CNN's box may reach past the edge when the face does.
+        x0, y0 = max(0, x), max(0, y)
+        region = gray[y0 : max(y0, y + fh), x0 : max(x0, x + fw)]
+        if region.size == 0:
+            region = gray
     norm = cv2.resize(region, (_FACE_NORM_PX, _FACE_NORM_PX), interpolation=cv2.INTER_AREA)
     sharpness = float(cv2.Laplacian(norm, cv2.CV_64F).var())
     exposure = float(region.mean()) / 255.0 if region.size else 0.0
-    return len(faces), largest, sharpness, exposure, image.width, image.height
-
-
-def assess(image: Image.Image, gate: QualityGate | None = None) -> QualityReport:
-    gate = gate or QualityGate()
-    faces, largest, sharpness, exposure, width, height = measure(image, gate.min_face_px)
     failures: list[str] = []
     # Order matters: the first failure is the rejection reason. Exposure comes before
     # sharpness because a dark face also has a low Laplacian variance.
-    if faces == 0:
+    if not faces:
         failures.append(RejectReason.NO_FACE.value)
-    elif faces > gate.max_faces:
+    elif len(faces) > gate.max_faces:
         failures.append(RejectReason.MULTIPLE_FACES.value)
     if faces and largest < gate.min_face_px:
         failures.append(RejectReason.FACE_TOO_SMALL.value)
@@ -185,8 +208,9 @@ def assess(image: Image.Image, gate: QualityGate | None = None) -> QualityReport
     if faces and sharpness < gate.min_sharpness:
         failures.append(RejectReason.TOO_BLURRED.value)
     return QualityReport(
-        width=width, height=height, faces_found=faces, largest_face_px=largest,
-        sharpness=round(sharpness, 3), exposure=round(min(max(exposure, 0.0), 1.0), 4),
+        width=image.width, height=image.height, faces_found=len(faces),
+        largest_face_px=largest, sharpness=round(sharpness, 3),
+        exposure=round(min(max(exposure, 0.0), 1.0), 4),
         passed=not failures or not gate.enabled, failures=failures,
     )
 

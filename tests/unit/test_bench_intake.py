@@ -27,3 +27,17 @@ def test_bench_intake_misuse_and_help(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["bench", "intake", "--images", "0"]) == 2
     help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
     assert "intake" in help_text
+
+
+def test_detector_comparison_on_part_of_the_labelled_set() -> None:
+    from services.cli import bench_faces, face_set
+
+    rows = face_set.manifest()
+    items = [face_set.render(r) for r in rows[:3] + rows[-3:]]
+    out = bench_faces.compare(items)
+    assert set(out["detectors"]) == {"haar", "blazeface"}
+    for d in out["detectors"].values():
+        assert 0 <= d["found"] <= 3 and d["recall"] == round(d["found"] / 3, 3)
+        assert 0 <= d["false_images"] <= d["false_boxes"] and d["ms_per_image_mean"] > 0
+    for row in out["gate_disagreements"]:
+        assert row["haar"] != row["blazeface"] and row["right"]

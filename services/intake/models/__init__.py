@@ -1,0 +1,1 @@
+"""Model files that ship with the intake (see NOTICE for their origin and licence)."""
