@@ -139,7 +139,7 @@ def _confine(limits: WorkerLimits) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # OpenCV's own threads would only contend with the other workers for the cores.
     cv2.setNumThreads(1)
-    warm_up()  # the cascades, loaded before the cap and before the first image
+    warm_up()  # the face detector, loaded before the cap and before the first image
     cap = _status_kb("VmSize") * 1024 + limits.memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     # Stopping is the intake's call (it closes the pipe): a Ctrl-C or SIGTERM sent to the

@@ -94,20 +94,20 @@ def _pass(rgb: np.ndarray[Any, Any], x0: int, y0: int, side: int,
     logits = np.clip(raw_scores.reshape(-1), -80.0, 80.0)
     scores = 1.0 / (1.0 + np.exp(-logits))
     regs = raw_boxes.reshape(len(scores), -1)
-    faces = []
-    for i in np.flatnonzero(scores >= min_score):
-        r = regs[i] / _INPUT
-        ax, ay = _ANCHORS[i]
-        cx, cy, bw, bh = r[0] + ax, r[1] + ay, r[2], r[3]
-
-        def at(px: float, py: float) -> tuple[float, float]:
-            return x0 + px * side, y0 + py * side
-
-        bx, by = at(cx - bw / 2, cy - bh / 2)
-        faces.append(Face(
-            box=(round(bx), round(by), round(bw * side), round(bh * side)),
-            score=float(scores[i]), right_eye=at(r[4] + ax, r[5] + ay),
-            left_eye=at(r[6] + ax, r[7] + ay), mouth=at(r[10] + ax, r[11] + ay)))
+    keep = np.flatnonzero(scores >= min_score)
+    # Offsets are in input pixels from the anchor's centre: (cx, cy, w, h), then six
+    # landmarks (x, y): right eye, left eye, nose, mouth, right ear, left ear.
+    r = regs[keep, :12] / _INPUT
+    r[:, 0::2] += _ANCHORS[keep, :1]
+    r[:, 1::2] += _ANCHORS[keep, 1:]
+    r[:, 2:4] -= _ANCHORS[keep]  # width and height are not offsets
+    r[:, 0:2] -= r[:, 2:4] / 2  # centre -> top-left
+    r = r * side + np.tile([x0, y0], 6)
+    r[:, 2:4] -= (x0, y0)
+    faces = [Face(box=(round(v[0]), round(v[1]), round(v[2]), round(v[3])),
+                  score=float(sc), right_eye=(float(v[4]), float(v[5])),
+                  left_eye=(float(v[6]), float(v[7])), mouth=(float(v[10]), float(v[11])))
+             for v, sc in zip(r.tolist(), scores[keep].tolist(), strict=True)]
     return faces
 
 
