@@ -50,7 +50,9 @@ def _right(item: face_set.Item, faces: list[Box]) -> bool:
 def compare(items: list[face_set.Item], gate: QualityGate | None = None) -> dict[str, Any]:
     gate = gate or QualityGate()
     stats: dict[str, dict[str, Any]] = {d: {"found": 0, "false_images": 0, "false_boxes": 0,
-                                             "stray_on_face_images": 0, "ms": []}
+                                             "stray_on_face_images": 0,
+                                             "gate_passed_with_face": 0,
+                                             "gate_passed_without_face": 0, "ms": []}
                                          for d in DETECTORS}
     disagreements: list[dict[str, Any]] = []
     threads = cv2.getNumThreads()
@@ -76,6 +78,9 @@ def compare(items: list[face_set.Item], gate: QualityGate | None = None) -> dict
                     s["stray_on_face_images"] += sum(not _hits(f, item.box) for f in faces)
             verdicts: dict[str, str] = {
                 d: _verdict(judge(image, gray, found[d], gate).failures) for d in DETECTORS}
+            for name, verdict in verdicts.items():
+                key = "gate_passed_with_face" if item.face else "gate_passed_without_face"
+                stats[name][key] += verdict == "pass"
             if len(set(verdicts.values())) > 1:
                 disagreements.append({
                     "id": item.id, "face_px": max(item.box[2:]) if item.box else 0,
