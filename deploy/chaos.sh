@@ -15,6 +15,8 @@ deploy/kafka/broker.sh fetch
 export FRS_CHAOS_PROBES=${FRS_CHAOS_PROBES:-1000}
 export FRS_CHAOS_RATE=${FRS_CHAOS_RATE:-100}
 export FRS_CHAOS_CLUSTER_MESSAGES=${FRS_CHAOS_CLUSTER_MESSAGES:-20000}
+# Every two-of-everything scenario (the suite runs one of them).
+export FRS_CHAOS_INSTANCES=${FRS_CHAOS_INSTANCES:-all}
 log "chaos tier: $FRS_CHAOS_PROBES probes per scenario at $FRS_CHAOS_RATE/s"
 # Each test starts and stops its own brokers (single node, three-node cluster) by pid.
 unset FRS_KAFKA_BOOTSTRAP

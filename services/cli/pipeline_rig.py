@@ -301,9 +301,10 @@ class PipelineRig:
 
     async def submit(self, n: int, rate: float | None,
                      during: Callable[[int], Awaitable[None] | None] | None = None,
-                     tag: str = "") -> float:
+                     tag: str = "", review: Callable[[int], bool] | None = None) -> float:
         """Publish n probes at ``rate``/s (None: as fast as possible); returns seconds
-        spent. ``during(i)`` runs before probe i (a fault schedule)."""
+        spent. ``during(i)`` runs before probe i (a fault schedule); probe i asks for
+        examiner review when ``review(i)``."""
         for _ in range(300):
             if self.public_key.exists():
                 break
@@ -312,7 +313,8 @@ class PipelineRig:
             self.image, self.public_key, case_id="CASE-1", agent_id="agent-7",
             purpose=Purpose.HUMAN_TRAFFICKING, roi_refs=["ROI-1"],
             image_source=ImageSource.SURVEILLANCE, nexus=["VA"],
-            request_id=f"req-{self.run}{tag}-{i:06d}") for i in range(n)]
+            request_id=f"req-{self.run}{tag}-{i:06d}",
+            review_required=review is not None and review(i)) for i in range(n)]
         futures: list[tuple[str, asyncio.Future[Any]]] = []
         started = time.monotonic()
         async with Publisher(self.bootstrap, "/frs/upstream", request_timeout_ms=60000) as pub:

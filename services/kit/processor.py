@@ -237,15 +237,24 @@ class Processor:
         try:
             if leases is not None:
                 self._leases = {}
-                if numbers:
+                delay = 0.25
+                while numbers and not self.stopping:
                     try:
                         self._leases = await leases.take(self.route.group_id, numbers,
                                                          self.holder)
+                        break
                     except Exception as exc:
-                        # Not acting is safe: these records wait for the next assignment.
-                        log.error("could not take partition leases; not acting on them",
+                        # Retried until the store answers: no rebalance may come to retry
+                        # it (was a finding: both dispatch instances of the chaos set idle
+                        # for good after a PostgreSQL restart during their assignment).
+                        # Nothing is handled meanwhile; if the store stays away past the
+                        # session timeout (no heartbeat in this callback), the group moves
+                        # the partitions and this member rejoins once the take returns.
+                        log.error("could not take partition leases; retrying",
                                   extra={"group": self.route.group_id,
-                                         "error": type(exc).__name__})
+                                         "error": type(exc).__name__, "retry_in_s": delay})
+                        await asyncio.sleep(delay)
+                        delay = min(2.0, delay * 2)
             if self.route.on_assigned is not None and numbers:
                 await self.route.on_assigned(numbers)
         finally:

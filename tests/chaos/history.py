@@ -33,6 +33,8 @@ from schemas.envelope import DecodeError, Envelope
 from schemas.events import (
     CandidatesReceived,
     ComplianceViolation,
+    DeletionConfirmed,
+    DeletionOverdue,
     DispatchFailed,
     ImagePurged,
     NoResponse,
@@ -43,6 +45,7 @@ from schemas.events import (
     ProbeSettled,
     ProbeSubmitted,
     ProviderDispatched,
+    ReviewCompleted,
 )
 from schemas.types import probe_id_for
 from services.kit.reader import read_topic
@@ -76,8 +79,20 @@ class Report:
     def kinds(self) -> Counter[str]:
         return Counter(p.kind for p in self.problems)
 
+    def headline(self) -> dict[str, int]:
+        """The promises of issue 18's chaos set, one count each (all must be 0)."""
+        k = self.kinds()
+        return {"lost": k["lost_request"] + k["no_terminal_outcome"],
+                "double_sends": k["duplicate_send"],
+                "settled_without_review": k["settled_without_review"],
+                "false_no_response": k["false_no_response"],
+                "false_deletion_overdue": k["false_deletion_overdue"],
+                "images_past_expiry": k["image_past_expiry"],
+                "audit_gaps": k["audit_missing"] + k["audit_gap"],
+                "audit_forks": k["audit_duplicate"] + k["audit_mismatch"] + k["audit_fork"]}
+
     def summary(self) -> dict[str, object]:
-        return {"ok": self.ok, "problems": dict(self.kinds()),
+        return {"ok": self.ok, "headline": self.headline(), "problems": dict(self.kinds()),
                 "outcomes": dict(Counter(self.outcomes.values())), "stats": dict(self.stats),
                 "first_problems": [p.__dict__ for p in self.problems[:20]]}
 
@@ -153,6 +168,7 @@ def check(
 
     for pid in sorted(wanted):
         _check_probe(pid, by_probe.get(pid, []), pid in requested, report)
+    _check_deadlines(records, wanted, report)
 
     if sends is not None:
         for (pid, provider), n in sends.items():
@@ -188,7 +204,10 @@ def _check_probe(pid: str, envs: list[Envelope], requested: bool, report: Report
     report.stats["redelivered_effects"] += len(envs) - len(effects)
     terminal = [e for e in effects if isinstance(e.event, PROBE_TERMINAL)]
     if not terminal:
-        report.add("no_terminal_outcome", pid, "no ProbeRejected, PolicyDenied or ProbeSettled")
+        seen = ", ".join(f"{k} x{n}" for k, n in Counter(type(e.event).__name__
+                                                         for e in effects).items())
+        report.add("no_terminal_outcome", pid, "no ProbeRejected, PolicyDenied or "
+                   f"ProbeSettled; on the log: {seen}")
         return
     kinds = Counter(type(e.event).__name__ for e in terminal)
     report.outcomes[pid] = type(terminal[0].event).__name__
@@ -212,6 +231,7 @@ def _check_probe(pid: str, envs: list[Envelope], requested: bool, report: Report
             report.add("duplicate_dispatch", pid, f"{provider}: {len(ids)} distinct dispatches")
     if isinstance(terminal[0].event, ProbeSettled):
         settled = terminal[0].event
+        _check_review(pid, effects, report)
         if not cleared:
             report.add("settled_without_clearance", pid, "ProbeSettled but no PolicyCleared")
             return
@@ -228,6 +248,51 @@ def _check_probe(pid: str, envs: list[Envelope], requested: bool, report: Report
                 report.add("provider_without_outcome", pid, provider)
             elif provider not in got[outcome]:
                 report.add("settlement_mismatch", pid, f"{provider}: first outcome {outcome}")
+
+
+def _check_review(pid: str, effects: list[Envelope], report: Report) -> None:
+    """A probe whose request or clearance asked for examiner review, and that got
+    candidates, settles only after a ReviewCompleted (services/results/tracking.py)."""
+    required = any(getattr(e.event, "review_required", False) for e in effects
+                   if isinstance(e.event, ProbeRequested | ProbeSubmitted | PolicyCleared))
+    if not required:
+        return
+    report.stats["review_required"] += 1
+    leads = any(isinstance(e.event, CandidatesReceived) and e.event.list_size > 0
+                for e in effects)
+    if leads and not any(isinstance(e.event, ReviewCompleted) for e in effects):
+        report.add("settled_without_review", pid, "candidates, review required, settled "
+                   "with no ReviewCompleted")
+
+
+def _check_deadlines(records: Sequence[Record], wanted: set[str], report: Report) -> None:
+    """A NoResponse is false when it was emitted before its deadline or after the
+    provider's answer, received before the deadline, was on the log; a DeletionOverdue
+    likewise with the deletion receipt. Answers, receipts and the deadline events of a
+    probe share one partition of frs.results.events, so offset order is log order."""
+    # What settles a deadline (the answer, the receipt) by (probe, provider), and when.
+    settled_by: dict[tuple[str, str, str], datetime] = {}
+    ordered = sorted(((raw, dec) for raw, dec in records
+                      if raw.topic == "frs.results.events" and isinstance(dec, Envelope)),
+                     key=lambda rd: (rd[0].partition, rd[0].offset))
+    for _raw, env in ordered:
+        ev = env.event
+        if getattr(ev, "probe_id", None) not in wanted:
+            continue
+        pair = (str(getattr(ev, "probe_id", "")), str(getattr(ev, "provider_id", "")))
+        if isinstance(ev, CandidatesReceived):
+            settled_by.setdefault(("false_no_response", *pair), ev.received_at)
+        elif isinstance(ev, DeletionConfirmed):
+            settled_by.setdefault(("false_deletion_overdue", *pair), ev.confirmed_at)
+        elif isinstance(ev, NoResponse | DeletionOverdue):
+            kind = "false_no_response" if isinstance(ev, NoResponse) \
+                else "false_deletion_overdue"
+            due = ev.deadline if isinstance(ev, NoResponse) else ev.due_at
+            report.stats[kind.removeprefix("false_")] += 1
+            before = settled_by.get((kind, *pair))
+            if env.time < due or (before is not None and before < due):
+                report.add(kind, pair[0], f"{pair[1]}: due {due.isoformat()}, emitted "
+                           f"{env.time.isoformat()}, answered or confirmed {before}")
 
 
 def _check_audit(

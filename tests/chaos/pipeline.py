@@ -15,8 +15,8 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,17 @@ from schemas.events import (
     ProbeSettled,
     ProbeSubmitted,
     ProviderDispatched,
+    ReviewCompleted,
+    ReviewRequested,
 )
 from schemas.types import utcnow
-from services.cli.pipeline_rig import PipelineRig
-from services.kit.reader import read_topic
+from services.cli.pipeline_rig import PipelineRig, Service
+from services.kit.publisher import Publisher
+from services.kit.reader import all_partitions, read_topic
 from tests.chaos.history import Report, check
 from tests.conftest import BROKER
 from tests.helpers import free_port_pair, wait_committed
+from tests.pg import PgServer
 
 PROBES = int(os.environ.get("FRS_CHAOS_PROBES", "60"))
 TERMINAL_TYPES = {c.TYPE for c in (ProbeRejected, PolicyDenied, ProbeSettled)}
@@ -110,10 +114,14 @@ def start_own_broker(state: Path) -> OwnBroker:
     return broker
 
 
+@dataclass(eq=False)
 class ChaosRun(PipelineRig):
-    """The rig plus what a fault scenario needs: poison keys and the final history check."""
+    """The rig plus what a fault scenario needs: poison keys and the final history check.
+    With ``pg`` the services keep their state in that PostgreSQL server: the check reads
+    the audit log and the vault index there."""
 
-    poison_keys: list[str]
+    poison_keys: list[str] = field(default_factory=list)
+    pg: PgServer | None = None
 
     async def start(self) -> ChaosRun:
         self.poison_keys = []
@@ -132,6 +140,10 @@ class ChaosRun(PipelineRig):
 
     def vault_objects(self) -> dict[str, datetime]:
         """Vault objects still holding an image, with their expiry (read-only)."""
+        if self.pg is not None:
+            return {ref: at for ref, at in pg_rows(
+                self.pg, "SELECT ref, expires_at FROM vault_objects"
+                " WHERE state IN ('stored', 'purging')")}
         db = self.workdir / "state" / "vault" / "intake.db"
         if not db.exists():
             return {}
@@ -176,29 +188,29 @@ class ChaosRun(PipelineRig):
         # has nothing due: it waits only for that tail.
         wait = last_expiry + PURGE_GRACE.total_seconds() + 2 - time.time()
         await asyncio.sleep(3.0 if wait > 10 * IMAGE_TTL_S else max(3.0, wait))
-        audit = self.procs.get("audit")
+        audits = [p for p in self.procs.values() if p.name == "audit"]
         rows: list[tuple[str, int, int, str | None]] | None = None
-        if audit is not None:
+        if audits:
             # Stop every producer first (the purger, deadline timers keep publishing),
             # then let audit catch up with the whole log: after that, every record on the
             # bus must be in its store exactly once.
-            for name, proc in self.procs.items():
-                if name != "audit":
+            for proc in self.procs.values():
+                if proc.name != "audit":
                     proc.signal(signal.SIGTERM)
-            for name, proc in self.procs.items():
-                if name != "audit":
+            for proc in self.procs.values():
+                if proc.name != "audit":
                     await proc.wait_exit()
             # Not caught up in time: the history check says which records audit missed.
             with contextlib.suppress(AssertionError):
                 await wait_committed(self.bootstrap, "frs-audit",
                                      [t.name for t in AUDITED_TOPICS], timeout=120)
-            audit.signal(signal.SIGTERM)
-            await audit.wait_exit()
-            from services.audit.store import AuditStore
-
-            store = AuditStore(self.workdir / "audit")
-            rows = [(r.topic, r.partition, r.offset, r.ce_id) for r in store.rows()]
-            store.close()
+            if self.pg is not None:  # and the sequencer has taken in all it ingested
+                await self.wait_sequenced()
+            for audit in audits:
+                audit.signal(signal.SIGTERM)
+            for audit in audits:
+                await audit.wait_exit()
+            rows = self.audit_rows()
         records = await read_topic(self.bootstrap, [t.name for t in AUDITED_TOPICS], max_s=180)
         mine = self.probes
         refs = {d.event.request_ref: (d.event.probe_id, d.event.provider_id)
@@ -215,6 +227,39 @@ class ChaosRun(PipelineRig):
                        audit_records=audit_records, **options)
         report.stats["acknowledged"] = len(self.acked)
         return report
+
+
+    def audit_rows(self) -> list[tuple[str, int, int, str | None]]:
+        """The audit log's (topic, partition, offset, id) per leaf, in index order."""
+        if self.pg is not None:
+            return [(t, int(p), int(o), i) for t, p, o, i in pg_rows(
+                self.pg, 'SELECT topic, partition, "offset", ce_id FROM audit_leaves'
+                " ORDER BY idx")]
+        from services.audit.store import AuditStore
+
+        store = AuditStore(self.workdir / "audit")
+        try:
+            return [(r.topic, r.partition, r.offset, r.ce_id) for r in store.rows()]
+        finally:
+            store.close()
+
+    async def wait_sequenced(self, timeout: float = 120) -> None:  # noqa: ASYNC109
+        """Until no ingested entry waits in audit_queue for the sequencer."""
+        assert self.pg is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not pg_rows(self.pg, "SELECT COUNT(*) FROM audit_queue")[0][0]:
+                return
+            await asyncio.sleep(0.5)
+
+
+def pg_rows(pg: PgServer, query: str) -> list[tuple[Any, ...]]:
+    """A read as the schema's owner (every table, whichever role writes it)."""
+    import psycopg
+
+    with psycopg.connect(pg.url("owner"), password=pg.password("owner"),
+                         connect_timeout=10) as conn:
+        return list(conn.execute(query).fetchall())
 
 
 async def rewind_groups(bootstrap: str, to: dict[TopicPartition, int],
@@ -239,3 +284,59 @@ def random_points(n: int, k: int, seed: int) -> list[int]:
     """k distinct fault points among n probes, away from the very start and end."""
     rng = random.Random(seed)
     return sorted(rng.sample(range(max(1, n // 10), max(2, n - n // 10)), k))
+
+
+class Examiner:
+    """Completes every review the results tracker requests for the run's probes, as an
+    examiner would, from the current end of frs.results.events on."""
+
+    def __init__(self, bootstrap: str, probes: Callable[[], set[str]]) -> None:
+        self.bootstrap = bootstrap
+        self.probes = probes
+        self.completed: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Examiner:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        parts = await all_partitions(consumer, ["frs.results.events"])
+        consumer.assign(parts)
+        await consumer.seek_to_end(*parts)
+        for tp in parts:
+            await consumer.position(tp)
+        self._task = asyncio.create_task(self._run(consumer))
+        return self
+
+    async def _run(self, consumer: AIOKafkaConsumer) -> None:
+        try:
+            async with Publisher(self.bootstrap, "/chaos/examiner") as pub:
+                while True:
+                    batch = await consumer.getmany(timeout_ms=200)
+                    asked = [(r.key or b"").decode() for rs in batch.values() for r in rs
+                             if dict(r.headers or ()).get("ce_type")
+                             == ReviewRequested.TYPE.encode()]
+                    done = [ReviewCompleted(probe_id=p, examiner_id="examiner-1",
+                                            conclusions=[], completed_at=utcnow())
+                            for p in asked if p in self.probes()]
+                    if done:
+                        await pub.publish(done)  # a request seen twice is answered twice
+                        self.completed |= {d.probe_id for d in done}
+        finally:
+            await consumer.stop()
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def freeze(proc: Service, seconds: float) -> asyncio.Task[None]:
+    """SIGSTOP a service now and SIGCONT it after ``seconds`` (a task to await): frozen
+    past its session timeout (10 s in aiokafka), it wakes as a zombie."""
+    proc.signal(signal.SIGSTOP)
+
+    async def thaw() -> None:
+        await asyncio.sleep(seconds)
+        proc.signal(signal.SIGCONT)
+
+    return asyncio.create_task(thaw())

@@ -34,6 +34,7 @@ from tests.chaos.pipeline import (
     PROBES,
     ChaosRun,
     OwnBroker,
+    freeze,
     random_points,
     rewind_groups,
     start_own_broker,
@@ -120,14 +121,9 @@ async def test_sigstop_consumer_past_session_timeout_then_sigcont(chaos: ChaosRu
     point = random_points(PROBES, 1, SEED)[0]
     thawed: list[asyncio.Task[None]] = []
 
-    async def thaw() -> None:
-        await asyncio.sleep(14)  # aiokafka's session timeout is 10 s
-        first.signal(signal.SIGCONT)
-
     async def during(i: int) -> None:
         if i == point:
-            first.signal(signal.SIGSTOP)
-            thawed.append(asyncio.create_task(thaw()))
+            thawed.append(freeze(first, 14))  # aiokafka's session timeout is 10 s
 
     await chaos.submit(PROBES, RATE, during)
     await thawed[0]

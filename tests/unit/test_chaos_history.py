@@ -8,9 +8,12 @@ from itertools import count
 
 from schemas.envelope import Envelope, decode, encode
 from schemas.events import (
+    Candidate,
     CandidatesReceived,
     ClearedProvider,
     ComplianceViolation,
+    DeletionConfirmed,
+    DeletionOverdue,
     DispatchFailed,
     DispatchFailure,
     EncryptedImage,
@@ -29,6 +32,7 @@ from schemas.events import (
     PurgeReason,
     RegistryVersions,
     RejectReason,
+    ReviewCompleted,
 )
 from schemas.types import ImageSource, OutboundField, Purpose, Transport, probe_id_for, utcnow
 from services.kit.routing import RawRecord
@@ -254,3 +258,53 @@ def test_relay_check_finds_lost_duplicated_and_orphan_messages() -> None:
     assert check_relay(inputs[1:], outputs[1:], acked).kinds() == {"lost_acknowledged": 1}
     assert check_relay(inputs + inputs[:1], outputs, acked).kinds() == {"duplicate_input": 1}
     assert check_relay(inputs[1:], outputs, acked[1:]).kinds() == {"output_without_input": 1}
+
+
+def results(event: Event, cause: Record) -> Record:
+    return rec(event, env(cause), topic="frs.results.events")
+
+
+def test_a_probe_needing_review_settles_only_after_the_review() -> None:
+    pid = probe_id_for("req-r")
+    r = requested("req-r")
+    s = rec(ProbeSubmitted.model_validate({**env(submitted(pid, r)).event.model_dump(),
+                                           "review_required": True}), env(r))
+    c = cleared(pid, s, ("p1",))
+    d = dispatched(pid, "p1", c)
+    a = rec(CandidatesReceived(
+        probe_id=pid, provider_id="p1", channel="webhook",
+        candidates=[Candidate(rank=1, candidate_ref="c1", score=0.9, score_scale="s",
+                              gallery="g")], threshold=0.0,
+        list_size=1, algorithm="a", algorithm_version="1", received_at=NOW), env(d))
+    unreviewed = [r, s, c, d, a, settled(pid, a, ["p1"])]
+    assert check(unreviewed).kinds() == {"settled_without_review": 1}
+    review = rec(ReviewCompleted(probe_id=pid, examiner_id="ex-1", conclusions=[],
+                                 completed_at=NOW), env(a))
+    report = check([*unreviewed[:-1], review, settled(pid, review, ["p1"])])
+    assert report.ok, report.problems
+    assert report.headline()["settled_without_review"] == 0
+
+
+def test_a_deadline_event_after_the_answer_or_before_its_time_is_false() -> None:
+    pid = probe_id_for("req-d")
+    history = happy("req-d")
+    d1 = history[3]
+    past = NOW - timedelta(seconds=30)
+    ok_late = results(NoResponse(probe_id=pid, provider_id="p2", deadline=past), d1)
+    assert check([*history, ok_late]).ok
+    early = results(NoResponse(probe_id=pid, provider_id="p2",
+                               deadline=NOW + timedelta(minutes=5)), d1)
+    assert check([*history, early]).kinds() == {"false_no_response": 1}
+    answer = results(CandidatesReceived(
+        probe_id=pid, provider_id="p1", channel="webhook", candidates=[], threshold=0.0,
+        list_size=0, algorithm="a", algorithm_version="1", received_at=past), d1)
+    after_answer = results(NoResponse(probe_id=pid, provider_id="p1",
+                                      deadline=past + timedelta(seconds=5)), d1)
+    assert check([*history, answer, after_answer]).kinds() == {"false_no_response": 1}
+    receipt = results(DeletionConfirmed(probe_id=pid, provider_id="p1", confirmed_at=past),
+                      d1)
+    overdue = results(DeletionOverdue(probe_id=pid, provider_id="p1",
+                                      due_at=past + timedelta(seconds=5)), d1)
+    report = check([*history, receipt, overdue])
+    assert report.kinds() == {"false_deletion_overdue": 1}
+    assert report.headline()["false_deletion_overdue"] == 1

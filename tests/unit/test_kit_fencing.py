@@ -136,3 +136,34 @@ async def test_on_assigned_loads_state_after_the_leases_are_taken() -> None:
     finally:
         await proc._consumer.stop()
     assert loaded == [([0, 2], {0: 7, 2: 7})]
+
+
+async def test_a_failed_lease_take_is_retried_until_the_store_answers(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A store restarting while partitions are assigned: the take is tried again (no
+    rebalance may come to retry it), and the partitions are acted on once it succeeds."""
+
+    class Flaky(Leases):
+        tries = 0
+
+        async def take(self, group_id: str, partitions: Iterable[int], holder: str
+                       ) -> dict[int, int]:
+            self.tries += 1
+            if self.tries < 3:
+                raise ConnectionError("the database system is shutting down")
+            return await super().take(group_id, partitions, holder)
+
+    async def handle(_raw: RawRecord, _decoded: Any) -> list[Event]:
+        return []
+
+    leases = Flaky()
+    route = Route("unit", "g", ("t",), {}, "t.dlq", on_record=handle, leases=leases)
+    proc = Processor(route, cast(Publisher, None), "127.0.0.1:9")
+    try:
+        with caplog.at_level(logging.ERROR, logger="frs.processor"):
+            await proc._assigned({TopicPartition("t", 1)})
+    finally:
+        await proc._consumer.stop()
+    assert leases.tries == 3 and proc._leases == {1: 7}
+    assert proc._leases_ready.is_set()
+    assert sum("retrying" in r.getMessage() for r in caplog.records) == 2

@@ -47,15 +47,18 @@ def conninfo(server: PgServer, role: str) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def pg_migrated(pg_server: PgServer) -> PgServer:
     """The server with this build's schema applied (as the owner, like frs db migrate)."""
+    return apply_schema(pg_server)
 
+
+def apply_schema(server: PgServer) -> PgServer:
     async def apply() -> None:
-        async with await psycopg.AsyncConnection.connect(**conninfo(pg_server, "owner")) as conn:
+        async with await psycopg.AsyncConnection.connect(**conninfo(server, "owner")) as conn:
             await migrate(conn)
 
     # Its own loop in a thread: it may be first asked for from inside a running test loop.
     with ThreadPoolExecutor(1) as thread:
         thread.submit(asyncio.run, apply()).result()
-    return pg_server
+    return server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
