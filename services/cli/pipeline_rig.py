@@ -256,9 +256,13 @@ class PipelineRig:
             await publisher.publish(records)
 
     async def start_services(self, *names: str) -> None:
-        """Start services (every instance) or single instances, by procs key."""
-        chosen = [k for n in names or self.services
-                  for k in (self.instance_keys(n) if n in self.services else [n])]
+        """Start services, every instance of each."""
+        await self.start_instances(*[k for n in names or self.services
+                                     for k in (self.instance_keys(n) if n in self.services
+                                               else [n])])
+
+    async def start_instances(self, *chosen: str) -> None:
+        """Start processes by procs key (a service's first instance has its name)."""
         before = {n: self.procs[n].count('"consumer started"') for n in chosen}
         for n in chosen:
             self.procs[n].start()
@@ -269,8 +273,9 @@ class PipelineRig:
         self.procs[name].signal(sig)
         await self.procs[name].wait_exit()
 
-    async def restart(self, name: str) -> None:
-        await self.start_services(name)
+    async def restart(self, key: str) -> None:
+        """One instance, by procs key (not all of the service: "audit" is both)."""
+        await self.start_instances(key)
 
     async def stop(self) -> None:
         for p in self.procs.values():

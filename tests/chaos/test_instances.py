@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from schemas.types import probe_id_for
 from services.audit.checkpoint import Signer, load_or_create_key
 from services.audit.merkle import consistency_proof, verify_consistency
 from services.audit.pg_store import PgAuditStore
@@ -111,7 +112,9 @@ def review(i: int) -> bool:
 
 async def stream(run: ChaosRun, during: Any = None) -> None:
     """The scenario's probes at RATE, a scripted examiner completing every review."""
-    async with Examiner(run.bootstrap, lambda: run.probes):
+    # By submission, not acknowledgement: run.acked fills only once every send is acked,
+    # and reviews are requested long before that at 1,000 probes.
+    async with Examiner(run.bootstrap, lambda: {probe_id_for(r) for r in run.submitted_at}):
         await run.submit(PROBES, RATE, during, review=review)
         await run.wait_terminal()
 
