@@ -282,8 +282,9 @@ async def test_postgres_restarted_mid_stream(fleet: ChaosRun) -> None:
     async def during(i: int) -> None:
         if i == point:
             started = time.monotonic()
-            await asyncio.to_thread(pg.run, "stop")
-            await asyncio.to_thread(pg.run, "start")  # the same data dir, port, roles
+            for command in ("stop", "start"):  # the same data dir, port, roles
+                out = await asyncio.to_thread(pg.run, command, False)
+                assert out.returncode == 0, f"pg.sh {command}: {out.stdout}{out.stderr}"
             took["outage_s"] = round(time.monotonic() - started, 1)
 
     await stream(fleet, during)
