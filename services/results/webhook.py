@@ -35,7 +35,7 @@ object or no request_ref); 401 unsigned, unknown_provider, bad_signature or stal
 request_ref belongs to another provider; 404 unknown request_ref after waiting
 ``FRS_RESULTS_WEBHOOK_UNKNOWN_HOLD_S`` for dispatch's record of it (retry later); 408
 body_timeout; 409 replay of an accepted call; 413 too_large; 503 unavailable (the bus did
-not take it; retry) or busy (every connection slot is serving a request; retry). A call that
+not take it, or the shared state did not answer; retry) or busy (every connection slot is serving a request; retry). A call that
 is refused is not remembered, so the same call may be retried. Every outcome is counted in
 ``frs_results_webhook_requests_total`` (busy in ``frs_results_webhook_connections_shed_total``).
 
@@ -53,6 +53,7 @@ import hmac
 import json
 import logging
 import re
+import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -61,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import psycopg
 from aiohttp import web
 from aiokafka.errors import MessageSizeTooLargeError
 from prometheus_client import Counter
@@ -71,6 +73,9 @@ from services.kit.private_files import check_private
 from services.kit.publisher import EventTooLarge, Publisher
 from services.kit.registry import Registries
 from services.results.store import Arrivals, Nonces, NonceStore, RefLookup, RequestRefs
+
+# What the nonce and request-ref stores raise when their database is away for a while.
+STATE_DOWN = (psycopg.OperationalError, sqlite3.OperationalError)
 
 if TYPE_CHECKING:
     from services.results.settings import ResultsSettings
@@ -249,6 +254,16 @@ class Webhook:
             raise Refused(408, "body_timeout") from None
 
     async def handle(self, request: web.Request) -> web.Response:
+        try:
+            return await self._handle(request)
+        except STATE_DOWN as exc:
+            # The shared state did not answer (a database restart, a failover): 503, so
+            # the provider retries, as when the bus refuses; a 500 was taken as final and
+            # the answer lost (found by the chaos set's PostgreSQL restart).
+            log.error("webhook state unavailable", extra={"error": type(exc).__name__})
+            return self._refuse(Refused(503, "unavailable"), request)
+
+    async def _handle(self, request: web.Request) -> web.Response:
         try:
             caller = await self.check_headers(request)
         except Refused as refused:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import psycopg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
@@ -102,6 +103,17 @@ async def test_a_replay_is_refused_before_its_body_and_a_forgery_after() -> None
     with pytest.raises(Refused) as replayed:
         await webhook(Seen({caller.digest})).check_headers(request)
     assert (replayed.value.status, replayed.value.outcome) == (409, "replayed")
+
+
+class StateDown:
+    async def seen(self, digest: str, now: float, keep_s: float) -> bool:
+        raise psycopg.OperationalError("the database system is shutting down")
+
+
+async def test_a_store_that_does_not_answer_is_a_503_to_retry_not_a_500() -> None:
+    request = make_mocked_request("POST", ANSWERS_PATH, headers=headers())
+    response = await webhook(cast(Seen, StateDown())).handle(request)
+    assert response.status == 503 and response.text == '{"error": "unavailable"}'
 
 
 @dataclass(eq=False)
