@@ -292,8 +292,10 @@ def test_a_deadline_event_after_the_answer_or_before_its_time_is_false() -> None
     past = NOW - timedelta(seconds=30)
     ok_late = results(NoResponse(probe_id=pid, provider_id="p2", deadline=past), d1)
     assert check([*history, ok_late]).ok
+    # From the clock now, not NOW: an event's time is the wall clock when it is encoded,
+    # minutes after NOW in a long suite (CI saw NOW + 5 min already past).
     early = results(NoResponse(probe_id=pid, provider_id="p2",
-                               deadline=NOW + timedelta(minutes=5)), d1)
+                               deadline=utcnow() + timedelta(minutes=5)), d1)
     assert check([*history, early]).kinds() == {"false_no_response": 1}
     answer = results(CandidatesReceived(
         probe_id=pid, provider_id="p1", channel="webhook", candidates=[], threshold=0.0,
