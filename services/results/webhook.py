@@ -35,8 +35,9 @@ object or no request_ref); 401 unsigned, unknown_provider, bad_signature or stal
 request_ref belongs to another provider; 404 unknown request_ref after waiting
 ``FRS_RESULTS_WEBHOOK_UNKNOWN_HOLD_S`` for dispatch's record of it (retry later); 408
 body_timeout; 409 replay of an accepted call; 413 too_large; 503 unavailable (the bus did
-not take it, or the shared state did not answer; retry) or busy (every connection slot is serving a request; retry). A call that
-is refused is not remembered, so the same call may be retried. Every outcome is counted in
+not take it, or the shared state did not answer; retry) or busy (every connection slot is
+serving a request; retry). A call that is refused is not remembered, so the same call may be
+retried. Every outcome is counted in
 ``frs_results_webhook_requests_total`` (busy in ``frs_results_webhook_connections_shed_total``).
 
 Candidate photos are not taken in yet: a ``photo`` field on a candidate is dropped before
