@@ -47,7 +47,9 @@ def setup(directory: Path, webhook_port: int, vendor_port: int = 0) -> DemoEnv:
         sys.executable, "-m", "services.simulators.vendor", "--port", str(vendor_port),
         "--pki-dir", str(directory / "vendor-pki"),
         "--webhook-url", f"https://127.0.0.1:{webhook_port}",
-        "--webhook-provider-id", PROVIDER_ID, "--webhook-secret", secret,
+        # One word with its value: a secret that starts with "-" (token_urlsafe gives one
+        # in 64) is taken by argparse for an option (CI: the vendor exited at start).
+        "--webhook-provider-id", PROVIDER_ID, f"--webhook-secret={secret}",
         "--webhook-ca-file", str(directory / "ca.crt"),
     ]
     return DemoEnv(env, vendor)
