@@ -166,6 +166,15 @@ async def wait_committed(bootstrap: str, group: str, topics: Sequence[str],
 
 # --- ports --------------------------------------------------------------------------------
 
+def alive(pid: int) -> bool:
+    """Running: it exists and is not a zombie (dead, not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def free_port() -> int:
     """A port free now, from the kernel (for servers a test starts at once)."""
     with socket.socket() as s:

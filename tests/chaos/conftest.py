@@ -16,7 +16,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.conftest import ROOT
-from tests.helpers import free_port_block
+from tests.helpers import alive, free_port_block
 
 CLUSTER = ROOT / "deploy" / "kafka" / "cluster.sh"
 
@@ -36,11 +36,10 @@ class Cluster:
         pid = self.pid(node)
         os.kill(pid, sig)
         if sig == signal.SIGKILL:
-            # Reap-free wait: the JVM is not our child (cluster.sh started it).
+            # Reap-free wait: the JVM is not our child (cluster.sh started it), and PID 1
+            # here reaps only now and then, so dead is "gone or a zombie".
             for _ in range(200):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
+                if not alive(pid):
                     return
                 time.sleep(0.05)
 
@@ -49,10 +48,19 @@ class Cluster:
                        timeout=60)
 
     def wait_all(self, timeout: int = 120) -> None:
-        """Until a metadata answer lists all three brokers again."""
-        subprocess.run(["bash", "-c", f'source "{ROOT}/deploy/kafka/common.sh"; '
-                        'wait_ready "$1" "$2" 3', "_", self.bootstrap, str(timeout)],
-                       env=self.env, check=True, timeout=timeout + 30, capture_output=True)
+        """Until a metadata answer lists all three brokers again; if not, the nodes' own
+        words on why (the tail of each node's log) are in the failure."""
+        done = subprocess.run(["bash", "-c", f'source "{ROOT}/deploy/kafka/common.sh"; '
+                               'wait_ready "$1" "$2" 3', "_", self.bootstrap, str(timeout)],
+                              env=self.env, timeout=timeout + 30, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            tails = {n: (self.state / f"node{n}" / "broker.log").read_text(
+                errors="replace").splitlines()[-15:] for n in (1, 2, 3)}
+            raise AssertionError(f"the cluster did not list three brokers in {timeout} s: "
+                                 f"{done.stdout}{done.stderr}; pids alive "
+                                 f"{ {n: alive(self.pid(n)) for n in (1, 2, 3)} }; "
+                                 f"node logs: {tails}")
 
     async def leader(self, topic: str, partition: int) -> int:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
