@@ -144,6 +144,9 @@ class Invariants:
         self.store = store
         self.settings = settings
         self.clock = clock
+        # Off while a batch that may be rolled back and redone runs (the sequencer): its
+        # violations are counted once it commits (``count``).
+        self.counting = True
         if not store.readonly:
             # Every invariant's series exists from the start at 0, so increase() sees the
             # first violation as a change rather than as a new series.
@@ -506,16 +509,27 @@ class Invariants:
 
     def _violation(self, probe_id: str, invariant: Invariant, eid: str,
                    detail: str) -> list[ComplianceViolation]:
+        # Asked, not told by the insert's row count: the sequencer sends its writes without
+        # waiting for their answers (pg_store.pipelined). One writer at a time, so the
+        # answer holds until the insert.
+        if self.store.query("SELECT 1 FROM inv_violations WHERE offending_event_id = ?"
+                            " AND invariant = ?", (eid, invariant.value)):
+            return []  # already reported
         now = self.clock()
-        changed = self.store.execute(
+        self.store.execute(
             "INSERT INTO inv_violations (offending_event_id, invariant, probe_id,"
             " detected_at) VALUES (?,?,?,?) ON CONFLICT (offending_event_id, invariant)"
             " DO NOTHING", (eid, invariant.value, probe_id, now.isoformat()))
-        if changed == 0:
-            return []  # already reported
-        violations_metric().labels(invariant.value).inc()
+        if self.counting:
+            violations_metric().labels(invariant.value).inc()
         return [ComplianceViolation(probe_id=probe_id, invariant=invariant, detail=detail[:2000],
                                     offending_event_id=eid, detected_at=now)]
+
+
+def count(violations: list[ComplianceViolation]) -> None:
+    """The metric for violations found while ``Invariants.counting`` was off."""
+    for violation in violations:
+        violations_metric().labels(violation.invariant.value).inc()
 
 
 # One row per (probe, provider) obligation, made by whichever of its events comes first

@@ -269,6 +269,21 @@ class PgAuditStore:
         return idx
 
     @contextmanager
+    def pipelined(self) -> Iterator[None]:
+        """The batch's statements sent without waiting for each answer (psycopg's pipeline
+        mode): a write costs no round trip, a read waits for what was sent before it. An
+        error may surface at a later statement than its own, so there is no savepoint per
+        record here: on any error the caller rolls the whole batch back."""
+        self._begin()
+        with self._conn.pipeline():
+            yield
+
+    def rollback(self) -> None:
+        """Nothing of the batch in flight is kept; back to the committed head."""
+        if self._in_tx:
+            self._abort()
+
+    @contextmanager
     def savepoint(self) -> Iterator[None]:
         """One record's effects (its leaf and its invariant state) happen all or not at
         all: a handler that fails halfway is retried from a clean state."""
@@ -343,11 +358,10 @@ class PgAuditStore:
     def prepare(self, schema: str) -> None:
         """The invariants' tables come from migration 0008 (the role may create none)."""
 
-    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
-        """Run a statement inside the current batch's transaction (invariant state); the
-        number of rows it changed."""
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> None:
+        """Run a statement inside the current batch's transaction (invariant state)."""
         self._begin()
-        return self._conn.execute(self._translated(sql), args).rowcount
+        self._conn.execute(self._translated(sql), args)
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._reading():

@@ -107,7 +107,7 @@ class AuditLog(Protocol):
     def savepoint(self) -> AbstractContextManager[None]: ...
     def snapshot(self) -> AbstractContextManager[None]: ...
     def prepare(self, schema: str) -> None: ...
-    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int: ...
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> None: ...
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]: ...
     def commit(self) -> None: ...
     def add_checkpoint(self, tree_size: int, root: bytes, note: str,
@@ -252,13 +252,12 @@ class AuditStore:
                 self.execute(stmt)
         self.commit()
 
-    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
-        """Run a statement inside the current batch's transaction (invariant state); the
-        number of rows it changed."""
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> None:
+        """Run a statement inside the current batch's transaction (invariant state)."""
         if not self._in_tx and not self.readonly:
             self._db.execute("BEGIN")
             self._in_tx = True
-        return self._db.execute(sql, args).rowcount
+        self._db.execute(sql, args)
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         return self._db.execute(sql, args).fetchall()

@@ -6,6 +6,8 @@ tree and its checkpoints go on across the change of leader."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,13 +18,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.catalog import topic_for
 from schemas.envelope import DecodeError, Envelope, Headers, decode, encode
+from schemas.events import ComplianceViolation, PolicyCleared
 from services.audit import handlers
 from services.audit.bench import _lifecycle, run
 from services.audit.checkpoint import Signer, Verifier
-from services.audit.invariants import Invariants, InvariantSettings
+from services.audit.invariants import Invariants, InvariantSettings, violations_metric
 from services.audit.pg_store import Fenced, PgAuditStore
 from services.audit.sequencer import IngestQueue, Lease, PgLeaseTable, read_lease, sequence_batch
-from services.audit.store import canonical
+from services.audit.store import AuditStore, canonical
 from services.audit.verify import verify_store
 from tests.integration.stores.conftest import conninfo
 from tests.integration.stores.test_audit_store_contract import empty_audit_tables, pg_location
@@ -197,3 +200,83 @@ def test_bench_reports_ingest_and_sequence_against_sqlite_in_one_run(
     assert "ingest_sequence_store_path_events_per_s>=20000" in out["targets"]
     with psycopg.connect(**conninfo(pg, "owner")) as conn:  # the scratch log emptied
         assert conn.execute("SELECT COUNT(*) FROM audit_leaves").fetchone() == (0,)
+
+
+def unsigned_clearances(n: int) -> list[Record]:
+    """``records(n)`` with every PolicyCleared stripped of its signature: each is an
+    unverified_decision the moment it is read, so the findings can be compared."""
+    out: list[Record] = []
+    for record in records(n):
+        decoded = record[5]
+        if isinstance(decoded, Envelope) and isinstance(decoded.event, PolicyCleared):
+            rec = encode(decoded.event.model_copy(update={"signature": None}), "/frs/test")
+            record = (*record[:3], rec.headers, rec.value,  # noqa: PLW2901
+                      decode(rec.headers, rec.key, rec.value))
+        out.append(record)
+    return out
+
+
+def findings(violations: list[ComplianceViolation]) -> list[tuple[str, str]]:
+    return sorted((v.invariant.value, v.offending_event_id) for v in violations)
+
+
+def counted() -> float:
+    return sum(s.value for m in violations_metric().collect() for s in m.samples
+               if s.name.endswith("_total"))
+
+
+def test_a_batch_finds_what_the_single_instance_finds_even_when_a_record_fails(
+        pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sequencer sends a batch's statements pipelined, without a savepoint per record;
+    a record whose invariants fail sends the whole batch back to be done record by record.
+    Either way: every record a leaf, in order, and the single instance's findings,
+    each counted once."""
+    recs = unsigned_clearances(140)
+    sqlite = AuditStore(tmp_path / "single")
+    single = handlers.AuditPorts(sqlite, Invariants(
+        sqlite, InvariantSettings(30.0, 300.0), lambda: datetime.now(UTC)))
+
+    async def one_by_one() -> list[ComplianceViolation]:
+        found: list[ComplianceViolation] = []
+        for topic, partition, offset, headers, value, decoded in recs:
+            for event in await handlers.on_record(topic, partition, offset, value, decoded,
+                                                  single, headers):
+                assert isinstance(event, ComplianceViolation)
+                found.append(event)
+        sqlite.commit()
+        return found
+
+    expected = findings(asyncio.run(one_by_one()))
+    sqlite.close()
+    assert len(expected) == 20  # one per probe's clearance
+    # A ProviderDispatched (which finds nothing here) fails the first time it is judged.
+    marker = base64.b64encode(next(r[4] for r in recs if r[0] == "frs.dispatch.events")
+                              or b"").decode()
+    observe = handlers.observe_queued
+    failed: list[int] = []
+
+    def flaky(topic: str, record: bytes, invariants: Invariants) -> list[ComplianceViolation]:
+        if marker in record.decode():
+            failed.append(1)
+            raise ValueError("a rule's bug")
+        return observe(topic, record, invariants)
+
+    for fail in (False, True):
+        empty_audit_tables(pg)
+        store, invariants, lease = sequencer(pg, "frs-audit-a")
+        queue = IngestQueue(pg_location(pg))
+        ingest(queue, recs, invariants)
+        assert lease.keep()
+        store.fence = lease.epoch
+        if fail:
+            monkeypatch.setattr(handlers, "observe_queued", flaky)
+        before = counted()
+        taken, found = sequence_batch(store, invariants, 1000)
+        assert taken == len(recs)
+        assert findings(found) == expected
+        assert counted() - before == len(expected)  # the batch tried twice counts once
+        assert failed == ([1, 1] if fail else [])  # pipelined, then record by record
+        assert [r[3] for r in log_rows(pg)] == list(range(len(recs)))
+        lease.release()
+        queue.close()
+        store.close()
