@@ -32,7 +32,9 @@ def processor(settings: ServiceSettings, route: Route, publisher: Publisher,
               kafka: KafkaSettings | None = None) -> Processor:
     # Which instance a group member is, for `frs status` (the route's own options win).
     route = replace(route, consumer_options={
-        "client_id": f"frs-{route.service}-{settings.instance_id}", **route.consumer_options})
+        "client_id": f"frs-{route.service}-{settings.instance_id}",
+        "fetch_min_bytes": settings.fetch_min_bytes,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms, **route.consumer_options})
     made = Processor(
         route, publisher, settings.kafka_bootstrap,
         max_retries=settings.max_retries, retry_backoff_s=settings.retry_backoff_s,
@@ -56,13 +58,14 @@ async def run(app: ServiceApp) -> None:
     # Closed last, in reverse: the app's resources, then the follower and the publisher.
     async with AsyncExitStack() as stack:
         publisher = Publisher(settings.kafka_bootstrap, source=f"/frs/{settings.service}",
-                              kafka=settings)
+                              kafka=settings, linger_ms=settings.linger_ms)
         await publisher.start()
         stack.push_async_callback(publisher.stop)
         publishers: dict[str, Publisher] = {}
         for name, identity in app.identities.items():
             publishers[name] = Publisher(settings.kafka_bootstrap,
-                                         source=f"/frs/{settings.service}/{name}", kafka=identity)
+                                         source=f"/frs/{settings.service}/{name}", kafka=identity,
+                                         linger_ms=settings.linger_ms)
             await publishers[name].start()
             stack.push_async_callback(publishers[name].stop)
         registries = Registries()

@@ -49,6 +49,19 @@ class ServiceSettings(KafkaSettings):
     commit_interval_s: float = Field(
         0.5, ge=0.0, description="Least time between offset commits of a consumer (done "
         "records only; a crash redelivers at most this much, a clean stop commits all).")
+    # Batching at low rates (issue 21 item 3): each fetch response and produce request has
+    # a fixed cost in client and broker, paid per record when records arrive one by one.
+    fetch_min_bytes: int = Field(
+        1, ge=1, description="Bytes the broker gathers for a fetch before it answers (or "
+        "FETCH_MAX_WAIT_MS passes): above 1, records arriving close together come in one "
+        "response, at up to FETCH_MAX_WAIT_MS more latency a hop.")
+    fetch_max_wait_ms: int = Field(
+        500, ge=0, le=30_000, description="Longest the broker holds a fetch short of "
+        "FETCH_MIN_BYTES: with FETCH_MIN_BYTES 1, only how often an idle "
+        "consumer asks again.")
+    linger_ms: int = Field(
+        2, ge=0, le=1000, description="How long the producer holds a send for others to the "
+        "same broker, to go in one request (added to each output's latency).")
     fault_kill_before_commit: bool = Field(
         False, description="Tests only: SIGKILL itself after a batch's sends, before commit."
     )
