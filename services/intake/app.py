@@ -10,11 +10,10 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
-from schemas.catalog import EXIGENT_REVIEWS, POLICY_DECISIONS, PROBE_EVENTS, PROBE_REQUESTS
+from schemas.catalog import EXIGENT_REVIEWS, PROBE_EVENTS, PROBE_REQUESTS
 from schemas.envelope import DecodeError
 from schemas.events import (
     Event,
-    PolicyCleared,
     ProbeRequested,
     ProbeSubmitted,
     SupervisorReviewRecorded,
@@ -131,8 +130,6 @@ def build(settings: IntakeSettings) -> ServiceApp:
         engine = PolicyEngine.load(policy_settings.dir)
         signing_key = load_or_create_signing_key(
             policy_settings.signing_key_path(settings.state_dir))
-        policy_ports = handlers.PolicyPorts(registries=registries, clock=utcnow, engine=engine,
-                                            signing_key=signing_key)
         store: Reviews
         if isinstance(shared, PostgresState):
             store = PgReviewStore(shared.pool)
@@ -144,6 +141,8 @@ def build(settings: IntakeSettings) -> ServiceApp:
         review_ports = policy.ReviewPorts(
             store=store, registries=registries, clock=utcnow,
             review_window=timedelta(hours=policy_settings.review_window_hours))
+        policy_ports = handlers.PolicyPorts(registries=registries, clock=utcnow, engine=engine,
+                                            signing_key=signing_key, reviews=review_ports)
 
         async def invalid_request(raw: RawRecord, err: DecodeError) -> list[Event]:
             return await handlers.on_invalid_request(raw.key, raw.value, err, intake_ports)
@@ -155,11 +154,10 @@ def build(settings: IntakeSettings) -> ServiceApp:
         gate = Route("policy", "frs-policy", (PROBE_EVENTS.name,),
                      dict([bind(ProbeSubmitted, handlers.on_probe_submitted, policy_ports)]),
                      dlq_for("policy"), identity=POLICY_IDENTITY)
-        # Reviews come only from their own topic, which only supervisors write.
-        reviews = Route("policy", "frs-policy-reviews",
-                        (POLICY_DECISIONS.name, EXIGENT_REVIEWS.name),
-                        dict([bind(PolicyCleared, policy.on_decision_for_review, review_ports),
-                              bind(SupervisorReviewRecorded, policy.on_supervisor_review,
+        # Reviews come only from their own topic, which only supervisors write. The gate
+        # flags exigent clearances itself (policy_ports.reviews): no decision is read back.
+        reviews = Route("policy", "frs-policy-reviews", (EXIGENT_REVIEWS.name,),
+                        dict([bind(SupervisorReviewRecorded, policy.on_supervisor_review,
                                    review_ports)]),
                         dlq_for("policy"), identity=POLICY_IDENTITY)
         purger = build_purger(settings, publisher, registries, probe_vault, clock)

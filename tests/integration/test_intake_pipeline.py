@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from schemas.catalog import POLICY_DECISIONS, PROBE_EVENTS, PROBE_REQUESTS
+from schemas.catalog import EXIGENT_REVIEWS, PROBE_EVENTS, PROBE_REQUESTS
 from schemas.envelope import encode
 from schemas.events import (
     DispatchFailed,
@@ -159,7 +159,7 @@ async def test_redelivery_after_crash_before_commit_yields_no_second_probe(
     # of its groups starts after them.
     await start_groups_at_end(kafka_bootstrap, [
         ("frs-intake", PROBE_REQUESTS.name), ("frs-policy", PROBE_EVENTS.name),
-        ("frs-policy-reviews", POLICY_DECISIONS.name)])
+        ("frs-policy-reviews", EXIGENT_REVIEWS.name)])
     intake = start_intake(services, FRS_INTAKE_FAULT_KILL_BEFORE_COMMIT="true")
     req = make_request(service_env, s.face_jpeg())
     await publish(kafka_bootstrap, [req])

@@ -207,6 +207,26 @@ async def test_review_flag_overdue_then_reviewed(engine: PolicyEngine,
     assert status is not None and status["approved"] is True
 
 
+async def test_gate_flags_its_exigent_clearances_itself(engine: PolicyEngine,
+                                                      review_ports: ReviewPorts) -> None:
+    # The gate flags before it sends (the reviews route reads no decision back).
+    gate = PolicyPorts(registries=registries(provider()), clock=lambda: NOW, engine=engine,
+                       signing_key=POLICY_KEY, reviews=review_ports)
+    [exigent] = await on_probe_submitted(
+        probe(probe_id="prb-e", exigent=True, exigent_justification="imminent harm"), gate)
+    [normal] = await on_probe_submitted(probe(probe_id="prb-n"), gate)
+    [denied] = await on_probe_submitted(probe(probe_id="prb-d", roi_refs=[], exigent=True,
+                                              exigent_justification="imminent harm"), gate)
+    assert isinstance(exigent, PolicyCleared) and exigent.exigent
+    assert isinstance(normal, PolicyCleared) and not normal.exigent
+    assert await review_ports.store.pending_count() == 1
+    assert await review_ports.store.status("prb-n") is None
+    claimed = await review_ports.store.claim_overdue(NOW + timedelta(hours=25),
+                                                     timedelta(minutes=1))
+    assert claimed == [("prb-e", NOW + timedelta(hours=24))]
+    assert isinstance(denied, PolicyDenied)  # no bypass named: nothing cleared, no flag
+
+
 async def test_review_by_a_non_supervisor_does_not_count(engine: PolicyEngine,
                                                          review_ports: ReviewPorts) -> None:
     await on_decision_for_review(await _exigent_clearance(engine, "prb-x"), review_ports)

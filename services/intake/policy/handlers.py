@@ -54,6 +54,8 @@ class PolicyPorts:
     # The gate's own key: dispatch and the audit accept only decisions signed with a key
     # the operator enrolled (frs.registry.trusted_keys).
     signing_key: Ed25519PrivateKey
+    # Where an exigent clearance is flagged for review, before it is sent (None: not here).
+    reviews: ReviewPorts | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,13 @@ async def on_probe_submitted(event: ProbeSubmitted, ports: PolicyPorts) -> list[
         "probe_id": event.probe_id, "outcome": type(decision).__name__,
         "cleared": len(decision.cleared) if isinstance(decision, PolicyCleared) else 0,
         "denied": len(decision.denied), "policy_digest": ports.engine.digest[:12]})
+    if ports.reviews is not None and isinstance(decision, PolicyCleared):
+        # Flagged before the clearance is sent, so no flag trails its clearance, and the
+        # reviews route need not read every decision back for the few exigent ones (a
+        # delivery a probe, issue 21 item 3). A clearance that never leaves (the record
+        # dead-lettered, or decided otherwise when redelivered) leaves a flag that reports
+        # overdue: a false alarm, never a missed one.
+        await on_decision_for_review(decision, ports.reviews)
     return [decision]
 
 

@@ -6,8 +6,8 @@ A flag is raised by an exigent clearance and lowered by a supervisor's review. A
 flag is claimed by one watch for a lease (``claim_overdue``: every instance runs the watch,
 one reports each flag), then marked reported (``overdue_reported_at``) once its event is on
 the bus; a claim whose holder died lapses and is claimed again. The store survives
-restarts; the review route's committed offsets keep it in step with the decisions topic
-(at-least-once: raising or lowering twice changes nothing)."""
+restarts. The gate raises a flag before it sends the clearance, the reviews route lowers
+it from the reviews topic (at-least-once: raising or lowering twice changes nothing)."""
 
 from __future__ import annotations
 
