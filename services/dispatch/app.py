@@ -106,7 +106,10 @@ def build_ports(settings: DispatchSettings, registries: Registries,
         transports=transports, guards=guards, clock=utcnow,
         retry=RetryPolicy(settings.retry_max_attempts, settings.retry_base_delay_s,
                           settings.retry_max_delay_s, settings.attempt_timeout_s,
-                          resend_ambiguous=settings.unknown_outcome_email == "resend"),
+                          resend_ambiguous=settings.unknown_outcome_email == "resend",
+                          # Half the claim lease: another instance resends a claim only
+                          # after a whole lease without a heartbeat of it.
+                          confirm_after_s=settings.claim_lease_s / 2),
         hooks=metrics,
         unknown_outcome_email=settings.unknown_outcome_email,
         claim_lease_s=settings.claim_lease_s,

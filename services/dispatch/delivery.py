@@ -1,13 +1,16 @@
 """One send with timeouts, retries (exponential backoff, full jitter), the provider's
-circuit breaker and concurrency limit, and a suspension check before every attempt."""
+circuit breaker and concurrency limit, and a suspension check before every attempt.
+Each attempt carries a guard from its record to its last bytes (transports/base.py
+``SendGuard``): one that did not leave soon after its record asks the ledger again."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from schemas.events import DispatchFailure
 from services.dispatch.breaker import CircuitOpen, ProviderGuards
@@ -15,10 +18,13 @@ from services.dispatch.transports.base import (
     AmbiguousError,
     PermanentError,
     ProviderTransport,
+    SendGuard,
     SendRequest,
     SendResult,
     TransientError,
 )
+
+log = logging.getLogger("frs.dispatch")
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,10 @@ class RetryPolicy:
     # False: a send that may have arrived unconfirmed (AmbiguousError, or a timeout) on a
     # transport that cannot resend safely ends as outcome_unknown instead of a resend.
     resend_ambiguous: bool = True
+    # An attempt whose request is not on the wire this long after its record (on the
+    # loop's clock: a frozen process, a slow connect) asks the ledger again before its last
+    # bytes go. Well inside the claim lease, after which another instance may take over.
+    confirm_after_s: float = 2.5
 
     def delay(self, retry: int, rng: Callable[[], float] = random.random) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**retry)]."""
@@ -76,6 +86,7 @@ async def deliver(
     record_attempt: Callable[[], Awaitable[int]],
     still_active: Callable[[], bool],
     send_window: Callable[[], Awaitable[float]] | None = None,
+    confirm_attempt: Callable[[], Awaitable[None]] | None = None,
     hooks: DeliveryHooks | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: Callable[[], float] = random.random,
@@ -110,15 +121,21 @@ async def deliver(
                     if window <= 0:
                         return Failed(DispatchFailure.IMAGE_PURGED,
                                       "image purged or expired before send", attempts)
+                recorded_at = asyncio.get_running_loop().time()  # not after the lease check
                 count = await record_attempt()  # durable before anything leaves
                 if count == 0:
                     raise ClaimLost(provider_id)
                 attempts = count
+                # What leaves must leave soon after that record, or be confirmed again:
+                # a process frozen here wakes after its partition (and the send) moved.
+                guard = None if confirm_attempt is None else SendGuard(
+                    recorded_at, policy.confirm_after_s, confirm_attempt)
+                attempt = replace(request, guard=guard)
                 hooks.in_flight(provider_id, 1)
                 started = time.perf_counter()
                 try:
                     async with asyncio.timeout(window):
-                        result = await transport.send(request)
+                        result = await _send(transport, attempt)
                 except (TransientError, TimeoutError) as exc:
                     breaker.failure()
                     settled = True
@@ -150,3 +167,23 @@ async def deliver(
         return Failed(DispatchFailure.CIRCUIT_OPEN, "circuit open for the whole retry budget",
                       attempts)
     return Failed(DispatchFailure.RETRIES_EXHAUSTED, f"last error: {last}", attempts)
+
+
+async def _send(transport: ProviderTransport, request: SendRequest) -> SendResult:
+    """The transport's send; refused by the attempt's guard, it ends with the guard's own
+    exception (``Fenced``, ``ClaimLost``), whatever the transport made of it: nothing
+    was sent, and no retry of this attempt may follow."""
+    try:
+        return await transport.send(request)
+    except Exception as exc:
+        refused = request.guard.refused if request.guard is not None else None
+        if refused is not None:
+            # A process that was frozen (or stalled) after the record: said, as it is a
+            # zombie's sign. Nothing of the request is complete on the wire.
+            log.warning("late attempt refused before its request left",
+                        extra={"provider": request.provider.provider_id,
+                               "dispatch_id": request.dispatch_id,
+                               "reason": type(refused).__name__})
+            if refused is not exc:
+                raise refused from exc
+        raise

@@ -221,11 +221,18 @@ async def _decide_and_send(event: PolicyCleared, cleared: ClearedProvider, claim
         current = ports.registries.providers.get(provider_id)
         return current is not None and current.status == "active"
 
+    async def confirm_attempt() -> None:
+        # Asked before the last bytes of a request that left late: a claim taken over
+        # meanwhile is not sent (a lost lease raises Fenced).
+        if not await ports.ledger.renew(event.probe_id, provider_id):
+            raise ClaimLost(provider_id)
+
     outcome = await deliver(
         request, transport, ports.guards, ports.retry,
         record_attempt=lambda: ports.ledger.record_attempt(event.probe_id, provider_id),
         still_active=still_active,
         send_window=lambda: ports.images.send_window(check.vault_ref),
+        confirm_attempt=confirm_attempt,
         hooks=ports.hooks, sleep=ports.sleep,
     )
     done = ports.clock()

@@ -11,7 +11,9 @@ Protocol per send:
    ``claimed`` row means a previous run crashed between claim and record: the outcome is
    unknown and the caller resolves it per transport (resend with the same idempotency key,
    or fail with ``outcome_unknown``).
-2. ``record_attempt`` before each attempt (attempt counts survive crashes).
+2. ``record_attempt`` before each attempt (attempt counts survive crashes); ``renew``
+   before the last bytes of an attempt that did not leave soon after its record (the
+   process was frozen meanwhile, or the connect was slow).
 3. ``complete`` with the events the send produced, before the handler returns; the
    Kafka offset is committed only after those events are acknowledged.
 
@@ -76,6 +78,7 @@ class Ledger(Protocol):
 
     async def claim(self, probe_id: str, provider_id: str) -> Claim: ...
     async def record_attempt(self, probe_id: str, provider_id: str) -> int: ...
+    async def renew(self, probe_id: str, provider_id: str) -> bool: ...
     async def take_over(self, probe_id: str, provider_id: str, seen: Claim) -> bool: ...
     async def heartbeat(self) -> int: ...
     def release(self, probe_id: str, provider_id: str) -> None: ...
@@ -247,6 +250,16 @@ class SqliteLedger(_Holder):
             return int(row[0]) if row else 0
         return await self._write(bump)
 
+    async def renew(self, probe_id: str, provider_id: str) -> bool:
+        """Whether the claim is still this owner's and open; if so its heartbeat is renewed,
+        so no other instance takes it over for a whole lease from now."""
+        def beat() -> bool:
+            return self._db.execute(
+                "UPDATE sends SET heartbeat_at = ? WHERE probe_id = ? AND provider_id = ? "
+                "AND owner = ? AND state = 'claimed'",
+                (utcnow().isoformat(), probe_id, provider_id, self.owner)).rowcount == 1
+        return await self._write(beat)
+
     async def take_over(self, probe_id: str, provider_id: str, seen: Claim) -> bool:
         """Take a claim whose owner and heartbeat are still those ``seen``: of two
         instances taking over one abandoned claim, one wins."""
@@ -357,6 +370,14 @@ class PgLedger(_Holder):
                 "RETURNING attempts", (utcnow(), probe_id, provider_id, self.owner))).fetchone()
         self.transactions += 1
         return int(row[0]) if row else 0
+
+    async def renew(self, probe_id: str, provider_id: str) -> bool:
+        """What ``record_attempt`` checked, asked again: the lease still ours (``Fenced`` if
+        not), the claim still this owner's and open; its heartbeat renewed if so."""
+        return await self._update(
+            "UPDATE sends SET heartbeat_at = %s WHERE probe_id = %s AND provider_id = %s "
+            "AND owner = %s AND state = 'claimed'",
+            (utcnow(), probe_id, provider_id, self.owner), fenced=True) == 1
 
     async def take_over(self, probe_id: str, provider_id: str, seen: Claim) -> bool:
         """Compare-and-swap on (owner, heartbeat_at) as ``seen``: one of two wins."""

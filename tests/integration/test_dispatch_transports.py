@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import email
 import email.policy
 import hashlib
@@ -23,14 +24,15 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from schemas.events import ProviderRecord
 from schemas.types import OutboundField, Transport
 from services.dispatch.ledger import dispatch_id_for, request_ref_for
-from services.dispatch.payloads import build_payload
+from services.dispatch.payloads import build_payload, payload_body
 from services.dispatch.transports.base import (
     AmbiguousError,
     PermanentError,
+    SendGuard,
     SendRequest,
     TransientError,
 )
-from services.dispatch.transports.https import HttpsTransport, client_tls_context
+from services.dispatch.transports.https import GuardedBody, HttpsTransport, client_tls_context
 from services.dispatch.transports.smime_email import SmimeEmailTransport
 from services.simulators.inbox import InboxBehaviour, InboxSimulator
 from services.simulators.tls import SimulatorCA
@@ -154,6 +156,53 @@ async def test_https_errors_are_classified_and_resend_is_deduplicated(face_jpeg:
         assert len(sim.state.accepted) == 1
 
 
+class FrozenAfter(SendGuard):
+    """A guard whose process is stopped (its loop's clock jumps a minute) after ``asks``
+    questions, and whose store then says the lease moved."""
+
+    def __init__(self, asks: int) -> None:
+        super().__init__(asyncio.get_running_loop().time(), 2.5, self._moved)
+        self.asks = asks
+        self.asked = 0
+
+    async def ensure(self) -> None:
+        self.asked += 1
+        if self.asked == self.asks:
+            self.confirmed_at -= 60.0
+        await super().ensure()
+
+    async def _moved(self) -> None:
+        raise RuntimeError("lease moved")
+
+
+@pytest.mark.parametrize("asks", [1, 2, 3], ids=["before-headers", "mid-body", "at-the-end"])
+async def test_https_a_request_refused_by_its_guard_never_arrives(face_jpeg: bytes,
+                                                                  asks: int) -> None:
+    """Issue 18: frozen before its request was written, or in mid-body, a woken dispatch
+    is refused by its guard; the vendor sees a request cut short (no copy) and then a
+    confirmed one arrives whole."""
+    assert len(payload_body_of(face_jpeg)) > GuardedBody.SLICE + GuardedBody.LAST  # 2 slices
+    async with VendorSimulator() as sim:
+        transport = HttpsTransport(client_tls_context(sim.ca_file), timeout_s=5)
+        req = request(provider(Transport.HTTPS, sim.url), face_jpeg)
+        guard = FrozenAfter(asks)
+        try:
+            with pytest.raises(TransientError):
+                await transport.send(dataclasses.replace(req, guard=guard))
+            assert isinstance(guard.refused, RuntimeError)
+            await asyncio.sleep(0.3)  # the vendor reads what it got, and the close
+            assert sim.state.copies == {} and sim.state.accepted == {}
+            await transport.send(dataclasses.replace(req, guard=FrozenAfter(0)))
+        finally:
+            await transport.close()
+        assert sim.copies(req.request_ref) == 1 and len(sim.state.accepted) == 1
+
+
+def payload_body_of(photo: bytes) -> bytes:
+    prov = provider(Transport.HTTPS, "https://127.0.0.1:1/x")
+    return payload_body(request(prov, photo).payload)
+
+
 def openssl(*args: str) -> bytes:
     return subprocess.run(["openssl", *args], check=True, capture_output=True).stdout
 
@@ -196,7 +245,9 @@ async def test_smime_mail_decrypts_with_openssl_and_cryptography(
 
     inner = email.message_from_bytes(decrypted, policy=email.policy.default)
     assert inner.get_content_type() == "application/json"
-    body = json.loads(inner.get_payload())
+    text = inner.get_payload()
+    assert isinstance(text, str)
+    body = json.loads(text)
     assert sorted(body) == ["agent_id", "photo", "request_ref"]
     assert base64.b64decode(body["photo"]) == face_jpeg
     assert body["request_ref"] == req.request_ref
@@ -333,4 +384,20 @@ async def test_smime_unconfirmed_data_is_ambiguous(
             await transport.send(request(provider(Transport.SMIME_EMAIL, "inbox@provider.test",
                                                   cert_pem), face_jpeg))
         # It did arrive: exactly why a resend could deliver a second copy.
+        assert len(inbox.state.mails) == 1
+
+
+async def test_smime_a_late_session_is_refused_before_data(
+        face_jpeg: bytes, smime_identity: tuple[str, Path, Path]) -> None:
+    """Issue 18: a session whose attempt was recorded before a freeze asks its guard before
+    DATA; refused, no mail arrives (and the refusal is not an ambiguous send)."""
+    cert_pem, _, _ = smime_identity
+    req = request(provider(Transport.SMIME_EMAIL, "inbox@provider.test", cert_pem), face_jpeg)
+    with InboxSimulator() as inbox:
+        transport = SmimeEmailTransport("127.0.0.1", inbox.port, "dispatch@frs.test")
+        guard = FrozenAfter(1)
+        with pytest.raises(RuntimeError, match="lease moved"):
+            await transport.send(dataclasses.replace(req, guard=guard))
+        assert inbox.state.mails == [] and guard.refused is not None
+        await transport.send(dataclasses.replace(req, guard=FrozenAfter(0)))
         assert len(inbox.state.mails) == 1

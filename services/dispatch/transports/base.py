@@ -8,6 +8,8 @@ says in its docstring how far that holds."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,12 +39,47 @@ class AmbiguousError(TransientError):
     dropped during SMTP DATA): a resend may deliver a second copy."""
 
 
+class SendGuard:
+    """Whether an attempt may still hand its last bytes to the wire (issue 18).
+
+    The attempt is recorded, under this instance's partition lease, before it starts
+    (``record_attempt``); a process frozen after that (SIGSTOP, a paused VM) resumes with
+    the request still to write, after another instance may have taken the partition and
+    the send over. So a transport calls ``ensure`` right before the bytes that complete its
+    request: within ``fresh_s`` of the last confirmation on the event loop's clock (which
+    runs on while a process is frozen) it costs nothing; later, ``confirm`` asks the store
+    again (lease and claim) and raises to refuse. A refusal is kept in ``refused``, so the
+    delivery ends the attempt with it whatever the transport's client made of it."""
+
+    def __init__(self, confirmed_at: float, fresh_s: float,
+                 confirm: Callable[[], Awaitable[None]]) -> None:
+        self.confirmed_at = confirmed_at  # loop time, taken before the confirming call
+        self.fresh_s = fresh_s
+        self._confirm = confirm
+        self.refused: Exception | None = None
+        self.confirmations = 0
+
+    async def ensure(self) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() - self.confirmed_at > self.fresh_s:
+            asked = loop.time()  # the check happens after this, never before
+            try:
+                await self._confirm()
+            except Exception as exc:
+                self.refused = exc
+                raise
+            self.confirmations += 1
+            self.confirmed_at = asked  # frozen during the call: the loop asks again
+
+
 @dataclass(frozen=True)
 class SendRequest:
     provider: ProviderRecord
     payload: Outbound
     dispatch_id: str  # stable per (probe, provider): the idempotency key on the wire
     request_ref: str
+    # Set per attempt by the delivery; None: nothing to confirm (tests, tools).
+    guard: SendGuard | None = None
 
 
 @dataclass(frozen=True)

@@ -16,19 +16,27 @@ Vendor contract (also in services/dispatch/README.md):
 Guarantee: resending after an unknown outcome reuses the Idempotency-Key, so a vendor
 that honours the contract keeps exactly one copy. The answer comes later, on the
 provider's reply channel (webhook), never in this response.
+
+A request leaves only while its attempt's guard holds (``SendGuard``, issue 18): the body
+goes out by ``GuardedBody``, which asks the guard before each slice; a process frozen
+before or while writing (SIGSTOP past its partition's move) wakes to a refusal, and the
+vendor sees at most a request cut short, never a send.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from pathlib import Path
 
 import aiohttp
+from aiohttp.abc import AbstractStreamWriter
 
 from services.dispatch.payloads import payload_body
 from services.dispatch.transports.base import (
     PermanentError,
+    SendGuard,
     SendRequest,
     SendResult,
     TransientError,
@@ -66,6 +74,59 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body)
 
 
+def _unsent(writer: AbstractStreamWriter) -> int:
+    """Bytes written but still in this process: the transport's buffer, and under TLS the
+    socket's own one beneath it (asyncio keeps that one private)."""
+    transport = getattr(writer, "transport", None)
+    if transport is None or transport.is_closing():
+        return 0
+    size = int(transport.get_write_buffer_size())
+    inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+    if isinstance(inner, asyncio.WriteTransport) and not inner.is_closing():
+        size += inner.get_write_buffer_size()
+    return size
+
+
+class GuardedBody(aiohttp.payload.Payload):
+    """The request body, handed to the socket in slices, each after the guard allows it.
+    The last slice (a few bytes, without which the vendor has no request) goes only once
+    everything before it has left this process: frozen at any point before, the process
+    holds an incomplete request, and on waking the guard refuses its end. Normal sends pay
+    one clock read per slice; only a late one asks the store."""
+
+    SLICE = 64 * 1024
+    LAST = 512
+
+    def __init__(self, body: bytes, guard: SendGuard | None) -> None:
+        super().__init__(body, content_type="application/json")
+        self._size = len(body)
+        self._guard = guard
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._value).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter,
+                                content_length: int | None) -> None:
+        body = memoryview(self._value)[:content_length]
+        last = max(0, len(body) - self.LAST)
+        for start in range(0, last, self.SLICE):
+            await self._allowed()
+            await writer.write(body[start:min(start + self.SLICE, last)])
+        # Rare (a slow link; a fast one takes it all at once), and asyncio has no event
+        # for an emptied buffer: polled.
+        while _unsent(writer):  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        await self._allowed()
+        await writer.write(body[last:])  # no wait between the guard and the bytes
+
+    async def _allowed(self) -> None:
+        if self._guard is not None:
+            await self._guard.ensure()
+
+
 class HttpsTransport:
     idempotent_resend = True
 
@@ -94,7 +155,8 @@ class HttpsTransport:
             # No redirects: aiohttp would resend the photo (307/308 keep the body) to
             # wherever Location points, plain http included; only the registered endpoint
             # is approved.
-            async with self._client().post(url, data=payload_body(request.payload),
+            data = GuardedBody(payload_body(request.payload), request.guard)
+            async with self._client().post(url, data=data,
                                            headers=headers, allow_redirects=False) as response:
                 status = response.status
                 raw = await _read_capped(response, self._max_reply)

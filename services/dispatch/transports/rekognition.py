@@ -100,6 +100,8 @@ class RekognitionTransport:
 
     async def send(self, request: SendRequest) -> SendResult:
         client, params = self.search_request(request)
+        if request.guard is not None:  # a late attempt asks before the image goes
+            await request.guard.ensure()
         try:
             # boto3 is synchronous: keep the event loop free while AWS answers.
             response = await asyncio.get_running_loop().run_in_executor(

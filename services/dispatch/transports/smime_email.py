@@ -106,6 +106,8 @@ class SmimeEmailTransport:
             async with client:
                 await client.mail(self.sender)
                 await client.rcpt(recipient)
+                if request.guard is not None:  # a late session asks before the mail goes
+                    await request.guard.ensure()
                 in_data = True
                 await client.data(message)
         except aiosmtplib.SMTPRecipientRefused as exc:

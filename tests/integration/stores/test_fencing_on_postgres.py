@@ -49,10 +49,11 @@ async def test_a_stale_owner_cannot_claim_send_or_complete(state: PostgresState)
         claim = await zombie.claim("prb-1", "web")
         assert claim.state == "new"
         assert await zombie.record_attempt("prb-1", "web") == 1
+        assert await zombie.renew("prb-1", "web")  # a late request asks again: still ours
     theirs = await leases.take(GROUP, [0], "owner")  # the group moved partition 0
     with fenced_as(scope(mine)):
         for write in (zombie.claim("prb-2", "web"), zombie.record_attempt("prb-1", "web"),
-                      zombie.complete("prb-1", "web", []),
+                      zombie.renew("prb-1", "web"), zombie.complete("prb-1", "web", []),
                       zombie.take_over("prb-1", "web", claim)):
             with pytest.raises(Fenced, match=r"partitions \[0\]"):
                 await write

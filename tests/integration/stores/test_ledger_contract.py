@@ -177,3 +177,21 @@ async def test_attempts_count_per_send(ledgers: Open) -> None:
     assert await a.record_attempt("prb-1", "p2") == 1
     assert await a.record_attempt("prb-9", "p1") == 0, "no claim, no attempt"
     assert (await ledgers("b").claim("prb-1", "p1")).attempts == 3
+
+
+async def test_renew_answers_for_its_own_open_claim_and_keeps_it_alive(
+        ledgers: Open, clock: list[datetime]) -> None:
+    """What a late request asks before its last bytes (SendGuard): still this owner's
+    open claim? Yes renews its heartbeat, so no takeover starts for a whole lease."""
+    a, b = ledgers("a"), ledgers("b")
+    await a.claim("prb-1", "p1")
+    clock[0] = T0 + timedelta(seconds=7)
+    assert await a.renew("prb-1", "p1")
+    seen = await b.claim("prb-1", "p1")
+    assert (seen.owner, seen.heartbeat_at) == ("a", T0 + timedelta(seconds=7))
+    assert not await b.renew("prb-1", "p1"), "not b's claim"
+    assert not await a.renew("prb-2", "p1"), "no such claim"
+    assert await b.take_over("prb-1", "p1", seen)
+    assert not await a.renew("prb-1", "p1"), "taken over"
+    assert await b.complete("prb-1", "p1", [])
+    assert not await b.renew("prb-1", "p1"), "done"
