@@ -3,8 +3,11 @@ items 1-2): two instances, each with a state dir of its own (two hosts), split t
 partitions of frs.policy.decisions; one is frozen (SIGSTOP) mid-run past its session
 timeout, so the group gives its partitions to the other, which takes their leases and
 sends the rest. When the frozen one wakes (SIGCONT) with sends in flight and a batch in
-hand, its writes are fenced: the vendor simulator accepts nothing more from it (a copy of
-an attempt it recorded before the freeze may still arrive, a duplicate by its key)."""
+hand, its writes are fenced, and the requests it had recorded but not yet written are
+refused by their guard (services/dispatch/transports/base.py SendGuard): the vendor
+simulator receives nothing at all from it after the wake. The frozen instance starts
+each request a while after its record (slow_sends_dispatch.py), so the freeze usually
+catches some there, where CI once saw 4 copies leave after the wake."""
 
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ async def test_a_zombie_dispatch_sends_nothing_after_it_wakes(
     on_postgres = {"FRS_STATE_URL": pg_migrated.url("dispatch"), "FRS_STATE_PASSWORD_FILE":
                    pg_migrated.settings("dispatch")["FRS_STATE_PASSWORD_FILE"]}
     zombie = rig.dispatch
+    zombie.module = "tests.integration.stores.slow_sends_dispatch"
     other = ServiceProcess("dispatch", services["dispatch"].env, tmp_path / "other.log")
     async with VendorSimulator(VendorBehaviour(latency_s=0.3)) as vendor:
         web = rig.provider("web", Transport.HTTPS, vendor.url)
@@ -97,17 +101,15 @@ async def test_a_zombie_dispatch_sends_nothing_after_it_wakes(
             await wait_for_async(lambda: len(assigned(zombie.log_path)) > 2
                                  or time.monotonic() - woke > 20, timeout=40)
             await asyncio.sleep(3)
-            # Nothing new leaves it after it wakes: no probe is accepted again. What can
-            # still arrive is a copy of an attempt it recorded while it held the lease
-            # (seen once in CI: 4 copies), under that send's Idempotency-Key, which the
-            # provider answers as a duplicate; at most one per send slot in flight.
+            # Nothing leaves it after it wakes: not a new probe, and not a copy of an
+            # attempt it recorded under its lease before the freeze (the guard asks the
+            # ledger again, and the lease has moved).
             late = vendor.state.copies - copies_before
-            assert set(late) <= set(accepted_before.values()), \
-                f"the zombie sent a probe not accepted before it woke: {late}"
-            assert sum(late.values()) <= 8, f"more copies than sends in flight: {late}"
-            assert not [r for r in vendor.state.received[received_before:]
-                        if r.accepted or r.idempotency_key not in accepted_before], \
-                "a copy after the wake under a new key"
+            refused = zombie.log_path.read_text(errors="replace").count(
+                "late attempt refused before its request left")
+            assert not late, f"copies arrived after the zombie woke: {late} " \
+                             f"({refused} late attempts refused)"
+            assert vendor.state.received[received_before:] == [], "a request after the wake"
             assert vendor.state.accepted == accepted_before, "accepted after it woke"
             assert len(vendor.state.accepted) == N, "one accepted send per probe"
             for proc in (zombie, other):
