@@ -91,26 +91,34 @@ class Marks(Protocol):
 
     async def reached(self, mark: object) -> bool: ...
 
+    async def committed_past(self, mark: object) -> bool: ...
+
 
 class CompleteUntil:
     """A time before which every record on the audited topics is in the log: the clock
     when the partitions' ends were last taken, once the consumer has read up to them.
 
-    The liveness rule judges absences across topics by it, so an audit that lags (a
-    restart, a rebuild from the topics' start) never takes a settlement it has not read
-    yet for a missing one. It assumes one audit consumer holds every partition, as the
-    single audit store does today: otherwise ``reached`` is never true, and liveness is
-    never judged rather than judged wrong."""
+    Every rule on an absence (a dispatch's clearance, a purge, a review, a probe's end)
+    is judged as of this time, not the clock, so an audit that lags (a restart, a rebuild
+    from the topics' start, the other instance's share read slower) never takes an event
+    it has not read yet for a missing one. On one host (SQLite) one consumer holds every
+    partition and "read" is its own position. With many instances (``by_group``) each reads
+    a share into the shared queue: "read" is the group's committed offsets, which pass a
+    record only once its instance's queue write is durable, and the leader sequences the
+    queue to its end before judging."""
 
-    def __init__(self, marks: Marks, clock: Callable[[], datetime]) -> None:
+    def __init__(self, marks: Marks, clock: Callable[[], datetime], *,
+                 by_group: bool = False) -> None:
         self.marks = marks
         self.clock = clock
+        self.by_group = by_group
         self._pending: tuple[object, datetime] | None = None
         self._complete: datetime | None = None
 
     async def advance(self) -> None:
         """Once per tick: see whether the last mark was reached; take a new one if so."""
-        if self._pending is not None and await self.marks.reached(self._pending[0]):
+        read = self.marks.committed_past if self.by_group else self.marks.reached
+        if self._pending is not None and await read(self._pending[0]):
             self._complete, self._pending = self._pending[1], None
         if self._pending is None:
             # The clock before the ends: a record written before it lies below them.
@@ -122,6 +130,12 @@ class CompleteUntil:
         """The newest complete time not yet judged (None: nothing new since the last)."""
         complete, self._complete = self._complete, None
         return complete
+
+    def put_back(self, complete: datetime) -> None:
+        """A time taken but not judged (the queue was not sequenced to its end yet): judged
+        on a later tick, unless a newer one has come meanwhile."""
+        if self._complete is None:
+            self._complete = complete
 
 
 def signer_for(settings: AuditSettings) -> Signer:
@@ -158,6 +172,7 @@ class Shared:
         self.lease = lease
         self._renewed_at = float("-inf")
         self._broken = False
+        self.emptied = False  # whether the last drain sequenced the queue to its end
 
     @classmethod
     def open(cls, settings: AuditSettings, store: AuditLog) -> Shared:
@@ -195,11 +210,15 @@ class Shared:
             self._broken = False
         found: list[ComplianceViolation] = []
         started = time.monotonic()
+        self.emptied = False
         try:
             while self.lease.leading:
                 taken, violations = sequence_batch(self.store, invariants, SEQUENCE_BATCH)
                 found += violations
-                if taken < SEQUENCE_BATCH or time.monotonic() - started > 1.0:
+                if taken < SEQUENCE_BATCH:
+                    self.emptied = True  # all that was queued before this drain is a leaf
+                    break
+                if time.monotonic() - started > 1.0:
                     break
         except psycopg.OperationalError:
             self._broken = True  # the session is gone (ended by the server, a restart)
@@ -293,7 +312,7 @@ def build(settings: AuditSettings) -> ServiceApp:
         log_route = Route("audit", settings.group_id, tuple(t.name for t in AUDITED_TOPICS),
                           {}, dlq_for("audit"), on_record=record, before_commit=durable,
                           progress=progress)
-        complete = CompleteUntil(progress, utcnow)
+        complete = CompleteUntil(progress, utcnow, by_group=shared is not None)
 
         async def report(violations: list[ComplianceViolation]) -> None:
             if violations:
@@ -308,12 +327,15 @@ def build(settings: AuditSettings) -> ServiceApp:
             if shared is not None and not shared.lease.leading:
                 return  # the leader judges the sequenced log
             try:
-                violations = invariants.deadline_rules()
+                violations: list[ComplianceViolation] = []
                 until = complete.take()
+                if until is not None and shared is not None:
+                    await report(shared.drain(invariants))  # everything read by then
+                    if not shared.emptied:
+                        complete.put_back(until)  # more queued than one drain takes
+                        until = None
                 if until is not None:
-                    if shared is not None:
-                        await report(shared.drain(invariants))  # everything read by then
-                    violations += invariants.liveness(until)
+                    violations = invariants.deadline_rules(until) + invariants.liveness(until)
                 store.commit()
                 await report(violations)
                 await checkpoint_if_due()

@@ -432,11 +432,14 @@ class Invariants:
     def tick(self) -> list[ComplianceViolation]:
         """Every rule that fires on the absence of an event after a deadline, judged at the
         clock: for a log that is read whole (replay, tests)."""
-        return self.deadline_rules() + self.liveness(self.clock())
-
-    def deadline_rules(self) -> list[ComplianceViolation]:
-        """The other rules on absences, judged at the clock."""
         now = self.clock()
+        return self.deadline_rules(now) + self.liveness(now)
+
+    def deadline_rules(self, now: datetime) -> list[ComplianceViolation]:
+        """The other rules on absences, judged as of ``now``: a time before which the log
+        holds every event (the service's complete-until; the clock for a whole log).
+        ``seen_at`` is when the audit took a dispatch in, after it was written, so its
+        clearance (written before it) is in a log complete until ``seen_at``."""
         out = []
         seen_before = (now - timedelta(seconds=self.settings.clearance_grace_s)).isoformat()
         for eid, probe_id, provider in self.store.query(

@@ -307,6 +307,23 @@ class Processor:
             return None
         return dict(ends)
 
+    async def committed_past(self, mark: object) -> bool:
+        """Whether the group (any member, this one included) has committed every
+        partition of ``mark`` up to its end: every record on them at ``mark`` is handled
+        and its effects durable (offsets commit only after). For work one member does for
+        records all members read (the audit sequencer). False whenever not known."""
+        if not isinstance(mark, dict) or self.stopping:
+            return False
+        wanted = [tp for tp, end in mark.items() if end > 0]
+        if not wanted:
+            return True
+        try:  # one OffsetFetch for all (the public committed() asks per partition)
+            done = await asyncio.wait_for(
+                self._consumer._coordinator.fetch_committed_offsets(wanted), 5.0)
+        except (KafkaError, TimeoutError):
+            return False
+        return all(tp in done and done[tp].offset >= mark[tp] for tp in wanted)
+
     async def reached(self, mark: object) -> bool:
         """Whether every record that was on the partitions at ``mark`` has been handled
         here. False whenever that is not known (no mark, stopping, a rebalance under way):

@@ -90,6 +90,8 @@ class Feed(Protocol):
 
     async def reached(self, mark: object) -> bool: ...
 
+    async def committed_past(self, mark: object) -> bool: ...
+
 
 class RouteProgress:
     """Where a route's processor stands in its topics: stopping or not, and whether it
@@ -111,6 +113,9 @@ class RouteProgress:
 
     async def reached(self, mark: object) -> bool:
         return self._feed is not None and await self._feed.reached(mark)
+
+    async def committed_past(self, mark: object) -> bool:
+        return self._feed is not None and await self._feed.committed_past(mark)
 
 
 def dlq_for(service: str) -> str:

@@ -161,6 +161,7 @@ async def test_reached_only_once_every_record_up_to_the_mark_was_handled(
                 mark = await proc.mark()
                 await asyncio.sleep(0.01)
             on_topic = len(await read_topic(kafka_bootstrap, [RELAY_TOPIC]))
+            assert not await proc.committed_past(mark)  # the group committed none of it yet
             # Later records do not move a mark already taken.
             await (await pub.send(failed("prb-behind-late"), topic=RELAY_TOPIC))
             checks = 0
@@ -172,6 +173,11 @@ async def test_reached_only_once_every_record_up_to_the_mark_was_handled(
             # Everything before the mark (this test's 40 and earlier tests') is handled.
             assert len(handled) >= on_topic >= 40
             assert {f"prb-behind-{i}" for i in range(40)} <= set(handled)
+            # The group's commit (after the batches' effects) follows: what the audit's
+            # many instances judge by.
+            while not await proc.committed_past(mark):
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
         finally:
             proc.stop()
             await task

@@ -244,6 +244,7 @@ class FakeMarks:
 
     def __init__(self) -> None:
         self.read = 0
+        self.committed = 0
         self.next: int | None = None
 
     async def mark(self) -> object:
@@ -252,6 +253,11 @@ class FakeMarks:
     async def reached(self, mark: object) -> bool:
         assert isinstance(mark, int)
         return mark <= self.read
+
+    async def committed_past(self, mark: object) -> bool:
+        """The group's commits (every instance's share, durable) lag this one's reads."""
+        assert isinstance(mark, int)
+        return mark <= self.committed
 
 
 def test_liveness_is_judged_only_as_of_a_time_the_log_is_complete_until() -> None:
@@ -284,3 +290,49 @@ def test_a_lagging_audit_takes_no_unread_settlement_for_a_missing_one(rig: Rig) 
     assert rig.inv.liveness(complete_until=at(10)) == []
     rig.feed(settled("p1", answered=["fed-ngi"]))
     assert rig.inv.liveness(complete_until=at(86400)) == []
+
+
+def test_with_many_instances_complete_means_committed_by_the_group() -> None:
+    """On PostgreSQL each audit instance reads a share; what this one has read says
+    nothing of the others' shares: the group's committed offsets do."""
+    marks, clock = FakeMarks(), FakeClock(T0)
+    complete = CompleteUntil(marks, clock, by_group=True)
+
+    def advance(seconds: float) -> datetime | None:
+        clock.at(seconds)
+        asyncio.run(complete.advance())
+        return complete.take()
+
+    marks.next = 10
+    assert advance(1) is None
+    marks.read = 50  # this instance is far ahead; another's share is not committed yet
+    assert advance(2) is None
+    marks.committed = 10
+    assert advance(3) == at(1)
+    # Taken but not judged (the queue not sequenced to its end): judged on a later tick,
+    # and a newer time that came meanwhile wins over it.
+    complete.put_back(at(1))
+    assert complete.take() == at(1)
+    marks.next, marks.committed = 30, 30
+    assert advance(4) == at(3)
+    complete.put_back(at(3))
+    assert advance(5) == at(4)
+
+
+def test_a_dispatch_is_judged_for_its_clearance_as_of_complete_not_the_clock(
+        rig: Rig) -> None:
+    """A lagging audit (its decisions partition read by a restarted instance, half a
+    minute behind the dispatch topic) must not flag a dispatch whose clearance it has not
+    read yet: the rule waits until the log is complete past the dispatch."""
+    rig.feed(dispatched("p1", "fed-ngi", 60))  # seen at T0 (the rig's clock)
+    rig.clock.at(600)  # the clock is far past the 30 s grace
+    found = [v.invariant for v in rig.inv.deadline_rules(at(20))]
+    assert Invariant.DISPATCH_WITHOUT_CLEARANCE not in found  # complete only until 20 s
+    rig.feed(cleared("p1", "fed-ngi"))  # read at last
+    assert rig.inv.deadline_rules(at(600)) == []
+    # With no clearance at all it is still caught, once the log is complete past the grace.
+    rig.clock.at(0)
+    rig.feed(dispatched("p2", "fed-ngi", 60))
+    assert rig.inv.deadline_rules(at(29)) == []
+    assert [v.invariant for v in rig.inv.deadline_rules(at(31))] == [
+        Invariant.DISPATCH_WITHOUT_CLEARANCE]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from schemas.events import Invariant
 from services.audit.checkpoint import Signer, load_or_create_key
 from services.audit.merkle import consistency_proof, verify_consistency
 from services.audit.pg_store import PgAuditStore
@@ -27,6 +28,15 @@ from services.audit.sequencer import LEASE_TTL_S, RENEW_S
 from tests.conftest import ServiceProcess
 from tests.helpers import log_text, wait_for
 from tests.integration.audit.conftest import audit_env
+from tests.integration.audit.test_audit_invariants import (
+    ALL_FIELDS,
+    cleared,
+    dispatched,
+    none_for,
+    probe,
+    seen,
+)
+from tests.integration.audit.test_audit_invariants import publish as publish_events
 from tests.integration.audit.test_audit_log import publish, rejected
 from tests.integration.stores.test_audit_on_postgres import frs
 from tests.integration.stores.test_audit_store_contract import empty_audit_tables, pg_location
@@ -228,3 +238,26 @@ def test_a_leader_stopped_past_its_lease_neither_appends_nor_signs_when_resumed(
     size = one_log(pg_migrated)
     report = verified(pg_migrated, procs[standby].env, vkey)
     assert report["tree_size"] == size
+
+
+def test_two_instances_judge_absences_as_of_what_the_group_has_committed(
+        fleet: tuple[dict[str, ServiceProcess], str], kafka_bootstrap: str,
+        pg_migrated: PgServer) -> None:
+    """Each instance reads a share of the partitions, so neither's own reading says the
+    log is complete: the leader judges the rules on absences as of the group's committed
+    offsets (the chaos set's PostgreSQL restart once made three false "dispatch without
+    clearance" when they were judged by the clock). A dispatch never cleared is still
+    caught; one whose clearance comes later on another topic is not flagged."""
+    procs, _vkey = fleet
+    for p in procs.values():
+        p.start(FRS_AUDIT_CLEARANCE_GRACE_S="2")
+    for p in procs.values():
+        p.wait_log("consumer started", timeout=90)
+    wait_for(lambda: lease(pg_migrated) is not None, timeout=30, what="a sequencer lease")
+    bad, good = probe(), probe()
+    publish_events(kafka_bootstrap, dispatched(bad, "fed-ngi", ALL_FIELDS),
+                   dispatched(good, "fed-ngi", ALL_FIELDS), cleared(good, "fed-ngi", ALL_FIELDS))
+    (v,) = seen(kafka_bootstrap, bad, Invariant.DISPATCH_WITHOUT_CLEARANCE, timeout=90)
+    assert "fed-ngi" in v.detail
+    time.sleep(3)  # past the grace once more: the cleared one stays clean
+    assert none_for(kafka_bootstrap, good)
