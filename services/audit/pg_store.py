@@ -36,6 +36,7 @@ from services.kit.migrate import latest
 from services.kit.state import SchemaMismatch
 
 _COLUMNS = 'idx, topic, partition, "offset", ce_id, ce_type, subject, time, leaf, leaf_hash'
+_COLUMN_TYPES = ["int8", "text", "int4", "int8", "text", "text", "text", "text", "bytea", "bytea"]
 # Locks the head for the batch (made on first use: the table may have been emptied).
 _LOCK_HEAD = ("INSERT INTO audit_tree (id, size, frontier) VALUES (0, 0, '') ON CONFLICT (id)"
               " DO UPDATE SET id = excluded.id RETURNING size, frontier")
@@ -249,7 +250,7 @@ class PgAuditStore:
         self._begin()
         out = []
         for *meta, template, cut, record, sequenced in self._conn.execute(
-                _TAKE, (limit,)).fetchall():
+                _TAKE, (limit,), binary=True).fetchall():  # the bytes as they are, not hex
             out.append(Queued(LeafMeta(*meta[1:]), bytes(template), int(cut),
                               None if record is None else bytes(record), bool(sequenced)))
         return out
@@ -310,7 +311,10 @@ class PgAuditStore:
         rows = self._pending[self._flushed:]
         if not rows:
             return
-        with self._conn.cursor().copy(f"COPY audit_leaves ({_COLUMNS}) FROM STDIN") as copy:
+        # Binary: the leaf bytes go as they are, not as hex text for the server to parse.
+        with self._conn.cursor().copy(
+                f"COPY audit_leaves ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(_COLUMN_TYPES)
             for row in rows:
                 copy.write_row(row)
         self._flushed = len(self._pending)

@@ -47,9 +47,11 @@ SEQUENCE_BATCH = 5000
 _QUEUE_COLUMNS = 'topic, partition, "offset", ce_id, ce_type, subject, time, leaf, cut, record'
 # A batch in one statement, as arrays (COPY cannot skip what is queued already, and the
 # service roles may make no temporary table to COPY into); ON CONFLICT covers both keys.
+# Binary parameters (%b): no hex text for the bytes, no text for the server to parse; half
+# the CPU of text ones, on both sides.
 _INGEST = (f"INSERT INTO audit_queue ({_QUEUE_COLUMNS}) SELECT * FROM unnest("
-           "%s::text[], %s::int[], %s::bigint[], %s::text[], %s::text[], %s::text[],"
-           " %s::text[], %s::bytea[], %s::int[], %s::bytea[]) ON CONFLICT DO NOTHING")
+           "%b::text[], %b::int[], %b::bigint[], %b::text[], %b::text[], %b::text[],"
+           " %b::text[], %b::bytea[], %b::int[], %b::bytea[]) ON CONFLICT DO NOTHING")
 
 
 def _connect(where: PgLocation, name: str, **options: Any) -> psycopg.Connection[Any]:
