@@ -45,7 +45,7 @@ from services.kit.kafka import KafkaSettings, client_options
 from services.kit.metrics import owned_partitions, processor_metrics
 from services.kit.publisher import EventTooLarge, Publisher
 from services.kit.routing import RawRecord, Route
-from services.kit.signals import NotYet
+from services.kit.signals import NotYet, store_unavailable
 
 log = logging.getLogger("frs.processor")
 
@@ -552,7 +552,12 @@ class Processor:
             started = time.perf_counter()
             try:
                 with fenced_as(scope):
-                    outputs = await call()
+                    try:
+                        outputs = await call()
+                    except Exception as exc:
+                        if store_unavailable(exc):
+                            raise NotYet("state store unavailable") from exc
+                        raise
             except Fenced as exc:
                 self._fenced(exc, scope)
                 return []  # the owner of the lease handles it
