@@ -54,7 +54,6 @@ import hmac
 import json
 import logging
 import re
-import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -63,7 +62,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import psycopg
 from aiohttp import web
 from aiokafka.errors import MessageSizeTooLargeError
 from prometheus_client import Counter
@@ -73,10 +71,8 @@ from schemas.types import utcnow
 from services.kit.private_files import check_private
 from services.kit.publisher import EventTooLarge, Publisher
 from services.kit.registry import Registries
+from services.kit.signals import store_unavailable
 from services.results.store import Arrivals, Nonces, NonceStore, RefLookup, RequestRefs
-
-# What the nonce and request-ref stores raise when their database is away for a while.
-STATE_DOWN = (psycopg.OperationalError, sqlite3.OperationalError)
 
 if TYPE_CHECKING:
     from services.results.settings import ResultsSettings
@@ -257,7 +253,9 @@ class Webhook:
     async def handle(self, request: web.Request) -> web.Response:
         try:
             return await self._handle(request)
-        except STATE_DOWN as exc:
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
             # The shared state did not answer (a database restart, a failover): 503, so
             # the provider retries, as when the bus refuses; a 500 was taken as final and
             # the answer lost (found by the chaos set's PostgreSQL restart).
