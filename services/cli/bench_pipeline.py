@@ -61,6 +61,7 @@ from services.cli.pipeline_rig import (
     process_cpu_s,
 )
 from services.kit.reader import all_partitions, read_topic
+from services.kit.settings import ServiceSettings
 from services.kit.topics import ensure_topics
 
 # Only in a checkout of the repository: the servers are not part of the installed package.
@@ -71,6 +72,10 @@ HOPS = 4  # intake, policy, dispatch (+ vendor + webhook), results normalizer
 STAGES = (("submitted", ProbeSubmitted), ("cleared", PolicyCleared),
           ("dispatched", ProviderDispatched), ("candidates", CandidatesReceived),
           ("settled", ProbeSettled))
+# The kit's default FRS_<SERVICE>_COMMIT_INTERVAL_S: the low-rate relay commits as often.
+KIT_COMMIT_INTERVAL_S: float = ServiceSettings.model_fields["commit_interval_s"].default
+# Issue 21: all-in CPU per probe (services + broker + this process) and the ratio.
+COST_TARGETS = {"all_in_ms_max_rate": 10.0, "all_in_ms_low_rate": 15.0, "ratio_min": 0.25}
 TARGETS = {"ratio_min": 0.30, "probes_per_s_min": 200.0, "p99_ms_max_at_low_rate": 250.0,
            "rss_mb_max": 300.0}
 
@@ -78,8 +83,11 @@ TARGETS = {"ratio_min": 0.30, "probes_per_s_min": 200.0, "p99_ms_max_at_low_rate
 # --- (a) raw relay -----------------------------------------------------------------------
 
 
-async def relay_hop(bootstrap: str, source: str, target: str, group: str, count: int) -> None:
-    """One raw hop: what the kit's Processor does, minus decoding and handlers."""
+async def relay_hop(bootstrap: str, source: str, target: str, group: str, count: int,
+                    commit_interval_s: float = 0.0) -> None:
+    """One raw hop: what the kit's Processor does, minus decoding and handlers. It commits
+    after every batch, or (``commit_interval_s`` > 0) at most that often, as the kit does
+    (``FRS_<SERVICE>_COMMIT_INTERVAL_S``); it prints its CPU seconds from ready to done."""
     consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=group,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 isolation_level="read_committed")
@@ -89,7 +97,10 @@ async def relay_hop(bootstrap: str, source: str, target: str, group: str, count:
     await consumer.start()
     await producer.start()
     print("relay ready", flush=True)
+    cpu0 = time.process_time()
     done = 0
+    pending: dict[Any, int] = {}
+    committed = time.monotonic()
     try:
         while done < count:
             batch = await consumer.getmany(timeout_ms=200, max_records=500)
@@ -101,28 +112,38 @@ async def relay_hop(bootstrap: str, source: str, target: str, group: str, count:
                     done += 1
             if futures:
                 await asyncio.gather(*futures)
-                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()})
+                pending |= {tp: rs[-1].offset + 1 for tp, rs in batch.items()}
+            if pending and (done >= count
+                            or time.monotonic() - committed >= commit_interval_s):
+                await consumer.commit(pending)
+                pending, committed = {}, time.monotonic()
     finally:
         await producer.stop()
         await consumer.stop()
+    print(f"relay cpu {time.process_time() - cpu0:.6f}", flush=True)
 
 
 async def raw_baseline(bootstrap: str, count: int, first_bytes: bytes, event_bytes: int,
-                       hops: int) -> dict[str, Any]:
+                       hops: int, rate: float | None = None, commit_interval_s: float = 0.0,
+                       broker_pid: int | None = None) -> dict[str, Any]:
+    """N messages through ``hops`` relay processes, sent at once or at ``rate``/s; their
+    CPU all-in (relays, broker when known, this process's sender) per message."""
     run = uuid.uuid4().hex[:8]
     names = [f"frs.bench.raw-{run}.{i}" for i in range(hops + 1)]
     await ensure_topics(bootstrap, topics=tuple(
         Topic(n, "key", 3, 3_600_000, "delete", (), "bench relay") for n in names))
     procs = [await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli.bench_pipeline", "relay-hop", bootstrap,
-        names[i], names[i + 1], f"frs-bench-raw-{run}-{i}", str(count),
+        names[i], names[i + 1], f"frs-bench-raw-{run}-{i}", str(count), str(commit_interval_s),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)}) for i in range(hops)]
+    relay_cpu = 0.0
     try:
         for p in procs:
             assert p.stdout is not None
             await p.stdout.readline()  # "relay ready"
         await asyncio.sleep(2)  # group joins settle
+        other0 = other_cpu_s(broker_pid)
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True,
                                     acks="all", linger_ms=2, max_request_size=16 * 1024 * 1024)
         await producer.start()
@@ -132,21 +153,35 @@ async def raw_baseline(bootstrap: str, count: int, first_bytes: bytes, event_byt
             # The first hop carries the request's size, later hops an event's size: the
             # relays forward what they get, so hop 0 messages are request-sized throughout
             # (a conservative baseline: it moves more bytes than the pipeline does).
-            futures = [await producer.send(names[0], value=first_bytes or filler,
-                                           key=f"k{i}".encode()) for i in range(count)]
+            futures = []
+            for i in range(count):
+                if rate is not None:
+                    delay = started + i / rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                futures.append(await producer.send(names[0], value=first_bytes or filler,
+                                                   key=f"k{i}".encode()))
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
         for p in procs:
-            await asyncio.wait_for(p.wait(), 600)
+            assert p.stdout is not None
+            out = (await asyncio.wait_for(p.stdout.read(), 600)).decode().split()
+            relay_cpu += float(out[-1]) if out[-2:-1] == ["cpu"] else 0.0
+            await asyncio.wait_for(p.wait(), 60)
         seconds = time.monotonic() - started
+        other = {n: c - other0[n] for n, c in other_cpu_s(broker_pid).items()}
     finally:
         for p in procs:
             if p.returncode is None:
                 p.kill()
                 await p.wait()
+    cpu = {"relays": relay_cpu, **other}
     return {"messages": count, "hops": hops, "message_bytes": len(first_bytes),
-            "seconds": round(seconds, 3), "messages_per_s": round(count / seconds, 1)}
+            "rate_offered": rate, "seconds": round(seconds, 3),
+            "messages_per_s": round(count / seconds, 1),
+            "cpu_ms_per_message": {n: round(c * 1000 / count, 3) for n, c in cpu.items()},
+            "all_in_cpu_ms_per_message": round(sum(cpu.values()) * 1000 / count, 3)}
 
 
 # --- (b), (c) the pipeline --------------------------------------------------------------
@@ -351,7 +386,10 @@ async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: in
                                        (store_env or {}).get(stores[0], {}), n, vault_env)
     sample = await read_topic(bootstrap, ["frs.probe.requests"], max_s=60)
     request = next((r.value for r, d in sample if isinstance(d, Envelope)), b"") or b""
-    raw = await raw_baseline(bootstrap, probes, request, 1024, HOPS)
+    raw = await raw_baseline(bootstrap, probes, request, 1024, HOPS, broker_pid=broker_pid)
+    # The floor at the low rate: the same hops, nothing else, committing as the kit does.
+    raw_low = await raw_baseline(bootstrap, low_probes, request, 1024, HOPS, low_rate,
+                                 KIT_COMMIT_INTERVAL_S, broker_pid)
     for run in [*runs.values(), *scaled.values()]:
         high = run["pipeline_max_rate"]
         run["ratio_pipeline_to_raw"] = round(high["probes_per_s"] / raw["messages_per_s"], 3) \
@@ -365,7 +403,8 @@ async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: in
         "bench": "pipeline", "machine": machine(), "hops": HOPS, "services": list(services),
         "warmup_probes": warmup, "store": stores[0],
         "request_bytes": first["request_bytes"] or len(request),
-        "baseline_raw_relay": raw, "pipeline_max_rate": high, "pipeline_low_rate": low,
+        "baseline_raw_relay": raw, "baseline_raw_relay_low_rate": raw_low,
+        "pipeline_max_rate": high, "pipeline_low_rate": low,
         "rss_mb": first["rss_mb"],
         "ratio_pipeline_to_raw": ratio,
         "targets": TARGETS,
@@ -376,6 +415,13 @@ async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: in
             < TARGETS["p99_ms_max_at_low_rate"],
             "rss": worst_rss <= TARGETS["rss_mb_max"],
         },
+        "cost_targets": COST_TARGETS,
+        "met_cost": cost_met(high, low, ratio),
+        # What the same hops cost with no work in them, at each phase's rate: a floor the
+        # pipeline's all-in figure cannot go under (it moves at least as many records).
+        "relay_floor_ms_per_item": {
+            "max_rate": raw["all_in_cpu_ms_per_message"],
+            "low_rate": raw_low["all_in_cpu_ms_per_message"]},
     }
     if len(scaled) > 1:
         result |= scaling(scaled)
@@ -384,6 +430,16 @@ async def run_bench(bootstrap: str, probes: int, low_rate: float, low_probes: in
         result["postgres_to_sqlite"] = store_ratios(runs["sqlite"], runs["postgres"]) \
             if {"sqlite", "postgres"} <= set(runs) else None
     return result
+
+
+def cost_met(high: dict[str, Any], low: dict[str, Any], ratio: float | None) -> dict[str, bool]:
+    """Issue 21's targets, judged on one run (all-in needs the broker's CPU: --own-broker)."""
+    def all_in(phase: dict[str, Any]) -> float:
+        return float(phase["cost"]["all_in_cpu_ms_per_probe"])
+
+    return {"all_in_max_rate": all_in(high) <= COST_TARGETS["all_in_ms_max_rate"],
+            "all_in_low_rate": all_in(low) <= COST_TARGETS["all_in_ms_low_rate"],
+            "ratio": ratio is not None and ratio >= COST_TARGETS["ratio_min"]}
 
 
 def scaling(scaled: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -472,6 +528,11 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
             f"msgs/s through {raw['hops']} hops, ratio {result['ratio_pipeline_to_raw']}; "
             f"p99 at {low['rate_offered']}/s {low['end_to_end_ms']['p99']} ms; "
             f"peak RSS {result['rss_mb']} ({result['machine']['nproc']} cpus)\n")
+        floor = result["relay_floor_ms_per_item"]
+        sys.stdout.write(
+            f"all-in CPU ms a probe: {high['cost']['all_in_cpu_ms_per_probe']} at max rate, "
+            f"{low['cost']['all_in_cpu_ms_per_probe']} at {low['rate_offered']}/s; the raw "
+            f"relay's a message: {floor['max_rate']} and {floor['low_rate']}\n")
         sys.stdout.write(bench_cost.table({"max rate": high["cost"],
                                            f"{low['rate_offered']}/s": low["cost"]}))
         if result.get("postgres_to_sqlite"):
@@ -616,9 +677,9 @@ def register(commands: Any) -> None:
 
 
 def _relay_main(argv: Sequence[str]) -> None:
-    bootstrap, source, target, group, count = argv
+    bootstrap, source, target, group, count, interval = argv
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    asyncio.run(relay_hop(bootstrap, source, target, group, int(count)))
+    asyncio.run(relay_hop(bootstrap, source, target, group, int(count), float(interval)))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,17 @@ def test_bench_pipeline_prints_the_ratio(kafka_bootstrap: str) -> None:
     assert set(high["cpu_ms_per_probe_outside_services"]) == {"bench_process"}
     assert high["cpu_ms_per_probe_outside_services"]["bench_process"] > 0
     assert set(result["met"]) == {"ratio", "probes_per_s", "p99_at_low_rate", "rss"}
+    assert set(result["met_cost"]) == {"all_in_max_rate", "all_in_low_rate", "ratio"}
+    # The relay's floor at both rates: the low one sent at the low phase's rate.
+    low_relay = result["baseline_raw_relay_low_rate"]
+    assert low_relay["messages"] == 30 and low_relay["rate_offered"] == 20
+    assert low_relay["seconds"] >= 29 / 20  # paced, not a burst
+    for relay in (result["baseline_raw_relay"], low_relay):
+        assert relay["cpu_ms_per_message"]["relays"] > 0
+        assert relay["all_in_cpu_ms_per_message"] >= relay["cpu_ms_per_message"]["relays"]
+    assert result["relay_floor_ms_per_item"] == {
+        "max_rate": result["baseline_raw_relay"]["all_in_cpu_ms_per_message"],
+        "low_rate": low_relay["all_in_cpu_ms_per_message"]}
     # Where the CPU goes: per service and step, scraped from the services' own counters.
     for phase in (high, low):
         intake = phase["cost"]["by_service"]["intake"]
