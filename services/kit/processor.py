@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from schemas.catalog import TOPIC_BY_NAME
@@ -138,8 +139,9 @@ class Processor:
         # One per consumer: it remembers this member's partitions (sticky).
         self.assignor = CopartitionedAssignor()
         self._metrics = processor_metrics(route.service)
+        self._client_options = client_options(kafka, bootstrap)
         options: dict[str, Any] = {
-            **client_options(kafka, bootstrap),
+            **self._client_options,
             "group_id": route.group_id,
             "enable_auto_commit": False,
             "auto_offset_reset": route.auto_offset_reset,
@@ -235,6 +237,7 @@ class Processor:
             "assigned": " ".join(sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))})
         leases = self.route.leases
         try:
+            await self._inherit_offsets(assigned)
             if leases is not None:
                 self._leases = {}
                 delay = 0.25
@@ -259,6 +262,44 @@ class Processor:
                 await self.route.on_assigned(numbers)
         finally:
             self._leases_ready.set()
+
+    async def _inherit_offsets(self, assigned: set[TopicPartition]) -> None:
+        """Partitions of a topic in ``route.offsets_from`` that this group has never
+        committed start where the group named there last committed (none: the reset policy
+        applies, as on a new install). Retried until the broker answers: starting from the
+        reset policy instead would handle a week of records again."""
+        taken = [tp for tp in assigned if tp.topic in self.route.offsets_from]
+        delay = 0.25
+        while taken and not self.stopping:
+            try:
+                own = await self._consumer._coordinator.fetch_committed_offsets(taken)
+                fresh = [tp for tp in taken if tp not in own or own[tp].offset < 0]
+                if fresh:
+                    await self._seek_to_former(fresh)
+                return
+            except KafkaError as exc:
+                log.error("could not read the former group's offsets; retrying",
+                          extra={"group": self.route.group_id, "error": type(exc).__name__,
+                                 "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def _seek_to_former(self, fresh: list[TopicPartition]) -> None:
+        admin = AIOKafkaAdminClient(**self._client_options)
+        await admin.start()
+        try:
+            for former in sorted({self.route.offsets_from[tp.topic] for tp in fresh}):
+                theirs = await admin.list_consumer_group_offsets(
+                    former, partitions=[tp for tp in fresh
+                                        if self.route.offsets_from[tp.topic] == former])
+                for tp, meta in sorted(theirs.items()):
+                    if meta.offset >= 0:
+                        self._consumer.seek(tp, meta.offset)
+                        log.info("starting where the former group stopped", extra={
+                            "group": self.route.group_id, "former_group": former,
+                            "partition": f"{tp.topic}:{tp.partition}", "offset": meta.offset})
+        finally:
+            await admin.close()
 
     def _owned(self, tps: set[TopicPartition]) -> None:
         for topic in self.route.topics:  # frs_partitions_owned, for frs status and alerts

@@ -78,6 +78,10 @@ class Route:
     # Runs once a rebalance has given this instance partitions (and their leases), before
     # their records are handled: load that partition's state.
     on_assigned: AssignHook | None = None
+    # Topic -> the group that read it before this route took it over (an upgrade that
+    # merges routes): a partition this group has never committed starts where that group
+    # last committed, so no record is handled twice and none is skipped.
+    offsets_from: Mapping[str, str] = field(default_factory=dict)
 
 
 class Feed(Protocol):

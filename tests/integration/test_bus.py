@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.catalog import OVERSIGHT_INTERNAL, TOPICS, Topic
 from schemas.envelope import Envelope, encode
@@ -249,3 +250,69 @@ async def test_topics_create_twice_changes_nothing_the_second_time(
     assert {s["action"] for s in statuses} == {"ok"}
 
 
+
+
+async def test_a_topic_taken_over_from_another_group_starts_where_that_group_stopped(
+    kafka_bootstrap: str,
+) -> None:
+    """Route.offsets_from (an upgrade that merges routes: results' normalizer into its
+    tracker): partitions the route's group never committed start at the former group's
+    offsets; a topic without a former group starts at the reset policy; once the group has
+    committed, its own offsets win."""
+    run = uuid.uuid4().hex[:8]
+    taken, own = f"frs.test.taken-{run}", f"frs.test.own-{run}"
+    former, group = f"frs-test-former-{run}", f"frs-test-merged-{run}"
+    await ensure_topics(kafka_bootstrap, topics=tuple(
+        Topic(n, "probe_id", 3, 3_600_000, "delete", (), "test") for n in (taken, own)))
+    handled: list[str] = []
+
+    async def record(event: Any, _envelope: Envelope) -> list[Event]:
+        handled.append(event.probe_id)
+        return []
+
+    async def publish(pub: Publisher, topic: str, ids: list[str]) -> None:
+        await asyncio.gather(*[await pub.send(failed(i), topic=topic) for i in ids])
+
+    async def former_commits(at_end: bool) -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=former,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            parts = [TopicPartition(taken, p) for p in range(3)]
+            consumer.assign(parts)
+            ends = await consumer.end_offsets(parts)
+            await consumer.commit({tp: ends[tp] if at_end else 0 for tp in parts})
+        finally:
+            await consumer.stop()
+
+    async def run_until_read(pub: Publisher) -> None:
+        route = Route("relay_merged", group, (taken, own), {DispatchFailed: record},
+                      RELAY_DLQ, offsets_from={taken: former})
+        proc = Processor(route, pub, kafka_bootstrap)
+        task = asyncio.create_task(proc.run())
+        try:
+            deadline = time.monotonic() + 60
+            mark = None
+            while mark is None or not await proc.reached(mark):
+                assert time.monotonic() < deadline and not task.done()
+                mark = mark or await proc.mark()
+                await asyncio.sleep(0.05)
+        finally:
+            proc.stop()
+            await task
+
+    async with Publisher(kafka_bootstrap, "/test") as pub:
+        old = [f"prb-old-{run}-{i}" for i in range(6)]
+        new = [f"prb-new-{run}-{i}" for i in range(6)]
+        mine = [f"prb-own-{run}-{i}" for i in range(3)]
+        await publish(pub, taken, old)
+        await publish(pub, own, mine)
+        await former_commits(at_end=True)  # the former group normalized the old answers
+        await publish(pub, taken, new)
+        await run_until_read(pub)
+        assert sorted(handled) == sorted(new + mine)  # none of the old, each new once
+        # Once committed, the group's own offsets win over the former group's.
+        handled.clear()
+        await former_commits(at_end=False)
+        await run_until_read(pub)
+        assert handled == []
