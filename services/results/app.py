@@ -1,12 +1,14 @@
-"""Results service: ``build(settings)`` declares its routes, its deadline job and its
+"""Results service: ``build(settings)`` declares its route, its deadline job and its
 inbound channels (HTTPS webhook, SMTP inbox, each when configured).
 
-Two routes:
-- ``frs-results`` normalizes ProviderAnswered (every inbound channel) into
-  CandidatesReceived or ProviderResponseRejected;
-- ``frs-results-tracker`` tracks each probe (dispatches, failures, answers, reviews,
-  deletion receipts) in its ``Tracker`` (SQLite, or PostgreSQL with FRS_STATE_URL)
-  committed before its offsets, and settles probes.
+One route, ``frs-results-tracker``: it normalizes ProviderAnswered (every inbound channel)
+into CandidatesReceived or ProviderResponseRejected and tracks each probe (dispatches,
+failures, answers, reviews, deletion receipts) in its ``Tracker`` (SQLite, or PostgreSQL
+with FRS_STATE_URL) committed before its offsets, and settles probes. An answer's
+candidates and the settlement they complete leave in one produce request: normalizing in
+the tracker saves each probe a consumer's delivery, a produce request and a hop (the
+normalizer's group ``frs-results`` did it apart until issue 21; the tracker starts where
+that group stopped on ``frs.provider.responses``).
 The deadline job emits NoResponse and DeletionOverdue (and, when configured, a
 ProviderSuspensionRequested: results may suspend a provider, nothing else about it).
 
@@ -35,6 +37,7 @@ from schemas.catalog import (
 )
 from schemas.envelope import Envelope
 from schemas.events import (
+    CandidatesReceived,
     DeletionOverdue,
     Event,
     ProviderAnswered,
@@ -49,7 +52,7 @@ from services.kit.kafka import client_options
 from services.kit.publisher import Publisher
 from services.kit.reader import all_partitions
 from services.kit.registry import Registries
-from services.kit.routing import Route, bind, dlq_for
+from services.kit.routing import Route, dlq_for
 from services.kit.state import PostgresState, open_state
 from services.results import handlers, tracking
 from services.results.mailbox import start_mailbox
@@ -67,7 +70,11 @@ DELETIONS_OVERDUE = Gauge("frs_results_deletion_receipts_overdue",
 DEADLINES_MISSED = Counter("frs_results_deadlines_missed_total",
                            "NoResponse and DeletionOverdue events emitted, by type.", ["type"])
 
-TRACKED_TOPICS = (PROBE_EVENTS, POLICY_DECISIONS, DISPATCH_EVENTS, RESULTS_EVENTS)
+TRACKED_TOPICS = (PROBE_EVENTS, POLICY_DECISIONS, DISPATCH_EVENTS, RESULTS_EVENTS,
+                  PROVIDER_RESPONSES)
+# The group that normalized provider answers before the tracker did (upgrade: where the
+# tracker starts on their topic).
+FORMER_NORMALIZER = "frs-results"
 # Every tracked event is keyed by its probe id: with as many partitions in each topic, the
 # kit's assignor (services/kit/assignor.py) gives one instance partition i of all four, so
 # one instance (one tracker) holds all of a probe's events and no two write its state at
@@ -82,9 +89,6 @@ if len({t.partitions for t in TRACKED_TOPICS}) != 1:
 def build(settings: ResultsSettings) -> ServiceApp:
     def wire(ctx: Context) -> Wiring:
         ports = handlers.ResultsPorts(registries=ctx.registries, clock=utcnow)
-        normalizer = Route("results", "frs-results", (PROVIDER_RESPONSES.name,),
-                           dict([bind(ProviderAnswered, handlers.on_provider_answered, ports)]),
-                           dlq_for("results"))
         # FRS_STATE_URL: on PostgreSQL the tracker, the inbound channels' nonces and the
         # request refs (written by the tracker, read by the channels) are shared by every
         # instance, and no state file is made under FRS_STATE_DIR.
@@ -107,6 +111,16 @@ def build(settings: ResultsSettings) -> ServiceApp:
         arrivals = Arrivals()  # the webhook waits on the commits of its refs
 
         async def track(event: Any, _env: Envelope) -> list[Event]:
+            return await advance(event)
+
+        async def answered(event: ProviderAnswered, _env: Envelope) -> list[Event]:
+            # The candidates are applied here, not when the tracker reads them back (a
+            # repeat then, which changes nothing): what they settle leaves with them.
+            out = await handlers.on_provider_answered(event, ports)
+            return [*out, *[e for o in out if isinstance(o, CandidatesReceived)
+                            for e in await advance(o)]]
+
+        async def advance(event: Any) -> list[Event]:
             lock = busy.get(event.probe_id)
             if lock is None:
                 lock = busy[event.probe_id] = asyncio.Lock()
@@ -127,12 +141,14 @@ def build(settings: ResultsSettings) -> ServiceApp:
 
         tracker = Route(
             "results", "frs-results-tracker", tuple(t.name for t in TRACKED_TOPICS),
-            dict.fromkeys(tracking.TRACKED_TYPES, track), dlq_for("results"),
+            {**dict.fromkeys(tracking.TRACKED_TYPES, track), ProviderAnswered: answered},
+            dlq_for("results"),
             before_commit=durable,
             # A batch's states are committed under the leases of its partitions: a stale
             # instance's commit is refused (services/kit/fencing.py).
             leases=PgLeases(shared.pool, "results") if isinstance(shared, PostgresState)
             else None,
+            offsets_from={PROVIDER_RESPONSES.name: FORMER_NORMALIZER},
         )
         deadlines = DeadlineWatch(settings, store, ctx.registries, ctx.publisher)
 
@@ -147,7 +163,7 @@ def build(settings: ResultsSettings) -> ServiceApp:
         if settings.smime_cert_file is not None:
             servers.append(Server("smtp inbox", lambda stack: _start(
                 start_mailbox, settings, ctx, stack, inbound["mail_replies"])))
-        return Wiring(routes=[normalizer, tracker],
+        return Wiring(routes=[tracker],
                       jobs=[Job("deadlines", settings.tick_s, deadlines.tick, ready=armed)],
                       servers=servers,
                       preflight=[shared.preflight] if isinstance(shared, PostgresState)

@@ -115,7 +115,7 @@ async def results(services: dict[str, ServiceProcess], tmp_path: Path
     service.start(**env)
     service.wait_log("webhook listening")
     service.wait_log("smtp inbox listening")
-    service.wait_log("consumer started", count=2)
+    service.wait_log("consumer started")
     client_ssl = ssl.create_default_context(cadata=ca.cert_pem.decode())
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         hook = Hook(f"https://127.0.0.1:{port}", client_ssl, shared, metrics_port, session,
