@@ -2,7 +2,7 @@
 configurable gate that rejects images a 1:N search cannot use.
 
 Faces come from MediaPipe's BlazeFace CNN (``facedetect``; a model file shipped with the
-package, run by OpenCV's DNN module), which on the labelled set of ``frs bench intake
+package, run by Google's LiteRT runtime), which on the labelled set of ``frs bench intake
 --detectors`` finds more faces than OpenCV's frontal-face Haar cascade, with fewer false
 ones, at a fraction of its CPU (docs/performance.md). The Haar path stays for that
 comparison (``detector="haar"``). Sharpness is the variance of the Laplacian of the
