@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import time
+from importlib.metadata import version
 from typing import Any, get_args
 
 import cv2
@@ -112,7 +113,7 @@ def run(min_face_px: int = QualityGate().min_face_px) -> dict[str, Any]:
                 "built_from": "scikit-image's bundled photos (services/cli/face_set.py)"},
         "detection": {"haar": "OpenCV frontal-face cascade, coarse to fine, eye check "
                               "when several faces",
-                      "blazeface": f"MediaPipe BlazeFace short-range via cv2.dnn, 128 px "
+                      "blazeface": f"MediaPipe BlazeFace short-range on LiteRT, 128 px "
                                    f"input, score >= {facedetect.MIN_SCORE}; tiles (score "
                                    f">= {facedetect.TILE_SCORE}) when the whole image has "
                                    "none"},
@@ -122,5 +123,6 @@ def run(min_face_px: int = QualityGate().min_face_px) -> dict[str, Any]:
         **out,
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "opencv": cv2.__version__,
+                    "litert": version("ai-edge-litert"),
                     "load_average_1m": round(os.getloadavg()[0], 2)},
     }

@@ -24,6 +24,7 @@ import tempfile
 import time
 from concurrent.futures import Executor
 from datetime import timedelta
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,7 @@ async def run_bench(count: int, rounds: int) -> dict[str, Any]:
         "ratio_per_round": [round(r, 3) for r in ratios],
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "pillow": PIL.__version__,
-                    "opencv": cv2.__version__,
+                    "opencv": cv2.__version__, "litert": version("ai-edge-litert"),
                     "load_average_1m": round(os.getloadavg()[0], 2)},
     }
 
