@@ -31,7 +31,6 @@ from prometheus_client import Counter, Gauge
 from schemas.catalog import (
     DISPATCH_EVENTS,
     POLICY_DECISIONS,
-    PROBE_EVENTS,
     PROVIDER_RESPONSES,
     RESULTS_EVENTS,
 )
@@ -70,8 +69,7 @@ DELETIONS_OVERDUE = Gauge("frs_results_deletion_receipts_overdue",
 DEADLINES_MISSED = Counter("frs_results_deadlines_missed_total",
                            "NoResponse and DeletionOverdue events emitted, by type.", ["type"])
 
-TRACKED_TOPICS = (PROBE_EVENTS, POLICY_DECISIONS, DISPATCH_EVENTS, RESULTS_EVENTS,
-                  PROVIDER_RESPONSES)
+TRACKED_TOPICS = (POLICY_DECISIONS, DISPATCH_EVENTS, RESULTS_EVENTS, PROVIDER_RESPONSES)
 # The group that normalized provider answers before the tracker did (upgrade: where the
 # tracker starts on their topic).
 FORMER_NORMALIZER = "frs-results"

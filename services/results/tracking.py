@@ -26,7 +26,6 @@ from schemas.events import (
     NoResponse,
     PolicyCleared,
     ProbeSettled,
-    ProbeSubmitted,
     ProviderDispatched,
     ProviderRecord,
     ReviewCompleted,
@@ -37,12 +36,14 @@ ProviderStatus = Literal["expected", "answered", "failed", "no_response"]
 DeletionStatus = Literal["none", "pending", "confirmed", "overdue"]
 FINAL: frozenset[str] = frozenset({"answered", "failed", "no_response"})
 
+# Not ProbeSubmitted: the clearance's review_required already holds the request's own
+# (the policy gate ORs it in), so the tracker need not read every intake outcome and purge.
 TrackedEvent = (
-    ProbeSubmitted | PolicyCleared | ProviderDispatched | DispatchFailed | CandidatesReceived
+    PolicyCleared | ProviderDispatched | DispatchFailed | CandidatesReceived
     | NoResponse | ReviewCompleted | DeletionConfirmed | DeletionOverdue
 )
 TRACKED_TYPES: tuple[type[Event], ...] = (
-    ProbeSubmitted, PolicyCleared, ProviderDispatched, DispatchFailed, CandidatesReceived,
+    PolicyCleared, ProviderDispatched, DispatchFailed, CandidatesReceived,
     NoResponse, ReviewCompleted, DeletionConfirmed, DeletionOverdue,
 )
 
@@ -101,10 +102,7 @@ def apply(
 ) -> tuple[ProbeState, list[Event]]:
     """One transition. Idempotent: a redelivered event changes nothing and emits nothing."""
     state = state.model_copy(deep=True)
-    if isinstance(event, ProbeSubmitted):
-        if event.review_required:
-            _flag(state, "request")
-    elif isinstance(event, PolicyCleared):
+    if isinstance(event, PolicyCleared):
         state.cleared = sorted({c.provider_id for c in event.cleared})
         for pid in state.cleared:
             _track(state, pid)

@@ -51,8 +51,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "frs-intake": ("frs.probe.requests",),
     "frs-policy": ("frs.probe.events",),
     "frs-dispatch": ("frs.policy.decisions",),
-    "frs-results-tracker": ("frs.probe.events", "frs.policy.decisions", "frs.dispatch.events",
-                            "frs.results.events", "frs.provider.responses"),
+    "frs-results-tracker": ("frs.policy.decisions", "frs.dispatch.events", "frs.results.events",
+                            "frs.provider.responses"),
     "frs-audit": tuple(t.name for t in AUDITED_TOPICS),
 }
 # Images live IMAGE_TTL_S in the chaos runs and the purger sweeps every second: purges
