@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,6 +332,38 @@ async def pipeline_run(bootstrap: str, services: tuple[str, ...], image: bytes,
                        extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """(b) and (c) on one store: warm-up, the low-rate phase, then the max-rate phase."""
     workdir = Path(tempfile.mkdtemp(prefix="frs-bench-pipeline-"))
+    failed = True
+    try:
+        result = await _pipeline_run(workdir, bootstrap, services, image, broker_pid, warmup,
+                                     low_rate, low_probes, probes, service_env, instances,
+                                     extra_env)
+        failed = False
+        return result
+    finally:
+        discard(workdir, failed)
+
+
+def discard(path: Path, failed: bool) -> None:
+    """A run's directory goes when the run ends: it holds the keys beside the images they
+    open (and ``--image`` may be a real photo). After a failure its logs stay, for the
+    reader of the error, and nothing else."""
+    if not failed:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for entry in sorted(path.rglob("*"), reverse=True):  # children before their parents
+        if entry.is_dir() and not entry.is_symlink():
+            with contextlib.suppress(OSError):  # a directory that keeps a log stays
+                entry.rmdir()
+        elif entry.suffix != ".log" or entry.is_symlink():
+            entry.unlink(missing_ok=True)
+    sys.stderr.write(f"frs: the failed run's logs are kept in {path}\n")
+
+
+async def _pipeline_run(workdir: Path, bootstrap: str, services: tuple[str, ...],
+                        image: bytes, broker_pid: int | None, warmup: int, low_rate: float,
+                        low_probes: int, probes: int,
+                        service_env: dict[str, dict[str, str]], instances: int,
+                        extra_env: dict[str, str] | None) -> dict[str, Any]:
     rig = PipelineRig(bootstrap, workdir, image, services=services, service_env=service_env,
                       instances=instances, extra_env=extra_env or {})
     await rig.start()
@@ -514,10 +548,17 @@ async def cmd_bench_pipeline(args: argparse.Namespace, settings: Any) -> int:
     finally:
         if vault is not None:
             await asyncio.to_thread(vault.stop)
-        for script, script_env in ((BROKER_SCRIPT, broker_env), (PG_SCRIPT, pg_env)):
+            discard(vault.state, failed=False)
+        for script, script_env, state in ((BROKER_SCRIPT, broker_env, "FRS_KAFKA_STATE"),
+                                          (PG_SCRIPT, pg_env, "FRS_PG_STATE")):
             if script_env is not None:
                 await asyncio.to_thread(subprocess.run, [str(script), "stop"], env=script_env,
                                         check=False, capture_output=True)
+                # The broker's log segments hold the run's (encrypted) requests; pg's own
+                # state dir sits in a temp dir made for it.
+                directory = Path(script_env[state])
+                discard(directory if state == "FRS_KAFKA_STATE" else directory.parent,
+                        failed=False)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
