@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from services.results.store import TrackerStore
@@ -21,3 +22,32 @@ async def test_open_counts_follow_state(tmp_path: Path) -> None:
         "a": ProviderTrack(deletion="confirmed"), "b": ProviderTrack(deletion="pending")}))
     assert await store.open_counts() == (0, 1)
     store.close()
+
+
+async def test_a_file_of_the_older_layout_is_filled_in_and_counted_by_index(
+        tmp_path: Path) -> None:
+    """Before, the counts were JSON scans of every probe; a file written then gets the
+    columns, filled from each state, and the counts read only the partial indexes."""
+    path = tmp_path / "t.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE probes (probe_id TEXT PRIMARY KEY, state TEXT NOT NULL, next_due TEXT);
+        CREATE TABLE request_refs (request_ref TEXT PRIMARY KEY, probe_id TEXT NOT NULL,
+                                   provider_id TEXT NOT NULL);
+    """)
+    states = [ProbeState(probe_id="p1", review="requested", providers={
+                  "a": ProviderTrack(deletion="overdue"), "b": ProviderTrack(deletion="overdue")}),
+              ProbeState(probe_id="p2", providers={"a": ProviderTrack(deletion="pending")})]
+    old.executemany("INSERT INTO probes VALUES (?, ?, NULL)",
+                    [(s.probe_id, s.model_dump_json()) for s in states])
+    old.commit()
+    old.close()
+    store = TrackerStore(path)
+    assert await store.open_counts() == (1, 2)
+    plans = [" ".join(str(c) for c in row) for q in (
+        "SELECT count(*) FROM probes WHERE review_pending",
+        "SELECT coalesce(sum(deletions_overdue), 0) FROM probes WHERE deletions_overdue > 0")
+        for row in store._db.execute(f"EXPLAIN QUERY PLAN {q}")]
+    assert all("USING" in p and "INDEX" in p for p in plans), plans
+    store.close()
+    assert await TrackerStore(path).open_counts() == (1, 2)  # opened again: nothing redone
