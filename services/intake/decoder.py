@@ -16,8 +16,8 @@ image left behind goes back to the system instead of staying with the service.
 Each slot (one thread, one worker) runs one image at a time, so a worker that dies takes
 only its own image with it: unlike ``ProcessPoolExecutor``, where one dead worker breaks
 the pool and fails every image in flight. Workers come from a ``forkserver`` that has
-imported this module (Pillow, OpenCV, numpy) once: a new worker costs a fork, not an
-import, and forking never copies the intake's threads or sockets."""
+imported this module (Pillow, OpenCV, numpy, LiteRT) once: a new worker costs a fork, not
+an import, and forking never copies the intake's threads or sockets."""
 
 from __future__ import annotations
 
