@@ -18,8 +18,13 @@ runs on the sanitized, upright photo, and a sideways face is one it must not pas
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -69,6 +74,28 @@ class _Net(NamedTuple):
     boxes: int
 
 
+@contextlib.contextmanager
+def _native_info_dropped() -> Iterator[None]:
+    """LiteRT's C++ side prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+    on the process's stderr at each interpreter (each image worker's start): a line that
+    is not JSON in the intake's JSON log, and no setting silences it. Its INFO lines are
+    dropped here; anything else it prints is passed on as it was."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().splitlines(keepends=True)
+                    if not line.startswith(b"INFO: ")]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
 def _net() -> _Net:
     """One interpreter per thread: a LiteRT interpreter holds its tensors and is not to be
     shared between image threads. One thread of its own (XNNPACK's default delegate),
@@ -77,8 +104,9 @@ def _net() -> _Net:
     if net is None:
         if not MODEL.is_file():
             raise RuntimeError(f"face detection model missing: {MODEL}")
-        interpreter = Interpreter(model_path=str(MODEL), num_threads=1)
-        interpreter.allocate_tensors()
+        with _native_info_dropped():
+            interpreter = Interpreter(model_path=str(MODEL), num_threads=1)
+            interpreter.allocate_tensors()
         [image] = interpreter.get_input_details()
         outputs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
         net = _Net(interpreter, image["index"], outputs["classificators"],

@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from services.cli.bench_pipeline import default_image
@@ -84,3 +85,17 @@ def test_each_thread_has_its_own_interpreter_running_on_that_thread_alone() -> N
     worker.join()
     assert seen["started"] == 0
     assert seen["net"].interpreter is not mine.interpreter
+
+
+def test_the_runtimes_info_line_does_not_reach_the_log(capfd: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """LiteRT prints an INFO line on fd 2 per interpreter: not JSON, in a JSON log. It is
+    dropped; anything else printed there meanwhile still gets through."""
+    with facedetect._native_info_dropped():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
+                    b"ERROR: something real\n")
+    fresh = threading.Thread(target=facedetect.warm_up)  # a new thread: a new interpreter
+    fresh.start()
+    fresh.join()
+    err = capfd.readouterr().err
+    assert "INFO:" not in err and "ERROR: something real" in err
