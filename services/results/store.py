@@ -76,16 +76,21 @@ class TrackerStore:
                 provider_id TEXT NOT NULL);
         """)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(probes)")}
-        if "review_pending" not in columns:
+        if not {"review_pending", "deletions_overdue"} <= columns:
             # The gauges' counts, kept per row and read through partial indexes: the
             # deadline job counted them each second with JSON over every probe ever
             # tracked (1.3 ms at 700 probes, seconds at a million). A file of an older
-            # version is filled in once, here.
+            # version is filled in once, here, in one transaction: a crash midway leaves
+            # the old layout, done again at the next start.
+            added = "".join(
+                f"ALTER TABLE probes ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0;"
+                for name in ("review_pending", "deletions_overdue") if name not in columns)
             self._db.executescript(f"""
-                ALTER TABLE probes ADD COLUMN review_pending INTEGER NOT NULL DEFAULT 0;
-                ALTER TABLE probes ADD COLUMN deletions_overdue INTEGER NOT NULL DEFAULT 0;
+                BEGIN IMMEDIATE;
+                {added}
                 UPDATE probes SET review_pending = {_REVIEW_PENDING},
                                   deletions_overdue = {_DELETIONS_OVERDUE};
+                COMMIT;
             """)
         self._db.executescript("""
             CREATE INDEX IF NOT EXISTS probes_review_pending ON probes(review_pending)

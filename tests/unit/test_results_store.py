@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from services.results.store import TrackerStore
 from services.results.tracking import ProbeState, ProviderTrack
 
@@ -51,3 +53,21 @@ async def test_a_file_of_the_older_layout_is_filled_in_and_counted_by_index(
     assert all("USING" in p and "INDEX" in p for p in plans), plans
     store.close()
     assert await TrackerStore(path).open_counts() == (1, 2)  # opened again: nothing redone
+
+
+def test_the_fill_in_is_one_transaction(tmp_path: Path) -> None:
+    """A failure midway (here: the fill-in's UPDATE meets a state that is not JSON) leaves
+    the old layout whole, so the next start does it all again."""
+    path = tmp_path / "t.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE probes (probe_id TEXT PRIMARY KEY, state TEXT NOT NULL, next_due TEXT);
+        INSERT INTO probes VALUES ('p1', 'not json', NULL);
+    """)
+    old.close()
+    with pytest.raises(sqlite3.OperationalError):
+        TrackerStore(path)
+    check = sqlite3.connect(path)
+    columns = {row[1] for row in check.execute("PRAGMA table_info(probes)")}
+    check.close()
+    assert "review_pending" not in columns and "deletions_overdue" not in columns
