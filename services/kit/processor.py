@@ -286,8 +286,9 @@ class Processor:
 
     async def _seek_to_former(self, fresh: list[TopicPartition]) -> None:
         admin = AIOKafkaAdminClient(**self._client_options)
-        await admin.start()
+        taken: dict[TopicPartition, int] = {}
         try:
+            await admin.start()
             for former in sorted({self.route.offsets_from[tp.topic] for tp in fresh}):
                 theirs = await admin.list_consumer_group_offsets(
                     former, partitions=[tp for tp in fresh
@@ -295,11 +296,17 @@ class Processor:
                 for tp, meta in sorted(theirs.items()):
                     if meta.offset >= 0:
                         self._consumer.seek(tp, meta.offset)
+                        taken[tp] = meta.offset
                         log.info("starting where the former group stopped", extra={
                             "group": self.route.group_id, "former_group": former,
                             "partition": f"{tp.topic}:{tp.partition}", "offset": meta.offset})
         finally:
             await admin.close()
+        if taken:
+            # Ours from now on: a partition that gets no record for a while must not fall
+            # back to the reset policy once the former group's offsets expire, and the
+            # group's committed position is what "caught up" is judged by.
+            await self._consumer.commit(taken)
 
     def _owned(self, tps: set[TopicPartition]) -> None:
         for topic in self.route.topics:  # frs_partitions_owned, for frs status and alerts
