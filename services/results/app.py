@@ -36,7 +36,6 @@ from schemas.catalog import (
 )
 from schemas.envelope import Envelope
 from schemas.events import (
-    CandidatesReceived,
     DeletionOverdue,
     Event,
     ProviderAnswered,
@@ -112,11 +111,8 @@ def build(settings: ResultsSettings) -> ServiceApp:
             return await advance(event)
 
         async def answered(event: ProviderAnswered, _env: Envelope) -> list[Event]:
-            # The candidates are applied here, not when the tracker reads them back (a
-            # repeat then, which changes nothing): what they settle leaves with them.
-            out = await handlers.on_provider_answered(event, ports)
-            return [*out, *[e for o in out if isinstance(o, CandidatesReceived)
-                            for e in await advance(o)]]
+            # The candidates are applied here; reading them back later is a repeat.
+            return await handlers.on_provider_answered_tracked(event, ports, advance)
 
         async def advance(event: Any) -> list[Event]:
             lock = busy.get(event.probe_id)

@@ -10,12 +10,18 @@ import pytest
 from schemas.events import (
     LEAD_MARKING,
     CandidatesReceived,
+    Event,
+    ProbeSettled,
     ProviderAnswered,
     ProviderRecord,
     ProviderResponseRejected,
 )
 from services.kit.registry import Registries
-from services.results.handlers import ResultsPorts, on_provider_answered
+from services.results.handlers import (
+    ResultsPorts,
+    on_provider_answered,
+    on_provider_answered_tracked,
+)
 from services.results.normalize import normalize
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -128,3 +134,35 @@ def test_rekognition_malformed_match_is_rejected() -> None:
     out = normalize(probe_id="prb-1", provider=provider(), provider_id="p1",
                     channel="rekognition", payload=bad, received_at=NOW, now=NOW)
     assert isinstance(out, ProviderResponseRejected) and out.reason == "invalid_candidate"
+
+
+async def test_a_failure_to_track_the_candidates_does_not_hold_back_the_lead() -> None:
+    """The tracker normalizes and applies at once; if applying fails (not the store being
+    away), the candidates still go out, to be met again on their read-back. A store that
+    does not answer makes the whole answer wait instead (raised to the kit)."""
+    import sqlite3
+
+    reg = Registries()
+    reg.apply(provider())
+    ports = ResultsPorts(registries=reg, clock=lambda: NOW)
+    event = ProviderAnswered(probe_id="prb-1", provider_id="p1", channel="webhook",
+                             payload=answer(2), received_at=NOW)
+    tracked: list[CandidatesReceived] = []
+
+    async def settles(c: CandidatesReceived) -> list[Event]:
+        tracked.append(c)
+        return [ProbeSettled(probe_id=c.probe_id, answered=["p1"], failed=[], no_response=[],
+                             settled_at=NOW)]
+
+    async def broken(_c: CandidatesReceived) -> list[Event]:
+        raise ValueError("a state that does not parse")
+
+    async def away(_c: CandidatesReceived) -> list[Event]:
+        raise sqlite3.OperationalError("database is locked")
+
+    out = await on_provider_answered_tracked(event, ports, settles)
+    assert [type(e) for e in out] == [CandidatesReceived, ProbeSettled] and tracked == out[:1]
+    [lead] = await on_provider_answered_tracked(event, ports, broken)
+    assert isinstance(lead, CandidatesReceived) and lead.lead_marking == LEAD_MARKING
+    with pytest.raises(sqlite3.OperationalError):
+        await on_provider_answered_tracked(event, ports, away)
