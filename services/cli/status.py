@@ -171,13 +171,13 @@ async def read_status(settings: CliSettings, services: Sequence[str] = (),
             described = await admin.describe_consumer_groups([group])
             _error, _name, state, _ptype, _protocol, raw_members = \
                 described[0].groups[0][:6]
-            members, topics = [], set()
+            members, read = [], []
             for raw in raw_members:
                 member, subscribed = _decode_member(raw)
                 members.append(member)
-                topics |= {*subscribed, *member.owns}
+                read.append({*subscribed, *member.owns})
             committed = await admin.list_consumer_group_offsets(group)
-            topics |= {tp.topic for tp in committed}
+            topics = group_topics(read, {tp.topic for tp in committed})
             counts = {t["topic"]: len(t["partitions"])
                       for t in await admin.describe_topics(sorted(topics))
                       if not t["error_code"]}
@@ -194,6 +194,13 @@ async def read_status(settings: CliSettings, services: Sequence[str] = (),
 
 
 # --- the command ----------------------------------------------------------------------
+
+
+def group_topics(members_read: Sequence[set[str]], committed: set[str]) -> set[str]:
+    """The topics whose partitions a group must own: what its members read; with no
+    member, what it last committed. A live group's offsets on a topic it no longer reads
+    (an upgrade took it out of the route) are history, not a partition without an owner."""
+    return set().union(*members_read) if members_read else set(committed)
 
 
 def render(found: Sequence[GroupStatus], leader: AuditLeader) -> str:

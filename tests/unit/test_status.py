@@ -13,6 +13,7 @@ from services.cli.status import (
     Member,
     audit_leader,
     group_status,
+    group_topics,
     render,
     service_of,
 )
@@ -94,3 +95,13 @@ def test_the_operator_may_describe_every_service_group_and_join_none() -> None:
     assert Binding("GROUP", "PREFIXED", "frs-", "User:operator", "DESCRIBE") in bindings(doc)
     assert not [b for b in bindings(doc) if b.principal == "User:operator"
                 and b.resource_type == "GROUP" and b.operation == "READ"]
+
+
+def test_a_live_group_owes_owners_for_what_its_members_read_only() -> None:
+    """After the tracker stopped reading frs.probe.events, its old offsets there are not
+    partitions without an owner; a group with no member is judged by what it committed."""
+    committed = {"frs.probe.events", "frs.policy.decisions"}
+    assert group_topics([{"frs.policy.decisions", "frs.provider.responses"},
+                         {"frs.policy.decisions", "frs.provider.responses"}],
+                        committed) == {"frs.policy.decisions", "frs.provider.responses"}
+    assert group_topics([], committed) == committed
