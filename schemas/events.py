@@ -59,20 +59,6 @@ class Event(Model):
     def partition_key(self) -> str:
         return str(getattr(self, "probe_id"))  # noqa: B009 - every event but registries has one
 
-    def fixed_id(self) -> str | None:
-        """The CloudEvents id this event always goes out with, for an event a probe has at
-        most once (its settlement): a repeat after a crash is then the same event, as the
-        spec lets a consumer assume of the same source and id. None: a fresh id each time."""
-        return None
-
-
-_ONCE_PER_PROBE = uuid.UUID("6f3b1c2e-9a4d-5e7f-8b10-2c3d4e5f6a7b")
-
-
-def probe_event_id(event_type: str, probe_id: str) -> str:
-    """The id of the one event of ``event_type`` a probe has (``Event.fixed_id``)."""
-    return str(uuid.uuid5(_ONCE_PER_PROBE, f"{event_type}/{probe_id}"))
-
 
 # --- intake -------------------------------------------------------------------------
 
@@ -434,18 +420,12 @@ class ProbeSettled(Event):
     no_response: list[ProviderId] = Field(max_length=100)
     settled_at: UtcDatetime
 
-    def fixed_id(self) -> str:
-        return probe_event_id(self.TYPE, self.probe_id)
-
 
 class ReviewRequested(Event):
     TYPE: ClassVar[str] = "frs.review.requested.v1"
     probe_id: ProbeId
     reason: str = Field(max_length=256)
     requested_at: UtcDatetime
-
-    def fixed_id(self) -> str:
-        return probe_event_id(self.TYPE, self.probe_id)
 
 
 class Conclusion(StrEnum):

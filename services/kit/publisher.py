@@ -85,7 +85,6 @@ class Publisher:
             self.source,
             causation_id=cause.id if cause else None,
             traceparent=child_traceparent(cause.traceparent if cause else None),
-            event_id=event.fixed_id(),
         )
         name = topic or topic_for(event).name
         size = len(record.key) + len(record.value) + sum(len(k) + len(v)

@@ -104,25 +104,16 @@ def effect_key(env: Envelope) -> tuple[str, str, str]:
 
 
 def _dedup(envelopes: Iterable[Envelope]) -> list[Envelope]:
-    """One per effect: a redelivery's repeated output collapses to one, and so does an
-    event sent again under its own id (``Event.fixed_id``: a probe's one settlement, which
-    a replay may derive from another input than the first time)."""
+    """One per effect: a redelivery's repeated output collapses to one."""
     seen: set[tuple[str, str, str]] = set()
-    ids: dict[str, dict[str, object]] = {}
     out = []
     for env in envelopes:
         key = effect_key(env)
-        if key in seen or ids.get(env.id) == _content(env):
-            continue  # the same id saying something else is not a repeat: kept, and judged
+        if key in seen:
+            continue
         seen.add(key)
-        ids.setdefault(env.id, _content(env))
         out.append(env)
     return out
-
-
-def _content(env: Envelope) -> dict[str, object]:
-    """What an event says, but when it was said (a repeat is stamped anew)."""
-    return {k: v for k, v in env.event.model_dump().items() if not k.endswith("_at")}
 
 
 def check(
