@@ -99,7 +99,14 @@ class Report:
 
 def effect_key(env: Envelope) -> tuple[str, str, str]:
     """Same type, same input, same provider: one effect (one input may fan out to one
-    event per provider, and those are distinct effects)."""
+    event per provider, and those are distinct effects). A probe's settlement is one
+    decision whatever input a replay derives it from: the results tracker, replaying a
+    batch whose outputs were acknowledged but whose state was not yet committed, may
+    settle from its read-back of its own candidates instead of the provider's answer, and
+    says the same. The same settlement saying something else is still a second one."""
+    if isinstance(env.event, ProbeSettled):
+        said = env.event.model_dump(exclude={"settled_at"})
+        return (env.type, str(env.subject), repr(sorted(said.items())))
     return (env.type, env.causation_id or env.id, str(getattr(env.event, "provider_id", "")))
 
 

@@ -155,6 +155,21 @@ def test_two_terminal_outcomes_fail() -> None:
     assert report.kinds() == {"multiple_terminal_outcomes": 1}
 
 
+def test_a_settlement_repeated_from_another_input_is_one_outcome() -> None:
+    """The tracker's replay after a crash between the ack and its commit may derive the
+    same settlement from its read-back of its own candidates: one outcome. A settlement
+    saying something else is still a second one."""
+    history = happy("req-1")
+    first = env(history[-1])
+    assert isinstance(first.event, ProbeSettled)
+    again = first.event.model_copy(update={"settled_at": NOW + timedelta(seconds=3)})
+    history.append(rec(again, env(history[0])))
+    assert check(history).kinds() == {}
+    other = first.event.model_copy(update={"answered": [], "failed": ["p1", "p2"]})
+    history.append(rec(other, env(history[0])))
+    assert check(history).kinds() == {"multiple_terminal_outcomes": 1}
+
+
 def test_rejected_and_denied_are_terminal() -> None:
     r1, r2 = requested("req-a"), requested("req-b")
     p1, p2 = probe_id_for("req-a"), probe_id_for("req-b")
