@@ -5,8 +5,10 @@ offset) and the partitions no member owns; then the audit leader.
 
 Read with the Kafka admin API (list and describe consumer groups, fetch the groups'
 committed offsets) and the log end offsets; the operator principal may describe every
-``frs-*`` group and ``frs.*`` topic for it (services/kit/acls.json). Exit codes: 0 every
-partition of every group shown has an owner, 1 some have none, 2 misuse."""
+``frs-*`` group and ``frs.*`` topic for it (services/kit/acls.json). A group a former
+version ran (``RETIRED_GROUPS``) is shown as retired: it owes no owners. Exit codes: 0
+every partition of every group shown has an owner and no retired group has a member, 1
+otherwise, 2 misuse."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.cli.common import CliSettings, subcommand
 from services.kit.acls import load
+from services.kit.routing import RETIRED_GROUPS
 
 if TYPE_CHECKING:
     from services.audit.sequencer import LeaseHolder
@@ -50,10 +53,21 @@ class GroupStatus:
     state: str  # Stable, PreparingRebalance, CompletingRebalance, Empty, Dead
     members: list[Member]
     partitions: list[PartitionStatus]
+    # The group that took this one's work over, when a former version ran this one
+    # (RETIRED_GROUPS): its partitions are owed no owner, and any member is a fault.
+    retired_for: str | None = None
 
     @property
     def unowned(self) -> list[PartitionStatus]:
+        if self.retired_for is not None:
+            return []
         return [p for p in self.partitions if p.owner is None]
+
+    @property
+    def faulty(self) -> bool:
+        """Partitions without an owner, or an instance of a former version still running
+        (it would handle what the group that replaced it handles too)."""
+        return bool(self.unowned) or (self.retired_for is not None and bool(self.members))
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "unowned": [{"topic": p.topic, "partition": p.partition}
@@ -90,7 +104,7 @@ def group_status(group: str, service: str, state: str, members: Sequence[Member]
             lag = None if end is None else max(0, end - (done or 0))
             rows.append(PartitionStatus(topic, p, owners.get((topic, p)), done, end, lag))
     return GroupStatus(group, service, state, sorted(members, key=lambda m: m.client_id),
-                       rows)
+                       rows, RETIRED_GROUPS.get(group))
 
 
 def audit_leader(groups: Sequence[GroupStatus], lease: LeaseHolder | None = None
@@ -208,6 +222,10 @@ def render(found: Sequence[GroupStatus], leader: AuditLeader) -> str:
     for g in found:
         lines.append(f"{g.service}  group {g.group}  {g.state}  "
                      f"{len(g.members)} member(s)")
+        if g.retired_for is not None:
+            lines.append(f"  retired: {g.retired_for} took its work over"
+                         + ("; stop these instances of the former version" if g.members
+                            else "; its offsets stay until the broker expires them"))
         lag = {(p.topic, p.partition): p.lag for p in g.partitions}
         for m in g.members:
             lines.append(f"  {m.client_id}  host {m.host}")
@@ -236,7 +254,7 @@ async def cmd_status(args: argparse.Namespace, settings: CliSettings) -> int:
                                      "audit_leader": asdict(leader)}) + "\n")
     else:
         sys.stdout.write(render(found, leader) + "\n")
-    return 1 if any(g.unowned for g in found) else 0
+    return 1 if any(g.faulty for g in found) else 0
 
 
 def register(commands: Any) -> None:

@@ -24,6 +24,14 @@ AssignHook = Callable[[Sequence[int]], Awaitable[None]]
 E = TypeVar("E", bound=Event)
 P = TypeVar("P")
 
+# Consumer groups a former version ran and this one does not, each with the group that took
+# its work over (``Route.offsets_from``). Their committed offsets stay until the broker
+# expires them: ``frs status`` shows such a group as retired, not as partitions without an
+# owner, and as a fault while an instance of the former version is still in it.
+RETIRED_GROUPS: Mapping[str, str] = {
+    "frs-results": "frs-results-tracker",  # the results normalizer, until issue 21
+}
+
 def bind(event_type: type[E], handler: Callable[[E, P], Awaitable[Sequence[Event]]],
          ports: P) -> tuple[type[Event], Handler]:
     """A Route entry for a plain handler of one event type and its ports."""

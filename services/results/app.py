@@ -70,7 +70,7 @@ DEADLINES_MISSED = Counter("frs_results_deadlines_missed_total",
 
 TRACKED_TOPICS = (POLICY_DECISIONS, DISPATCH_EVENTS, RESULTS_EVENTS, PROVIDER_RESPONSES)
 # The group that normalized provider answers before the tracker did (upgrade: where the
-# tracker starts on their topic).
+# tracker starts on their topic); retired (services/kit/routing.RETIRED_GROUPS).
 FORMER_NORMALIZER = "frs-results"
 # Every tracked event is keyed by its probe id: with as many partitions in each topic, the
 # kit's assignor (services/kit/assignor.py) gives one instance partition i of all four, so

@@ -105,3 +105,30 @@ def test_a_live_group_owes_owners_for_what_its_members_read_only() -> None:
                          {"frs.policy.decisions", "frs.provider.responses"}],
                         committed) == {"frs.policy.decisions", "frs.provider.responses"}
     assert group_topics([], committed) == committed
+
+
+def test_a_retired_group_owes_no_owners_but_a_member_in_it_is_a_fault() -> None:
+    """The results normalizer's group after the upgrade that folded it into the tracker:
+    its offsets stay for a week; until then status must not report it as partitions
+    without an owner, and must report an old instance still running in it."""
+    from services.results.app import FORMER_NORMALIZER
+
+    assert FORMER_NORMALIZER == "frs-results"
+    ends = {(TOPIC, 0): 9, (TOPIC, 1): 4}
+    left = group_status(FORMER_NORMALIZER, "results", "Empty", [], {TOPIC: 2},
+                        {(TOPIC, 0): 9, (TOPIC, 1): 4}, ends)
+    assert left.retired_for == "frs-results-tracker"
+    assert left.unowned == [] and not left.faulty and left.as_json()["unowned"] == []
+    assert "retired: frs-results-tracker took its work over; its offsets stay" in render(
+        [left], audit_leader([left]))
+    running = group_status(FORMER_NORMALIZER, "results", "Stable",
+                           [member("frs-results-old", 0, 1)], {TOPIC: 2}, {}, ends)
+    assert running.faulty
+    assert "stop these instances of the former version" in render(
+        [running], audit_leader([running]))
+    # A live group with a partition unowned is a fault as before; a whole one is not.
+    live = group_status("frs-results-tracker", "results", "Stable",
+                        [member("frs-results-a", 0)], {TOPIC: 2}, {}, ends)
+    assert live.retired_for is None and live.faulty
+    assert not group_status("frs-results-tracker", "results", "Stable",
+                            [member("frs-results-a", 0, 1)], {TOPIC: 2}, {}, ends).faulty
