@@ -11,6 +11,9 @@ command). ``settings=None`` reads them from the environment.
 
 The password is read from a file when a client is built, held as ``SecretStr`` and handed
 to aiokafka only: it never appears in settings, repr, logs, exceptions or ``--help``.
+
+Importing this module also makes aiokafka raise an OffsetFetch answer's group-level error
+(``guard_offset_fetch``), which it otherwise reads as "nothing committed".
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import ssl
 from pathlib import Path
 from typing import Any, Literal
 
+import aiokafka.errors as kafka_errors
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.consumer.group_coordinator import GroupCoordinator
 from aiokafka.helpers import create_ssl_context
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -167,3 +173,62 @@ def client_options(settings: KafkaSettings | None = None, bootstrap: str | None 
         options["sasl_plain_username"] = s.kafka_sasl_username
         options["sasl_plain_password"] = s.sasl_password().get_secret_value()
     return options
+
+
+# --- aiokafka's committed-offset fetch ------------------------------------------------
+
+_OFFSET_FETCH = 9  # the OffsetFetch API key
+
+
+def offset_fetch_error(response: Any) -> kafka_errors.KafkaError | None:
+    """The group-level error of an OffsetFetch response, None for any other response.
+
+    From version 2 the broker answers a group it cannot serve now (its coordinator still
+    loading the offsets, moved, or timed out: KAFKA-17267 maps that to NOT_COORDINATOR)
+    with the error at the top and no partitions (OffsetFetchRequest.getErrorResponse).
+    aiokafka 0.14 reads only the partitions' errors, so it took such an answer for "this
+    group committed nothing": its consumer fell back to auto_offset_reset (a replay of the
+    topic from its start) and its admin client returned no offsets."""
+    if getattr(response, "API_KEY", None) != _OFFSET_FETCH:
+        return None
+    code = getattr(response, "error_code", 0)  # absent before version 2
+    if not code:
+        return None
+    error: kafka_errors.KafkaError = kafka_errors.for_code(code)()
+    return error
+
+
+def guard_offset_fetch() -> None:
+    """Raise the group-level error of every OffsetFetch answer, in the consumer's group
+    coordinator and the admin client, as aiokafka does a partition's: the consumer's own
+    loops retry the retriable ones (load in progress, not coordinator: it finds the
+    coordinator again); the admin's callers retry on ``KafkaError``. Idempotent."""
+    if getattr(GroupCoordinator._send_req, "_frs_guarded", False):
+        return
+    coordinator_send = GroupCoordinator._send_req
+    admin_send = AIOKafkaAdminClient._send_request
+
+    async def send_req(self: GroupCoordinator, request: Any) -> Any:
+        response = await coordinator_send(self, request)
+        error = offset_fetch_error(response)
+        if error is not None:
+            if isinstance(error, (kafka_errors.NotCoordinatorForGroupError,
+                                  kafka_errors.CoordinatorNotAvailableError)):
+                self.coordinator_dead()  # as for a partition's NOT_COORDINATOR
+            raise error
+        return response
+
+    async def send_request(self: AIOKafkaAdminClient, request: Any,
+                           node_id: int | None = None) -> Any:
+        response = await admin_send(self, request, node_id)
+        error = offset_fetch_error(response)
+        if error is not None:
+            raise error
+        return response
+
+    send_req._frs_guarded = True  # type: ignore[attr-defined]
+    GroupCoordinator._send_req = send_req
+    AIOKafkaAdminClient._send_request = send_request
+
+
+guard_offset_fetch()
