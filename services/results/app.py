@@ -8,7 +8,9 @@ with FRS_STATE_URL) committed before its offsets, and settles probes. An answer'
 candidates and the settlement they complete leave in one produce request: normalizing in
 the tracker saves each probe a consumer's delivery, a produce request and a hop (the
 normalizer's group ``frs-results`` did it apart until issue 21; the tracker starts where
-that group stopped on ``frs.provider.responses``).
+that group stopped on ``frs.provider.responses``). Near or past the provider's response
+deadline an answer's candidates are applied on their read-back instead, in order with the
+deadline job's NoResponse on ``frs.results.events``.
 The deadline job emits NoResponse and DeletionOverdue (and, when configured, a
 ProviderSuspensionRequested: results may suspend a provider, nothing else about it).
 
@@ -36,6 +38,7 @@ from schemas.catalog import (
 )
 from schemas.envelope import Envelope
 from schemas.events import (
+    CandidatesReceived,
     DeletionOverdue,
     Event,
     ProviderAnswered,
@@ -111,15 +114,22 @@ def build(settings: ResultsSettings) -> ServiceApp:
             return await advance(event)
 
         async def answered(event: ProviderAnswered, _env: Envelope) -> list[Event]:
-            # The candidates are applied here; reading them back later is a repeat.
-            return await handlers.on_provider_answered_tracked(event, ports, advance)
+            # The candidates are applied here, unless their deadline is near (then on their
+            # read-back); reading them back after that is a repeat.
+            return await handlers.on_provider_answered_tracked(event, ports, on_arrival)
 
-        async def advance(event: Any) -> list[Event]:
+        async def on_arrival(made: CandidatesReceived) -> list[Event]:
+            return await advance(made, on_arrival=True)
+
+        async def advance(event: Any, on_arrival: bool = False) -> list[Event]:
             lock = busy.get(event.probe_id)
             if lock is None:
                 lock = busy[event.probe_id] = asyncio.Lock()
             async with lock:
                 state = await store.get(event.probe_id)
+                if on_arrival and not tracking.applies_on_arrival(
+                        state, event.provider_id, utcnow()):
+                    return []  # left to the read-back, in order with a NoResponse
                 pid = getattr(event, "provider_id", None)
                 provider = ctx.registries.providers.get(pid) if pid else None
                 new, out = tracking.apply(state, event, provider, utcnow())

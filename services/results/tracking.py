@@ -12,7 +12,7 @@ It settles exactly once: ``settled`` is part of the durable state."""
 from __future__ import annotations
 
 from collections.abc import Collection
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,6 +81,23 @@ class ProbeState(BaseModel):
         """Earliest deadline still open (and not in ``acted``), for the store's index."""
         dues = [at for key, at in self.open_deadlines().items() if key not in acted]
         return min(dues) if dues else None
+
+
+# How close to a provider's response deadline an answer must not be applied on arrival:
+# the deadline job's tick (1 s) and clock skew between hosts, with room.
+DEADLINE_MARGIN = timedelta(seconds=5)
+
+
+def applies_on_arrival(state: ProbeState, provider_id: str, now: datetime) -> bool:
+    """Whether an answer's candidates may be applied as the answer arrives, ahead of what
+    is already on frs.results.events. Not once the provider's response deadline is near
+    or past: the deadline job may have sent its NoResponse there already, and the two
+    must then be applied in that topic's order (its first one wins), so the candidates
+    wait for their read-back. An answer on time and in time takes the fast path."""
+    track = state.providers.get(provider_id)
+    if track is None or track.status != "expected" or track.response_due_at is None:
+        return True
+    return now < track.response_due_at - DEADLINE_MARGIN
 
 
 def deadline_key(event: NoResponse | DeletionOverdue) -> str:

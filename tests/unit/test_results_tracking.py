@@ -119,3 +119,31 @@ def test_deadlines() -> None:
     assert [(e.provider_id, e.provider_suspended) for e in overdue] == [("a", True)]
     state, _ = run(overdue, state=state)  # type: ignore[arg-type]
     assert state.providers["a"].deletion == "overdue"
+
+
+def test_an_answer_near_or_past_its_deadline_waits_for_its_read_back() -> None:
+    """After a broker outage the deadline job can send a NoResponse to frs.results.events
+    while the provider's answer is still in the tracker's backlog of frs.provider.responses.
+    Applied on arrival, the answer would settle the provider as answered behind a
+    NoResponse that is first on the topic (the chaos checker's settlement_mismatch, seen
+    in CI after a 42 s restart). Near or past the deadline it is applied on its read-back,
+    in that topic's order, where the first one wins."""
+    from services.results.tracking import DEADLINE_MARGIN, applies_on_arrival
+
+    state, _ = run([cleared("a", "b"), dispatched("a", resp_s=60)])
+    due_at = T0 + timedelta(seconds=60)
+    assert applies_on_arrival(state, "a", T0)
+    assert applies_on_arrival(state, "a", due_at - DEADLINE_MARGIN - timedelta(seconds=1))
+    assert not applies_on_arrival(state, "a", due_at - DEADLINE_MARGIN)
+    assert not applies_on_arrival(state, "a", due_at + timedelta(minutes=5))
+    # Nothing to race: no deadline yet (not dispatched), or the provider is already final.
+    assert applies_on_arrival(state, "b", due_at + timedelta(minutes=5))
+    assert applies_on_arrival(ProbeState(probe_id=P), "a", due_at)
+    late, _ = run([NoResponse(probe_id=P, provider_id="a", deadline=due_at)], state=state)
+    assert applies_on_arrival(late, "a", due_at + timedelta(minutes=5))
+    # On the read-back, the topic's order decides: NoResponse first, the answer a repeat.
+    final, out = run([answered("a"), DispatchFailed(probe_id=P, provider_id="b",
+                                                    reason="suspended", detail="x",
+                                                    failed_at=T0)], state=late)
+    assert final.providers["a"].status == "no_response"
+    assert [e.no_response for e in out if isinstance(e, ProbeSettled)] == [["a"]]
